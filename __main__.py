@@ -1,0 +1,3 @@
+from jambatrt.cli import main
+
+raise SystemExit(main())

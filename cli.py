@@ -1,0 +1,156 @@
+"""The `jambatrt` command. Thin: parse, call a stage, print. Typed errors become one message and
+an exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# ORT and numba/torch threads share few cores: spinning waiters only steal them from each other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from rich.console import Console  # noqa: E402
+
+from jambatrt.errors import JambaTRTError  # noqa: E402
+
+console = Console(stderr=True)
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,17,4096") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be integers >= 1")
+    return vals
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                    console=console, transient=False)
+
+
+# ---- export ----------------------------------------------------------------------------------
+def cmd_export(a) -> int:
+    import torch  # noqa: F401
+
+    from jambatrt.artifact import atomic_dir, hash_tree
+    from jambatrt.artifact import write_json_atomic
+    from jambatrt.config import PRESETS
+    from jambatrt.errors import ConfigError
+    from jambatrt.export.checkpoint import dtype_from_name
+    from jambatrt.export.run import export_stage
+
+    if (a.checkpoint is None) == (a.preset is None):
+        raise ConfigError("give exactly one of CHECKPOINT_DIR or --preset NAME "
+                          f"(presets: {', '.join(sorted(PRESETS))})")
+    if a.preset is not None and a.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {a.preset!r} (accepted: {', '.join(sorted(PRESETS))})")
+    dtype = dtype_from_name(a.dtype)
+    steps = ["checkpoint", "load", "torch.export", "onnx", "manifest"]
+    with _progress() as prog, atomic_dir(a.out, force=a.force) as tmp:
+        task = prog.add_task("export", total=len(steps))
+
+        def step(msg):
+            prog.update(task, description=msg, advance=1 if prog.tasks[task].description != "export" else 0)
+
+        ep, model, manifest = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
+                                           experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, step=step)
+        try:
+            from jambatrt.graph.onnx_export import write_onnx
+        except ImportError:
+            write_onnx = None
+        if write_onnx is not None:
+            step("ONNX (jamba domain)")
+            write_onnx(ep, tmp, manifest)
+        step("manifest (sha256 of every file)")
+        manifest["files"] = hash_tree(tmp)
+        write_json_atomic(tmp / "manifest.json", manifest)
+        prog.update(task, completed=len(steps), description="export done")
+    print(f"exported {a.preset or a.checkpoint} -> {a.out}")
+    return 0
+
+
+# ---- inspect ---------------------------------------------------------------------------------
+def cmd_inspect(a) -> int:
+    from jambatrt.config import JambaConfig, preset
+    from jambatrt.errors import ConfigError
+    from jambatrt.export.plan import memory_plan
+
+    if (a.out is None) == (a.preset is None):
+        raise ConfigError("give exactly one of OUT or --preset NAME")
+    if a.preset is not None:
+        cfg = preset(a.preset)
+    else:
+        from jambatrt.artifact import read_manifest
+        cfg = JambaConfig.from_hf_dict(read_manifest(a.out)["config"], source=f"{a.out}/manifest.json")
+    plan = memory_plan(cfg, context=a.context, batch=a.batch)
+    if a.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        from rich.table import Table
+        t = Table(title=f"{a.preset or a.out}: memory plan (batch {plan['batch']}, context {plan['context']:,})")
+        t.add_column("item")
+        t.add_column("value", justify="right")
+        gib = 1 << 30
+        t.add_row("parameters (total / active per token)", f"{plan['params_total']:,} / {plan['params_active']:,}")
+        t.add_row("weights bf16", f"{plan['weight_bytes']['bfloat16'] / gib:.2f} GiB")
+        t.add_row("weights experts-int8", f"{plan['weight_bytes']['experts_int8'] / gib:.2f} GiB")
+        t.add_row("KV cache per token (bf16)", f"{plan['kv_bytes_per_token']:,} B")
+        t.add_row("KV cache at context", f"{plan['kv_bytes_at_context'] / gib:.2f} GiB")
+        t.add_row("Mamba state per sequence", f"{plan['state_bytes_per_sequence'] / (1 << 20):.2f} MiB")
+        Console().print(t)
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jambatrt",
+        description="Export Jamba-family models (Mamba + attention + MoE) to ONNX Runtime / TensorRT engines, "
+                    "check them against eager PyTorch, profile and serve them.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="checkpoint or preset -> artifact dir (program.pt2, model.onnx, manifest)",
+                       description="Trace a HF-format Jamba checkpoint (config.json + safetensors) or a seeded "
+                                   "random preset with torch.export and write an artifact directory.")
+    e.add_argument("checkpoint", nargs="?", help="HF checkpoint directory (config.json + *.safetensors)")
+    e.add_argument("--preset", help="write and export a seeded random preset instead (tiny, small, bench, ...)")
+    e.add_argument("-o", "--out", required=True, help="artifact directory to create")
+    e.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; float16 is refused")
+    e.add_argument("--experts-int8", dest="experts_int8", action=argparse.BooleanOptionalAction, default=True,
+                   help="ExpertsInt8: int8 expert weights with per-channel scales (default on)")
+    e.add_argument("--seed", type=int, default=0, help="seed for --preset weights (default 0)")
+    e.add_argument("--max-seq", type=int, default=None, help="largest sequence length (default: max_position_embeddings)")
+    e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
+    e.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="shapes and memory plan (weights, KV cache, Mamba state)")
+    i.add_argument("out", nargs="?", help="artifact directory")
+    i.add_argument("--preset", help="a named preset instead of an artifact")
+    i.add_argument("--context", type=int, default=None, help="context length for the KV estimate (default: max)")
+    i.add_argument("--batch", type=int, default=1)
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except JambaTRTError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)   # unwrapped: greppable, copyable
+        return e.exit_code
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The model config: Hugging Face `JambaConfig` field names, read from / written to config.json,
+plus named presets (gpt-fast style: a dict of dicts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jambatrt.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class JambaConfig:
+    vocab_size: int = 65536
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    attn_layer_period: int = 8
+    attn_layer_offset: int = 4
+    expert_layer_period: int = 2
+    expert_layer_offset: int = 1
+    num_experts: int = 16
+    num_experts_per_tok: int = 2
+    mamba_d_state: int = 16
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_dt_rank: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 262144
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # unknown HF keys, kept on save
+
+    # ---- derived ------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def d_inner(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    def is_attention(self, i: int) -> bool:
+        return i % self.attn_layer_period == self.attn_layer_offset
+
+    def is_moe(self, i: int) -> bool:
+        return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_attention(i)]
+
+    @property
+    def mamba_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if not self.is_attention(i)]
+
+    # ---- checks -------------------------------------------------------------------------------
+    def validate(self) -> "JambaConfig":
+        problems = []
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "attn_layer_period",
+                     "expert_layer_period", "num_experts", "num_experts_per_tok", "mamba_d_state",
+                     "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name}={v!r} (accepted: an integer >= 1)")
+        if problems:
+            raise ConfigError("inconsistent config: " + "; ".join(problems))
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size={self.hidden_size} is not a multiple of "
+                            f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            problems.append(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}")
+        if not 0 <= self.attn_layer_offset < self.attn_layer_period:
+            problems.append(f"attn_layer_offset={self.attn_layer_offset} (accepted: 0 <= offset < "
+                            f"attn_layer_period={self.attn_layer_period})")
+        if not 0 <= self.expert_layer_offset < self.expert_layer_period:
+            problems.append(f"expert_layer_offset={self.expert_layer_offset} (accepted: 0 <= offset < "
+                            f"expert_layer_period={self.expert_layer_period})")
+        if self.num_experts_per_tok > self.num_experts:
+            problems.append(f"num_experts_per_tok={self.num_experts_per_tok} > num_experts={self.num_experts}")
+        if self.rms_norm_eps <= 0:
+            problems.append(f"rms_norm_eps={self.rms_norm_eps} (accepted: > 0)")
+        if problems:
+            raise ConfigError("inconsistent config: " + "; ".join(problems))
+        return self
+
+    # ---- HF JSON ------------------------------------------------------------------------------
+    def to_hf_dict(self) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra"}
+        d.update(self.extra)
+        d.update({"model_type": "jamba", "architectures": ["JambaForCausalLM"], "hidden_act": "silu",
+                  "torch_dtype": d.get("torch_dtype", "float32")})
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config") -> "JambaConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("model_type", "jamba") != "jamba":
+            raise ConfigError(f"{source}: model_type={d.get('model_type')!r} (accepted: 'jamba')")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={d.get('hidden_act')!r} (accepted: 'silu')")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("mamba_dt_rank") == "auto":
+            kwargs["mamba_dt_rank"] = math.ceil(kwargs.get("hidden_size", cls.hidden_size) / 16)
+        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(k), list):  # HF allows lists; we keep the first
+                kwargs[k] = kwargs[k][0]
+            if kwargs.get(k) is None and k in kwargs:
+                kwargs.pop(k)
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("model_type", "architectures")}
+        try:
+            cfg = cls(**kwargs, extra=extra)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        try:
+            return cfg.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "JambaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no config.json (a Hugging Face checkpoint directory has one)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+
+# Named presets. tiny/small/bench are for tests and CPU sweeps (every block kind present);
+# the real ones are for memory planning and are never instantiated in tests.
+PRESETS: dict[str, dict] = {
+    # layer 1: attention+MoE, layer 3: Mamba+MoE, layers 0,2: Mamba+dense
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=1,
+                 expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                 mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=16),
+    # 262,144-token prefill in a few GB on CPU: logits 262144 x 256 x 4 B = 256 MiB.
+    "bench": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2,
+                  expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+                  mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    "jamba-1.5-mini": dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, attn_layer_period=8,
+                           attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=16,
+                           num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                           mamba_dt_rank=256),
+    "jamba-1.5-large": dict(vocab_size=65536, hidden_size=8192, intermediate_size=24576, num_hidden_layers=72,
+                            num_attention_heads=64, num_key_value_heads=8, attn_layer_period=8,
+                            attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=16,
+                            num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
+                            mamba_dt_rank=512),
+}
+PRESETS["jamba-v0.1"] = PRESETS["jamba-1.5-mini"]
+DEFAULT_PRESET = "tiny"
+
+
+def preset(name: str, **overrides) -> JambaConfig:
+    """A named preset, optionally with fields overridden (tests vary periods, experts, sizes)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (accepted: {', '.join(sorted(PRESETS))})")
+    return JambaConfig(**{**PRESETS[name], **overrides}).validate()

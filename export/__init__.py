@@ -1,0 +1,1 @@
+"""The PyTorch side: checkpoints, the model, ExpertsInt8, torch.export."""

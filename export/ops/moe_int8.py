@@ -1,0 +1,58 @@
+"""jamba::moe_int8 -- ExpertsInt8 mixture of experts: fp32 softmax router, top-k without
+renormalisation, SwiGLU experts whose int8 weights are dequantised per output channel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jambatrt.export.ops.spec import OpSpec
+
+SPEC = OpSpec(
+    name="moe_int8",
+    onnx_op_type="MoEInt8",
+    inputs=("x", "router_logits", "w13", "w13_scale", "w2", "w2_scale"),
+    optional_inputs=frozenset(),
+    outputs=("y",),
+    attributes={"top_k": int},
+    tolerances={torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)},
+)
+
+
+def routing_weights(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax over experts in fp32, then top-k; the k weights are NOT renormalised (Jamba).
+    Returns (weights [T,k] fp32, expert ids [T,k] int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    return torch.topk(probs, top_k, dim=-1)
+
+
+def moe_int8_ref(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+                 w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x [T,H]; router_logits [T,E]; w13 [E,2I,H] int8 (rows [0,I) gate, [I,2I) up);
+    w13_scale [E,2I] fp32; w2 [E,H,I] int8; w2_scale [E,H] fp32.
+    expert_e(x) = (W2_e (silu(G_e x) * (U_e x))) with W = int8 * scale[row]. Returns y [T,H] x.dtype."""
+    T, H = x.shape
+    I = w13.shape[1] // 2
+    weights, experts = routing_weights(router_logits, top_k)
+    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    for e in range(w13.shape[0]):
+        tok, slot = torch.where(experts == e)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok].float()
+        h = (xe @ w13[e].float().t()) * w13_scale[e].float()           # scale after the K loop
+        a = (F.silu(h[:, :I]) * h[:, I:]).to(x.dtype).float()           # activations stay in x.dtype
+        out = (a @ w2[e].float().t()) * w2_scale[e].float()
+        y.index_add_(0, tok, out * weights[tok, slot, None])
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op("jamba::moe_int8", mutates_args=())
+def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
+             w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int) -> torch.Tensor:
+    return moe_int8_ref(x, router_logits, w13, w13_scale, w2, w2_scale, top_k)
+
+
+@moe_int8.register_fake
+def _(x, router_logits, w13, w13_scale, w2, w2_scale, top_k):
+    return torch.empty_like(x)

@@ -1,0 +1,101 @@
+"""Bad input gets a typed error naming what is wrong, exit != 0, no traceback, nothing left behind."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _assert_refused(p, out, *needles):
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr, p.stderr
+    for n in needles:
+        assert n in p.stderr, (n, p.stderr)
+    assert not out.exists()
+    assert not [q for q in out.parent.iterdir() if ".tmp-" in q.name]
+
+
+def test_missing_tensor(tiny_ckpt, tmp_path):
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    t = load_file(str(ck / "model.safetensors"))
+    del t["model.layers.0.mamba.A_log"]
+    save_file(t, str(ck / "model.safetensors"))
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.layers.0.mamba.A_log")
+
+
+def test_wrong_shape(tiny_ckpt, tmp_path):
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    t = load_file(str(ck / "model.safetensors"))
+    t["model.layers.1.self_attn.k_proj.weight"] = t["model.layers.1.self_attn.k_proj.weight"][:5]
+    save_file(t, str(ck / "model.safetensors"))
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "k_proj.weight", "expected [32, 64]")
+
+
+def test_inconsistent_config(tiny_ckpt, tmp_path):
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["num_attention_heads"] = 5
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "ConfigError", "num_attention_heads=5")
+
+
+def test_unknown_preset(tmp_path):
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", "--preset", "jamba-9", "-o", out), out, "unknown preset", "tiny")
+
+
+def test_unreadable_safetensors(tiny_ckpt, tmp_path):
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    (ck / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.safetensors")
+
+
+def test_float16_refused(tmp_path):
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", "--preset", "tiny", "-o", out, "--dtype", "float16"), out, "float16",
+                    "bfloat16")
+
+
+def test_existing_output_kept_without_force(tiny_artifact, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("user data")
+    p = run_cli("export", "--preset", "tiny", "-o", out)
+    assert p.returncode != 0 and "--force" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "precious.txt").read_text() == "user data"
+
+
+def test_sharded_checkpoint_roundtrip(tiny_ckpt, tmp_path):
+    """We load what transformers' save_pretrained writes (sharded), and it loads what we write."""
+    import torch
+
+    from conftest import hf_model
+    from jambatrt.export.checkpoint import load_model
+    hf = hf_model(tiny_ckpt)
+    hf.save_pretrained(str(tmp_path / "hf"), max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        a = load_model(tmp_path / "hf", experts_int8=False)(ids)[0]
+        b = hf(ids).logits
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_bf16_export(tmp_path, dtype):
+    out = tmp_path / "out"
+    p = run_cli("export", "--preset", "tiny", "-o", out, "--dtype", dtype)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "manifest.json").read_text())["dtype"] == dtype
