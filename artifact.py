@@ -54,9 +54,7 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise ArtifactError(f"{out} already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes 0700; the artifact gets the usual mode
+    os.chmod(tmp, 0o777 & ~_umask())   # mkdtemp makes 0700; the artifact gets the usual mode
     try:
         yield tmp
         if out.exists():
@@ -71,8 +69,15 @@ def atomic_dir(out: str | Path, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2)

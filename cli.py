@@ -76,6 +76,48 @@ def cmd_export(a) -> int:
     return 0
 
 
+# ---- build / validate ------------------------------------------------------------------------
+def cmd_build(a) -> int:
+    from jambatrt.engines.base import engine_class
+
+    cls = engine_class(a.backend)
+    with console.status(f"building the {a.backend} engine for {a.out}"):
+        entry = cls.build(a.out, **({"attention": a.attention} if a.backend == "ort" else {}))
+    print(f"built {a.backend} engine: {Path(a.out) / entry['path']}")
+    return 0
+
+
+def cmd_validate(a) -> int:
+    from jambatrt.engines.base import engine_class
+    from jambatrt.validate.parity import run_parity
+    from jambatrt.validate.reference import make_reference
+    from jambatrt.validate.report import write_parity
+
+    engine = engine_class(a.backend).load(a.out)
+    reference = make_reference(a.reference, a.out)
+    with _progress() as prog:
+        task = prog.add_task("parity", total=len(a.lengths))
+
+        def on_length(i, L):
+            prog.update(task, completed=i, description=f"length {L:,} ({a.backend} vs {a.reference})")
+
+        report = run_parity(engine, reference, a.lengths, engine.manifest["dtype"], batch=a.batch, seed=a.seed,
+                            on_length=on_length)
+        prog.update(task, completed=len(a.lengths), description="parity done")
+    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"parity-{a.backend}-{a.reference}.json"
+    json_path, md_path = write_parity(report.to_dict(), path, engine.manifest)
+    for r in report.results:
+        print(f"  length {r.length:>7,}: max|diff| {r.max_abs_err:.2e}  mean {r.mean_abs_err:.2e}  "
+              f"top-1 {r.top1_agreement:.4f}  engine {r.seconds['engine']:.3f}s  reference "
+              f"{r.seconds['reference']:.3f}s  {'ok' if r.passed else 'FAIL'}")
+    print(f"report: {json_path} (summary: {md_path})")
+    if not report.passed:
+        from jambatrt.errors import ParityError
+        raise ParityError(report.mismatches)
+    print(f"parity passed: {a.backend} vs {a.reference} at lengths {', '.join(map(str, a.lengths))}")
+    return 0
+
+
 # ---- inspect ---------------------------------------------------------------------------------
 def cmd_inspect(a) -> int:
     from jambatrt.config import JambaConfig, preset
@@ -129,6 +171,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-seq", type=int, default=None, help="largest sequence length (default: max_position_embeddings)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build", help="build an engine from an exported artifact",
+                       description="Lower the artifact's model.onnx for a backend and write engines/<backend>/.")
+    b.add_argument("out", help="artifact directory written by `jambatrt export`")
+    b.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
+                   help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
+    b.set_defaults(func=cmd_build)
+
+    v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",
+                       description="Run the engine and a reference on the same random ids at each length and "
+                                   "compare logits (max/mean abs error, top-1 agreement).")
+    v.add_argument("out", help="artifact directory with a built engine")
+    v.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    v.add_argument("--lengths", type=_lengths, default=[1, 17, 4096], help="comma-separated (default 1,17,4096)")
+    v.add_argument("--reference", default="eager", choices=["eager", "hf"],
+                   help="eager: this package's model on the plain <op>_ref ops; hf: transformers' Jamba")
+    v.add_argument("--batch", type=int, default=1)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--report", help="report JSON path (default OUT/reports/parity-BACKEND-REFERENCE.json)")
+    v.set_defaults(func=cmd_validate)
 
     i = sub.add_parser("inspect", help="shapes and memory plan (weights, KV cache, Mamba state)")
     i.add_argument("out", nargs="?", help="artifact directory")

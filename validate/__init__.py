@@ -1,1 +1,1 @@
-"""validate"""
+"""Parity and throughput of engines against eager PyTorch references."""

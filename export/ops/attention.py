@@ -11,7 +11,7 @@ from jambatrt.export.ops.spec import OpSpec
 
 SPEC = OpSpec(
     name="attention",
-    onnx_op_type="Attention",
+    onnx_op_type="CausalAttention",
     inputs=("q", "k", "v", "past_k", "past_v"),
     optional_inputs=frozenset({"past_k", "past_v"}),
     outputs=("o", "present_k", "present_v"),

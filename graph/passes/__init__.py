@@ -1,1 +1,44 @@
-"""graph/passes"""
+"""Graph passes, one per file, each `(model: onnx.ModelProto, settings: PassSettings) -> ModelProto`,
+run from one explicit ordered list per backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+
+from jambatrt.graph.passes.check_memory_flat import check_memory_flat
+from jambatrt.graph.passes.infer_shapes import infer_shapes
+from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
+from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    # "kernel": jamba::CausalAttention runs our memory-flat CPU kernel;
+    # "gqa": com.microsoft::GroupQueryAttention (its CPU kernel holds a B*heads*L*(P+L) fp32
+    #        probability matrix, so it is memory-flat only for short chunks).
+    attention: str = "kernel"
+    dtype: str = "float32"
+
+
+Pass = Callable[[onnx.ModelProto, PassSettings], onnx.ModelProto]
+
+
+def ort_passes(settings: PassSettings) -> list[Pass]:
+    passes: list[Pass] = []
+    if settings.attention == "gqa":
+        passes.append(lower_attention_gqa)
+    passes += [materialize_optional_inputs, infer_shapes, check_memory_flat]
+    return passes
+
+
+def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass]) -> onnx.ModelProto:
+    for p in passes:
+        model = p(model, settings)
+    return model
+
+
+__all__ = ["PassSettings", "ort_passes", "run_passes", "check_memory_flat", "infer_shapes",
+           "lower_attention_gqa", "materialize_optional_inputs"]

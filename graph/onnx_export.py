@@ -1,0 +1,96 @@
+"""ExportedProgram -> ONNX: the jamba:: custom ops become nodes of the `jamba` domain (schemas in
+graph/schemas.py); everything else is translated by torch's dynamo exporter (onnxscript)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from jambatrt.errors import ArtifactError
+from jambatrt.graph.schemas import register_schemas
+
+OPSET = 18
+EXTERNAL_DATA = "model.onnx.data"
+
+
+def _translation_table() -> dict:
+    register_schemas()   # must precede Opset("jamba", 1): onnxscript reads the schemas then
+    from onnxscript.values import Opset
+
+    jamba = Opset("jamba", 1)
+
+    def causal_conv1d(x, weight, bias, state=None):
+        return jamba.CausalConv1d(x, weight, bias, state)
+
+    def selective_scan(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
+        return jamba.SelectiveScan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
+
+    def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int):
+        return jamba.MoEInt8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k=top_k)
+
+    def attention(q, k, v, past_k=None, past_v=None):
+        return jamba.CausalAttention(q, k, v, past_k, past_v)
+
+    ops = torch.ops.jamba
+    return {ops.causal_conv1d.default: causal_conv1d, ops.selective_scan.default: selective_scan,
+            ops.moe_int8.default: moe_int8, ops.attention.default: attention}
+
+
+def to_onnx(ep: torch.export.ExportedProgram, output_names: list[str]) -> onnx.ModelProto:
+    """The ExportedProgram as an in-memory ONNX model (weights inside; caller decides storage)."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)   # e.g. "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        prog = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=_translation_table(),
+                                 opset_version=OPSET, input_names=["input_ids"], output_names=output_names,
+                                 dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}}, optimize=True, verbose=False)
+    return prog.model_proto
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, size_threshold: int = 1024) -> None:
+    """Save with weights as external data (one file beside the model); works past 2 GB."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=size_threshold, convert_attribute=False)
+    if data.exists():
+        data.chmod(path.stat().st_mode & 0o777)   # the writer makes it 0600; match the model file
+
+
+def load_onnx(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
+    path = Path(path)
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{path}: missing ONNX file or its external data ({e})") from None
+    except Exception as e:   # protobuf DecodeError and friends
+        raise ArtifactError(f"{path}: unreadable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def check(model_path: Path) -> None:
+    """onnx.checker (full, with our schemas registered) on the saved model."""
+    register_schemas()
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ArtifactError(f"{model_path}: ONNX check failed: {e}") from None
+
+
+def write_onnx(ep: torch.export.ExportedProgram, out_dir: Path, manifest: dict,
+               size_threshold: int = 1024) -> Path:
+    """Write out_dir/model.onnx (+ model.onnx.data) and record it in the manifest's prefill program."""
+    prefill = manifest["programs"]["prefill"]
+    names = [o["name"] for o in prefill["outputs"]]
+    model = to_onnx(ep, names)
+    path = Path(out_dir) / "model.onnx"
+    save_onnx(model, path, size_threshold)
+    check(path)
+    prefill["onnx"] = "model.onnx"
+    prefill["onnx_opset"] = {"": OPSET, "jamba": 1}
+    return path
