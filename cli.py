@@ -118,6 +118,40 @@ def cmd_validate(a) -> int:
     return 0
 
 
+# ---- generate --------------------------------------------------------------------------------
+def cmd_generate(a) -> int:
+    from jambatrt.engines.base import engine_class
+    from jambatrt.engines.generate import Sampling, generate
+
+    prompts = [_ids(p) for p in a.prompt_ids.split(";")]
+    engine = engine_class(a.backend).load(a.out)
+    stream = not a.json
+
+    def on_token(i, tok):
+        if stream:
+            print(f"{tok}" if len(prompts) == 1 else f"[{i}] {tok}", end=" " if len(prompts) == 1 else "\n", flush=True)
+
+    gens, stats = generate(engine, prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.seed),
+                           eos_id=a.eos_id, on_token=on_token)
+    if a.json:
+        out = [{"prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "tokens_per_s": stats["tokens_per_s"]}
+               for g in gens]
+        print(json.dumps(out[0] if len(out) == 1 else out))
+    else:
+        print()
+        console.print(f"{stats['new_tokens']} tokens in {stats['total_seconds']:.3f} s "
+                      f"({stats['tokens_per_s']:.1f} tok/s, prefill {stats['prefill_seconds']:.3f} s)")
+    return 0
+
+
+def _ids(text: str) -> list[int]:
+    from jambatrt.errors import InputError
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+
+
 # ---- inspect ---------------------------------------------------------------------------------
 def cmd_inspect(a) -> int:
     from jambatrt.config import JambaConfig, preset
@@ -192,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--report", help="report JSON path (default OUT/reports/parity-BACKEND-REFERENCE.json)")
     v.set_defaults(func=cmd_validate)
+
+    g = sub.add_parser("generate", help="generate tokens with an engine (greedy or sampled), streaming",
+                       description="Prefill the prompt, then decode token by token with the carried state.")
+    g.add_argument("out", help="artifact directory with a built engine")
+    g.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    g.add_argument("--prompt-ids", required=True,
+                   help="comma-separated token ids; several prompts separated by ';' (e.g. '1,2,3;4,5')")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos-id", type=int, default=None, help="stop a sequence at this token")
+    g.add_argument("--json", action="store_true",
+                   help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float}')
+    g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="shapes and memory plan (weights, KV cache, Mamba state)")
     i.add_argument("out", nargs="?", help="artifact directory")

@@ -42,13 +42,77 @@ class Engine(abc.ABC):
 
     # ---- running -------------------------------------------------------------------------------
     @abc.abstractmethod
-    def prefill(self, input_ids: np.ndarray, state: list[np.ndarray] | None = None
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """input_ids [B,L] int64 (+ optional incoming state) -> (logits [B,L,V], new state)."""
+    def run_step(self, input_ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the step program: ids [B,L] + state (P past tokens) -> logits [B,L,V], state."""
 
-    def decode(self, token_ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """token_ids [B] int64 + state -> (logits [B,V], new state)."""
-        raise NotImplementedError(f"{self.backend} engine has no decode yet")
+    @property
+    def step_program(self) -> dict:
+        return self.manifest["programs"]["step"]
+
+    @property
+    def max_seq(self) -> int:
+        return int(self.step_program.get("max_seq", self.config.max_position_embeddings))
+
+    def zero_state(self, batch: int) -> list[np.ndarray]:
+        """The state before any token: zeros for Mamba, empty (P = 0) KV for attention."""
+        out = []
+        for spec in self.step_program["inputs"][1:]:
+            shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec["shape"]]
+            out.append(np.zeros(shape, dtype=_np_dtype(spec["dtype"])))
+        return out
+
+    def check_state(self, state: list[np.ndarray], batch: int) -> int:
+        """Returns the number of past tokens P; InputError when the state is not this model's."""
+        specs = self.step_program["inputs"][1:]
+        if not isinstance(state, (list, tuple)) or len(state) != len(specs):
+            raise InputError(f"state has {len(state) if isinstance(state, (list, tuple)) else type(state).__name__} "
+                             f"tensors; this model's state has {len(specs)} ({specs[0]['name']}, ...): "
+                             "a state from another model or config?")
+        past = None
+        for spec, t in zip(specs, state):
+            want = spec["shape"]
+            if t.ndim != len(want) or t.shape[0] != batch or any(
+                    isinstance(w, int) and w != g for w, g in zip(want, t.shape)):
+                raise InputError(f"state tensor {spec['name']} has shape {list(t.shape)}, expected "
+                                 f"{[batch if w == 'batch' else w for w in want]}: a state from another model, "
+                                 "config or batch?")
+            if t.dtype != _np_dtype(spec["dtype"]):
+                raise InputError(f"state tensor {spec['name']} has dtype {t.dtype}, expected {spec['dtype']}")
+            if "past" in want:
+                p = t.shape[want.index("past")]
+                if past is not None and p != past:
+                    raise InputError(f"state tensor {spec['name']} holds {p} past tokens, others {past}")
+                past = p
+        return past or 0
+
+    def prefill(self, input_ids, state: list[np.ndarray] | None = None, chunk: int | None = None,
+                last_only: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids [B,L] (+ optional incoming state) -> (logits [B,L,V] or [B,V] if last_only,
+        new state). Runs in chunks of `chunk` tokens (default: the engine's plan), state carried."""
+        ids = self.check_ids(input_ids)
+        B, L = ids.shape
+        state = self.zero_state(B) if state is None else list(state)
+        past = self.check_state(state, B)
+        if past + L > self.max_seq:
+            raise InputError(f"context {past} + {L} = {past + L} tokens exceeds the maximum {self.max_seq}")
+        chunk = chunk or self.default_chunk(B)
+        outs = []
+        for s in range(0, L, chunk):
+            logits, state = self.run_step(ids[:, s:s + chunk], state)
+            outs.append(logits[:, -1] if last_only else logits)
+        return (outs[-1] if last_only else np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), state
+
+    def decode(self, token_ids, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """token_ids [B] + state -> (logits [B,V], new state)."""
+        ids = self.check_ids(np.asarray(token_ids).reshape(-1, 1))
+        past = self.check_state(state, ids.shape[0])
+        if past + 1 > self.max_seq:
+            raise InputError(f"context {past} + 1 tokens exceeds the maximum {self.max_seq}")
+        logits, state = self.run_step(ids, list(state))
+        return logits[:, -1], state
+
+    def default_chunk(self, batch: int) -> int:
+        return 16384
 
     def close(self) -> None:
         pass
@@ -63,17 +127,24 @@ class Engine(abc.ABC):
     def check_ids(self, input_ids) -> np.ndarray:
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise InputError(f"input_ids shape {list(ids.shape)} (accepted: [batch >= 1, length >= 1])")
+            raise InputError(f"input_ids shape {list(ids.shape)} (accepted: [batch >= 1, length >= 1]; "
+                             "an empty prompt has nothing to prefill)")
         if not np.issubdtype(ids.dtype, np.integer):
             raise InputError(f"input_ids dtype {ids.dtype} (accepted: integer token ids)")
         V = self.config.vocab_size
         if ids.min() < 0 or ids.max() >= V:
             raise InputError(f"token id {int(ids.max() if ids.max() >= V else ids.min())} out of range "
                              f"(accepted: 0 .. {V - 1})")
-        max_seq = self.manifest["programs"]["prefill"].get("max_seq", self.config.max_position_embeddings)
-        if ids.shape[1] > max_seq:
-            raise InputError(f"sequence length {ids.shape[1]} exceeds the maximum {max_seq}")
+        if ids.shape[1] > self.max_seq:
+            raise InputError(f"sequence length {ids.shape[1]} exceeds the maximum {self.max_seq}")
         return ids.astype(np.int64, copy=False)
+
+
+def _np_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def engine_class(backend: str) -> type[Engine]:

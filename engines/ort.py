@@ -45,15 +45,15 @@ class OrtEngine(Engine):
 
         artifact = Path(artifact)
         manifest = read_manifest(artifact)
-        prefill = manifest["programs"]["prefill"]
-        if "onnx" not in prefill:
+        step = manifest["programs"]["step"]
+        if "onnx" not in step:
             raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
         verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
         if attention not in ("kernel", "gqa"):
             raise InputError(f"attention={attention!r} (accepted: kernel, gqa)")
         settings = PassSettings(attention=attention, dtype=manifest["dtype"])
         t0 = time.perf_counter()
-        model = load_onnx(artifact / prefill["onnx"])
+        model = load_onnx(artifact / step["onnx"])
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
         dest = artifact / SUBDIR
@@ -90,13 +90,22 @@ class OrtEngine(Engine):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def prefill(self, input_ids, state=None):
-        ids = self.check_ids(input_ids)
-        if state is not None:
-            raise InputError("this engine's prefill graph takes no incoming state")
+    def run_step(self, input_ids, state):
+        B, L = input_ids.shape
+        if (B > 1 and L > 1 and self.manifest["engines"]["ort"]["settings"]["attention"] == "gqa"
+                and self.check_state(state, B) > 0):
+            # GroupQueryAttention's CPU kernel takes a multi-token chunk with past KV only at batch 1
+            rows = [self._run(input_ids[b:b + 1], [t[b:b + 1] for t in state]) for b in range(B)]
+            return (np.concatenate([r[0] for r in rows]),
+                    [np.concatenate([r[1][i] for r in rows]) for i in range(len(state))])
+        return self._run(input_ids, state)
+
+    def _run(self, input_ids, state):
         from jambatrt.plugins.cpu.ort_ops import raise_pending_error
+
+        feed = dict(zip(self.input_names, [input_ids, *state]))
         try:
-            outs = self.session.run(self.output_names, {"input_ids": ids})
+            outs = self.session.run(self.output_names, feed)
         finally:
             raise_pending_error()
         return outs[0], list(outs[1:])

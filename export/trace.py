@@ -1,14 +1,18 @@
 """torch.export of JambaLM with dynamic batch and sequence length (1 .. max_position_embeddings).
 
-The prefill program takes input_ids [B,L] int64 and returns (logits [B,L,V], *state); the
-custom ops stay opaque nodes (`torch.ops.jamba.*`), so no L x L tensor and no graph break."""
+Two programs:
+- prefill: input_ids [B,L] -> (logits [B,L,V], *state)                  -> program.pt2
+- step:    input_ids [B,L], state (P past tokens) -> (logits, *state)  -> model.onnx
+  `step` serves prefill from scratch (zero state, P = 0), chunked prefill (state carried) and
+  decode (L = 1). The custom ops stay opaque nodes (`torch.ops.jamba.*`): no L x L tensor,
+  no graph break."""
 
 from __future__ import annotations
 
 import torch
 from torch.export import Dim, ExportedProgram
 
-from jambatrt.export.model import JambaLM
+from jambatrt.export.model import JambaLM, state_shapes
 
 MAX_BATCH = 64
 
@@ -25,11 +29,47 @@ class PrefillProgram(torch.nn.Module):
         return (logits, *state)
 
 
-def export_prefill(model: JambaLM, max_seq: int | None = None, max_batch: int = MAX_BATCH) -> ExportedProgram:
+class StepProgram(torch.nn.Module):
+    """(input_ids [B,L], state list) -> (logits [B,L,V], *new state)."""
+
+    def __init__(self, model: JambaLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, state: list[torch.Tensor]):
+        logits, new_state = self.model(input_ids, list(state))
+        return (logits, *new_state)
+
+
+def _dims(max_seq: int, max_batch: int):
+    return (Dim("batch", min=1, max=max_batch), Dim("seq", min=1, max=max_seq), Dim("past", min=0, max=max_seq))
+
+
+def _check(model: JambaLM):
     if model.impl != "custom":
         raise ValueError("export needs the custom-op model (impl='custom'), not the _ref model")
-    max_seq = max_seq or model.config.max_position_embeddings
+
+
+def export_prefill(model: JambaLM, max_seq: int | None = None, max_batch: int = MAX_BATCH) -> ExportedProgram:
+    _check(model)
+    batch, seq, _ = _dims(max_seq or model.config.max_position_embeddings, max_batch)
     example = torch.zeros(2, 17, dtype=torch.long)
-    dyn = {"input_ids": {0: Dim("batch", min=1, max=max_batch), 1: Dim("seq", min=1, max=max_seq)}}
     with torch.no_grad():
-        return torch.export.export(PrefillProgram(model).eval(), (example,), dynamic_shapes=dyn, strict=False)
+        return torch.export.export(PrefillProgram(model).eval(), (example,),
+                                   dynamic_shapes={"input_ids": {0: batch, 1: seq}}, strict=False)
+
+
+def zero_state(model: JambaLM, batch: int, past: int = 0) -> list[torch.Tensor]:
+    dtype = next(model.parameters()).dtype
+    return [torch.zeros(shape, dtype=dt or dtype) for _, shape, dt in state_shapes(model.config, batch, past)]
+
+
+def export_step(model: JambaLM, max_seq: int | None = None, max_batch: int = MAX_BATCH) -> ExportedProgram:
+    _check(model)
+    batch, seq, past = _dims(max_seq or model.config.max_position_embeddings, max_batch)
+    shapes = state_shapes(model.config, 2, 5)
+    state_dyn = [{0: batch, 1: past} if name.endswith((".k", ".v")) else {0: batch} for name, _, _ in shapes]
+    example = (torch.zeros(2, 3, dtype=torch.long), zero_state(model, 2, 5))
+    with torch.no_grad():
+        return torch.export.export(StepProgram(model).eval(), example,
+                                   dynamic_shapes={"input_ids": {0: batch, 1: seq}, "state": state_dyn}, strict=False)

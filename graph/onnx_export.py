@@ -40,14 +40,17 @@ def _translation_table() -> dict:
             ops.moe_int8.default: moe_int8, ops.attention.default: attention}
 
 
-def to_onnx(ep: torch.export.ExportedProgram, output_names: list[str]) -> onnx.ModelProto:
-    """The ExportedProgram as an in-memory ONNX model (weights inside; caller decides storage)."""
+def to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str]) -> onnx.ModelProto:
+    """The step ExportedProgram (input_ids, state list) as an in-memory ONNX model; weights inside,
+    the caller decides storage. Dims are named batch / seq / past."""
+    state_dyn = [{0: "batch", 1: "past"} if n.endswith((".k", ".v")) else {0: "batch"} for n in input_names[1:]]
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)   # e.g. "torchvision is not installed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         prog = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=_translation_table(),
-                                 opset_version=OPSET, input_names=["input_ids"], output_names=output_names,
-                                 dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}}, optimize=True, verbose=False)
+                                 opset_version=OPSET, input_names=input_names, output_names=output_names,
+                                 dynamic_shapes={"input_ids": {0: "batch", 1: "seq"}, "state": state_dyn},
+                                 optimize=True, verbose=False)
     return prog.model_proto
 
 
@@ -84,13 +87,12 @@ def check(model_path: Path) -> None:
 
 def write_onnx(ep: torch.export.ExportedProgram, out_dir: Path, manifest: dict,
                size_threshold: int = 1024) -> Path:
-    """Write out_dir/model.onnx (+ model.onnx.data) and record it in the manifest's prefill program."""
-    prefill = manifest["programs"]["prefill"]
-    names = [o["name"] for o in prefill["outputs"]]
-    model = to_onnx(ep, names)
+    """Write out_dir/model.onnx (+ model.onnx.data) and record it in the manifest's step program."""
+    step = manifest["programs"]["step"]
+    model = to_onnx(ep, [i["name"] for i in step["inputs"]], [o["name"] for o in step["outputs"]])
     path = Path(out_dir) / "model.onnx"
     save_onnx(model, path, size_threshold)
     check(path)
-    prefill["onnx"] = "model.onnx"
-    prefill["onnx_opset"] = {"": OPSET, "jamba": 1}
+    step["onnx"] = "model.onnx"
+    step["onnx_opset"] = {"": OPSET, "jamba": 1}
     return path

@@ -1,1 +1,79 @@
-"""plugins/gpu"""
+"""GPU kernels (Triton) behind the jamba:: ops, one module per op: `selective_scan`, `causal_conv1d`,
+`moe_int8`, `attention`. Each module holds the Triton kernels, a launcher with the signature of
+`<op>_ref` (torch tensors on CUDA, or on CPU under TRITON_INTERPRET=1) and `aot_kernels()`, the
+description `aot.py` compiles ahead of time and the TensorRT plugins launch.
+
+Conventions every kernel keeps, so that TensorRT's AOT plugins can launch it without Python:
+- parameter order (input pointers, int32 extras, output pointers), then constexprs;
+- contiguous row-major tensors; element offsets in int32 (no tensor holds 2^31 elements: see
+  engines/chunking.py), except offsets into stacked expert weights, which are int64;
+- no global or profile scratch (both sizes 0, checked by aot.py).
+
+This package file imports nothing heavy: `KernelSpec` is plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+OPS = ("selective_scan", "causal_conv1d", "moe_int8", "attention")
+
+# torch dtype name -> Triton pointer element type
+TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One compilable kernel variant.
+
+    signature: parameter -> Triton type ("*bf16", "i32", ... or "constexpr"), in parameter order.
+    inputs / extras / outputs: the parameter names in each group (TensorRT's order).
+    grid: the launch grid as a rule over the int32 extras (documentation and AOT index)."""
+
+    name: str                  # variant name: file stem in the AOT output ("selective_scan_chunked.bf16")
+    op: str                    # the jamba op it implements
+    fn: Any                    # the triton.jit function
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    grid: str
+    inputs: tuple[str, ...]
+    extras: tuple[str, ...]
+    outputs: tuple[str, ...]
+    num_stages: int = 1
+    notes: str = ""
+    attrs: dict = field(default_factory=dict)   # ASTSource attrs (e.g. pointer divisibility)
+
+    @property
+    def kernel_name(self) -> str:
+        return self.fn.__name__ if hasattr(self.fn, "__name__") else self.fn.fn.__name__
+
+
+def pointer_signature(names, dtypes: dict[str, str]) -> dict[str, str]:
+    """{"u": "*bf16", ...} for pointer parameters; dtypes maps name -> torch dtype name."""
+    return {n: "*" + TRITON_DTYPES[dtypes[n]] for n in names}
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def check_device(*tensors) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    from jambatrt.errors import BackendUnavailable, InputError
+    devs = {t.device.type for t in tensors if t is not None}
+    if len(devs) > 1:
+        raise InputError(f"tensors on several devices {sorted(devs)} (accepted: all on one device)")
+    if "cpu" in devs and not interpreting():
+        raise BackendUnavailable("Triton kernels need CUDA tensors; on CPU set TRITON_INTERPRET=1 before "
+                                 "importing jambatrt.plugins.gpu (slow: for tests only)")
+    for t in tensors:
+        if t is not None and t.numel() >= 2 ** 31:
+            raise InputError(f"tensor of shape {list(t.shape)} has {t.numel():,} elements (accepted: < 2^31; "
+                             f"split the sequence into chunks, see jambatrt.engines.chunking)")
