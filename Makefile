@@ -24,7 +24,10 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/jambatrt export --preset tiny -o $(OUT) --force
 	$(VENV)/bin/jambatrt inspect $(OUT)
-	@echo "artifact: $(OUT) (manifest: $(OUT)/manifest.json)"
+	$(VENV)/bin/jambatrt build $(OUT) --backend ort
+	$(VENV)/bin/jambatrt validate $(OUT) --backend ort --lengths 1,17,4096 --report $(OUT)/reports/parity.json
+	$(VENV)/bin/jambatrt generate $(OUT) --backend ort --prompt-ids 1,2,3 --max-new-tokens 16
+	@echo "report: $(OUT)/reports/parity.json (summary: $(OUT)/reports/parity.md)"
 
 test: setup
 	$(PY) -m pytest -q

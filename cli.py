@@ -180,7 +180,35 @@ def cmd_inspect(a) -> int:
         t.add_row("KV cache per token (bf16)", f"{plan['kv_bytes_per_token']:,} B")
         t.add_row("KV cache at context", f"{plan['kv_bytes_at_context'] / gib:.2f} GiB")
         t.add_row("Mamba state per sequence", f"{plan['state_bytes_per_sequence'] / (1 << 20):.2f} MiB")
+        if "prefill_chunk" in plan:
+            big = plan["largest_activation"]
+            t.add_row("prefill chunk (every tensor < 2^31 elements)", f"{plan['prefill_chunk']:,} tokens")
+            t.add_row("largest activation tensor", f"{big['name']}: {big['elements']:,}")
+            for name, n in plan["weight_tensors_over_limit"].items():
+                t.add_row("weight tensor over 2^31 (split for TensorRT)", f"{name}: {n:,}")
+            t.add_row("activations per chunk (upper estimate)", f"{plan['activation_bytes_per_chunk'] / gib:.2f} GiB")
+            t.add_row("total bf16 / experts-int8",
+                      f"{plan['total_bytes']['bfloat16'] / 1e9:.1f} GB / {plan['total_bytes']['experts_int8'] / 1e9:.1f} GB")
+            t.add_row("verdict", plan["verdict"])
         Console().print(t)
+    return 0
+
+
+# ---- plugins ---------------------------------------------------------------------------------
+def cmd_plugins(a) -> int:
+    # the kernels must be compiled, not interpreted: Triton reads TRITON_INTERPRET when they are defined
+    os.environ.pop("TRITON_INTERPRET", None)
+    from jambatrt.plugins.gpu.aot import write_plugins
+
+    archs = [s for s in a.arch.split(",") if s.strip()]
+    dtypes = [s.strip() for s in a.dtype.split(",") if s.strip()]
+    with console.status("compiling the GPU kernels ahead of time") as status:
+        index = write_plugins(a.out, archs, dtypes=dtypes, jobs=a.jobs, force=a.force,
+                              progress=lambda msg: status.update(f"compiling {msg}"))
+    for k in index["kernels"]:
+        print(f"  {k['arch']}  {k['kernel']:<34} {k['function']:<34} warps {k['num_warps']}  "
+              f"shared {k['shared_bytes']:>6} B  scratch {sum(k['scratch_bytes'].values())} B")
+    print(f"{len(index['kernels'])} kernels (triton {index['triton_version']}) -> {a.out}/index.json")
     return 0
 
 
@@ -249,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--batch", type=int, default=1)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
+
+    pl = sub.add_parser("plugins", help="compile the GPU kernels ahead of time to PTX + cubin (no GPU needed)",
+                        description="Compile every Triton kernel for each arch; writes DIR/<arch>/<kernel>.ptx/.cubin "
+                                    "and DIR/index.json (signatures, launch parameters, sha256).")
+    pl.add_argument("--arch", default="sm_80,sm_90", help="comma-separated, e.g. sm_80,sm_90 (default)")
+    pl.add_argument("-o", "--out", required=True, help="output directory")
+    pl.add_argument("--dtype", default="bfloat16,float32", help="activation dtypes (default bfloat16,float32)")
+    pl.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    pl.add_argument("--force", action="store_true", help="replace an existing DIR")
+    pl.set_defaults(func=cmd_plugins)
     return p
 
 

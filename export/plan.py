@@ -1,4 +1,8 @@
-"""Memory arithmetic from the config alone: parameters, weight bytes, KV cache, Mamba state."""
+"""Memory arithmetic from the config alone: parameters, weight bytes, KV cache, Mamba state, the
+tensors one prefill chunk creates (TensorRT volumes are 32-bit: every tensor must hold fewer than
+2^31 elements), activations per chunk, and whether the whole thing fits a GPU.
+
+Pure arithmetic on the config; the chunking policy built on it lives in engines/chunking.py."""
 
 from __future__ import annotations
 
@@ -7,9 +11,96 @@ import math
 from jambatrt.config import JambaConfig
 from jambatrt.export.checkpoint import hf_tensor_shapes
 
+TENSOR_LIMIT = 2 ** 31 - 1          # TensorRT: a tensor's volume must fit an int32
+GPU_BYTES = 80 * 10 ** 9            # an "80 GB" GPU (H100 / A100-80GB), counted in decimal GB: conservative
+DEFAULT_CHUNK_CAP = 8192            # longest prefill chunk we plan for (engine memory grows with it)
+ACT_BYTES = 2                       # bf16 activations
 
-def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1) -> dict:
-    """Sizes in bytes. `params_active` counts what one token uses (top-k of the experts)."""
+
+def weight_tensors(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
+    """The largest weight tensors of the engine graph (one per kind), as the graph holds them:
+    experts stacked per layer (w13 [E,2I,H], w2 [E,H,I])."""
+    H, I, V, D, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.d_inner, cfg.num_experts
+    out = {"embed_tokens [V,H]": (V, H)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head [V,H]"] = (V, H)
+    if cfg.mamba_layers:
+        out["mamba.in_proj [2*D_inner,H]"] = (2 * D, H)
+    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+        out["moe.w13 [E,2I,H]"] = (E, 2 * I, H)
+        out["moe.w2 [E,H,I]"] = (E, H, I)
+    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+        out["mlp.gate_proj [I,H]"] = (I, H)
+    return out
+
+
+def activation_tensors(cfg: JambaConfig, batch: int, chunk: int, past: int = 0,
+                       attention_scores: bool = False) -> dict[str, tuple[int, ...]]:
+    """The largest tensors one step of `chunk` new tokens after `past` tokens creates.
+    attention_scores: also the [B,Hq,C,P+C] score tensor of an attention that materialises it
+    (ours does not: flash kernel)."""
+    B, C, H = batch, chunk, cfg.hidden_size
+    D, N, R, V, I = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.vocab_size, cfg.intermediate_size
+    T, k, E = B * C, cfg.num_experts_per_tok, cfg.num_experts
+    out = {"hidden [B,C,H]": (B, C, H), "logits [B,C,V]": (B, C, V)}
+    if cfg.mamba_layers:
+        out.update({"mamba.in_proj_out [B,C,2*D_inner]": (B, C, 2 * D),
+                    "mamba.x_proj_out [B,C,R+2N]": (B, C, R + 2 * N),
+                    "mamba.scan_in [B,D_inner,C]": (B, D, C),
+                    "mamba.ssm_state [B,D_inner,N]": (B, D, N)})
+    if cfg.attention_layers:
+        Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        out.update({"attention.q [B,C,Hq,d]": (B, C, Hq, d), "attention.kv [B,P+C,Hkv,d]": (B, past + C, Hkv, d)})
+        if attention_scores:
+            out["attention.scores [B,Hq,C,P+C]"] = (B, Hq, C, past + C)
+    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+        out.update({"moe.router_logits [T,E]": (T, E), "moe.gate_up [T*top_k,2I]": (T * k, 2 * I),
+                    "moe.out [T*top_k,H]": (T * k, H)})
+    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+        out["mlp.gate_up [B,C,2I]"] = (B, C, 2 * I)
+    return out
+
+
+def largest(tensors: dict[str, tuple[int, ...]]) -> tuple[str, int]:
+    name = max(tensors, key=lambda n: math.prod(tensors[n]))
+    return name, math.prod(tensors[name])
+
+
+def max_prefill_chunk(cfg: JambaConfig, batch: int, context: int, cap: int | None = DEFAULT_CHUNK_CAP,
+                      limit: int = TENSOR_LIMIT, attention_scores: bool = False) -> int | None:
+    """The longest chunk (min(cap, context), else a power of two below it) whose step keeps every activation tensor
+    under `limit` elements when the past is as long as it gets (context - chunk). None when even
+    one token does not fit (the KV cache at `context` alone is too large)."""
+    top = min(cap or context, context)
+    candidates = [top] + [1 << p for p in range(top.bit_length() - 1, -1, -1) if (1 << p) < top]
+    for c in candidates:
+        if largest(activation_tensors(cfg, batch, c, context - c, attention_scores))[1] <= limit:
+            return c
+    return None
+
+
+def activation_bytes(cfg: JambaConfig, batch: int, chunk: int) -> int:
+    """Upper estimate of the activations alive during one step of `chunk` tokens: the residual
+    stream, the widest mixer's intermediates and the widest MLP's, all at once, plus the logits
+    (bf16; router logits, MoE rows and SSM states fp32). An engine reuses memory across layers,
+    so one layer's worth is what counts."""
+    B, C, H, D = batch, chunk, cfg.hidden_size, cfg.d_inner
+    N, R, I, E, k = cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    T = B * C
+    residual = 3 * T * H * ACT_BYTES
+    mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.mamba_layers else 0
+    attn = 0
+    if cfg.attention_layers:
+        attn = T * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2 * ACT_BYTES
+    moe = T * E * 4 + T * k * (2 * I * ACT_BYTES + H * 4) if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) else 0
+    dense = T * 2 * I * ACT_BYTES
+    return residual + max(mamba, attn) + max(moe, dense) + T * cfg.vocab_size * ACT_BYTES
+
+
+def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, chunk: int | None = None,
+                gpu_bytes: int = GPU_BYTES) -> dict:
+    """Sizes in bytes. `params_active` counts what one token uses (top-k of the experts).
+    `chunk`: prefill chunk (default: the longest that keeps every tensor under 2^31 elements)."""
     context = context or cfg.max_position_embeddings
     expert = dense = 0
     for name, shape in hf_tensor_shapes(cfg).items():
@@ -23,15 +114,41 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1) ->
     n_attn, n_mamba = len(cfg.attention_layers), len(cfg.mamba_layers)
     kv_per_token = n_attn * 2 * cfg.num_key_value_heads * cfg.head_dim * 2          # bf16
     state = n_mamba * (cfg.d_inner * (cfg.mamba_d_conv - 1) * 2 + cfg.d_inner * cfg.mamba_d_state * 4)
+    weights = {"bfloat16": 2 * (dense + expert), "experts_int8": 2 * dense + expert + 4 * scales}
+
+    chunk = chunk or max_prefill_chunk(cfg, batch, context)
+    acts = activation_tensors(cfg, batch, chunk or 1, context - (chunk or 1))
+    big_name, big_n = largest(acts)
+    over_w = {n: math.prod(s) for n, s in weight_tensors(cfg).items() if math.prod(s) > TENSOR_LIMIT}
+    act_bytes = activation_bytes(cfg, batch, chunk or 1)
+    kv_at_context = kv_per_token * context * batch
+    total = {k: w + kv_at_context + state * batch + act_bytes for k, w in weights.items()}
+    fits = {k: v <= gpu_bytes for k, v in total.items()}
+    gpus = {k: math.ceil(v / gpu_bytes) for k, v in total.items()}
+    gb = 1e9
+    verdict = (f"{'fits' if fits['experts_int8'] else 'does not fit'} one {gpu_bytes / gb:.0f} GB GPU with int8 "
+               f"experts at {context:,} tokens, batch {batch}: {total['experts_int8'] / gb:.1f} GB "
+               f"(weights {weights['experts_int8'] / gb:.1f} + KV {kv_at_context / gb:.1f} + Mamba state "
+               f"{state * batch / gb:.2f} + activations {act_bytes / gb:.1f}); bf16 needs "
+               f"{total['bfloat16'] / gb:.1f} GB ({gpus['bfloat16']} GPU{'s' if gpus['bfloat16'] > 1 else ''})")
     return {
         "params_total": dense + expert,
         "params_active": dense + expert * cfg.num_experts_per_tok // max(1, cfg.num_experts),
-        "weight_bytes": {"bfloat16": 2 * (dense + expert), "experts_int8": 2 * dense + expert + 4 * scales},
+        "weight_bytes": weights,
         "kv_bytes_per_token": kv_per_token,
         "state_bytes_per_sequence": state,
         "layers": {"attention": n_attn, "mamba": n_mamba, "moe": moe_layers},
         "context": context,
         "batch": batch,
-        "kv_bytes_at_context": kv_per_token * context * batch,
+        "kv_bytes_at_context": kv_at_context,
         "state_bytes_at_batch": state * batch,
+        # chunked prefill: TensorRT volumes are int32
+        "tensor_limit": TENSOR_LIMIT,
+        "prefill_chunk": chunk,
+        "largest_activation": {"name": big_name, "elements": big_n, "under_limit": big_n <= TENSOR_LIMIT},
+        "weight_tensors_over_limit": over_w,
+        "activation_bytes_per_chunk": act_bytes,
+        "total_bytes": total,
+        "gpu": {"bytes": gpu_bytes, "fits": fits, "gpus_needed_at_least": gpus},
+        "verdict": verdict,
     }

@@ -69,7 +69,15 @@ def save_onnx(model: onnx.ModelProto, path: Path, size_threshold: int = 1024) ->
 def load_onnx(path: Path, load_external_data: bool = True) -> onnx.ModelProto:
     path = Path(path)
     try:
-        return onnx.load(str(path), load_external_data=load_external_data)
+        model = onnx.load(str(path), load_external_data=False)
+        if load_external_data:
+            from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+            locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+            missing = [loc for loc in sorted(locations) if not (path.parent / loc).is_file()]
+            if missing:
+                raise ArtifactError(f"{path}: missing external data file(s) {', '.join(missing)}")
+            onnx.load_external_data_for_model(model, str(path.parent))
+        return model
     except FileNotFoundError as e:
         raise ArtifactError(f"{path}: missing ONNX file or its external data ({e})") from None
     except Exception as e:   # protobuf DecodeError and friends

@@ -49,9 +49,17 @@ class KernelSpec:
         return self.fn.__name__ if hasattr(self.fn, "__name__") else self.fn.fn.__name__
 
 
-def pointer_signature(names, dtypes: dict[str, str]) -> dict[str, str]:
-    """{"u": "*bf16", ...} for pointer parameters; dtypes maps name -> torch dtype name."""
-    return {n: "*" + TRITON_DTYPES[dtypes[n]] for n in names}
+def pointer_types(names, dtypes: dict[str, str]) -> list[str]:
+    """["*bf16", ...] for pointer parameters; dtypes maps name -> torch dtype name."""
+    return ["*" + TRITON_DTYPES[dtypes[n]] for n in names]
+
+
+def named_signature(fn, types: list[str]) -> dict[str, str]:
+    """Pair the kernel's parameter names (in order) with Triton types ("*bf16", "i32", "constexpr")."""
+    names = list(fn.arg_names)
+    if len(names) != len(types):
+        raise ValueError(f"{fn.__name__}: {len(names)} parameters, {len(types)} types given")
+    return dict(zip(names, types))
 
 
 def next_pow2(n: int) -> int:
@@ -77,3 +85,43 @@ def check_device(*tensors) -> None:
         if t is not None and t.numel() >= 2 ** 31:
             raise InputError(f"tensor of shape {list(t.shape)} has {t.numel():,} elements (accepted: < 2^31; "
                              f"split the sequence into chunks, see jambatrt.engines.chunking)")
+
+
+def fix_interpreter() -> None:
+    """Correct two bf16 gaps of Triton's CPU interpreter (seen in triton 3.9; harmless where fixed):
+    it stores bf16 as raw uint16 bits, so `tl.dot` on bf16 operands multiplies the bit patterns,
+    and int -> bf16 casts (`int8_weights.to(tl.bfloat16)`) copy integers into the bits. Both are
+    routed through fp32 here. Only the interpreter is touched; compiled kernels are unaffected."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    if getattr(builder, "_jambatrt_bf16_fixed", False):
+        return
+
+    def bf16_to_f32(bits):
+        return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+    def f32_to_bf16(x):
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        return ((u + (((u >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)   # round to nearest even
+
+    cast_impl, create_dot = builder.cast_impl, builder.create_dot
+
+    def fixed_cast(self, src, dst_type):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if d == tl.bfloat16 and not s.is_floating():
+            return interp.TensorHandle(f32_to_bf16(src.data.astype(np.float32)), tl.bfloat16)
+        if s == tl.bfloat16 and not d.is_floating():
+            return interp.TensorHandle(bf16_to_f32(src.data).astype(interp._get_np_dtype(dst_type)), d)
+        return cast_impl(self, src, dst_type)
+
+    def fixed_dot(self, a, b, d, *args, **kwargs):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            up = lambda h: interp.TensorHandle(bf16_to_f32(h.data), tl.float32) if h.dtype.scalar == tl.bfloat16 else h  # noqa: E731
+            a, b = up(a), up(b)
+        return create_dot(self, a, b, d, *args, **kwargs)
+
+    builder.cast_impl, builder.create_dot = fixed_cast, fixed_dot
+    builder._jambatrt_bf16_fixed = True

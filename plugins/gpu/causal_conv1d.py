@@ -21,12 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, next_pow2, pointer_signature
+from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2, pointer_types
+
+if interpreting():
+    fix_interpreter()
 
 INPUTS = ("x", "weight", "bias", "state")
 EXTRAS = ("dim", "seqlen")
 OUTPUTS = ("y", "state_out")
-DEFAULTS = {"prefill": dict(BLOCK_D=32, BLOCK_L=64, num_warps=4), "update": dict(BLOCK_D=128, num_warps=4)}
+DEFAULTS = {"prefill": dict(BLOCK_D=32, BLOCK_L=32, num_warps=4), "update": dict(BLOCK_D=128, num_warps=4)}
 
 
 @triton.jit
@@ -149,16 +152,11 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 def signature(dtype: str, weight_dtype: str | None = None, kernel: str = "prefill") -> dict[str, str]:
     dt = {n: dtype for n in ("x", "state", "y", "state_out")}
     dt.update({"weight": weight_dtype or dtype, "bias": weight_dtype or dtype})
-    sig = pointer_signature(INPUTS, dt)
     if kernel == "prefill":
-        sig.update({n: "i32" for n in EXTRAS})
-        sig.update(pointer_signature(OUTPUTS, dt))
-        sig.update({c: "constexpr" for c in ("K", "S_PAD", "BLOCK_D", "BLOCK_L", "HAS_STATE")})
-    else:
-        sig["dim"] = "i32"
-        sig.update(pointer_signature(OUTPUTS, dt))
-        sig.update({c: "constexpr" for c in ("K", "S_PAD", "BLOCK_D")})
-    return sig
+        types = pointer_types(INPUTS, dt) + ["i32"] * 2 + pointer_types(OUTPUTS, dt) + ["constexpr"] * 5
+        return named_signature(causal_conv1d_kernel, types)
+    types = pointer_types(INPUTS, dt) + ["i32"] + pointer_types(OUTPUTS, dt) + ["constexpr"] * 3
+    return named_signature(causal_conv1d_update_kernel, types)
 
 
 def aot_kernels(dtypes=("bfloat16", "float32"), width: int = 4) -> list[KernelSpec]:

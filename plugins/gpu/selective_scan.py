@@ -21,12 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, next_pow2, pointer_signature
+from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2, pointer_types
+
+if interpreting():
+    fix_interpreter()
 
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state")
 EXTRAS = ("dim", "seqlen", "dstate")
 OUTPUTS = ("y", "state_out")
-DEFAULTS = {"chunked": dict(BLOCK_D=16, CHUNK=32, num_warps=4), "seq": dict(BLOCK_D=64, num_warps=4)}
+DEFAULTS = {"chunked": dict(BLOCK_D=16, CHUNK=16, num_warps=4), "seq": dict(BLOCK_D=64, num_warps=4)}
 
 
 @triton.jit
@@ -195,12 +198,9 @@ def signature(act_dtype: str, kernel: str = "chunked") -> dict[str, str]:
     """Parameter types for one activation dtype (u, delta, z, B, C, y); A, D, delta_bias, state fp32."""
     dt = {n: act_dtype for n in ("u", "delta", "B", "C", "z", "y")}
     dt.update({n: "float32" for n in ("A", "D", "delta_bias", "state", "state_out")})
-    sig = pointer_signature(INPUTS, dt)
-    sig.update({n: "i32" for n in EXTRAS})
-    sig.update(pointer_signature(OUTPUTS, dt))
-    consts = ["N_PAD", "BLOCK_D"] + (["CHUNK"] if kernel == "chunked" else []) + ["HAS_Z", "HAS_BIAS", "HAS_STATE"]
-    sig.update({c: "constexpr" for c in consts})
-    return sig
+    n_const = 6 if kernel == "chunked" else 5
+    types = pointer_types(INPUTS, dt) + ["i32"] * len(EXTRAS) + pointer_types(OUTPUTS, dt) + ["constexpr"] * n_const
+    return named_signature(selective_scan_chunked_kernel if kernel == "chunked" else selective_scan_seq_kernel, types)
 
 
 def aot_kernels(act_dtypes=("bfloat16", "float32"), dstate: int = 16, chunked: dict | None = None,

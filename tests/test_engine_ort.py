@@ -1,0 +1,188 @@
+"""ONNX Runtime engine (issues 4 and 5): parity with eager and transformers, chunked prefill,
+decode, generation, and refusal of tampered artifacts and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_model, run_cli
+from jambatrt.engines.generate import Sampling, generate
+from jambatrt.engines.ort import OrtEngine
+from jambatrt.errors import ArtifactError, InputError
+from jambatrt.validate.reference import EagerReference, HFReference
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_artifact):
+    run_cli("build", tiny_artifact, "--backend", "ort", check=True)
+    with OrtEngine.load(tiny_artifact) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_artifact):
+    return EagerReference(tiny_artifact)
+
+
+def _ids(B, L, seed=0, V=512):
+    return np.random.default_rng(seed).integers(0, V, (B, L))
+
+
+@pytest.mark.parametrize("L", [1, 17, 4096])
+def test_engine_vs_eager(engine, eager, L):
+    ids = _ids(1, L)
+    got = engine.prefill(ids)[0]
+    want = eager.prefill(ids)
+    assert np.abs(got - want).max() <= 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_engine_vs_eager_32k(engine, eager):
+    ids = _ids(1, 32768)
+    got, want = engine.prefill(ids)[0], eager.prefill(ids)
+    assert np.abs(got - want).max() <= 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("L", [1, 17, 4096])
+def test_engine_vs_transformers(engine, tiny_artifact, L):
+    ref = HFReference(tiny_artifact)
+    ids = _ids(1, L, seed=1)
+    got, want = engine.prefill(ids)[0], ref.prefill(ids)
+    assert np.abs(got - want).max() <= 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_validate_cli_writes_report(tiny_artifact, engine, tmp_path):
+    rep = tmp_path / "r.json"
+    p = run_cli("validate", tiny_artifact, "--backend", "ort", "--lengths", "1,17,300", "--report", rep)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(rep.read_text())
+    assert r["passed"] is True and r["backend"] == "ort" and r["reference"] == "eager" and r["dtype"] == "float32"
+    assert [x["length"] for x in r["results"]] == [1, 17, 300]
+    for x in r["results"]:
+        assert set(x) >= {"length", "max_abs_err", "mean_abs_err", "top1_agreement", "passed", "seconds"}
+        assert x["max_abs_err"] <= 1e-3 and x["top1_agreement"] == 1.0
+    assert rep.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 1000])
+def test_chunked_prefill_equals_unchunked(engine, chunk):
+    ids = _ids(2, 1000, seed=2)
+    full, s_full = engine.prefill(ids, chunk=4096)
+    part, s_part = engine.prefill(ids, chunk=chunk)
+    assert np.abs(full - part).max() <= 1e-5
+    for a, b in zip(s_full, s_part):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+
+
+def test_decode_after_prefill_equals_longer_prefill(engine):
+    ids = _ids(2, 50, seed=3)
+    logits, state = engine.prefill(ids[:, :49])
+    step, state2 = engine.decode(ids[:, 49], state)
+    full, state_full = engine.prefill(ids)
+    assert np.abs(step - full[:, -1]).max() <= 1e-5
+    for a, b in zip(state2, state_full):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_ragged_batch_gets_what_each_gets_alone(engine):
+    prompts = [[5], [7, 8, 9, 10, 11], [3, 4, 100]]
+    together, _ = generate(engine, prompts, 12)
+    for p, g in zip(prompts, together):
+        alone, _ = generate(engine, [p], 12)
+        assert alone[0].generated_ids == g.generated_ids
+    same_len = [[1, 2, 3], [4, 5, 6]]        # equal lengths run as one batch
+    batch, _ = generate(engine, same_len, 12)
+    for p, g in zip(same_len, batch):
+        assert generate(engine, [p], 12)[0][0].generated_ids == g.generated_ids
+
+
+def test_sampling_is_seeded(engine):
+    a = generate(engine, [[1, 2]], 10, Sampling(temperature=0.8, top_p=0.9, seed=4))[0][0].generated_ids
+    b = generate(engine, [[1, 2]], 10, Sampling(temperature=0.8, top_p=0.9, seed=4))[0][0].generated_ids
+    assert a == b and len(a) == 10
+
+
+def _hf_greedy(model, prompt, n):
+    """transformers' greedy generate with its cache; EOS disabled (not suppressed: min_new_tokens
+    would mask the EOS logit and change the argmax) so both run n tokens."""
+    model.generation_config.eos_token_id = None
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(prompt) + n
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("which", ["tiny", "odd"])
+def test_greedy_tokens_match_transformers_generate(which, tiny_artifact, make_checkpoint, tmp_path_factory):
+    if which == "tiny":
+        art = tiny_artifact
+        run_cli("build", art, "--backend", "ort", check=True)
+    else:
+        art = tmp_path_factory.mktemp("odd") / "art"
+        run_cli("export", make_checkpoint("odd", seed=5), "-o", art, check=True)
+        run_cli("build", art, "--backend", "ort", check=True)
+    hf = HFReference(art).model
+    V = hf.config.vocab_size
+    with OrtEngine.load(art) as eng:
+        for prompt in ([7], [1, 2, 3, 4, 5], list(range(10, 10 + 37)) if V > 50 else [9] * 37):
+            ours = generate(eng, [prompt], 64)[0][0].generated_ids
+            assert ours == _hf_greedy(hf, prompt, 64), prompt
+
+
+def test_generate_cli_json(engine, tiny_artifact):
+    p = run_cli("generate", tiny_artifact, "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["prompt_ids"] == [1, 2, 3] and len(out["generated_ids"]) == 5 and out["tokens_per_s"] > 0
+
+
+def test_bad_runtime_input(engine):
+    with pytest.raises(InputError, match="empty prompt"):
+        generate(engine, [[]], 4)
+    with pytest.raises(InputError, match="out of range"):
+        engine.prefill(np.array([[1, 512]]))
+    _, state = engine.prefill(_ids(2, 5))
+    with pytest.raises(InputError, match="another model|batch"):
+        engine.decode(np.array([1]), state)                     # batch 1 with a batch-2 state
+    wrong = list(state)
+    wrong[1] = np.zeros((2, 64, 8), np.float32)                  # another config's ssm state
+    with pytest.raises(InputError, match="another model"):
+        engine.decode(np.array([1, 2]), wrong)
+    with pytest.raises(InputError, match="another model"):
+        engine.decode(np.array([1, 2]), state[:-1])
+    with pytest.raises(InputError, match="exceeds the maximum"):
+        engine.prefill(np.zeros((1, engine.max_seq + 1), np.int64))
+
+
+def test_generate_cli_errors_cleanly(engine, tiny_artifact):
+    p = run_cli("generate", tiny_artifact, "--backend", "ort", "--prompt-ids", "", "--max-new-tokens", "2")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "empty prompt" in p.stderr
+    p = run_cli("generate", tiny_artifact, "--backend", "ort", "--prompt-ids", "1", "--max-new-tokens", "300000")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "maximum context" in p.stderr
+
+
+@pytest.mark.parametrize("damage", ["tamper_onnx", "drop_external_data"])
+def test_tampered_artifact_refused(tiny_artifact, engine, tmp_path, damage):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    if damage == "tamper_onnx":
+        data = bytearray((art / "model.onnx").read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (art / "model.onnx").write_bytes(bytes(data))
+        needle = "model.onnx does not match its sha256"
+    else:
+        (art / "model.onnx.data").unlink()
+        needle = "missing file model.onnx.data"
+    for cmd in (["build", art, "--backend", "ort"], ["validate", art, "--backend", "ort", "--lengths", "3"]):
+        p = run_cli(*cmd)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+        assert needle in p.stderr and "ArtifactError" in p.stderr
+    with pytest.raises(ArtifactError):
+        OrtEngine.load(art)
