@@ -91,7 +91,7 @@ def cmd_validate(a) -> int:
     from jambatrt.engines.base import engine_class
     from jambatrt.validate.parity import run_parity
     from jambatrt.validate.reference import make_reference
-    from jambatrt.validate.report import write_parity
+    from jambatrt.validate.report import parity_plot_paths, write_parity
 
     engine = engine_class(a.backend).load(a.out)
     reference = make_reference(a.reference, a.out)
@@ -102,19 +102,59 @@ def cmd_validate(a) -> int:
             prog.update(task, completed=i, description=f"length {L:,} ({a.backend} vs {a.reference})")
 
         report = run_parity(engine, reference, a.lengths, engine.manifest["dtype"], batch=a.batch, seed=a.seed,
-                            on_length=on_length)
+                            on_length=on_length, check_state=not a.no_state)
         prog.update(task, completed=len(a.lengths), description="parity done")
     path = Path(a.report) if a.report else Path(a.out) / "reports" / f"parity-{a.backend}-{a.reference}.json"
     json_path, md_path = write_parity(report.to_dict(), path, engine.manifest)
     for r in report.results:
+        worst = max((s.get("max_abs_err", 0.0) for s in r.states.values()), default=None)
         print(f"  length {r.length:>7,}: max|diff| {r.max_abs_err:.2e}  mean {r.mean_abs_err:.2e}  "
-              f"top-1 {r.top1_agreement:.4f}  engine {r.seconds['engine']:.3f}s  reference "
-              f"{r.seconds['reference']:.3f}s  {'ok' if r.passed else 'FAIL'}")
-    print(f"report: {json_path} (summary: {md_path})")
+              f"top-1 {r.top1_agreement:.4f}  " + ("" if worst is None else f"states {worst:.2e}  ")
+              + f"engine {r.seconds['engine']:.3f}s  reference {r.seconds['reference']:.3f}s  "
+              f"{'ok' if r.passed else 'FAIL'}")
+        if r.health.get("problem"):
+            first = r.health["first_bad_layer"]
+            print(f"      health: {'first bad layer ' + str(first) + ': ' if first is not None else ''}"
+                  f"{r.health['problem']}")
+    print(f"report: {json_path} (summary: {md_path}; plots: {', '.join(map(str, parity_plot_paths(json_path)))})")
     if not report.passed:
         from jambatrt.errors import ParityError
         raise ParityError(report.mismatches)
     print(f"parity passed: {a.backend} vs {a.reference} at lengths {', '.join(map(str, a.lengths))}")
+    return 0
+
+
+# ---- profile ---------------------------------------------------------------------------------
+def cmd_profile(a) -> int:
+    from jambatrt.artifact import read_manifest
+    from jambatrt.engines.base import engine_class
+    from jambatrt.validate.profile import run_profile
+    from jambatrt.validate.report import write_profile
+
+    engine_class(a.backend).load(a.out).close()     # fail here, typed, before any child starts
+    modes = tuple(m for m in a.modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("prefill", "decode")]
+    if bad or not modes:
+        from jambatrt.errors import InputError
+        raise InputError(f"--modes {a.modes!r} (accepted: prefill, decode, or prefill,decode)")
+    with _progress() as prog:
+        task = prog.add_task("profile", total=None)
+        report = run_profile(a.out, a.backend, a.lengths, reference=a.reference, modes=modes, repeats=a.repeats,
+                             warmup_tokens=a.warmup_tokens, budget_s=a.budget_s, decode_tokens=a.decode_tokens,
+                             batch=a.batch, reference_max_length=a.reference_max_length, timeout_s=a.timeout,
+                             on_step=lambda msg: prog.update(task, description=msg))
+        prog.update(task, description="profile done", total=1, completed=1)
+    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"profile-{a.backend}.json"
+    json_path, md_path, png = write_profile(report, path, read_manifest(a.out), plot=a.plot)
+
+    def tps(v):
+        return "—" if v is None else f"{v:,.1f}"
+    for r in report["results"]:
+        print(f"  length {r['length']:>7,} {r['mode']:<7}: {tps(r['tokens_per_s']):>10} tok/s "
+              f"(min {tps(r['tokens_per_s_min'])}, max {tps(r['tokens_per_s_max'])}, {r['runs']} runs)  "
+              f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB  reference {tps(r['reference_tokens_per_s'])} tok/s"
+              + (f", {r['reference_peak_rss_bytes'] / 1e9:.2f} GB" if r.get("reference_peak_rss_bytes") else ""))
+    print(f"report: {json_path} (summary: {md_path}; plot: {png})")
     return 0
 
 
@@ -150,6 +190,33 @@ def _ids(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise InputError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+
+
+# ---- deploy ----------------------------------------------------------------------------------
+def cmd_deploy(a) -> int:
+    from jambatrt.deploy.repository import RepositorySettings, write_repository
+
+    settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
+                                  idle_seconds=a.idle_seconds, instances=a.instances,
+                                  execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
+    info = write_repository(a.out, a.repository, settings, force=a.force)
+    verb = "kept (already up to date)" if info["reused"] else "wrote"
+    print(f"{verb} Triton model repository {Path(a.repository).absolute()}: {', '.join(info['models'])} "
+          f"(artifact {info['artifact']})")
+    for arg in info.get("server_args", []):
+        print(f"  server needs: {arg}")
+    if not a.serve:
+        return 0
+    from jambatrt.deploy.server import TritonServer, find_serve_env, serve_forever
+
+    models = list(info["models"])
+    if any(k == "tensorrt" for k in info["models"].values()) and not Path("/dev/nvidiactl").exists():
+        models = [m for m, k in info["models"].items() if k != "tensorrt"]
+        console.print("no GPU here: serving without the TensorRT model")
+    server = TritonServer(a.repository, find_serve_env(a.serve_env), http_port=a.http_port, grpc_port=a.grpc_port,
+                          metrics_port=a.metrics_port, models=models)
+    console.print("starting tritonserver on 127.0.0.1 ...")
+    return serve_forever(server)
 
 
 # ---- inspect ---------------------------------------------------------------------------------
@@ -252,8 +319,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager: this package's model on the plain <op>_ref ops; hf: transformers' Jamba")
     v.add_argument("--batch", type=int, default=1)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--report", help="report JSON path (default OUT/reports/parity-BACKEND-REFERENCE.json)")
+    v.add_argument("--report", help="report JSON path (default OUT/reports/parity-BACKEND-REFERENCE.json); "
+                                    "a markdown summary and PNG plots are written beside it")
+    v.add_argument("--no-state", action="store_true",
+                   help="compare logits only, not the final state tensors (present.layer{i}.*)")
     v.set_defaults(func=cmd_validate)
+
+    pr = sub.add_parser("profile", help="prefill/decode tokens/s and peak RSS vs the eager reference",
+                        description="Each (engine or reference, length) runs in a fresh child process: warm-up, "
+                                    "timed prefill repeats (min/median/max), timed decode steps; peak RSS of the "
+                                    "child. Writes JSON, a markdown summary and a PNG (tok/s and memory vs length).")
+    pr.add_argument("out", help="artifact directory with a built engine")
+    pr.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    pr.add_argument("--lengths", type=_lengths, default=[1, 4096], help="comma-separated (default 1,4096)")
+    pr.add_argument("--reference", default="eager", choices=["eager", "none"],
+                    help="eager: this package's eager model on torch.ops.jamba custom ops (default); none")
+    pr.add_argument("--modes", default="prefill,decode", help="prefill,decode (default), prefill or decode")
+    pr.add_argument("--repeats", type=int, default=3, help="timed prefill runs per length (default 3)")
+    pr.add_argument("--budget-s", type=float, default=60.0,
+                    help="stop repeating a length once its timed prefills took this long (default 60; >= 1 run)")
+    pr.add_argument("--warmup-tokens", type=int, default=4096, help="untimed warm-up prefill length (default 4096)")
+    pr.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps (default 32)")
+    pr.add_argument("--batch", type=int, default=1)
+    pr.add_argument("--reference-max-length", type=int, default=65536,
+                    help="longest length the reference is timed at (default 65536; longer: null)")
+    pr.add_argument("--timeout", type=float, default=3600, help="seconds per child process (default 3600)")
+    pr.add_argument("--report", help="profile JSON path (default OUT/reports/profile-BACKEND.json)")
+    pr.add_argument("--plot", help="PNG path (default: beside the report, .png)")
+    pr.set_defaults(func=cmd_profile)
 
     g = sub.add_parser("generate", help="generate tokens with an engine (greedy or sampled), streaming",
                        description="Prefill the prompt, then decode token by token with the carried state.")
@@ -269,6 +362,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float}')
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
+                       description="Write a Triton model repository from an artifact (Python-backend models "
+                                   "NAME_prefill, NAME_sequence, NAME_generate running the ONNX Runtime engine; "
+                                   "NAME_tensorrt when a TensorRT engine is built), atomically; with --serve start "
+                                   "tritonserver on 127.0.0.1 until Ctrl-C / SIGTERM.")
+    d.add_argument("out", help="artifact directory with a built engine")
+    d.add_argument("--repository", required=True, help="model repository directory to write")
+    d.add_argument("--force", action="store_true", help="replace an existing repository")
+    d.add_argument("--name", default="jamba", help="model name prefix (default jamba)")
+    d.add_argument("--max-tokens", type=int, default=None,
+                   help="token budget per request / sequence (default: the artifact's max sequence length)")
+    d.add_argument("--max-sequences", type=int, default=64, help="live sequences of NAME_sequence (default 64)")
+    d.add_argument("--idle-seconds", type=float, default=60.0,
+                   help="drop a sequence's state after this long without requests (default 60)")
+    d.add_argument("--instances", type=int, default=1, help="instances of each Python model (default 1)")
+    d.add_argument("--execution-env", default=None,
+                   help="write EXECUTION_ENV_PATH=DIR into the Python models (for a server not started by "
+                        "jambatrt; DIR: a venv with numpy<2 and jambatrt)")
+    d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
+    d.add_argument("--http-port", type=int, default=8000)
+    d.add_argument("--grpc-port", type=int, default=8001)
+    d.add_argument("--metrics-port", type=int, default=8002)
+    d.add_argument("--serve-env", default=None,
+                   help="environment with nvidia-pytriton and numpy<2 (default $JAMBATRT_SERVE_ENV or .venv-serve)")
+    d.set_defaults(func=cmd_deploy)
 
     i = sub.add_parser("inspect", help="shapes and memory plan (weights, KV cache, Mamba state)")
     i.add_argument("out", nargs="?", help="artifact directory")

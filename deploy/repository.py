@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,18 +76,45 @@ def _scalar(v) -> str:
     return json.dumps(str(v))      # JSON string escapes are valid protobuf text-format escapes
 
 
-def pbtxt(msg: dict, indent: int = 0) -> str:
+def _inline(msg: dict) -> str | None:
+    """A small message on one line ({ kind: KIND_CPU count: 1 }), or None when it has repeated messages."""
+    parts = []
+    for key, v in msg.items():
+        if isinstance(v, dict):
+            inner = _inline(v)
+            if inner is None:
+                return None
+            parts.append(f"{key} {inner}")
+        elif isinstance(v, list) and v and any(isinstance(x, dict) for x in v):
+            return None
+        elif isinstance(v, list):
+            parts.append(f"{key}: [ {', '.join(_scalar(x) for x in v)} ]")
+        else:
+            parts.append(f"{key}: {_scalar(v)}")
+    return "{ " + " ".join(parts) + " }"
+
+
+def pbtxt(msg: dict, indent: int = 0, width: int = 110) -> str:
     """A dict as protobuf text format: dict -> message, list of dicts -> repeated message, list of
-    scalars -> repeated scalar, Enum -> bare enum value."""
+    scalars -> repeated scalar, Enum -> bare enum value. Small messages go on one line."""
     pad = "  " * indent
     lines = []
     for key, v in msg.items():
         if isinstance(v, dict):
-            lines += [f"{pad}{key} {{", pbtxt(v, indent + 1), f"{pad}}}"]
+            inner = _inline(v)
+            if inner is not None and len(pad) + len(key) + len(inner) < width:
+                lines.append(f"{pad}{key} {inner}")
+            else:
+                lines += [f"{pad}{key} {{", pbtxt(v, indent + 1, width), f"{pad}}}"]
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             lines.append(f"{pad}{key} [")
             for i, x in enumerate(v):
-                lines += [f"{pad}  {{", pbtxt(x, indent + 2), f"{pad}  }}{',' if i < len(v) - 1 else ''}"]
+                comma = "," if i < len(v) - 1 else ""
+                inner = _inline(x)
+                if inner is not None and len(pad) + 2 + len(inner) < width:
+                    lines.append(f"{pad}  {inner}{comma}")
+                else:
+                    lines += [f"{pad}  {{", pbtxt(x, indent + 2, width), f"{pad}  }}{comma}"]
             lines.append(f"{pad}]")
         elif isinstance(v, list):
             lines.append(f"{pad}{key}: [ {', '.join(_scalar(x) for x in v)} ]")
@@ -95,8 +123,10 @@ def pbtxt(msg: dict, indent: int = 0) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def _comment(text: str) -> str:
-    return "".join(f"# {line}".rstrip() + "\n" for line in text.strip().splitlines())
+def _comment(text: str, width: int = 100) -> str:
+    return "".join(f"# {line}".rstrip() + "\n" for para in text.strip().splitlines()
+                   for line in textwrap.wrap(para, width - 2, break_on_hyphens=False, break_long_words=False,
+                                                 subsequent_indent="  "))
 
 
 def _params(d: dict) -> list[dict]:
@@ -112,22 +142,31 @@ def _tensor(name: str, dtype: str, dims: list) -> dict:
 
 # ---- TensorRT ------------------------------------------------------------------------------------
 def tensorrt_config(manifest: dict, entry: dict, model_name: str, plugin_paths: list[str] = ()) -> str:
-    """config.pbtxt for the artifact's TensorRT engine: the stateless step program, one GPU instance.
-    `entry` is manifest["engines"]["tensorrt"]; `plugin_paths` the plugin libraries as the server will
-    see them (only for non-AOT plugins)."""
+    """config.pbtxt for the artifact's TensorRT engine (entry = manifest["engines"]["tensorrt"], as
+    engines/tensorrt.py writes it): the stateless step program, one GPU instance that may use every
+    optimisation profile (Triton picks the one that fits each request's shapes). `plugin_paths`:
+    plugin libraries as the server will see them, only for plugins that are not AOT."""
     step = manifest["programs"]["step"]
-    aot = entry.get("aot_plugins", [])
-    notes = [f"TensorRT engine of a jambatrt artifact ({manifest.get('config', {}).get('model_type', 'jamba')}, "
-             f"dtype {manifest.get('dtype')}), built with TensorRT {entry.get('tensorrt', '?')}.",
-             "Stateless step program: send input_ids [B,L] with the past.* state (P past tokens; "
-             "an empty state has P = 0), read logits [B,L,V] and the present.* state for the next call."]
+    gpu = entry.get("gpu", {})
+    chunk = entry.get("chunk_plan", {}).get("chunk")
+    notes = [f"TensorRT engine of a jambatrt artifact (dtype {manifest.get('dtype')}), TensorRT "
+             f"{entry.get('tensorrt', '?')}, built for {gpu.get('arch', '?')} ({gpu.get('name', '?')}): serve it "
+             "with the same TensorRT version on the same GPU architecture.",
+             "Stateless step program: send input_ids [B,L] with the past.* state (P past tokens; an empty state "
+             "has P = 0), read logits [B,L,V] and the present.* state to send with the next call."
+             + (f" Send prompts in chunks of at most {chunk} tokens (the prefill profile)." if chunk else "")]
     if plugin_paths:
-        notes.append("Non-AOT plugins: start tritonserver with "
+        notes.append("Plugins that are not AOT: start tritonserver with "
                      f"--backend-config=tensorrt,plugins=\"{';'.join(plugin_paths)}\"")
     else:
-        notes.append("Plugins: the jamba:: kernels are AOT TensorRT plugins (QDP aot_impl, PTX inside the plan"
-                     + (f": {', '.join(aot)}" if aot else "") + "); no plugin library and no Python are needed "
-                     "at run time (otherwise: --backend-config=tensorrt,plugins=\"a.so;b.so\").")
+        notes.append("Plugins: the jamba:: kernels are AOT TensorRT plugins (QDP aot_impl: their PTX is inside the "
+                     "plan" + (f"; {', '.join(entry['plugins'])}" if entry.get("plugins") else "") + "), so the "
+                     "TensorRT backend needs no plugin library and no Python at run time. (Plugins built as "
+                     "libraries would be loaded with --backend-config=tensorrt,plugins=\"a.so;b.so\".)")
+    instance = {"kind": Enum("KIND_GPU"), "count": 1}
+    if entry.get("profiles"):
+        notes.append("Optimisation profiles: " + ", ".join(f"{i} = {p}" for i, p in enumerate(entry["profiles"])))
+        instance["profile"] = [str(i) for i in range(len(entry["profiles"]))]
     cfg = {
         "name": model_name,
         "platform": "tensorrt_plan",
@@ -135,7 +174,7 @@ def tensorrt_config(manifest: dict, entry: dict, model_name: str, plugin_paths: 
         "default_model_filename": PLAN_FILE,
         "input": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
         "output": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
-        "instance_group": [{"kind": Enum("KIND_GPU"), "count": 1}],
+        "instance_group": [instance],
     }
     return _comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,12 @@ FAILED_MARKER = ".serve-setup-failed"     # written by `make serve-setup` with t
 
 class ServerError(JambaTRTError):
     """The server exited, did not become ready in time, or could not be started."""
+
+
+class Interrupted(ServerError):
+    """Ctrl-C / SIGTERM arrived while the server was starting."""
+
+    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -99,28 +104,45 @@ def find_serve_env(prefix: str | Path | None = None) -> ServeEnv:
     return env
 
 
-def ensure_python_stub(env: ServeEnv) -> Path:
-    """The wheel ships the Python backend without its stub; put the stub for the env's Python
-    version next to libtriton_python.so (atomically: a half-copied binary would crash every model)."""
-    dest = env.backend_dir / "python" / "triton_python_backend_stub"
-    if dest.is_file() and os.access(dest, os.X_OK):
-        return dest
-    src = env.tritonserver_root / "python_backend_stubs" / env.python_version / "triton_python_backend_stub"
-    if not src.is_file():
-        have = sorted(p.name for p in (env.tritonserver_root / "python_backend_stubs").glob("*"))
-        raise BackendUnavailable(f"no Python backend stub for Python {env.python_version} in nvidia-pytriton "
-                                 f"(it has {', '.join(have) or 'none'})")
-    fd, tmp = tempfile.mkstemp(prefix=".stub.", dir=dest.parent)
+BYTECODE_PTH = "jambatrt_serve_no_bytecode.pth"
+BYTECODE_ENV = "JAMBATRT_NO_BYTECODE"
+
+
+def prepare_serve_env(env: ServeEnv) -> Path:
+    """Make the serve env runnable by tritonserver; idempotent, each file written atomically.
+
+    - The wheel ships the Python backend without its stub: put the stub for the env's Python
+      version next to libtriton_python.so (a half-copied binary would crash every model).
+    - The stub's interpreter ignores PYTHON* variables, so PYTHONDONTWRITEBYTECODE cannot keep it
+      from writing __pycache__ into the repository's model directories: a .pth file in the env
+      sets sys.dont_write_bytecode when the server's environment has JAMBATRT_NO_BYTECODE=1, and
+      serving then writes nothing into the repository."""
+    stub = env.backend_dir / "python" / "triton_python_backend_stub"
+    if not (stub.is_file() and os.access(stub, os.X_OK)):
+        src = env.tritonserver_root / "python_backend_stubs" / env.python_version / "triton_python_backend_stub"
+        if not src.is_file():
+            have = sorted(p.name for p in (env.tritonserver_root / "python_backend_stubs").glob("*"))
+            raise BackendUnavailable(f"no Python backend stub for Python {env.python_version} in nvidia-pytriton "
+                                     f"(it has {', '.join(have) or 'none'})")
+        _write_atomic(stub, src.read_bytes(), 0o755)
+    pth = env.site_packages / BYTECODE_PTH
+    line = f"import os, sys; sys.dont_write_bytecode |= os.environ.get({BYTECODE_ENV!r}) == '1'\n"
+    if not pth.is_file() or pth.read_text() != line:
+        _write_atomic(pth, line.encode(), 0o644)
+    return stub
+
+
+def _write_atomic(dest: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as f, open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-        os.chmod(tmp, 0o755)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return dest
 
 
 def free_port() -> int:
@@ -158,6 +180,7 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     verbose: int = 0
+    exit_timeout: int = 10       # seconds a stopping server waits for open connections / requests
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self):
@@ -181,13 +204,19 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def model_names(self) -> list[str]:
+        if self.models is not None:
+            return list(self.models)
+        return sorted(p.parent.name for p in self.repository.glob("*/config.pbtxt"))
+
     def command(self) -> list[str]:
         cmd = [str(self.env.binary), "--model-repository", str(self.repository),
                "--backend-directory", str(self.env.backend_dir),
                "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
                "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                "--metrics-port", str(self.metrics_port), "--allow-gpu-metrics=false",
-               "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.verbose}"]
+               "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}",
+               f"--log-verbose={self.verbose}"]
         if self.models is not None:
             cmd += ["--model-control-mode=explicit", *[f"--load-model={m}" for m in self.models]]
         return cmd + self.extra_args
@@ -200,16 +229,16 @@ class TritonServer:
         env["VIRTUAL_ENV"] = str(self.env.prefix)
         for k in ("PYTHONPATH", "PYTHONHOME"):      # the stub's interpreter is the serve env's, not ours
             env.pop(k, None)
-        env["PYTHONDONTWRITEBYTECODE"] = "1"       # no __pycache__ inside the repository's model dirs
+        env[BYTECODE_ENV] = "1"                    # no __pycache__ inside the repository (prepare_serve_env)
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # kernels compiled by numba are cached outside the repository and the artifact
         env.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jambatrt-numba-cache"))
         return env
 
-    def start(self, timeout: float = 180.0) -> "TritonServer":
+    def start(self, timeout: float = 180.0, interrupted=lambda: False) -> "TritonServer":
         if self.proc is not None:
             raise ServerError("server already started")
-        ensure_python_stub(self.env)
+        prepare_serve_env(self.env)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
@@ -222,7 +251,7 @@ class TritonServer:
         finally:
             log.close()
         try:
-            self.wait_ready(timeout)
+            self.wait_ready(timeout, interrupted)
         except BaseException:
             self.stop()
             raise
@@ -240,9 +269,11 @@ class TritonServer:
     def is_ready(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and self._get("/v2/health/ready") == 200
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
+    def wait_ready(self, timeout: float = 180.0, interrupted=lambda: False) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if interrupted():
+                raise Interrupted("interrupted before the server was ready")
             if self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.proc.returncode} before it was ready:\n"
                                   f"{self.log_tail()}")
@@ -261,6 +292,31 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
 
+    def _shm_regions(self) -> list[str]:
+        """Shared-memory regions of this server's backend stubs (named on their command lines). A
+        clean shutdown removes them; after SIGKILL nobody does, so kill() does."""
+        names = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != self.proc.pid:   # pgid
+                    continue
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            names += [a.decode() for a in args if a.startswith(b"triton_python_backend_shm_region_")]
+        return names
+
+    def _kill_group(self) -> None:
+        regions = self._shm_regions()
+        self._signal_group(signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
+        if regions:
+            time.sleep(0.2)      # the stubs die with the group; let them go before their regions
+        for name in regions:
+            with contextlib.suppress(OSError):
+                os.unlink(f"/dev/shm/{name}")
+
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the server's process group (server + backend stubs), SIGKILL after `timeout`."""
         if self.proc is None:
@@ -270,16 +326,14 @@ class TritonServer:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.proc.wait(10)
-        self._signal_group(signal.SIGKILL)     # stubs left behind by a server that died abruptly
+                self._kill_group()
+        self._kill_group()      # stubs left behind by a server that died abruptly (no-op after a clean exit)
         return self.proc.returncode
 
     def kill(self) -> None:
         """SIGKILL the whole process group at once: no clean shutdown (what a crash looks like)."""
         if self.proc is not None:
-            self._signal_group(signal.SIGKILL)
-            self.proc.wait(10)
+            self._kill_group()
 
     def __enter__(self):
         return self.start() if self.proc is None else self
@@ -297,11 +351,14 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        server.start()
+        server.start(interrupted=lambda: stop["signal"] is not None)
         print(f"tritonserver ready (pid {server.proc.pid}), repository {server.repository}\n"
               f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
-              f"  metrics  {server.metrics_url}\n  log      {server.log_path}\n"
-              "Ctrl-C or SIGTERM stops it.", file=out, flush=True)
+              f"  metrics  {server.metrics_url}\n  log      {server.log_path}", file=out)
+        for name in server.model_names():
+            route = "generate_stream  (decoupled: SSE, or gRPC streaming)" if name.endswith("_generate") else "infer"
+            print(f"  model    {name}: POST http://{server.http_url}/v2/models/{name}/{route}", file=out)
+        print("Ctrl-C or SIGTERM stops it.", file=out, flush=True)
         while stop["signal"] is None and server.proc.poll() is None:
             time.sleep(0.2)
         if server.proc.poll() is not None and stop["signal"] is None:

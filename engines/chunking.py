@@ -7,6 +7,7 @@ the limit. The shape arithmetic is in export/plan.py; this module is the policy 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -47,14 +48,14 @@ class ChunkPlan:
 def step_tensors(cfg: JambaConfig, batch: int, length: int, past: int, attention_scores: bool = False
                  ) -> dict[str, int]:
     """Element counts of the largest tensors of one step (`length` new tokens after `past`)."""
-    import math
     return {n: math.prod(s) for n, s in activation_tensors(cfg, batch, length, past, attention_scores).items()}
 
 
 def plan_chunks(cfg: JambaConfig, total: int, batch: int = 1, past: int = 0, cap: int | None = DEFAULT_CHUNK_CAP,
                 limit: int = TENSOR_LIMIT, attention_scores: bool = False) -> ChunkPlan:
-    """The longest chunk (<= cap; a power of two when shorter than total) for which every step of prefilling `total` tokens
-    after `past` keeps every activation tensor under `limit` elements; each step is checked."""
+    """The longest chunk (<= cap; a power of two when shorter than total) for which every step of
+    prefilling `total` tokens after `past` keeps every activation tensor under `limit` elements;
+    each step is checked."""
     if total < 1 or batch < 1 or past < 0:
         raise InputError(f"total={total}, batch={batch}, past={past} (accepted: total >= 1, batch >= 1, past >= 0)")
     context = past + total
@@ -69,7 +70,6 @@ def plan_chunks(cfg: JambaConfig, total: int, batch: int = 1, past: int = 0, cap
         name, n = largest(activation_tensors(cfg, batch, min(chunk, total - s), past + s, attention_scores))
         if n > worst:
             worst_name, worst = name, n
-    import math
     over = {n: math.prod(s) for n, s in weight_tensors(cfg).items() if math.prod(s) > limit}
     return ChunkPlan(total=total, past=past, batch=batch, chunk=chunk, limit=limit, largest_tensor=worst_name,
                      largest_elements=worst, weights_over_limit=over)

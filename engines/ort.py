@@ -49,6 +49,10 @@ class OrtEngine(Engine):
         if "onnx" not in step:
             raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
         verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
+        if manifest["dtype"] != "float32":
+            # ORT's CPU provider has no bfloat16 MatMul/Gemm kernels; bf16 artifacts are for TensorRT.
+            raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
+                             f"{manifest['dtype']} (re-export with --dtype float32, or build --backend tensorrt)")
         if attention not in ("kernel", "gqa"):
             raise InputError(f"attention={attention!r} (accepted: kernel, gqa)")
         settings = PassSettings(attention=attention, dtype=manifest["dtype"])

@@ -85,14 +85,16 @@ def activation_bytes(cfg: JambaConfig, batch: int, chunk: int) -> int:
     (bf16; router logits, MoE rows and SSM states fp32). An engine reuses memory across layers,
     so one layer's worth is what counts."""
     B, C, H, D = batch, chunk, cfg.hidden_size, cfg.d_inner
-    N, R, I, E, k = cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+    N, R, I = cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.intermediate_size
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
     T = B * C
     residual = 3 * T * H * ACT_BYTES
     mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.mamba_layers else 0
     attn = 0
     if cfg.attention_layers:
         attn = T * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2 * ACT_BYTES
-    moe = T * E * 4 + T * k * (2 * I * ACT_BYTES + H * 4) if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) else 0
+    has_moe = any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    moe = T * E * 4 + T * k * (2 * I * ACT_BYTES + H * 4) if has_moe else 0
     dense = T * 2 * I * ACT_BYTES
     return residual + max(mamba, attn) + max(moe, dense) + T * cfg.vocab_size * ACT_BYTES
 

@@ -1,5 +1,10 @@
 """Engine vs reference parity, per sequence length, through Polygraphy's Comparator with runners
-for our engines and references. Every length is checked; failures are collected, then reported."""
+for our engines and references. Every length is checked; failures are collected, then reported.
+
+Compared per length: the logits (the DESIGN.md report fields) and, where the reference keeps a
+comparable state, every final state tensor `present.layer{i}.*` with its own tolerance
+(Polygraphy's per-output atol/rtol); `validate/health.py` turns the states into the first layer
+that goes wrong."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+
+from jambatrt.validate.health import STATE_TOLERANCES, check_health
 
 # Tolerances on logits per dtype: fp32 engines must match to 1e-3 with identical argmax;
 # bf16 keeps ~3 significant digits, so compare against the logit scale and allow rare argmax flips.
@@ -27,6 +34,9 @@ class LengthResult:
     seconds: dict = field(default_factory=dict)
     polygraphy_passed: bool | None = None
     nonfinite: int = 0
+    reference_impl: str = ""
+    states: dict = field(default_factory=dict)      # present.* name -> {max_abs_err, passed, ...}
+    health: dict = field(default_factory=dict)      # validate/health.py: first bad layer, per layer
 
 
 @dataclass
@@ -39,6 +49,7 @@ class ParityReport:
     tolerances: dict
     batch: int = 1
     mismatches: list[str] = field(default_factory=list)
+    state_tolerances: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -47,12 +58,15 @@ class ParityReport:
 
 
 def _runner(name: str, prefill):
+    """A Polygraphy runner around `prefill(ids) -> (logits, {state name: array} | None, extras)`;
+    the last call's extras stay on `runner.extras`."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
     class PrefillRunner(BaseRunner):
         def __init__(self):
             super().__init__(name=name)
+            self.extras = None
 
         def activate_impl(self):
             pass
@@ -65,11 +79,32 @@ def _runner(name: str, prefill):
 
         def infer_impl(self, feed_dict):
             t0 = time.perf_counter()
-            out = prefill(feed_dict["input_ids"])
+            logits, states, self.extras = prefill(feed_dict["input_ids"])
             self.seconds = self.inference_time = time.perf_counter() - t0
-            return OrderedDict(logits=np.asarray(out, dtype=np.float32))
+            out = OrderedDict(logits=np.asarray(logits, dtype=np.float32))
+            for k, v in (states or {}).items():   # bf16 states compare as fp32 (no bf16 in Polygraphy)
+                out[k] = v.astype(np.float32) if v.dtype.name == "bfloat16" else v
+            return out
 
     return PrefillRunner()
+
+
+def _engine_prefill(engine):
+    names = [o["name"] for o in engine.step_program["outputs"][1:]]
+
+    def prefill(ids):
+        logits, state = engine.prefill(ids)
+        return logits, dict(zip(names, state)), None
+    return prefill
+
+
+def _reference_prefill(reference, with_state: bool):
+    def prefill(ids):
+        if hasattr(reference, "prefill_with_state"):
+            logits, states, layers = reference.prefill_with_state(ids)
+            return logits, states if with_state else None, layers
+        return reference.prefill(ids), None, []
+    return prefill
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray, tol: dict) -> dict:
@@ -84,17 +119,20 @@ def compare_logits(a: np.ndarray, b: np.ndarray, tol: dict) -> dict:
 
 
 def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1, seed: int = 0,
-               vocab: int | None = None, on_length=None) -> ParityReport:
-    """engine/reference: objects with prefill(ids) -> logits ([B,L,V]); `on_length(i, L)` reports progress."""
+               vocab: int | None = None, on_length=None, check_state: bool = True) -> ParityReport:
+    """engine: an `engines.base.Engine` (prefill(ids) -> logits, state list); reference: a
+    `validate.reference.Reference` (prefill_with_state, else prefill(ids) -> logits). Every length
+    is run and compared (logits, and the final states when `check_state` and the reference keeps
+    them); `on_length(i, L)` reports progress. Returns the report; it never raises on mismatch."""
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR      # our own report says what matters
-    tol = TOLERANCES[dtype]
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL   # our own report lists every mismatch
+    tol, stol = TOLERANCES[dtype], STATE_TOLERANCES[dtype]
     vocab = vocab or engine.config.vocab_size
     rng = np.random.default_rng(seed)
-    eng = _runner(f"engine-{engine.backend}", lambda ids: engine.prefill(ids)[0])
-    ref = _runner(f"reference-{reference.name}", reference.prefill)
+    eng = _runner(f"engine-{engine.backend}", _engine_prefill(engine))
+    ref = _runner(f"reference-{reference.name}", _reference_prefill(reference, check_state))
     results, mismatches = [], []
     for i, L in enumerate(lengths):
         if on_length:
@@ -102,17 +140,36 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
         ids = rng.integers(0, vocab, size=(batch, L), dtype=np.int64)
         run = Comparator.run([eng, ref], data_loader=[{"input_ids": ids}], warm_up=0)
         (_, [e_out]), (_, [r_out]) = run
-        poly = Comparator.compare_accuracy(run, compare_func=CompareFunc.simple(atol=tol["atol"], rtol=tol["rtol"],
+        common = [k for k in e_out.keys() if k in r_out]      # the logits, plus states the reference keeps
+        atol = {k: (tol if k == "logits" else stol)["atol"] for k in common}
+        rtol = {k: (tol if k == "logits" else stol)["rtol"] for k in common}
+        poly = Comparator.compare_accuracy(run, compare_func=CompareFunc.simple(atol=atol, rtol=rtol,
                                                                                 check_error_stat="elemwise"))
         m = compare_logits(e_out["logits"], r_out["logits"], tol)
-        res = LengthResult(length=L, seconds={"engine": round(eng.seconds, 4),
-                                              "reference": round(ref.seconds, 4)},
-                           polygraphy_passed=bool(poly), **m)
-        res.passed = res.passed and res.polygraphy_passed
+        e_states = {k: e_out[k] for k in e_out.keys() if k != "logits"}
+        r_states = {k: r_out[k] for k in r_out.keys() if k != "logits"} or None
+        health = check_health(e_states, r_states, ref.extras or [], engine.config.num_hidden_layers, dtype,
+                              logits_nonfinite=m["nonfinite"], logits_passed=m["passed"])
+        states = {n: s for layer in health["layers"] for n, s in layer["states"].items() if r_states}
+        res = LengthResult(length=L, seconds={"engine": round(eng.seconds, 4), "reference": round(ref.seconds, 4)},
+                           polygraphy_passed=bool(poly),
+                           reference_impl=reference.describe(L) if hasattr(reference, "describe") else reference.name,
+                           states=states, health=health, **m)
+        states_ok = all(s["passed"] for s in states.values())
+        res.passed = res.passed and res.polygraphy_passed and states_ok and health["first_bad_layer"] is None
         if not res.passed:
             mismatches.append(f"length {L}: max |diff| {res.max_abs_err:.3e} (atol {tol['atol']}), "
                               f"top-1 agreement {res.top1_agreement:.4f} (need {tol['top1']})"
-                              + (f", {res.nonfinite} non-finite values" if res.nonfinite else ""))
+                              + (f", {res.nonfinite} non-finite values" if res.nonfinite else "")
+                              + ("" if res.polygraphy_passed else ", Polygraphy's comparison failed"))
+            bad = [n for n, s in states.items() if not s["passed"]]
+            if bad:
+                mismatches.append(f"length {L}: states beyond tolerance: {', '.join(bad)}")
+            if health["problem"]:
+                first = health["first_bad_layer"]
+                mismatches.append(f"length {L}: " + (f"first bad layer {first}: " if first is not None else "")
+                                  + f"{health['problem']} -- look at {health['where']}")
         results.append(res)
     return ParityReport(passed=not mismatches, backend=engine.backend, reference=reference.name, dtype=dtype,
-                        results=results, tolerances=tol, batch=batch, mismatches=mismatches)
+                        results=results, tolerances=tol, batch=batch, mismatches=mismatches,
+                        state_tolerances=stol if check_state else {})

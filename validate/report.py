@@ -1,4 +1,9 @@
-"""Reports: the JSON DESIGN.md fixes, plus a markdown summary naming versions, machine and tolerances."""
+"""Reports: the JSON DESIGN.md fixes, a markdown summary naming versions, machine, model and
+tolerances, and PNG plots (matplotlib, Agg backend: no display needed) beside the JSON.
+
+Parity:  REPORT.json, REPORT.md, REPORT.error.png (max/mean |diff| vs length),
+         REPORT.top1.png (top-1 agreement vs length).
+Profile: REPORT.json, REPORT.md and a PNG (tokens/s and peak RSS vs length)."""
 
 from __future__ import annotations
 
@@ -11,44 +16,296 @@ from jambatrt.artifact import library_versions, write_json_atomic
 
 
 def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    mem = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine()}
+            "usable_cpus": usable, "processor": cpu, "memory_bytes": mem}
 
 
-def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None = None) -> tuple[Path, Path]:
-    """Write report JSON to `path` and a markdown summary beside it (same stem, .md)."""
+def _model_info(manifest: dict | None) -> dict | None:
+    if not manifest:
+        return None
+    return {"source": manifest.get("source"), "dtype": manifest.get("dtype"),
+            "quantization": manifest.get("quantization"), "config": manifest.get("config")}
+
+
+def _machine_line(m: dict) -> str:
+    mem = f", {m['memory_bytes'] / (1 << 30):.0f} GiB RAM" if m.get("memory_bytes") else ""
+    return (f"- machine: {m.get('processor', '?')}, {m['cpus']} CPUs ({m.get('usable_cpus', m['cpus'])} usable){mem}; "
+            f"{m['platform']}, Python {m['python']}")
+
+
+def _model_line(r: dict) -> str:
+    model = r.get("model") or {}
+    src = model.get("source") or {}
+    cfg = model.get("config") or {}
+    name = f"preset {src['preset']}" if src.get("preset") else f"checkpoint {src.get('checkpoint', '?')}"
+    dims = (f" (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']})"
+            if cfg.get("hidden_size") else "")
+    return (f"- model: {name}{dims}, dtype {r.get('dtype', model.get('dtype', '?'))}, experts "
+            f"{(model.get('quantization') or {}).get('experts', '?')}, batch {r.get('batch', 1)}")
+
+
+# ---- parity ------------------------------------------------------------------------------------
+def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None = None,
+                 plots: bool = True) -> tuple[Path, Path]:
+    """Write report JSON to `path`, a markdown summary beside it (same stem, .md) and, with
+    `plots`, the PNGs of `parity_plot_paths(path)`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {**report, "machine": machine(), "versions": library_versions()}
     if artifact_manifest:
-        report["model"] = {"source": artifact_manifest.get("source"), "dtype": artifact_manifest.get("dtype"),
-                           "quantization": artifact_manifest.get("quantization")}
+        report["model"] = _model_info(artifact_manifest)
     write_json_atomic(path, report)
     md = path.with_suffix(".md")
     md.write_text(parity_markdown(report))
+    if plots:
+        plot_parity(report, path)
     return path, md
+
+
+def parity_plot_paths(path: str | Path) -> list[Path]:
+    path = Path(path)
+    return [path.with_suffix(".error.png"), path.with_suffix(".top1.png")]
 
 
 def parity_markdown(r: dict) -> str:
     tol = r.get("tolerances", {})
-    src = (r.get("model") or {}).get("source") or {}
+    stol = r.get("state_tolerances") or {}
     lines = [f"# Parity: {r['backend']} engine vs {r['reference']} reference — "
              f"{'PASSED' if r['passed'] else 'FAILED'}", "",
-             f"- model: {src.get('preset') or src.get('checkpoint', '?')}, dtype {r['dtype']}, "
-             f"experts {((r.get('model') or {}).get('quantization') or {}).get('experts', '?')}, batch {r.get('batch', 1)}",
-             f"- tolerances: atol {tol.get('atol')}, rtol {tol.get('rtol')}, top-1 agreement >= {tol.get('top1')}",
-             f"- machine: {r['machine']['platform']}, {r['machine']['cpus']} CPUs, Python {r['machine']['python']}",
+             _model_line(r),
+             f"- tolerances: logits atol {tol.get('atol')}, rtol {tol.get('rtol')}, top-1 agreement >= {tol.get('top1')}"
+             + (f"; states (present.*) atol {stol.get('atol')}, rtol {stol.get('rtol')}" if stol else
+                "; states not compared"),
+             _machine_line(r["machine"]),
              "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()), "",
-             "| length | max abs err | mean abs err | top-1 agreement | engine s | reference s | passed |",
-             "|---:|---:|---:|---:|---:|---:|:---:|"]
+             "| length | max abs err | mean abs err | top-1 agreement | worst state err | engine s | reference s "
+             "| reference | passed |",
+             "|---:|---:|---:|---:|---:|---:|---:|:---|:---:|"]
     for x in r["results"]:
         s = x.get("seconds", {})
+        states = x.get("states") or {}
+        worst = max((v.get("max_abs_err", float("nan")) for v in states.values()), default=None)
         lines.append(f"| {x['length']:,} | {x['max_abs_err']:.3e} | {x['mean_abs_err']:.3e} | {x['top1_agreement']:.4f} "
+                     f"| {'—' if worst is None else f'{worst:.3e}'} "
                      f"| {s.get('engine', float('nan')):.3f} | {s.get('reference', float('nan')):.3f} "
-                     f"| {'yes' if x['passed'] else 'NO'} |")
+                     f"| {x.get('reference_impl') or r['reference']} | {'yes' if x['passed'] else 'NO'} |")
+    lines += ["", "## Numerical health", ""]
+    for x in r["results"]:
+        h = x.get("health") or {}
+        if not h:
+            continue
+        if h.get("problem"):
+            first = h.get("first_bad_layer")
+            lines.append(f"- length {x['length']:,}: " + (f"**first bad layer {first}**: " if first is not None else "")
+                         + f"{h['problem']} — look at {h['where']}")
+        else:
+            lines.append(f"- length {x['length']:,}: no NaN/Inf; every layer's state within tolerance")
+    worst = next((x for x in r["results"] if (x.get("health") or {}).get("problem")), None) or \
+        (r["results"][-1] if r["results"] else None)
+    if worst and (worst.get("health") or {}).get("layers"):
+        lines += ["", f"Per layer at length {worst['length']:,}:", "",
+                  "| layer | kind | reference NaN/Inf | reference max abs | state | max abs err | state passed |",
+                  "|---:|:---|---:|---:|:---|---:|:---:|"]
+        for layer in worst["health"]["layers"]:
+            names = layer["states"] or {"—": None}
+            for n, st in names.items():
+                err = "—" if not st or "max_abs_err" not in st else f"{st['max_abs_err']:.3e}"
+                ok = "—" if not st else ("yes" if st["passed"] else "NO")
+                ref_max = layer.get("reference_max_abs")
+                lines.append(f"| {layer['layer']} | {layer.get('kind', '')} | {layer.get('reference_nonfinite', '—')} "
+                             f"| {'—' if ref_max is None else f'{ref_max:.3e}'} | {n} | {err} | {ok} |")
     if r.get("mismatches"):
         lines += ["", "## Mismatches", ""] + [f"- {m}" for m in r["mismatches"]]
+    lines += ["", "Plots beside this file (same stem): `.error.png` (error vs length), `.top1.png` (top-1 vs length)."]
     return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _length_axis(ax, lengths: list[int]) -> None:
+    """Log x (base 2) with a labelled tick at every measured length."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths)
+    ax.set_xticklabels([f"{n:,}" for n in lengths], rotation=30, ha="right")
+    ax.minorticks_off()
+    lo, hi = min(lengths), max(lengths)
+    ax.set_xlim(lo / 1.5, hi * 1.5)
+    ax.set_xlabel("sequence length (tokens)")
+    ax.grid(True, which="major", alpha=0.3)
+
+
+def plot_parity(report: dict, path: str | Path) -> list[Path]:
+    """Error vs length and top-1 agreement vs length (log x), one PNG each, beside `path`."""
+    plt = _pyplot()
+    res = sorted(report["results"], key=lambda x: x["length"])
+    out = parity_plot_paths(path)
+    if not res:
+        return []
+    L = [x["length"] for x in res]
+    tol = report.get("tolerances", {})
+    title = f"{report['backend']} engine vs {report['reference']} reference ({report.get('dtype', '')})"
+    floor = 1e-12           # an exact match (0.0) still shows on a log axis
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(L, [max(x["max_abs_err"], floor) for x in res], "o-", label="logits max |diff|")
+    ax.plot(L, [max(x["mean_abs_err"], floor) for x in res], "s--", label="logits mean |diff|")
+    worst_state = [max((s.get("max_abs_err", 0.0) for s in (x.get("states") or {}).values()), default=None) for x in res]
+    if any(w is not None for w in worst_state):
+        ax.plot([n for n, w in zip(L, worst_state) if w is not None],
+                [max(w, floor) for w in worst_state if w is not None], "^:", label="worst state max |diff|")
+    if tol.get("atol"):
+        ax.axhline(tol["atol"], color="red", lw=1, ls="--", label=f"logits atol {tol['atol']}")
+    failed = [x for x in res if not x["passed"]]
+    if failed:
+        ax.plot([x["length"] for x in failed], [max(x["max_abs_err"], floor) for x in failed], "rx", ms=12, mew=2,
+                ls="none", label="failed")
+    ax.set_yscale("log")
+    ax.set_ylabel("absolute error")
+    _length_axis(ax, L)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out[0])
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(L, [x["top1_agreement"] for x in res], "o-", label="top-1 agreement")
+    if tol.get("top1") is not None:
+        ax.axhline(tol["top1"], color="red", lw=1, ls="--", label=f"required {tol['top1']}")
+    lo = min([x["top1_agreement"] for x in res] + [tol.get("top1", 1.0)])
+    ax.set_ylim(min(lo - 0.01, 0.99), 1.002)
+    ax.set_ylabel("argmax agreement (fraction of positions)")
+    _length_axis(ax, L)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out[1])
+    plt.close(fig)
+    return out
+
+
+# ---- profile -----------------------------------------------------------------------------------
+def write_profile(report: dict, path: str | Path, artifact_manifest: dict | None = None,
+                  plot: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """Profile JSON at `path`, markdown beside it, PNG at `plot` (default: beside it, .png)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {**report, "machine": machine(), "versions": library_versions()}
+    if artifact_manifest:
+        report["model"] = _model_info(artifact_manifest)
+    write_json_atomic(path, report)
+    md = path.with_suffix(".md")
+    md.write_text(profile_markdown(report))
+    png = Path(plot) if plot else path.with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    plot_profile(report, png)
+    return path, md, png
+
+
+def _gb(n) -> str:
+    return "—" if n is None else f"{n / 1e9:.2f}"
+
+
+def _tps(v) -> str:
+    return "—" if v is None else f"{v:,.1f}"
+
+
+def profile_markdown(r: dict) -> str:
+    st = r.get("settings", {})
+    lines = [f"# Profile: {r['backend']} engine vs {r.get('reference') or 'no'} reference", "",
+             _model_line(r),
+             f"- reference: {r.get('reference_description') or r.get('reference') or 'none'}"
+             + (f"; CPU implementations: " + ", ".join(f"{k}: {v}" for k, v in r["reference_kernels"].items())
+                if r.get("reference_kernels") else ""),
+             f"- engine: {r['backend']}, prefill in chunks of {r.get('engine_chunk')} tokens, state carried",
+             f"- method: each (side, length) in a fresh child process; warm-up: a prefill of "
+             f"{st.get('warmup_tokens')} tokens and {st.get('decode_warmup')} decode steps (untimed); prefill timed "
+             f"{st.get('repeats')} times (fewer once {st.get('budget_s')} s are spent); decode: "
+             f"{st.get('decode_tokens')} steps after the timed prefill, each timed; tokens/s = median; "
+             "peak RSS = the child's VmHWM (prefill: whole run; decode: reset before decoding) and its "
+             "wait4 ru_maxrss",
+             _machine_line(r["machine"]),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()), "",
+             "| length | mode | tokens/s (median) | min | max | runs | peak RSS GB | reference tokens/s "
+             "| reference peak RSS GB |",
+             "|---:|:---|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in r["results"]:
+        lines.append(f"| {x['length']:,} | {x['mode']} | {_tps(x['tokens_per_s'])} | {_tps(x.get('tokens_per_s_min'))} "
+                     f"| {_tps(x.get('tokens_per_s_max'))} | {x.get('runs', '—')} | {_gb(x['peak_rss_bytes'])} "
+                     f"| {_tps(x.get('reference_tokens_per_s'))} | {_gb(x.get('reference_peak_rss_bytes'))} |")
+    notes = [f"- length {x['length']:,} {x['mode']}: {x['reference_note']}" for x in r["results"] if x.get("reference_note")]
+    if notes:
+        lines += ["", "## Notes", ""] + notes
+    return "\n".join(lines) + "\n"
+
+
+def plot_profile(report: dict, png: str | Path) -> Path:
+    """Tokens/s vs length and peak RSS vs length (log x), prefill and decode, engine and reference."""
+    plt = _pyplot()
+    res = report["results"]
+    L = sorted({x["length"] for x in res})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6), dpi=110)
+    styles = {"prefill": "o", "decode": "s"}
+    for mode in ("prefill", "decode"):
+        rows = sorted((x for x in res if x["mode"] == mode), key=lambda x: x["length"])
+        if not rows:
+            continue
+        m = styles[mode]
+        xs = [x["length"] for x in rows]
+        line, = a1.plot(xs, [x["tokens_per_s"] for x in rows], m + "-", label=f"{report['backend']} {mode} (min-max band)")
+        a1.fill_between(xs, [x.get("tokens_per_s_min") or x["tokens_per_s"] for x in rows],
+                        [x.get("tokens_per_s_max") or x["tokens_per_s"] for x in rows], alpha=0.15,
+                        color=line.get_color())
+        ref = [x for x in rows if x.get("reference_tokens_per_s")]
+        if ref:
+            line, = a1.plot([x["length"] for x in ref], [x["reference_tokens_per_s"] for x in ref], m + "--",
+                            label=f"{report.get('reference') or 'reference'} {mode}")
+            a1.fill_between([x["length"] for x in ref],
+                            [x.get("reference_tokens_per_s_min") or x["reference_tokens_per_s"] for x in ref],
+                            [x.get("reference_tokens_per_s_max") or x["reference_tokens_per_s"] for x in ref],
+                            alpha=0.15, color=line.get_color())
+        a2.plot(xs, [x["peak_rss_bytes"] / 1e9 for x in rows], m + "-", label=f"{report['backend']} {mode}")
+        ref_mem = [(x["length"], x["reference_peak_rss_bytes"] / 1e9) for x in rows if x.get("reference_peak_rss_bytes")]
+        if ref_mem:
+            a2.plot(*zip(*ref_mem), m + "--", label=f"{report.get('reference') or 'reference'} {mode}")
+    a1.set_yscale("log")
+    a1.set_ylabel("tokens / s")
+    a1.set_title("throughput", fontsize=10)
+    a2.set_ylabel("peak RSS (GB)")
+    a2.set_ylim(bottom=0)
+    a2.set_title("peak memory (child process)", fontsize=10)
+    for ax in (a1, a2):
+        _length_axis(ax, L)
+        ax.legend(fontsize=8)
+    src = ((report.get("model") or {}).get("source") or {})
+    fig.suptitle(f"jambatrt profile: {src.get('preset') or src.get('checkpoint') or ''} "
+                 f"({report['machine'].get('processor', '')}, {report['machine']['cpus']} CPUs)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return Path(png)
 
 
 def load(path: str | Path) -> dict:

@@ -119,7 +119,8 @@ def fix_interpreter() -> None:
 
     def fixed_dot(self, a, b, d, *args, **kwargs):
         if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
-            up = lambda h: interp.TensorHandle(bf16_to_f32(h.data), tl.float32) if h.dtype.scalar == tl.bfloat16 else h  # noqa: E731
+            def up(h):
+                return interp.TensorHandle(bf16_to_f32(h.data), tl.float32) if h.dtype.scalar == tl.bfloat16 else h
             a, b = up(a), up(b)
         return create_dot(self, a, b, d, *args, **kwargs)
 

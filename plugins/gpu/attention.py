@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2, pointer_types
+from jambatrt.plugins.gpu import (KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2,
+                                  pointer_types)
 
 if interpreting():
     fix_interpreter()
@@ -56,7 +57,7 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
     m_ok = offs_m < seqlen
     q = tl.load(q_ptr + ((b * seqlen + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    qk_scale = 1.4426950408889634 / tl.sqrt(HEAD_DIM * 1.0)          # d^-0.5, in base 2
+    qk_scale = 1.4426950408889634 / tl.sqrt(tl.full([], HEAD_DIM, tl.float32))   # d^-0.5, in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2, pointer_types
+from jambatrt.plugins.gpu import (KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2,
+                                  pointer_types)
 
 if interpreting():
     fix_interpreter()

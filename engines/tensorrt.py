@@ -1,0 +1,295 @@
+"""The TensorRT engine: the artifact's model.onnx (the stateful step program: input_ids + past
+state -> logits + present state) parsed with our `jamba` plugins registered (QDP, AOT: the
+engine holds the Triton kernels' PTX, no Python at run time), built with two optimisation
+profiles — prefill (1 .. chunk tokens, any past) and decode (1 token) — and run chunk by chunk
+with the state carried, so no tensor ever reaches 2^31 elements (engines/chunking.py).
+
+Build needs TensorRT (>= 10.10 for AOT plugins) and a CUDA GPU; without either, `build` and
+loading raise BackendUnavailable naming what is missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jambatrt.artifact import add_files, read_manifest, verify_files
+from jambatrt.engines.base import Engine, _np_dtype
+from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+
+SUBDIR = "engines/tensorrt"
+ENGINE_FILE = "model.plan"
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class TensorRTSettings:
+    """Every build setting, with its default, in one place."""
+
+    max_batch: int = 4                 # 256K context x 4 sequences keeps Mini's KV under 2^31 elements
+    opt_batch: int = 1
+    max_seq: int | None = None         # default: the step program's max_seq
+    prefill_chunk: int | None = None   # default: the chunk plan for (max_batch, max_seq)
+    chunk_cap: int = 8192              # longest chunk the plan may pick
+    decode_opt_past: int = 4096        # past length the decode profile is tuned for
+    strongly_typed: bool = True        # types from the ONNX: bf16 activations, fp32 SSM state, int8 experts
+    bf16: bool = True                  # BF16 builder flag (only when not strongly typed)
+    workspace_bytes: int = 8 << 30
+    optimization_level: int = 3
+    timing_cache: bool = True          # engines/tensorrt/timing.cache, reused by later builds
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "TensorRTSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise InputError(f"unknown TensorRT setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
+        s = cls(**{k: v for k, v in kw.items() if v is not None})
+        if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch:
+            raise InputError(f"max_batch={s.max_batch}, opt_batch={s.opt_batch} (accepted: 1 <= opt_batch <= max_batch)")
+        return s
+
+
+# ---- pure planning (no TensorRT) -------------------------------------------------------------------
+def optimization_profiles(step: dict, settings: TensorRTSettings, chunk: int, max_seq: int) -> list[dict]:
+    """(min, opt, max) of every input of the step program, per profile. Dims are named in the
+    manifest: batch, seq (new tokens), past (tokens in the KV state); others are fixed ints."""
+    B = (1, settings.opt_batch, settings.max_batch)
+    profiles = {
+        "prefill": {"batch": B, "seq": (1, chunk, chunk), "past": (0, 0, max_seq - 1)},
+        "decode": {"batch": B, "seq": (1, 1, 1), "past": (0, min(settings.decode_opt_past, max_seq - 1), max_seq - 1)},
+    }
+    out = []
+    for name, dims in profiles.items():
+        shapes = {}
+        for spec in step["inputs"]:
+            lo, opt, hi = [], [], []
+            for d in spec["shape"]:
+                r = dims[d] if isinstance(d, str) else (int(d),) * 3
+                lo.append(r[0])
+                opt.append(r[1])
+                hi.append(r[2])
+            shapes[spec["name"]] = {"min": lo, "opt": opt, "max": hi}
+        out.append({"name": name, "shapes": shapes})
+    return out
+
+
+def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
+    """The chunk plan and profiles a build would use (checked before any TensorRT work)."""
+    from jambatrt.config import JambaConfig
+    from jambatrt.engines.chunking import plan_chunks
+
+    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
+    step = manifest["programs"]["step"]
+    max_seq = settings.max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
+    plan = plan_chunks(cfg, max_seq, settings.max_batch, cap=settings.prefill_chunk or settings.chunk_cap)
+    if plan.weights_over_limit:
+        over = ", ".join(f"{n} ({v:,} elements)" for n, v in plan.weights_over_limit.items())
+        raise BackendUnavailable(f"TensorRT tensors hold fewer than 2^31 elements, but this model's {over}: the "
+                                 "stacked expert weights must be split into expert groups first")
+    if settings.prefill_chunk and plan.chunk < settings.prefill_chunk:
+        raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
+                         f"keeping every tensor under 2^31 elements is {plan.chunk}")
+    return {"max_seq": max_seq, "chunk_plan": plan.as_dict(),
+            "profiles": optimization_profiles(step, settings, plan.chunk, max_seq)}
+
+
+# ---- TensorRT side ---------------------------------------------------------------------------------
+def _require_gpu():
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable("torch not installed (the TensorRT runner keeps its buffers in torch CUDA tensors)"
+                                 ) from None
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("no CUDA GPU visible (TensorRT builds and runs engines on a GPU)")
+    return torch
+
+
+def _logger(trt):
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def _lowered_onnx(artifact: Path, step: dict, dtype: str, tmp: Path) -> Path:
+    """The step model with absent optional inputs made explicit (plugins take a fixed number of
+    inputs), shapes inferred, and the memory-flat check; saved with external data for the parser."""
+    from jambatrt.graph.onnx_export import load_onnx, save_onnx
+    from jambatrt.graph.passes import (PassSettings, check_memory_flat, infer_shapes, materialize_optional_inputs,
+                                       run_passes)
+    settings = PassSettings(dtype=dtype)
+    model = run_passes(load_onnx(artifact / step["onnx"]), settings,
+                       [materialize_optional_inputs, infer_shapes, check_memory_flat])
+    path = tmp / "model.onnx"
+    save_onnx(model, path)
+    return path
+
+
+class TensorRTEngine(Engine):
+    backend = "tensorrt"
+
+    @classmethod
+    def build(cls, artifact: str | Path, **settings) -> dict:
+        from jambatrt.plugins.tensorrt import register_all, require_tensorrt
+
+        artifact = Path(artifact)
+        manifest = read_manifest(artifact)
+        step = manifest["programs"]["step"]
+        if "onnx" not in step:
+            raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
+        verify_files(artifact, manifest)
+        s = TensorRTSettings.from_kwargs(**settings)
+        planned = plan_build(manifest, s)
+        trt, _ = require_tensorrt()
+        torch = _require_gpu()
+        plugin_ids = register_all()
+        t0 = time.perf_counter()
+        dest = artifact / SUBDIR
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.tmp-", dir=dest.parent))
+        try:
+            onnx_path = _lowered_onnx(artifact, step, manifest["dtype"], tmp)
+            logger = _logger(trt)
+            builder = trt.Builder(logger)
+            flags = 0
+            if s.strongly_typed:
+                flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+            network = builder.create_network(flags)
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(onnx_path)):
+                errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+                raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_bytes)
+            config.builder_optimization_level = s.optimization_level
+            if not s.strongly_typed and s.bf16:
+                config.set_flag(trt.BuilderFlag.BF16)
+            cache_path = dest / TIMING_CACHE
+            if s.timing_cache:
+                blob = cache_path.read_bytes() if cache_path.is_file() else b""
+                config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
+            for prof in planned["profiles"]:
+                p = builder.create_optimization_profile()
+                for name, r in prof["shapes"].items():
+                    p.set_shape(name, r["min"], r["opt"], r["max"])
+                config.add_optimization_profile(p)
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise BackendUnavailable("TensorRT could not build the engine (see the TensorRT log above)")
+            (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
+            if s.timing_cache:
+                (tmp / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
+            onnx_path.unlink()
+            for extra in tmp.glob("model.onnx*"):
+                extra.unlink()
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        major, minor = torch.cuda.get_device_capability()
+        entry = {"path": f"{SUBDIR}/{ENGINE_FILE}", "tensorrt": trt.__version__,
+                 "gpu": {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}"},
+                 "settings": dataclasses.asdict(s), "max_seq": planned["max_seq"],
+                 "chunk_plan": planned["chunk_plan"], "profiles": [p["name"] for p in planned["profiles"]],
+                 "plugins": plugin_ids, "build_seconds": round(time.perf_counter() - t0, 3)}
+        manifest.setdefault("engines", {})["tensorrt"] = entry
+        add_files(artifact, manifest, SUBDIR)
+        return entry
+
+    # ---- running -------------------------------------------------------------------------------
+    def __init__(self, artifact, manifest=None):
+        super().__init__(artifact, manifest)
+        from jambatrt.plugins.tensorrt import require_tensorrt
+
+        trt, _ = require_tensorrt()
+        self.torch = torch = _require_gpu()
+        self.trt = trt
+        self.entry = self.manifest["engines"]["tensorrt"]
+        built_on = self.entry["gpu"]["arch"]
+        major, minor = torch.cuda.get_device_capability()
+        if built_on != f"sm_{major}{minor}":
+            raise BackendUnavailable(f"the engine was built for {built_on} ({self.entry['gpu']['name']}); this GPU is "
+                                     f"sm_{major}{minor}: rebuild it here (`jambatrt build {artifact} --backend tensorrt`)")
+        path = self.artifact / self.entry["path"]
+        self.runtime = trt.Runtime(_logger(trt))
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ArtifactError(f"{path}: TensorRT cannot deserialize the engine (built with TensorRT "
+                                f"{self.entry['tensorrt']}, running {trt.__version__})")
+        self.stream = torch.cuda.Stream()
+        self.contexts = {}
+        for i, name in enumerate(self.entry["profiles"]):
+            ctx = self.engine.create_execution_context()
+            ctx.set_optimization_profile_async(i, self.stream.cuda_stream)
+            self.contexts[name] = ctx
+        self.stream.synchronize()
+        io = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        engine_in = {n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        engine_out = set(io) - engine_in
+        # bound by name, in the step program's order (the engine may list them otherwise)
+        self.input_names = [i["name"] for i in self.step_program["inputs"]]
+        self.output_names = [o["name"] for o in self.step_program["outputs"]]
+        if engine_in != set(self.input_names) or engine_out != set(self.output_names):
+            raise ArtifactError(f"{path}: the engine's inputs/outputs differ from the step program's in "
+                                f"{sorted(engine_in ^ set(self.input_names) | engine_out ^ set(self.output_names))[:4]} "
+                                "(rebuild the engine)")
+
+    def default_chunk(self, batch: int) -> int:
+        return int(self.entry["chunk_plan"]["chunk"])
+
+    def _to_device(self, a: np.ndarray):
+        torch = self.torch
+        if a.dtype == _np_dtype("bfloat16"):
+            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+        return t.to("cuda", non_blocking=False)
+
+    def _to_host(self, t) -> np.ndarray:
+        torch = self.torch
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).cpu().numpy().view(_np_dtype("bfloat16"))
+        return t.cpu().numpy()
+
+    def run_step(self, input_ids, state):
+        torch, trt = self.torch, self.trt
+        B, L = input_ids.shape
+        if B > self.entry["settings"]["max_batch"]:
+            raise InputError(f"batch {B} exceeds the engine's max_batch {self.entry['settings']['max_batch']} "
+                             "(rebuild with a larger max_batch)")
+        ctx = self.contexts["decode" if L == 1 else "prefill"]
+        keep = []   # device buffers stay alive until the step has run
+        for name, arr in zip(self.input_names, [input_ids, *state]):
+            t = self._to_device(arr)
+            if t.numel() == 0:   # an empty past: give TensorRT a valid address anyway
+                t = torch.empty(1, dtype=t.dtype, device="cuda")
+                ctx.set_input_shape(name, tuple(arr.shape))
+            else:
+                ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outs = []
+        for name in self.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            dtype = {trt.float32: torch.float32, trt.bfloat16: torch.bfloat16, trt.float16: torch.float16,
+                     trt.int64: torch.int64, trt.int32: torch.int32}[self.engine.get_tensor_dtype(name)]
+            t = torch.empty(shape if all(d > 0 for d in shape) else (1,), dtype=dtype, device="cuda")
+            ctx.set_tensor_address(name, t.data_ptr())
+            outs.append((t, shape))
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise BackendUnavailable("TensorRT failed to run the step (see the TensorRT log)")
+        self.stream.synchronize()
+        host = [self._to_host(t).reshape(-1)[:int(np.prod(shape))].reshape(shape) for t, shape in outs]
+        return host[0], host[1:]
+
+    def close(self) -> None:
+        self.contexts = {}
+        self.engine = None
+

@@ -1,0 +1,66 @@
+"""CPU kernel for jamba::causal_conv1d (numba): depthwise causal conv + bias + SiLU, carrying the
+last K-1 inputs as state. One parallel job per (batch, channel) row; the row is contiguous in time."""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from jambatrt.plugins.cpu.selective_scan import silu32
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def _conv_kernel(x, weight, bias, state, y, state_out):
+    """float32, C-contiguous: x, y [B,D,L]; weight [D,K]; bias [D]; state, state_out [B,D,K-1]."""
+    Bsz, D, L = x.shape
+    K = weight.shape[1]
+    for row in prange(Bsz * D):
+        b = row // D
+        d = row % D
+        # the first K-1 outputs read the carried state; the rest only x (a branch-free inner loop)
+        for t in range(min(L, K - 1)):
+            acc = bias[d]
+            for k in range(K):
+                j = t + k - (K - 1)
+                acc += weight[d, k] * (x[b, d, j] if j >= 0 else state[b, d, K - 1 + j])
+            y[b, d, t] = acc
+        for t in range(K - 1, L):
+            acc = bias[d]
+            for k in range(K):
+                acc += weight[d, k] * x[b, d, t + k - (K - 1)]
+            y[b, d, t] = acc
+        for t in range(L):
+            y[b, d, t] = silu32(y[b, d, t])
+        # new state = last K-1 entries of cat(state, x)
+        for i in range(K - 1):
+            j = L - (K - 1) + i
+            state_out[b, d, i] = x[b, d, j] if j >= 0 else state[b, d, K - 1 + j]
+
+
+def causal_conv1d(x, weight, bias, state=None) -> tuple[np.ndarray, np.ndarray]:
+    """x [B,D,L]; weight [D,K]; bias [D]; state [B,D,K-1] (the K-1 inputs before x; zeros if None).
+    Any float dtype in (converted to float32). Returns (y [B,D,L] = silu(conv(x) + bias),
+    state_out [B,D,K-1]), float32, freshly allocated -- the semantics of `causal_conv1d_ref`."""
+    x, weight, bias = (np.ascontiguousarray(a, dtype=np.float32) for a in (x, weight, bias))
+    if x.ndim != 3 or weight.ndim != 2 or weight.shape[0] != x.shape[1] or weight.shape[1] < 1:
+        raise ValueError(f"causal_conv1d: x must be [B,D,L] and weight [D,K>=1], got {list(x.shape)} "
+                         f"and {list(weight.shape)}")
+    Bsz, D, L = x.shape
+    K = weight.shape[1]
+    if bias.shape != (D,):
+        raise ValueError(f"causal_conv1d: bias has shape {list(bias.shape)}, expected [{D}]")
+    if state is None:
+        state = np.zeros((Bsz, D, K - 1), np.float32)
+    state = np.ascontiguousarray(state, dtype=np.float32)
+    if state.shape != (Bsz, D, K - 1):
+        raise ValueError(f"causal_conv1d: state has shape {list(state.shape)}, expected {[Bsz, D, K - 1]}")
+    y = np.empty((Bsz, D, L), np.float32)
+    state_out = np.empty((Bsz, D, K - 1), np.float32)
+    _conv_kernel(x, weight, bias, state, y, state_out)
+    return y, state_out
+
+
+def causal_conv1d_update(x, weight, bias, state) -> tuple[np.ndarray, np.ndarray]:
+    """One decode step: x [B,D], state [B,D,K-1] -> (y [B,D], new_state [B,D,K-1]), float32."""
+    y, state_out = causal_conv1d(np.asarray(x)[:, :, None], weight, bias, state)
+    return y[:, :, 0], state_out

@@ -1,0 +1,151 @@
+"""The CPU kernels as ONNX Runtime custom ops (onnxruntime-extensions Python ops), one per jamba op:
+`jamba::<SPEC.onnx_op_type>`, inputs in SPEC.inputs order, float32 activations.
+
+    so = onnxruntime.SessionOptions()
+    so.register_custom_ops_library(custom_ops_library())
+    outputs = run_checked(onnxruntime.InferenceSession(path, so), None, feeds)
+
+Every input is required (these Python ops cannot take an absent optional input), so graphs pass:
+- SelectiveScan: z and delta_bias always; state always (zeros [B,D,N] when there is none);
+- CausalConv1d: state always (zeros [B,D,K-1]);
+- MoEInt8: w13, w2 as int8; attribute top_k (int64);
+- Attention: past_k, past_v always, [B,0,Hkv,d] when empty.
+
+Errors. A Python exception escaping into ONNX Runtime terminates the process, so every op catches
+everything: it appends "<op>: <error>" to `ERRORS`, returns NaN outputs of the expected shapes
+(zero-size ones if even the shapes cannot be derived), so nothing downstream looks valid, and the
+session run completes. The caller then raises: `run_checked` (or `raise_pending_errors()` after
+its own `session.run`) raises `OrtKernelError` listing every recorded error.
+
+Outputs. onnxruntime-extensions hands outputs back to C++ as Python lists (`flatten().tolist()`,
+~25-50 ns per element, measured in bench/kernels.json). Its C++ side actually accepts any array
+(`cast<py::array>` then memcpy), so `custom_ops_library()` installs an invoker that returns
+C-contiguous arrays instead: one memcpy per output."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jambatrt.errors import JambaTRTError
+from jambatrt.export.ops import DOMAIN, SPECS
+
+ERRORS: list[str] = []
+_declared = False
+
+
+class OrtKernelError(JambaTRTError):
+    """A jamba custom op failed inside an ONNX Runtime session run; lists every failure."""
+
+    exit_code = 1
+
+
+def take_errors() -> list[str]:
+    """The errors recorded since the last call (and forget them)."""
+    errors = ERRORS[:]
+    del ERRORS[:]
+    return errors
+
+
+def raise_pending_errors() -> None:
+    errors = take_errors()
+    if errors:
+        raise OrtKernelError("jamba custom op failed inside ONNX Runtime:\n  " + "\n  ".join(errors))
+
+
+def run_checked(session, output_names, feeds: dict) -> list:
+    """session.run, then raise OrtKernelError if any jamba op failed during it."""
+    take_errors()                      # stale errors belong to an earlier, already-reported run
+    outputs = session.run(output_names, feeds)
+    raise_pending_errors()
+    return outputs
+
+
+def _guarded(name: str, out_shapes):
+    """Wrap the body of op `name` so that no exception reaches ONNX Runtime (see the module
+    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs."""
+    spec = SPECS[name]
+
+    def wrap(body):
+        def op(*inputs, **attrs):
+            try:
+                return body(*inputs, **attrs)
+            except BaseException as exc:         # noqa: BLE001 -- anything escaping kills the process
+                ERRORS.append(f"{DOMAIN}::{spec.onnx_op_type}: {type(exc).__name__}: {exc}")
+                try:
+                    shapes = out_shapes(*inputs)
+                except BaseException:            # noqa: BLE001
+                    shapes = [(0,)] * len(spec.outputs)
+                return tuple(np.full(s, np.nan, np.float32) for s in shapes)
+        op.__name__ = body.__name__
+        return op
+    return wrap
+
+
+def _invoke(op_id, feed, attributes):
+    """Replacement for onnxruntime_extensions._ocos._on_pyop_invocation (same protocol: op id, then
+    shape and data per output) that returns contiguous arrays instead of Python lists."""
+    from onnxruntime_extensions import Opdef
+    op = Opdef._odlist[op_id]
+    result = op.body(*feed, **op.cast_attributes(attributes))
+    reply = [op_id]
+    for r in result if isinstance(result, tuple) else (result,):
+        r = np.asarray(r)
+        reply.append(r.shape)
+        # strings still go as lists: the C++ side converts them to std::vector<std::string>
+        reply.append(r.ravel().tolist() if r.dtype.kind in "OSU" else np.ascontiguousarray(r).reshape(-1))
+    return tuple(reply)
+
+
+def _declare() -> None:
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+
+    from jambatrt.plugins.cpu.attention import attention
+    from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d
+    from jambatrt.plugins.cpu.moe_int8 import moe_int8
+    from jambatrt.plugins.cpu.selective_scan import selective_scan
+
+    F, I8, I64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int64
+
+    def declare(name: str, out_shapes, input_types=None, attrs=None):
+        """@onnx_op for jamba op `name`, its body guarded by _guarded."""
+        spec = SPECS[name]
+        types_in = input_types or [F] * len(spec.inputs)
+        assert len(types_in) == len(spec.inputs)
+        as_ort_op = onnx_op(op_type=f"{DOMAIN}::{spec.onnx_op_type}", inputs=types_in,
+                            outputs=[F] * len(spec.outputs), attrs=attrs or {})
+        return lambda body: as_ort_op(_guarded(name, out_shapes)(body))
+
+    @declare("selective_scan", lambda u, delta, A, *_: [u.shape, (u.shape[0], u.shape[1], A.shape[1])])
+    def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, state):
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, state)
+
+    @declare("causal_conv1d", lambda x, weight, *_: [x.shape, (x.shape[0], x.shape[1], weight.shape[1] - 1)])
+    def causal_conv1d_op(x, weight, bias, state):
+        return causal_conv1d(x, weight, bias, state)
+
+    @declare("moe_int8", lambda x, *_: [x.shape], [F, F, I8, F, I8, F], {"top_k": I64})
+    def moe_int8_op(x, router_logits, w13, w13_scale, w2, w2_scale, top_k):
+        return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k))
+
+    def attention_shapes(q, k, v, past_k, *_):
+        kv = (k.shape[0], past_k.shape[1] + k.shape[1], k.shape[2], k.shape[3])
+        return [q.shape, kv, kv]
+
+    @declare("attention", attention_shapes)
+    def attention_op(q, k, v, past_k, past_v):
+        return attention(q, k, v, past_k, past_v)
+
+
+def custom_ops_library(fast_outputs: bool = True) -> str:
+    """Declare the jamba ops (once per process) and return the path to pass to
+    `SessionOptions.register_custom_ops_library`. fast_outputs: return outputs to ONNX Runtime as
+    arrays (one memcpy) rather than onnxruntime-extensions' Python lists; this applies to every
+    Python custom op in the process and leaves their results unchanged."""
+    global _declared
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path
+    from onnxruntime_extensions._ocos import _on_pyop_invocation
+    if not _declared:
+        _declare()
+        _declared = True
+    PyCustomOpDef.install_hooker(_invoke if fast_outputs else _on_pyop_invocation)
+    return get_library_path()

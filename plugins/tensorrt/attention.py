@@ -1,0 +1,58 @@
+"""TensorRT plugin jamba::CausalAttention (AOT): Triton causal GQA flash attention with the past
+KV offset; it also writes present_k/v = cat(past, new), so one node is one launch. Kernel
+parameters: (q, k, v, past_k, past_v, seqlen, past, n_heads, n_kv_heads, o, present_k,
+present_v); grid (cdiv(seqlen, BLOCK_M), batch * n_heads).
+
+Why not TensorRT's own attention layer (ONNX Attention opset 23 -> IAttention, TensorRT >= 10.14):
+it takes no past_key/past_value and returns one output, so chunked prefill and decode — where
+queries start at position P > 0 — would need the KV concatenated outside and a bottom-right
+causal mask given as an explicit [L, P+L] tensor (at a 4096-token chunk of a 262,144-token
+context that mask alone is 2^30 elements). The plugin handles P natively."""
+
+from __future__ import annotations
+
+import inspect
+
+from jambatrt.export.ops.attention import SPEC
+from jambatrt.plugins import tensorrt as P
+
+DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("attention_fwd",),
+                                      notes="past_k/past_v required (an empty [B,0,Hkv,d] past when there is none)")]
+
+
+def kernel_spec(act: str, head_dim: int):
+    from jambatrt.plugins.gpu import attention as gpu
+    return gpu.aot_kernels((act,), head_dim=head_dim)[0]
+
+
+def register() -> None:
+    trt, trtp = P.require_tensorrt()
+    pid = DESCRIPTORS[0].plugin_id
+    ins = P.tensor_params(trtp, SPEC.inputs)
+    empty = inspect.Parameter.empty
+
+    def describe(a):
+        k, pk = a["k"], a["past_k"]
+        present = (k.shape_expr[0], pk.shape_expr[1] + k.shape_expr[1], k.shape_expr[2], k.shape_expr[3])
+        return (a["q"].like(), trtp.from_shape_expr(present, dtype=k.dtype),
+                trtp.from_shape_expr(present, dtype=a["v"].dtype))
+
+    def autotune(a):
+        n = len(SPEC.inputs) + len(SPEC.outputs)
+        return [P.combination(trtp, [act] * n) for act in ("bfloat16", "float32")]
+
+    def aot_impl(a):
+        q, k, pk = a["q"], a["k"], a["past_k"]
+        act = P.dtype_name(trt, q.dtype)
+        spec = kernel_spec(act, P.constant(q.shape_expr[3], "head_dim (q [B,L,H,d])"))
+        name, ptx, compiled = P.compile_for_trt(spec)
+        grid = P.launch(trtp, compiled, trtp.cdiv(q.shape_expr[1], spec.constexprs["BLOCK_M"]),
+                        q.shape_expr[0] * q.shape_expr[2])
+        extras = P.sym_extras(trtp, [q.shape_expr[1], pk.shape_expr[1], q.shape_expr[2], k.shape_expr[2]])
+        return name, ptx, grid, extras
+
+    trtp.register(pid)(P.qdp_function("attention_describe", ins, P.outputs_annotation(trtp, 3), describe))
+    trtp.autotune(pid)(P.qdp_function("attention_autotune", ins + [("outputs", empty)],
+                                      list[trtp.AutoTuneCombination], autotune))
+    trtp.aot_impl(pid)(P.qdp_function("attention_aot_impl", ins + [("outputs", empty), ("tactic", int)],
+                                      P.aot_returns(trtp), aot_impl))

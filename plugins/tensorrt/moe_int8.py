@@ -1,0 +1,134 @@
+"""TensorRT plugins for jamba::MoEInt8 (AOT).
+
+`MoEInt8` — the op's own plugin, one per ONNX node: `moe_int8_fused_kernel`, routing (fp32
+softmax, top-k, no renormalisation), int8 dequantisation in registers, SwiGLU and the weighted
+sum in one launch (an AOT plugin launches one kernel and has no workspace). It recomputes the
+gate/up GEMM for every block of output columns: right for decode and short chunks, slow for long
+prefill. Kernel parameters: (x, router_logits, w13, w13_scale, w2, w2_scale, n_tokens, hidden,
+inter, n_experts, y); grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N)).
+
+The split lowering (lowering="split") runs the grouped pipeline as three plugins a TensorRT
+graph pass can put in place of one MoEInt8 node, each one launch:
+    MoEInt8Route(router_logits; top_k) -> topk_weights [T,k] f32, topk_ids [T,k] i32,
+                                          sorted_ids [NB*BM] i32, block_expert [NB] i32
+    MoEInt8GroupedUp(x, w13, w13_scale, sorted_ids, block_expert; top_k) -> act [T*k, I]
+    MoEInt8GroupedDown(act, w2, w2_scale, sorted_ids, block_expert, topk_weights) -> out [T*k, H] f32
+    then native: Reshape [T,k,H] -> ReduceSum(axis 1) -> Cast(activation type) = y
+with NB = cdiv(T*k + E*(BM-1), BM), BM = BLOCK_M (64). Every weight tile is then read once per
+block of BM tokens routed to its expert (a grouped GEMM), not once per output block."""
+
+from __future__ import annotations
+
+import inspect
+
+from jambatrt.export.ops.moe_int8 import SPEC
+from jambatrt.plugins import tensorrt as P
+from jambatrt.plugins.tensorrt import PluginDescriptor
+
+BLOCK_M = 64   # = plugins.gpu.moe_int8.DEFAULTS["gemm1"]["BLOCK_M"]; the split plugins agree on it
+
+
+def _split(name, inputs, outputs, kernel, attrs=("top_k",), notes=""):
+    return PluginDescriptor(op=SPEC.name, name=f"{SPEC.plugin_name}{name}", namespace=P.NAMESPACE,
+                            version=P.QDP_VERSION, attributes={a: "int" for a in attrs}, inputs=inputs,
+                            outputs=outputs, kernels=(kernel,), lowering="split", notes=notes)
+
+
+DESCRIPTORS = [
+    P.descriptor_from_spec(SPEC, kernels=("moe_int8_fused",), notes="one launch; suits decode / short chunks"),
+    _split("Route", ("router_logits",), ("topk_weights", "topk_ids", "sorted_ids", "block_expert"),
+           "moe_route_align", notes="one program: softmax, top-k, counting sort by expert"),
+    _split("GroupedUp", ("x", "w13", "w13_scale", "sorted_ids", "block_expert"), ("act",), "moe_gemm1",
+           notes="grouped gate/up GEMM + SwiGLU"),
+    _split("GroupedDown", ("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"), ("out",),
+           "moe_gemm2", attrs=(), notes="grouped down GEMM x routing weight; fp32 rows [T*k, H]"),
+]
+
+
+def kernel_spec(kernel: str, act: str, top_k: int, n_experts: int, logits_dtype: str | None = None):
+    from jambatrt.plugins.gpu import moe_int8 as gpu
+    return next(k for k in gpu.aot_kernels((act,), top_k=top_k, n_experts=n_experts, logits_dtype=logits_dtype)
+                if k.name == f"{kernel}.{act}")
+
+
+def register() -> None:
+    trt, trtp = P.require_tensorrt()
+    empty = inspect.Parameter.empty
+    main, route, up, down = DESCRIPTORS
+
+    def define(desc, describe, types, aot_impl):
+        ins = P.tensor_params(trtp, desc.inputs)
+        attrs = [(a, int) for a in desc.attributes]
+        pid = desc.plugin_id
+        trtp.register(pid)(P.qdp_function(f"{desc.name}_describe", ins + attrs,
+                                          P.outputs_annotation(trtp, len(desc.outputs)), describe))
+        trtp.autotune(pid)(P.qdp_function(f"{desc.name}_autotune", ins + [("outputs", empty)],
+                                          list[trtp.AutoTuneCombination],
+                                          lambda a: [P.combination(trtp, types(t)) for t in ("bfloat16", "float32")]))
+        trtp.aot_impl(pid)(P.qdp_function(f"{desc.name}_aot_impl", ins + attrs + [("outputs", empty), ("tactic", int)],
+                                          P.aot_returns(trtp), aot_impl))
+
+    # ---- MoEInt8: the fused kernel ----
+    def main_aot(a):
+        x, w13 = a["x"], a["w13"]
+        act = P.dtype_name(trt, x.dtype)
+        E = P.constant(w13.shape_expr[0], "number of experts (w13 [E,2I,H])")
+        spec = kernel_spec("moe_int8_fused", act, a["top_k"], E, P.dtype_name(trt, a["router_logits"].dtype))
+        name, ptx, compiled = P.compile_for_trt(spec)
+        c = spec.constexprs
+        grid = P.launch(trtp, compiled, trtp.cdiv(x.shape_expr[0], c["BLOCK_T"]),
+                        trtp.cdiv(x.shape_expr[1], c["BLOCK_N"]))
+        extras = P.sym_extras(trtp, [x.shape_expr[0], x.shape_expr[1], w13.shape_expr[1] // 2, w13.shape_expr[0]])
+        return name, ptx, grid, extras
+
+    define(main, lambda a: a["x"].like(),
+           lambda act: [act, act, "int8", "float32", "int8", "float32", act], main_aot)
+
+    # ---- split lowering ----
+    def n_blocks(T, top_k, E):
+        return trtp.cdiv(T * top_k + E * (BLOCK_M - 1), BLOCK_M)
+
+    def route_describe(a):
+        lg, k = a["router_logits"], a["top_k"]
+        T, E = lg.shape_expr[0], lg.shape_expr[1]
+        nb = n_blocks(T, k, E)
+        return (trtp.from_shape_expr((T, k), dtype=trt.float32), trtp.from_shape_expr((T, k), dtype=trt.int32),
+                trtp.from_shape_expr((nb * BLOCK_M,), dtype=trt.int32), trtp.from_shape_expr((nb,), dtype=trt.int32))
+
+    def route_aot(a):
+        lg = a["router_logits"]
+        act = P.dtype_name(trt, lg.dtype)
+        spec = kernel_spec("moe_route_align", act, a["top_k"], P.constant(lg.shape_expr[1], "number of experts"))
+        name, ptx, compiled = P.compile_for_trt(spec)
+        return name, ptx, P.launch(trtp, compiled, 1), P.sym_extras(trtp, [lg.shape_expr[0], lg.shape_expr[1]])
+
+    define(route, route_describe, lambda act: [act, "float32", "int32", "int32", "int32"], route_aot)
+
+    def up_describe(a):
+        x, w13 = a["x"], a["w13"]
+        return trtp.from_shape_expr((x.shape_expr[0] * a["top_k"], w13.shape_expr[1] // 2), dtype=x.dtype)
+
+    def up_aot(a):
+        x, w13, be = a["x"], a["w13"], a["block_expert"]
+        act = P.dtype_name(trt, x.dtype)
+        spec = kernel_spec("moe_gemm1", act, a["top_k"], P.constant(w13.shape_expr[0], "number of experts"))
+        name, ptx, compiled = P.compile_for_trt(spec)
+        inter = w13.shape_expr[1] // 2
+        grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(inter, spec.constexprs["BLOCK_N"]))
+        return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[0] * a["top_k"], x.shape_expr[1], inter])
+
+    define(up, up_describe, lambda act: [act, "int8", "float32", "int32", "int32", act], up_aot)
+
+    def down_describe(a):
+        act, w2 = a["act"], a["w2"]
+        return trtp.from_shape_expr((act.shape_expr[0], w2.shape_expr[1]), dtype=trt.float32)
+
+    def down_aot(a):
+        act_t, w2, be = a["act"], a["w2"], a["block_expert"]
+        act = P.dtype_name(trt, act_t.dtype)
+        spec = kernel_spec("moe_gemm2", act, 1, P.constant(w2.shape_expr[0], "number of experts"))
+        name, ptx, compiled = P.compile_for_trt(spec)
+        grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(w2.shape_expr[1], spec.constexprs["BLOCK_N"]))
+        return name, ptx, grid, P.sym_extras(trtp, [act_t.shape_expr[0], w2.shape_expr[1], act_t.shape_expr[1]])
+
+    define(down, down_describe, lambda act: [act, "int8", "float32", "int32", "int32", "float32", "float32"], down_aot)

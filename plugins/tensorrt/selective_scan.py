@@ -1,0 +1,55 @@
+"""TensorRT plugin jamba::SelectiveScan (AOT): Triton's chunked scan, or the one-step-per-iteration
+kernel as a second tactic (TensorRT times both per profile; the sequential one wins at L = 1,
+decode). Kernel parameters: (u, delta, A, B, C, D, z, delta_bias, state, dim, seqlen, dstate,
+y, state_out); grid (cdiv(dim, BLOCK_D), batch)."""
+
+from __future__ import annotations
+
+import inspect
+
+from jambatrt.export.ops.selective_scan import SPEC
+from jambatrt.plugins import tensorrt as P
+
+TACTICS = {1: "selective_scan_chunked", 2: "selective_scan_seq"}
+DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=tuple(TACTICS.values()), tactics=TACTICS,
+                                      notes="u/delta/z/B/C/y in the activation type; A, D, delta_bias, state fp32")]
+_ACT = {"u", "delta", "B", "C", "z", "y"}
+
+
+def io_types(act: str) -> list[str]:
+    return [act if n in _ACT else "float32" for n in (*SPEC.inputs, "y", "state_out")]
+
+
+def kernel_spec(act: str, dstate: int, tactic: int):
+    from jambatrt.plugins.gpu import selective_scan as gpu
+    kind = "seq" if tactic == 2 else "chunked"
+    return next(k for k in gpu.aot_kernels((act,), dstate=dstate) if k.name == f"selective_scan_{kind}.{act}")
+
+
+def register() -> None:
+    trt, trtp = P.require_tensorrt()
+    pid = DESCRIPTORS[0].plugin_id
+    ins = P.tensor_params(trtp, SPEC.inputs)
+    empty = inspect.Parameter.empty
+
+    def describe(a):
+        u, A = a["u"], a["A"]
+        return u.like(), trtp.from_shape_expr((u.shape_expr[0], u.shape_expr[1], A.shape_expr[1]), dtype=trt.float32)
+
+    def autotune(a):
+        return [P.combination(trtp, io_types(act), TACTICS) for act in ("bfloat16", "float32")]
+
+    def aot_impl(a):
+        u, A = a["u"], a["A"]
+        act = P.dtype_name(trt, u.dtype)
+        spec = kernel_spec(act, P.constant(A.shape_expr[1], "d_state (A [D,N])"), a["tactic"])
+        name, ptx, compiled = P.compile_for_trt(spec)
+        grid = P.launch(trtp, compiled, trtp.cdiv(u.shape_expr[1], spec.constexprs["BLOCK_D"]), u.shape_expr[0])
+        extras = P.sym_extras(trtp, [u.shape_expr[1], u.shape_expr[2], A.shape_expr[1]])
+        return name, ptx, grid, extras
+
+    trtp.register(pid)(P.qdp_function("selective_scan_describe", ins, P.outputs_annotation(trtp, 2), describe))
+    trtp.autotune(pid)(P.qdp_function("selective_scan_autotune", ins + [("outputs", empty)],
+                                      list[trtp.AutoTuneCombination], autotune))
+    trtp.aot_impl(pid)(P.qdp_function("selective_scan_aot_impl", ins + [("outputs", empty), ("tactic", int)],
+                                      P.aot_returns(trtp), aot_impl))

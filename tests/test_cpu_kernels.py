@@ -1,0 +1,379 @@
+"""CPU kernels (plugins/cpu) against the `<op>_ref` oracles: table-driven, op x case x dtype, each
+with the tolerance of SPEC.tolerances[dtype]; through numpy, through torch.ops.jamba after
+register_torch_kernels(), and as one-node ONNX Runtime models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from jambatrt.export.ops import DOMAIN, SPECS, reference
+from jambatrt.plugins.cpu import TORCH_KERNELS, register_torch_kernels
+from jambatrt.plugins.cpu.attention import attention
+from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d, causal_conv1d_update
+from jambatrt.plugins.cpu.moe_int8 import _int8_linear, moe_int8
+from jambatrt.plugins.cpu.selective_scan import selective_scan, selective_state_update
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+# ---- inputs ----------------------------------------------------------------------------------------
+# Each maker returns the op's positional arguments (torch, float32 activations); `_cast` then moves
+# the activations to the dtype under test, leaving what the model keeps in fp32 (A, D, delta_bias,
+# the scan state, the expert scales) and the int8 weights alone.
+
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def scan_args(g, B, D, N, L, z=True, bias=True, state=True):
+    return [_randn(g, B, D, L), _randn(g, B, D, L), -torch.exp(_randn(g, D, N)), _randn(g, B, N, L),
+            _randn(g, B, N, L), _randn(g, D), _randn(g, B, D, L) if z else None,
+            _randn(g, D) if bias else None, _randn(g, B, D, N) if state else None]
+
+
+def conv_args(g, B, D, K, L, state=True):
+    return [_randn(g, B, D, L), _randn(g, D, K) * K ** -0.5, _randn(g, D), _randn(g, B, D, K - 1) if state else None]
+
+
+def moe_args(g, T, H, I, E, k):
+    w13 = torch.randint(-127, 128, (E, 2 * I, H), dtype=torch.int8, generator=g)
+    w2 = torch.randint(-127, 128, (E, H, I), dtype=torch.int8, generator=g)
+    s13 = (torch.rand(E, 2 * I, generator=g) + 0.5) / (127 * H ** 0.5)     # unit-scale outputs
+    s2 = (torch.rand(E, H, generator=g) + 0.5) / (127 * I ** 0.5)
+    return [_randn(g, T, H), _randn(g, T, E), w13, s13, w2, s2, k]
+
+
+def attn_args(g, B, L, P, Hq, Hkv, d):
+    past = [_randn(g, B, P, Hkv, d), _randn(g, B, P, Hkv, d)] if P else [None, None]
+    return [_randn(g, B, L, Hq, d), _randn(g, B, L, Hkv, d), _randn(g, B, L, Hkv, d), *past]
+
+
+ACTIVATIONS = {"selective_scan": (0, 1, 3, 4, 6), "causal_conv1d": (0, 1, 2, 3), "moe_int8": (0, 1),
+               "attention": (0, 1, 2, 3, 4)}
+
+
+def _cast(op, args, dtype):
+    return [a.to(dtype) if i in ACTIVATIONS[op] and a is not None else a for i, a in enumerate(args)]
+
+
+CASES = {   # op -> {case id: (maker, kwargs)}
+    "selective_scan": {
+        "L1": (scan_args, dict(B=1, D=3, N=2, L=1, state=False)),
+        "odd_state": (scan_args, dict(B=2, D=37, N=5, L=130)),          # D % 16 != 0, L % 64 != 0
+        "no_z_no_bias": (scan_args, dict(B=1, D=16, N=16, L=64, z=False, bias=False)),
+        "L0": (scan_args, dict(B=2, D=5, N=3, L=0)),
+    },
+    "causal_conv1d": {
+        "L1": (conv_args, dict(B=1, D=4, K=4, L=1, state=False)),
+        "odd_state": (conv_args, dict(B=2, D=37, K=4, L=130)),
+        "shorter_than_kernel": (conv_args, dict(B=3, D=5, K=3, L=1)),
+        "K1": (conv_args, dict(B=1, D=8, K=1, L=5)),
+    },
+    "moe_int8": {
+        "one_token": (moe_args, dict(T=1, H=16, I=24, E=4, k=2)),
+        "odd": (moe_args, dict(T=37, H=48, I=72, E=5, k=1)),
+        "top3": (moe_args, dict(T=64, H=40, I=56, E=6, k=3)),
+        "int8_path": (moe_args, dict(T=3, H=1024, I=512, E=2, k=1)),      # w13[e] has 2^20 weights
+    },
+    "attention": {
+        "prefill_L1": (attn_args, dict(B=1, L=1, P=0, Hq=4, Hkv=2, d=8)),
+        "prefill": (attn_args, dict(B=2, L=37, P=0, Hq=6, Hkv=3, d=16)),
+        "decode": (attn_args, dict(B=2, L=1, P=9, Hq=4, Hkv=2, d=8)),
+        "chunk_after_past": (attn_args, dict(B=2, L=17, P=23, Hq=4, Hkv=1, d=8)),
+        "mha_chunk": (attn_args, dict(B=1, L=130, P=70, Hq=4, Hkv=4, d=32)),
+    },
+}
+
+
+def make(op, case, dtype=F32, seed=0):
+    maker, kw = CASES[op][case]
+    return _cast(op, maker(torch.Generator().manual_seed(seed), **kw), dtype)
+
+
+def _check(op, actual, expected, dtype):
+    atol, rtol = SPECS[op].tolerances[dtype]
+    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    assert len(actual) == len(expected) == len(SPECS[op].outputs)
+    for name, a, e in zip(SPECS[op].outputs, actual, expected):
+        a = torch.as_tensor(a)
+        assert a.shape == e.shape, f"{op}.{name}: shape {list(a.shape)} != {list(e.shape)}"
+        assert_close(a.float(), e.float(), atol=atol, rtol=rtol, msg=lambda m: f"{op}.{name} ({dtype}): {m}")
+
+
+NUMPY_KERNELS = {"selective_scan": selective_scan, "causal_conv1d": causal_conv1d, "moe_int8": moe_int8,
+                 "attention": attention}
+ALL_CASES = [(op, case) for op in CASES for case in CASES[op]]
+
+
+def _np(a):
+    return a.numpy() if isinstance(a, torch.Tensor) else a
+
+
+@pytest.fixture(scope="module")
+def registered():
+    register_torch_kernels()
+    register_torch_kernels()          # idempotent
+
+
+# ---- numpy kernels and torch registration vs the oracle ------------------------------------------
+def test_every_op_has_a_cpu_kernel():
+    assert set(NUMPY_KERNELS) == set(TORCH_KERNELS) == set(SPECS)
+    assert set(CASES) == set(SPECS)
+
+
+@pytest.mark.parametrize("op,case", ALL_CASES)
+def test_numpy_kernel_matches_ref(op, case):
+    args = make(op, case)
+    out = NUMPY_KERNELS[op](*map(_np, args))
+    for o in out if isinstance(out, tuple) else (out,):
+        assert o.dtype == np.float32 and o.flags.c_contiguous
+    _check(op, tuple(map(torch.from_numpy, out if isinstance(out, tuple) else (out,))),
+           reference(op)(*args), F32)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op,case", ALL_CASES)
+def test_torch_op_matches_ref(registered, op, case, dtype):
+    """Every op takes bf16 on the torch path (computed in fp32, cast back like the ref)."""
+    args = make(op, case, dtype)
+    out = getattr(torch.ops.jamba, op)(*args)
+    ref = reference(op)(*args)
+    for a, e in zip(out if isinstance(out, tuple) else (out,), ref if isinstance(ref, tuple) else (ref,)):
+        assert a.dtype == e.dtype
+    _check(op, out, ref, dtype)
+
+
+def test_torch_op_runs_the_kernel_not_the_ref(registered):
+    """The registered op gives the kernel's bits exactly (the ref differs in the last bits), and the
+    eager model's `ref` implementation still calls the plain oracle."""
+    from jambatrt.export.model import IMPLS
+    args = make("selective_scan", "odd_state")
+    y, h = torch.ops.jamba.selective_scan(*args)
+    y_np, h_np = selective_scan(*map(_np, args))
+    assert np.array_equal(y.numpy(), y_np) and np.array_equal(h.numpy(), h_np)
+    assert not torch.equal(y, reference("selective_scan")(*args)[0])
+    for op in SPECS:
+        assert getattr(IMPLS["ref"], op) is reference(op)
+
+
+def test_torch_op_outputs_are_fresh(registered):
+    """Custom ops may not return views of their inputs (torch checks it too): present_k with no
+    past, the scan state with L = 0 and the conv state with K = 1 are the tricky ones."""
+    for op, case in [("attention", "prefill"), ("selective_scan", "L0"), ("causal_conv1d", "K1")]:
+        args = make(op, case)
+        ptrs = {a.data_ptr() for a in args if isinstance(a, torch.Tensor) and a.numel()}
+        for o in getattr(torch.ops.jamba, op)(*args):
+            assert o.numel() == 0 or o.data_ptr() not in ptrs, f"{op}: an output aliases an input"
+
+
+def test_model_with_kernels_matches_ref_model(registered):
+    """The tiny preset end to end: prefill 33 tokens then decode 2, kernels vs the ref path."""
+    from jambatrt.config import preset
+    from jambatrt.export.checkpoint import build_model, random_tensors
+    cfg = preset("tiny")
+    tensors = random_tensors(cfg, seed=0)
+    fast, ref = (build_model(cfg, tensors, impl=impl) for impl in ("custom", "ref"))
+    ids = torch.randint(0, cfg.vocab_size, (2, 35), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        lf, sf = fast(ids[:, :33])
+        lr, sr = ref(ids[:, :33])
+        assert_close(lf, lr, atol=1e-4, rtol=1e-4)
+        for t in (33, 34):
+            lf, sf = fast(ids[:, t:t + 1], sf)
+            lr, sr = ref(ids[:, t:t + 1], sr)
+            assert_close(lf, lr, atol=1e-4, rtol=1e-4)
+
+
+# ---- single step and chunking ------------------------------------------------------------------
+def test_selective_state_update_is_one_scan_step():
+    u, delta, A, Bm, Cm, D, z, bias, state = map(_np, make("selective_scan", "odd_state"))
+    y1, h1 = selective_state_update(state, u[:, :, 0], delta[:, :, 0], A, Bm[:, :, 0], Cm[:, :, 0], D,
+                                    z[:, :, 0], bias)
+    y, h = selective_scan(u[:, :, :1], delta[:, :, :1], A, Bm[:, :, :1], Cm[:, :, :1], D, z[:, :, :1], bias, state)
+    assert y1.shape == u.shape[:2] and h1.shape == state.shape
+    np.testing.assert_array_equal(y1, y[:, :, 0])
+    np.testing.assert_array_equal(h1, h)
+
+
+def test_causal_conv1d_update_is_one_conv_step():
+    x, w, b, state = map(_np, make("causal_conv1d", "odd_state"))
+    y1, s1 = causal_conv1d_update(x[:, :, 0], w, b, state)
+    y, s = causal_conv1d(x[:, :, :1], w, b, state)
+    np.testing.assert_array_equal(y1, y[:, :, 0])
+    np.testing.assert_array_equal(s1, s)
+
+
+@pytest.mark.parametrize("split", [1, 63, 64, 100])
+def test_scan_in_two_chunks_equals_one_call(split):
+    u, delta, A, Bm, Cm, D, z, bias, state = map(_np, make("selective_scan", "odd_state"))
+    y, h = selective_scan(u, delta, A, Bm, Cm, D, z, bias, state)
+    c = lambda a, sl: np.ascontiguousarray(a[:, :, sl])
+    first, rest = slice(0, split), slice(split, None)
+    ya, ha = selective_scan(c(u, first), c(delta, first), A, c(Bm, first), c(Cm, first), D, c(z, first), bias, state)
+    yb, hb = selective_scan(c(u, rest), c(delta, rest), A, c(Bm, rest), c(Cm, rest), D, c(z, rest), bias, ha)
+    # the same operations in the same order: identical bits
+    np.testing.assert_array_equal(np.concatenate([ya, yb], axis=2), y)
+    np.testing.assert_array_equal(hb, h)
+
+
+@pytest.mark.parametrize("split", [1, 2, 100])
+def test_conv_in_two_chunks_equals_one_call(split):
+    x, w, b, state = map(_np, make("causal_conv1d", "odd_state"))
+    y, s = causal_conv1d(x, w, b, state)
+    ya, sa = causal_conv1d(np.ascontiguousarray(x[:, :, :split]), w, b, state)
+    yb, sb = causal_conv1d(np.ascontiguousarray(x[:, :, split:]), w, b, sa)
+    np.testing.assert_array_equal(np.concatenate([ya, yb], axis=2), y)
+    np.testing.assert_array_equal(sb, s)
+
+
+def test_attention_in_chunks_with_past_equals_one_call():
+    q, k, v, _, _ = map(_np, make("attention", "prefill"))
+    o, pk, pv = attention(q, k, v)
+    oa, ka, va = attention(q[:, :20], k[:, :20], v[:, :20])
+    ob, kb, vb = attention(q[:, 20:], k[:, 20:], v[:, 20:], ka, va)
+    atol, rtol = SPECS["attention"].tolerances[F32]
+    np.testing.assert_allclose(np.concatenate([oa, ob], axis=1), o, atol=atol, rtol=rtol)
+    np.testing.assert_array_equal(kb, pk)
+    np.testing.assert_array_equal(vb, pv)
+
+
+def test_int8_linear_matches_dequantised_matmul():
+    g = torch.Generator().manual_seed(3)
+    x = _randn(g, 3, 1037)                                   # H % 16 != 0: exercises the tail loop
+    w = torch.randint(-127, 128, (45, 1037), dtype=torch.int8, generator=g)
+    scale = torch.rand(45, generator=g)
+    out = np.empty((3, 45), np.float32)
+    _int8_linear(x.numpy(), w.numpy(), scale.numpy(), out)
+    assert_close(torch.from_numpy(out), (x @ w.float().t()) * scale, atol=1e-4, rtol=1e-5)
+
+
+def test_kernels_reject_bad_shapes():
+    u, delta, A, Bm, Cm, D, z, bias, state = map(_np, make("selective_scan", "odd_state"))
+    with pytest.raises(ValueError, match="state"):
+        selective_scan(u, delta, A, Bm, Cm, D, z, bias, state[:, :3])
+    x, w, b, s = map(_np, make("causal_conv1d", "odd_state"))
+    with pytest.raises(ValueError, match="bias"):
+        causal_conv1d(x, w, b[:3], s)
+    args = list(map(_np, make("moe_int8", "odd")))
+    with pytest.raises(ValueError, match="w2_scale"):
+        moe_int8(*args[:5], args[5][:, :3], args[6])
+    q, k, v, pk, pv = map(_np, make("attention", "decode"))
+    with pytest.raises(ValueError, match="past_k"):
+        attention(q, k, v, pk[:, :, :1], pv)
+
+
+# ---- ONNX Runtime --------------------------------------------------------------------------------
+ORT_CASES = [("selective_scan", "L1"), ("selective_scan", "odd_state"), ("causal_conv1d", "L1"),
+             ("causal_conv1d", "odd_state"), ("moe_int8", "odd"), ("moe_int8", "top3"),
+             ("attention", "prefill"), ("attention", "decode"), ("attention", "chunk_after_past")]
+
+
+def one_node_model(op: str, **attrs):
+    """A model with one jamba::<SPEC.onnx_op_type> node whose inputs/outputs are the graph's."""
+    from onnx import TensorProto, helper
+    spec = SPECS[op]
+    elem = {"w13": TensorProto.INT8, "w2": TensorProto.INT8}
+    node = helper.make_node(spec.onnx_op_type, list(spec.inputs), list(spec.outputs), domain=DOMAIN,
+                            **attrs)
+    graph = helper.make_graph(
+        [node], op, [helper.make_tensor_value_info(n, elem.get(n, TensorProto.FLOAT), None) for n in spec.inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in spec.outputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+
+
+def ort_feeds(op, args):
+    """The op's arguments as the graph passes them: every input present (module docstring of ort_ops)."""
+    args = list(args)[:len(SPECS[op].inputs)]
+    if op == "selective_scan" and args[8] is None:
+        args[8] = torch.zeros(args[0].shape[0], args[0].shape[1], args[2].shape[1])
+    if op == "causal_conv1d" and args[3] is None:
+        args[3] = torch.zeros(args[0].shape[0], args[0].shape[1], args[1].shape[1] - 1)
+    if op == "attention" and args[3] is None:
+        args[3] = args[4] = torch.zeros(args[1].shape[0], 0, *args[1].shape[2:])
+    return {n: a.numpy() for n, a in zip(SPECS[op].inputs, args)}
+
+
+@pytest.fixture(scope="module")
+def ort_sessions():
+    ort = pytest.importorskip("onnxruntime")
+    from jambatrt.plugins.cpu.ort_ops import custom_ops_library
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(custom_ops_library())
+    # ORT's spinning pool threads would compete with the kernels' own threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    cache = {}
+
+    def session(op, **attrs):
+        key = (op, tuple(sorted(attrs.items())))
+        if key not in cache:
+            cache[key] = ort.InferenceSession(one_node_model(op, **attrs).SerializeToString(), so,
+                                              providers=["CPUExecutionProvider"])
+        return cache[key]
+    return session
+
+
+@pytest.mark.parametrize("op,case", ORT_CASES)
+def test_ort_op_matches_ref(ort_sessions, op, case):
+    from jambatrt.plugins.cpu.ort_ops import run_checked
+    args = make(op, case)
+    attrs = {"top_k": args[6]} if op == "moe_int8" else {}
+    out = run_checked(ort_sessions(op, **attrs), None, ort_feeds(op, args))
+    _check(op, tuple(map(torch.from_numpy, out)), reference(op)(*args), F32)
+
+
+def test_ort_list_and_array_outputs_agree(ort_sessions):
+    """The array-returning invoker gives what onnxruntime-extensions' list path gives."""
+    from jambatrt.plugins.cpu.ort_ops import custom_ops_library, run_checked
+    feeds = ort_feeds("attention", make("attention", "chunk_after_past"))
+    fast = run_checked(ort_sessions("attention"), None, feeds)
+    try:
+        custom_ops_library(fast_outputs=False)
+        slow = run_checked(ort_sessions("attention"), None, feeds)
+    finally:
+        custom_ops_library()
+    for a, b in zip(fast, slow):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ort_op_error_is_reported_not_fatal(ort_sessions):
+    from jambatrt.plugins.cpu import ort_ops
+    feeds = ort_feeds("selective_scan", make("selective_scan", "odd_state"))
+    feeds["state"] = feeds["state"][:, :4].copy()                 # wrong D: the kernel refuses it
+    with pytest.raises(ort_ops.OrtKernelError, match=r"jamba::SelectiveScan: ValueError: .*state"):
+        ort_ops.run_checked(ort_sessions("selective_scan"), None, feeds)
+    # without the helper: the run completes with NaN outputs of the right shapes, the error waits
+    y, h = ort_sessions("selective_scan").run(None, feeds)
+    assert y.shape == feeds["u"].shape and np.isnan(y).all() and np.isnan(h).all()
+    assert len(ort_ops.take_errors()) == 1 and ort_ops.take_errors() == []
+
+
+def test_qmoe_matches_moe_int8_ref():
+    """com.microsoft::QMoE computes jamba::moe_int8 when given: uint8 = int8 + 128 weights, gate/up
+    rows interleaved (swiglu_fusion=1), per-channel fp32 scales, and softmax(logits) as
+    router_weights (input 14) -- without it QMoE renormalises the top-k weights."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+    x, logits, w13, s13, w2, s2, k = make("moe_int8", "odd")
+    k = 2
+    E, I2, H = w13.shape
+    I = I2 // 2
+    interleave = lambda a: torch.stack([a[:, :I], a[:, I:]], dim=2).reshape(a.shape)   # g0,u0,g1,u1,...
+    feeds = {"x": x.numpy(), "logits": logits.numpy(),
+             "fc1": (interleave(w13).to(torch.int16) + 128).to(torch.uint8).numpy(), "fc1_s": interleave(s13).numpy(),
+             "fc2": (w2.to(torch.int16) + 128).to(torch.uint8).numpy(), "fc2_s": s2.numpy(),
+             "rw": torch.softmax(logits, -1).numpy()}
+    node = helper.make_node("QMoE", ["x", "logits", "fc1", "fc1_s", "", "fc2", "fc2_s"] + [""] * 7 + ["rw"], ["y"],
+                            domain="com.microsoft", k=k, activation_type="swiglu", swiglu_fusion=1,
+                            activation_alpha=1.0, activation_beta=0.0, expert_weight_bits=8,
+                            normalize_routing_weights=0)
+    elem = {"fc1": TensorProto.UINT8, "fc2": TensorProto.UINT8}
+    inputs = [helper.make_tensor_value_info(n, elem.get(n, TensorProto.FLOAT), None) for n in feeds]
+    graph = helper.make_graph([node], "qmoe", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    _check("moe_int8", torch.from_numpy(y), reference("moe_int8")(x, logits, w13, s13, w2, s2, k), F32)

@@ -1,0 +1,463 @@
+"""Deploy to Triton Inference Server (issue 8): the model repository (Python-backend models over the
+ONNX Runtime engine, a tensorrt_plan model from the manifest), a real tritonserver on 127.0.0.1
+(started and stopped by these tests), the client, bounded load, bad requests, a crash mid-request.
+
+The server tests need the serve env (`make serve-setup`: numpy < 2, nvidia-pytriton, jambatrt);
+they skip only when it could not be created, and say why. All traffic goes to 127.0.0.1; every
+loop is bounded in count and time; every server is stopped by a fixture finalizer."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from jambatrt.artifact import add_files, read_manifest, sha256_file
+from jambatrt.deploy.repository import (REPOSITORY_INFO, RepositorySettings, pbtxt, Enum, tensorrt_config,
+                                        verify_repository, write_repository)
+from jambatrt.deploy.server import TritonServer, find_serve_env, free_port
+from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+
+MAX_TOKENS = 2048          # the served models' token budget (smaller than the artifact's 262144)
+V = 512                    # tiny preset vocab
+
+
+def _tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def artifact(tiny_artifact, tmp_path_factory):
+    """A private copy of the tiny artifact with the ORT engine built (other modules may rebuild theirs)."""
+    dst = tmp_path_factory.mktemp("deploy-art") / "tiny"
+    shutil.copytree(tiny_artifact, dst)
+    if "ort" not in read_manifest(dst).get("engines", {}):
+        run_cli("build", dst, "--backend", "ort", check=True)
+    return dst
+
+
+# ---- repository (no server) ---------------------------------------------------------------------
+def test_pbtxt_writer():
+    text = pbtxt({"name": "m", "max_batch_size": 0, "flag": True,
+                  "input": [{"name": "x", "data_type": Enum("TYPE_INT64"), "dims": [-1, 3]}],
+                  "model_transaction_policy": {"decoupled": True}})
+    assert text.splitlines() == ['name: "m"', "max_batch_size: 0", "flag: true", "input [",
+                                 '  { name: "x" data_type: TYPE_INT64 dims: [ -1, 3 ] }', "]",
+                                 "model_transaction_policy { decoupled: true }"]
+    assert 'string_value: "a\\"b"' in pbtxt({"p": {"string_value": 'a"b'}})
+
+
+def test_repository_layout_and_atomic_rules(artifact, tmp_path):
+    art_before = _tree_hashes(artifact)
+    repo = tmp_path / "repo"
+    info = write_repository(artifact, repo, RepositorySettings(max_tokens=MAX_TOKENS))
+    assert not info["reused"]
+    assert set(info["models"]) == {"jamba_prefill", "jamba_sequence", "jamba_generate"}   # no TensorRT engine built
+    for m in info["models"]:
+        cfg = (repo / m / "config.pbtxt").read_text()
+        assert f'name: "{m}"' in cfg and 'backend: "python"' in cfg
+        assert f'string_value: "{artifact.resolve()}"' in cfg           # absolute path to the artifact
+        assert (repo / m / "1" / "model.py").is_file()
+    seq = (repo / "jamba_sequence" / "config.pbtxt").read_text()
+    for control in ("CONTROL_SEQUENCE_START", "CONTROL_SEQUENCE_END", "CONTROL_SEQUENCE_READY",
+                    "CONTROL_SEQUENCE_CORRID"):
+        assert control in seq
+    assert "decoupled: true" in (repo / "jamba_generate" / "config.pbtxt").read_text()
+    assert verify_repository(repo)["artifact"] == str(artifact.resolve())
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]      # nothing half-written left
+    # same artifact + settings: kept; different settings: refused without force; force replaces
+    assert write_repository(artifact, repo, RepositorySettings(max_tokens=MAX_TOKENS))["reused"]
+    with pytest.raises(ArtifactError, match="already exists"):
+        write_repository(artifact, repo, RepositorySettings(max_tokens=100))
+    assert not write_repository(artifact, repo, RepositorySettings(max_tokens=100), force=True)["reused"]
+    assert 'string_value: "100"' in (repo / "jamba_prefill" / "config.pbtxt").read_text()
+    # a hand-edited repository is detected
+    (repo / "jamba_prefill" / "1" / "model.py").write_text("# edited\n")
+    with pytest.raises(ArtifactError, match="jamba_prefill/1/model.py altered"):
+        verify_repository(repo)
+    assert _tree_hashes(artifact) == art_before                             # the artifact is never written
+
+
+def test_repository_refusals(artifact, tiny_artifact, tmp_path):
+    with pytest.raises(InputError, match="inside the artifact"):
+        write_repository(artifact, artifact / "repo")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_artifact, bare)
+    m = read_manifest(bare)
+    m["engines"] = {}
+    add_files(bare, m, "engines")          # rewrites the manifest without any engine
+    shutil.rmtree(bare / "engines", ignore_errors=True)
+    with pytest.raises(ArtifactError, match="no engine to deploy"):
+        write_repository(bare, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    with pytest.raises(InputError, match="max_tokens"):
+        RepositorySettings(max_tokens=0)
+    p = run_cli("deploy", tmp_path / "nope", "--repository", tmp_path / "r2")
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "no such artifact" in p.stderr
+
+
+def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
+    """A copy of the artifact with a synthetic TensorRT engine (TensorRT cannot build here)."""
+    shutil.copytree(artifact, dst)
+    (dst / "engines" / "tensorrt").mkdir(parents=True)
+    (dst / "engines" / "tensorrt" / "model.plan").write_bytes(b"not a real plan: config writer test")
+    for lib in extra.get("plugin_libraries", []):
+        (dst / lib).write_bytes(b"\x7fELF fake")
+    m = read_manifest(dst)
+    m["engines"]["tensorrt"] = {"path": "engines/tensorrt/model.plan", "tensorrt": "10.14.1",
+                                "gpu": {"name": "NVIDIA H200", "arch": "sm_90"}, "chunk_plan": {"chunk": 4096},
+                                "profiles": ["prefill", "decode"],
+                                "plugins": ["jamba::SelectiveScan::1", "jamba::MoEInt8::1"], **extra}
+    add_files(dst, m, "engines/tensorrt")
+    return dst
+
+
+def test_tensorrt_model_from_manifest(artifact, tmp_path):
+    art = _with_tensorrt_entry(artifact, tmp_path / "art")
+    info = write_repository(art, tmp_path / "repo")
+    assert info["models"]["jamba_tensorrt"] == "tensorrt" and info["server_args"] == []
+    d = tmp_path / "repo" / "jamba_tensorrt"
+    assert sha256_file(d / "1" / "model.plan") == read_manifest(art)["files"]["engines/tensorrt/model.plan"]
+    cfg = (d / "config.pbtxt").read_text()
+    step = read_manifest(art)["programs"]["step"]
+    assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 0" in cfg and "KIND_GPU" in cfg
+    assert 'profile: [ "0", "1" ]' in cfg
+    # every step input/output with its dtype and dims (symbolic dims -> -1)
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in cfg
+    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1, 512 ] }' in cfg
+    assert '{ name: "past.layer1.k" data_type: TYPE_FP32 dims: [ -1, -1, 2, 16 ] }' in cfg
+    assert '{ name: "present.layer0.ssm_state" data_type: TYPE_FP32 dims: [ -1, 128, 8 ] }' in cfg
+    assert cfg.count("data_type:") == len(step["inputs"]) + len(step["outputs"])
+    assert "AOT" in cfg and "no plugin library" in cfg and "jamba::SelectiveScan::1" in cfg
+    # plugins shipped as libraries: copied into the model dir and passed to the server
+    art2 = _with_tensorrt_entry(artifact, tmp_path / "art2", plugin_libraries=["engines/tensorrt/libjamba_plugins.so"])
+    info2 = write_repository(art2, tmp_path / "repo2")
+    lib = tmp_path / "repo2" / "jamba_tensorrt" / "plugins" / "libjamba_plugins.so"
+    assert lib.is_file()
+    assert info2["server_args"] == [f"--backend-config=tensorrt,plugins={lib}"]
+    assert f'--backend-config=tensorrt,plugins="{lib}"' in (tmp_path / "repo2" / "jamba_tensorrt" / "config.pbtxt").read_text()
+    # the TensorRT model alone, without an ORT engine
+    cfg_only = tensorrt_config(read_manifest(art), read_manifest(art)["engines"]["tensorrt"], "x")
+    assert cfg_only.startswith("#") and 'name: "x"' in cfg_only
+
+
+# ---- the serve env ----------------------------------------------------------------------------------
+def test_serve_env_errors_name_the_fix(tmp_path):
+    with pytest.raises(BackendUnavailable, match="make serve-setup"):
+        find_serve_env(tmp_path / "none")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / ".serve-setup-failed").write_text("failed: pip install nvidia-pytriton\nno matching dist")
+    with pytest.raises(BackendUnavailable, match="could not be created: failed: pip install nvidia-pytriton"):
+        find_serve_env(tmp_path / "failed")
+    fake = tmp_path / "np2"
+    (fake / "bin").mkdir(parents=True)
+    (fake / "bin" / "python3").write_text("")
+    site = fake / "lib" / "python3.11" / "site-packages"
+    (site / "pytriton" / "tritonserver" / "bin").mkdir(parents=True)
+    (site / "pytriton" / "tritonserver" / "bin" / "tritonserver").write_text("")
+    (site / "numpy-2.4.6.dist-info").mkdir()
+    with pytest.raises(BackendUnavailable, match="numpy < 2"):
+        find_serve_env(fake)
+
+
+@pytest.fixture(scope="module")
+def serve_env():
+    try:
+        env = find_serve_env()
+    except BackendUnavailable as e:
+        pytest.skip(f"serve env unavailable: {e}")
+    try:
+        import tritonclient.http  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"serve env incomplete: tritonclient[http] not importable in the test env ({e}); "
+                    "`make serve-setup` installs it")
+    return env
+
+
+def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):
+    """Triton's own protobuf schema (from the serve env) parses every generated config, TensorRT included."""
+    art = _with_tensorrt_entry(artifact, tmp_path / "art")
+    repo = tmp_path / "repo"
+    write_repository(art, repo)
+    code = ("import sys, json\nfrom google.protobuf import text_format\n"
+            "from tritonclient.grpc import model_config_pb2 as mc\nout = {}\n"
+            "for p in sys.argv[1:]:\n    c = text_format.Parse(open(p).read(), mc.ModelConfig())\n"
+            "    out[c.name] = [c.platform or c.backend, len(c.input), len(c.output), c.max_batch_size]\n"
+            "print(json.dumps(out))\n")
+    p = subprocess.run([str(serve_env.python), "-c", code, *map(str, sorted(repo.glob("*/config.pbtxt")))],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout)
+    n_in = len(read_manifest(art)["programs"]["step"]["inputs"])
+    assert got["jamba_tensorrt"] == ["tensorrt_plan", n_in, n_in, 0]
+    assert got["jamba_prefill"] == ["python", 1, 1, 0]
+    assert got["jamba_sequence"][:3] == ["python", 1, 2]
+    assert got["jamba_generate"] == ["python", 6, 1, 0]
+
+
+# ---- a real server ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def repository(artifact, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("deploy-repo") / "models"
+    write_repository(artifact, repo, RepositorySettings(max_tokens=MAX_TOKENS, idle_seconds=60))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository, serve_env, tmp_path_factory):
+    srv = TritonServer(repository, serve_env, log_path=tmp_path_factory.mktemp("log") / "tritonserver.log")
+    try:
+        srv.start(timeout=240)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(artifact):
+    from jambatrt.engines.ort import OrtEngine
+    with OrtEngine.load(artifact) as e:
+        yield e
+
+
+@pytest.fixture
+def client(server):
+    from jambatrt.deploy.client import JambaClient
+    with JambaClient(server.http_url, timeout=120) as c:
+        yield c
+
+
+def test_health(client, server):
+    assert client.live() and client.ready()
+    for kind in ("prefill", "sequence", "generate"):
+        assert client.model_ready(kind), server.log_tail()
+    assert not client.model_ready("tensorrt")
+
+
+def test_logits_equal_offline_engine(client, engine):
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (1, 17), (2, 33), (1, MAX_TOKENS)]:     # 4 MiB of logits: the stub's shm grows
+        ids = rng.integers(0, V, shape)
+        got = client.logits(ids)
+        want, _ = engine.prefill(ids)
+        assert got.shape == want.shape == (*shape, V) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_streamed_generation_equals_generate(client, engine):
+    from jambatrt.engines.generate import generate
+    prompts = [[1, 2, 3], [7] * 5, np.random.default_rng(1).integers(0, V, 40).tolist()]
+    for prompt in prompts:
+        want = generate(engine, [prompt], 12)[0][0].generated_ids
+        arrivals = []
+        for tok in client.generate_stream(prompt, 12):
+            arrivals.append((time.perf_counter(), tok))
+        assert [t for _, t in arrivals] == want, prompt
+        assert len(arrivals) == 12                                      # one streamed response per token
+    # eos stops the stream exactly where generate() stops
+    prompt = prompts[0]
+    eos = generate(engine, [prompt], 12)[0][0].generated_ids[3]
+    want = generate(engine, [prompt], 12, eos_id=eos)[0][0].generated_ids
+    assert client.generate(prompt, 12, eos_id=eos) == want and want[-1] == eos
+    assert client.generate(prompt, 0) == []
+
+
+def test_sequences_step_by_step_keep_separate_state(client, engine):
+    """Two sequences interleaved request by request on the sequence-batching model: each gets what
+    offline generate() gives it alone."""
+    from jambatrt.engines.generate import generate
+    pa, pb = [5, 6, 7, 8], np.random.default_rng(2).integers(0, V, 23).tolist()
+    n = 10
+    want_a = generate(engine, [pa], n)[0][0].generated_ids
+    want_b = generate(engine, [pb], n)[0][0].generated_ids
+    ida, idb = 1001, 1002
+    _, ta = client.step(ida, pa, start=True)
+    _, tb = client.step(idb, pb, start=True)
+    got_a, got_b = [ta], [tb]
+    for i in range(n - 1):
+        last = i == n - 2
+        la, ta = client.step(ida, [ta], end=last)
+        lb, tb = client.step(idb, [tb], end=last)
+        got_a.append(ta)
+        got_b.append(tb)
+    assert got_a == want_a and got_b == want_b
+    # the final logits equal the offline engine's for the same context
+    want_logits, _ = engine.prefill(np.array([pa + want_a[:-1]]))
+    np.testing.assert_allclose(la, want_logits[0, -1], rtol=0, atol=1e-5)
+    # the helper does the same in one call; a sequence id can be reused after END
+    assert client.generate_steps(pa, n, sequence_id=ida) == want_a
+
+
+def test_bounded_load_200_requests_8_clients(server, engine):
+    """200 prefill requests from 8 concurrent clients: 0 errors, latency percentiles printed (no timed asserts)."""
+    from jambatrt.deploy.client import JambaClient
+    n_req, n_clients, deadline = 200, 8, time.monotonic() + 180
+    rng = np.random.default_rng(3)
+    work = [rng.integers(0, V, (1, int(rng.integers(1, 65)))) for _ in range(n_req)]
+    check = {0, 57, 199}
+    latencies, errors, results = [], [], {}
+    lock = threading.Lock()
+
+    def worker(k):
+        with JambaClient(server.http_url, timeout=60) as c:
+            for i in range(k, n_req, n_clients):
+                if time.monotonic() > deadline:
+                    with lock:
+                        errors.append(f"request {i}: deadline passed")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    out = c.logits(work[i])
+                except Exception as e:      # noqa: BLE001 - counted, reported below
+                    with lock:
+                        errors.append(f"request {i}: {e}")
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+                    if i in check:
+                        results[i] = out
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n_clients) as pool:
+        list(pool.map(worker, range(n_clients)))
+    wall = time.perf_counter() - t0
+    assert errors == [], errors[:5]
+    assert len(latencies) == n_req
+    for i, out in results.items():
+        np.testing.assert_allclose(out, engine.prefill(work[i])[0], rtol=0, atol=1e-5)
+    ms = np.array(latencies) * 1e3
+    print(f"\n[deploy load] {n_req} requests, {n_clients} clients, 0 errors: p50 {np.percentile(ms, 50):.1f} ms, "
+          f"p99 {np.percentile(ms, 99):.1f} ms, max {ms.max():.1f} ms, {n_req / wall:.1f} req/s "
+          f"(prefill of 1..64 tokens, tiny preset, {os.cpu_count()} cores)")
+    assert server.is_ready()
+
+
+def test_bad_requests_get_errors_and_server_stays_ready(client, server):
+    from jambatrt.deploy.client import InferenceError
+
+    def refused(fn, *needles):
+        with pytest.raises(InferenceError) as e:
+            fn()
+        for n in needles:
+            assert n.lower() in str(e.value).lower(), str(e.value)
+        assert client.ready() and server.is_ready()
+
+    refused(lambda: client.logits([[1, 2, 3]], dtype=np.int32), "data-type")              # wrong dtype
+    refused(lambda: client.logits(np.array([[1.0, 2.0]], np.float32), dtype=np.float32), "data-type")
+    refused(lambda: client._infer("jamba_prefill", {"input_ids": np.ones((1, 2, 3), np.int64)}, ["logits"]),
+            "shape")                                                                          # wrong rank
+    refused(lambda: client.logits(np.zeros((1, 0), np.int64)), "at least one token")          # empty
+    refused(lambda: client.logits(np.zeros((1, MAX_TOKENS + 1), np.int64)), "max_tokens")    # too long
+    refused(lambda: client.logits([[1, V]]), "out of range")                                 # unknown token id
+    refused(lambda: client.step(987654, [1]), "987654")                                      # unknown sequence id
+    refused(lambda: client.step(0, [1], start=True), "correlation")                          # no sequence id
+    refused(lambda: client._infer("jamba_nope", {"input_ids": np.ones((1, 1), np.int64)}, ["logits"]),
+            "unknown model")
+    with pytest.raises(InferenceError, match="max_tokens"):                                   # generation too long
+        client.generate([1, 2, 3], MAX_TOKENS)
+    with pytest.raises(InferenceError, match="max_new_tokens"):
+        client.generate([1, 2, 3], -1)
+    seq = 4242
+    client.step(seq, [1, 2], start=True)
+    with pytest.raises(InferenceError, match="out of range"):                                # bad token mid-sequence
+        client.step(seq, [V + 5])
+    client.step(seq, [3], end=True)                                                           # sequence still usable
+    # malformed HTTP bodies
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        conn.request("POST", "/v2/models/jamba_prefill/infer", b"{not json", {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status >= 400           # tritonserver 2.51 answers a malformed body with 400 or 500
+    finally:
+        conn.close()
+    assert client.ready() and client.model_ready("prefill") and client.model_ready("sequence")
+    assert client.logits([[1, 2, 3]]).shape == (1, 3, V)                                    # still serving
+
+
+def test_kill_mid_request_leaves_repository_and_artifact_intact(repository, artifact, serve_env, tmp_path):
+    """SIGKILL the server (and its backend stubs) while a generation is streaming: the repository and
+    the artifact are byte-for-byte what they were, and the repository is still judged current."""
+    from jambatrt.deploy.client import InferenceError, JambaClient
+    before_repo, before_art = _tree_hashes(repository), _tree_hashes(artifact)
+    srv = TritonServer(repository, serve_env, models=["jamba_generate"], log_path=tmp_path / "kill.log")
+    try:
+        srv.start(timeout=240)
+        got, err = [], []
+
+        def stream():
+            try:
+                with JambaClient(srv.http_url, timeout=60) as c:
+                    for tok in c.generate_stream([1, 2, 3], MAX_TOKENS - 3):
+                        got.append(tok)
+            except (InferenceError, OSError, Exception) as e:   # noqa: BLE001 - the connection dies
+                err.append(e)
+
+        t = threading.Thread(target=stream, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 60
+        while len(got) < 3 and time.monotonic() < deadline and t.is_alive():
+            time.sleep(0.01)
+        assert len(got) >= 3, (err, srv.log_tail())            # the request is in flight
+        regions = srv._shm_regions()
+        assert regions                                          # the backend stub's shared memory
+        srv.kill()
+        t.join(60)
+        assert not t.is_alive() and len(got) < MAX_TOKENS - 3
+        assert not [r for r in regions if Path("/dev/shm", r).exists()]     # kill() cleans up after the stubs
+    finally:
+        srv.stop()
+    assert _tree_hashes(repository) == before_repo
+    assert _tree_hashes(artifact) == before_art
+    verify_repository(repository)
+    info = write_repository(artifact, repository, RepositorySettings(max_tokens=MAX_TOKENS, idle_seconds=60))
+    assert info["reused"]
+
+
+def test_cli_deploy_serve_stops_on_ctrl_c(artifact, serve_env, tmp_path):
+    """`jambatrt deploy --serve` writes the repository, serves on 127.0.0.1 until SIGINT (Ctrl-C),
+    then stops the server cleanly; SIGTERM the same (the server fixture's stop)."""
+    repo = tmp_path / "repo"
+    ports = [free_port(), free_port(), free_port()]
+    cmd = [sys.executable, "-m", "jambatrt", "deploy", str(artifact), "--repository", str(repo), "--serve",
+           "--max-tokens", str(MAX_TOKENS), "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+           "--metrics-port", str(ports[2])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "JAMBATRT_SERVE_ENV": str(serve_env.prefix)}, cwd=ROOT)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not any("stops it" in x for x in lines):
+            time.sleep(0.1)
+        out = "".join(lines)
+        assert "Ctrl-C or SIGTERM stops it" in out, out
+        assert f"http://127.0.0.1:{ports[0]}" in out and "jamba_generate" in out
+        from jambatrt.deploy.client import JambaClient
+        with JambaClient(f"127.0.0.1:{ports[0]}") as c:
+            assert c.ready() and c.generate([1, 2, 3], 2) and c.logits([[1]]).shape == (1, 1, V)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        reader.join(10)
+        rest = "".join(lines)
+        assert proc.returncode == 0, rest
+        assert "tritonserver stopped (exit code 0)" in rest, rest
+        with JambaClient(f"127.0.0.1:{ports[0]}", timeout=5) as c:
+            assert not c.live()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    verify_repository(repo)

@@ -1,0 +1,86 @@
+"""`jambatrt profile` (issue 6): per-(side, length) child processes, min/median/max tokens/s, peak
+RSS of each child, the DESIGN.md JSON, markdown and the PNG."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from jambatrt.validate.profile import run_child
+from jambatrt.validate.report import plot_profile
+
+
+@pytest.fixture(scope="module")
+def built(tiny_artifact):
+    run_cli("build", tiny_artifact, "--backend", "ort", check=True)
+    return tiny_artifact
+
+
+def test_profile_cli_json_markdown_plot(built, tmp_path):
+    rep, png = tmp_path / "p.json", tmp_path / "plots" / "p.png"
+    p = run_cli("profile", built, "--backend", "ort", "--lengths", "1,64", "--repeats", "2", "--warmup-tokens", "8",
+                "--decode-tokens", "4", "--reference-max-length", "16", "--report", rep, "--plot", png)
+    assert p.returncode == 0, p.stdout + p.stderr
+    r = json.loads(rep.read_text())
+    assert r["backend"] == "ort" and r["reference"] == "eager-custom-ops" and "custom ops" in r["reference_description"]
+    assert set(r["reference_kernels"]) == {"selective_scan", "causal_conv1d", "moe_int8", "attention"}
+    assert [(x["length"], x["mode"]) for x in r["results"]] == [(1, "prefill"), (1, "decode"), (64, "prefill"),
+                                                               (64, "decode")]
+    for x in r["results"]:
+        # the DESIGN.md fields and types
+        assert isinstance(x["length"], int) and x["backend"] == "ort" and x["mode"] in ("prefill", "decode")
+        assert isinstance(x["tokens_per_s"], float) and x["tokens_per_s"] > 0
+        assert isinstance(x["peak_rss_bytes"], int) and x["peak_rss_bytes"] >= x["baseline_rss_bytes"] > 50e6
+        assert x["tokens_per_s_min"] <= x["tokens_per_s"] <= x["tokens_per_s_max"]
+        assert x["runs"] == (2 if x["mode"] == "prefill" else 4) and len(x["seconds"]) == x["runs"]
+        # the kernel's own accounting of the child (wait4) bounds the peak the child measured itself
+        assert x["child_peak_rss_bytes"] >= 0.95 * x["peak_rss_bytes"]
+    short, long = r["results"][0], r["results"][2]
+    assert isinstance(short["reference_tokens_per_s"], float) and short["reference_peak_rss_bytes"] > 50e6
+    assert long["reference_tokens_per_s"] is None and "reference-max-length" in long["reference_note"]
+    assert r["results"][3]["context"] == 64
+    md = rep.with_suffix(".md").read_text()
+    for must in ("preset tiny", "machine:", "versions: torch", "eager-custom-ops", "| 64 | decode |", "peak RSS"):
+        assert must in md, must
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+    h, w = matplotlib.image.imread(str(png)).shape[:2]
+    assert w >= 1000 and h >= 400
+    assert "tok/s" in p.stdout and "peak RSS" in p.stdout
+
+
+def test_profile_modes_and_no_reference(built, tmp_path):
+    rep = tmp_path / "p.json"
+    p = run_cli("profile", built, "--backend", "ort", "--lengths", "5", "--modes", "prefill", "--reference", "none",
+                "--repeats", "1", "--report", rep)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(rep.read_text())
+    assert r["reference"] is None and [x["mode"] for x in r["results"]] == ["prefill"]
+    assert r["results"][0]["reference_tokens_per_s"] is None
+    assert rep.with_suffix(".png").exists()          # default plot path: beside the report
+
+
+def test_profile_bad_modes_is_a_typed_error(built):
+    p = run_cli("profile", built, "--backend", "ort", "--modes", "prefil")
+    assert p.returncode == 2 and "InputError" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_failing_child_reports_its_error(tmp_path):
+    spec = {"artifact": str(tmp_path / "missing"), "backend": "ort", "side": "engine", "length": 4, "batch": 1,
+            "seed": 0, "warmup_tokens": 1, "repeats": 1, "budget_s": 1, "decode_tokens": 1, "decode_warmup": 0,
+            "modes": ["prefill"], "reference_chunk": 8}
+    with pytest.raises(RuntimeError, match=r"(?s)profile worker \(engine, length 4\) failed.*ArtifactError"):
+        run_child(spec, timeout_s=300)
+
+
+def test_plot_profile_with_reference_missing_at_long_lengths(tmp_path):
+    rows = [{"length": L, "mode": m, "backend": "ort", "tokens_per_s": 100.0 * L ** 0.5, "tokens_per_s_min": 90.0,
+             "tokens_per_s_max": 110.0 * L ** 0.5, "peak_rss_bytes": int(3e8 + 1e3 * L),
+             "reference_tokens_per_s": 50.0 if L < 65536 else None,
+             "reference_peak_rss_bytes": int(4e8) if L < 65536 else None}
+            for L in (1, 4096, 65536, 262144) for m in ("prefill", "decode")]
+    report = {"backend": "ort", "reference": "eager-custom-ops", "results": rows,
+              "machine": {"processor": "cpu", "cpus": 2}, "model": {"source": {"preset": "bench"}}}
+    png = plot_profile(report, tmp_path / "x.png")
+    import matplotlib.image
+    assert matplotlib.image.imread(str(png)).shape[2] in (3, 4)

@@ -1,0 +1,314 @@
+"""TensorRT path (issue 7): what can be checked without TensorRT is checked here — the plugin
+descriptors against the op SPECs and the `jamba` nodes of the exported model.onnx, the AOT
+compilation of every kernel (`jambatrt plugins`), the QDP plugin code driven through a stand-in
+for `tensorrt.plugin` that applies its signature rules (the aot_impl compiles real PTX whose
+parameter list must be inputs, int32 extras, outputs), the build plan (chunking, profiles) and
+the errors when TensorRT is missing. Building and running an engine needs TensorRT + a GPU."""
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import re
+import types
+import typing
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from jambatrt.errors import BackendUnavailable, InputError
+from jambatrt.export.ops import DOMAIN, SPECS
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+# ---- descriptors vs SPEC and the ONNX nodes ----------------------------------------------------------
+def test_descriptors_match_spec():
+    from jambatrt.plugins.tensorrt import QDP_VERSION, descriptors
+    table = descriptors()
+    for name, spec in SPECS.items():
+        d = table[spec.plugin_name]
+        assert (d.op, d.name, d.namespace, d.version) == (name, spec.onnx_op_type, DOMAIN, str(spec.version))
+        assert d.version == QDP_VERSION, "QDP registers every plugin as version 1"
+        assert d.attributes == {k: t.__name__ for k, t in spec.attributes.items()}
+        assert (d.inputs, d.outputs) == (tuple(spec.inputs), tuple(spec.outputs))
+        assert d.lowering == "node"
+    extra = {n for n, d in table.items() if d.lowering != "node"}
+    assert extra == {"MoEInt8Route", "MoEInt8GroupedUp", "MoEInt8GroupedDown"}
+
+
+def test_descriptors_match_onnx_nodes(tiny_artifact):
+    """Every jamba-domain node of the exported model.onnx finds its plugin the way TensorRT's ONNX
+    parser looks it up: op_type == plugin name, domain == namespace, plugin_version (default "1"),
+    the same attributes, the same number of inputs and outputs."""
+    from jambatrt.plugins.tensorrt import descriptors
+    table = descriptors()
+    model = onnx.load(str(tiny_artifact / "model.onnx"), load_external_data=False)
+    assert {o.domain: o.version for o in model.opset_import}[DOMAIN] == 1
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN]
+    assert {n.op_type for n in nodes} == {s.onnx_op_type for s in SPECS.values()}
+    for n in nodes:
+        d = table[n.op_type]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        version = attrs.pop("plugin_version", b"1")
+        assert (d.namespace, d.version) == (n.domain, version.decode() if isinstance(version, bytes) else str(version))
+        assert set(attrs) == set(d.attributes), n.name
+        assert all(type(v).__name__ == d.attributes[k] for k, v in attrs.items()), n.name
+        assert len(n.input) == len(d.inputs) and all(n.input), f"{n.name}: every plugin input must be present"
+        assert len(n.output) == len(d.outputs), n.name
+
+
+# ---- AOT: jambatrt plugins -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def plugins_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plugins") / "aot"
+    run_cli("plugins", "--arch", "sm_80,sm_90", "-o", out, "--jobs", "2", check=True, timeout=1200)
+    return out
+
+
+def _ptx_params(ptx: str, function: str) -> str:
+    """The kernel's parameter kinds in order: p (64-bit pointer) or i (32-bit int)."""
+    body = re.search(r"\.entry\s+" + re.escape(function) + r"\((.*?)\)", ptx, re.S)
+    assert body, f".entry {function} not in the PTX"
+    return "".join("p" if w == "u64" else "i" for w in re.findall(r"\.param\s+\.(u64|u32|b32|s32)", body[1]))
+
+
+def test_plugins_cli_compiles_every_kernel(plugins_dir):
+    import triton
+
+    from jambatrt.plugins.gpu.aot import all_kernels
+    index = json.loads((plugins_dir / "index.json").read_text())
+    assert index["triton_version"] == triton.__version__
+    assert index["archs"] == ["sm_80", "sm_90"]
+    want = {(k.name, a) for k in all_kernels() for a in ("sm_80", "sm_90")}
+    assert {(e["kernel"], e["arch"]) for e in index["kernels"]} == want
+    functions = {e["function"] for e in index["kernels"]}
+    assert functions == {k.kernel_name for k in all_kernels()}
+    for e in index["kernels"]:
+        ptx = (plugins_dir / e["files"]["ptx"]).read_bytes()
+        assert hashlib.sha256(ptx).hexdigest() == e["sha256"]["ptx"]
+        assert hashlib.sha256((plugins_dir / e["files"]["cubin"]).read_bytes()).hexdigest() == e["sha256"]["cubin"]
+        assert e["ptx_version"] == "8.0", "unpinned PTX is refused by older drivers"
+        assert e["ptx_target"] == {"sm_80": "sm_80", "sm_90": "sm_90a"}[e["arch"]]
+        assert e["scratch_bytes"] == {"global_scratch": 0, "profile_scratch": 0}
+        assert e["shared_bytes"] <= 48 * 1024
+        p = e["params"]
+        kinds = "".join("i" if e["signature"][n] == "i32" else "p" for n in e["signature"]
+                        if e["signature"][n] != "constexpr")
+        assert kinds == "p" * len(p["inputs"]) + "i" * len(p["extras"]) + "p" * len(p["outputs"])
+        # PTX: the same order plus Triton's two hidden scratch pointers
+        assert _ptx_params(ptx.decode(), e["function"]) == kinds + "pp"
+
+
+# ---- the QDP plugin code, driven through a stand-in for tensorrt.plugin ---------------------------------
+class _DT:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return self.name
+
+
+def _fake_tensorrt():
+    """A stand-in for (tensorrt, tensorrt.plugin) with QDP's signature rules and concrete shapes."""
+    trt = types.SimpleNamespace(**{n: _DT(n) for n in ("float32", "float16", "bfloat16", "int8", "int32", "int64")})
+
+    class TensorDesc:
+        def __init__(self, shape_expr=(), dtype=None):
+            self.shape_expr, self.dtype = tuple(shape_expr), dtype
+
+        def like(self):
+            return TensorDesc(self.shape_expr, self.dtype)
+
+    class SymInt32:
+        def __init__(self, v):
+            self.v = int(v.v if isinstance(v, SymInt32) else v)
+
+    class SymExprs:
+        def __init__(self, items):
+            self.items = list(items)
+
+    class SymIntExprs(SymExprs):
+        @classmethod
+        def from_tuple(cls, items):
+            assert all(isinstance(i, SymInt32) for i in items)
+            return cls(items)
+
+    class KernelLaunchParams:
+        def __init__(self, grid_x=1, grid_y=1, grid_z=1, block_x=1, block_y=1, block_z=1, shared_mem=0):
+            self.grid = tuple(int(getattr(v, "v", v)) for v in (grid_x, grid_y, grid_z))
+            self.block = tuple(int(getattr(v, "v", v)) for v in (block_x, block_y, block_z))
+            self.shared_mem = int(getattr(shared_mem, "v", shared_mem))
+
+    class AutoTuneCombination:
+        def __init__(self, io_types, layouts=None, tactics=None):
+            self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
+
+    defined: dict = {}
+
+    def check(pid, kind, fn):
+        sig = inspect.signature(fn)
+        reg = defined[pid]["register"] if kind != "register" else None
+        names = list(sig.parameters)
+        if kind == "register":
+            ann = [p.annotation for p in sig.parameters.values()]
+            n_t = sum(a is TensorDesc for a in ann)
+            assert all(a is TensorDesc for a in ann[:n_t]) and all(a in (int, float, str, bool, bytes) for a in ann[n_t:])
+            assert all(p.default is inspect.Parameter.empty for p in sig.parameters.values())
+            ret = sig.return_annotation
+            assert ret is TensorDesc or (typing.get_origin(ret) is tuple and
+                                         all(a is TensorDesc for a in typing.get_args(ret)))
+            return {"tensors": names[:n_t], "attrs": names[n_t:],
+                    "n_out": 1 if ret is TensorDesc else len(typing.get_args(ret))}
+        tail = ["outputs"] if kind == "autotune" else ["outputs", "tactic"]
+        assert names[:len(reg["tensors"])] == reg["tensors"] and names[-len(tail):] == tail, (pid, kind, names)
+        attrs = names[len(reg["tensors"]):-len(tail)]
+        assert attrs == [a for a in reg["attrs"] if a in attrs], f"{pid} {kind}: attributes out of order"
+        if kind == "aot_impl":
+            assert attrs == reg["attrs"], "aot_impl receives every attribute positionally"
+            ret = typing.get_args(sig.return_annotation)
+            assert len(ret) == 4 and ret[2] is KernelLaunchParams and issubclass(ret[3], SymExprs)
+        return {}
+
+    def decorator(kind):
+        def outer(pid):
+            def inner(fn):
+                info = check(pid, kind, fn)
+                defined.setdefault(pid, {})[kind] = {"fn": fn, **info}
+                return fn
+            return inner
+        return outer
+
+    trtp = types.SimpleNamespace(
+        TensorDesc=TensorDesc, SymInt32=SymInt32, SymExprs=SymExprs, SymIntExprs=SymIntExprs,
+        KernelLaunchParams=KernelLaunchParams, AutoTuneCombination=AutoTuneCombination,
+        cdiv=lambda a, b: -(-a // b), from_shape_expr=lambda s, dtype: TensorDesc(s, dtype),
+        register=decorator("register"), autotune=decorator("autotune"), aot_impl=decorator("aot_impl"))
+    return trt, trtp, defined
+
+
+def _plugin_io(trt):
+    """Concrete I/O for every plugin (tiny sizes; Jamba's d_state 16, d_conv 4, head_dim 16)."""
+    bf, f32, i8, i32 = trt.bfloat16, trt.float32, trt.int8, trt.int32
+    B, D, L, N, T, H, I, E, k, P = 2, 32, 17, 16, 34, 64, 48, 4, 2, 5
+    nb = -(-(T * k + E * 63) // 64)
+    return {
+        "SelectiveScan": ([((B, D, L), bf), ((B, D, L), bf), ((D, N), f32), ((B, N, L), bf), ((B, N, L), bf),
+                           ((D,), f32), ((B, D, L), bf), ((D,), f32), ((B, D, N), f32)], {},
+                          [((B, D, L), bf), ((B, D, N), f32)],
+                          {1: (D // 16, B, 1), 2: (D // 64 or 1, B, 1)}, [D, L, N]),   # per tactic: BLOCK_D 16 / 64
+        "CausalConv1d": ([((B, D, L), bf), ((D, 4), bf), ((D,), bf), ((B, D, 3), bf)], {},
+                         [((B, D, L), bf), ((B, D, 3), bf)], (1, 1, B), [D, L]),   # L, D fit one 32 x 32 tile
+        "CausalAttention": ([((B, L, 4, 16), bf), ((B, L, 2, 16), bf), ((B, L, 2, 16), bf), ((B, P, 2, 16), bf),
+                             ((B, P, 2, 16), bf)], {},
+                            [((B, L, 4, 16), bf), ((B, P + L, 2, 16), bf), ((B, P + L, 2, 16), bf)], (1, B * 4, 1),
+                            [L, P, 4, 2]),
+        "MoEInt8": ([((T, H), bf), ((T, E), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((E, H, I), i8), ((E, H), f32)],
+                    {"top_k": k}, [((T, H), bf)], (-(-T // 16), H // 64, 1), [T, H, I, E]),
+        "MoEInt8Route": ([((T, E), bf)], {"top_k": k},
+                         [((T, k), f32), ((T, k), i32), ((nb * 64,), i32), ((nb,), i32)], (1, 1, 1), [T, E]),
+        "MoEInt8GroupedUp": ([((T, H), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((nb * 64,), i32), ((nb,), i32)],
+                             {"top_k": k}, [((T * k, I), bf)], (nb, -(-I // 64), 1), [T * k, H, I]),
+        "MoEInt8GroupedDown": ([((T * k, I), bf), ((E, H, I), i8), ((E, H), f32), ((nb * 64,), i32), ((nb,), i32),
+                                ((T, k), f32)], {}, [((T * k, H), f32)], (nb, H // 64, 1), [T * k, H, I]),
+    }
+
+
+def test_qdp_plugins_through_a_stand_in(monkeypatch):
+    """register() of every plugin module, then what TensorRT does at build time: the shape/type
+    function, autotune, and aot_impl per tactic — which compiles the kernel for sm_90 and must
+    return PTX whose parameters are (inputs, extras, outputs) with the right launch grid."""
+    import jambatrt.plugins.tensorrt as P
+    trt, trtp, defined = _fake_tensorrt()
+    monkeypatch.setattr(P, "require_tensorrt", lambda: (trt, trtp))
+    monkeypatch.setattr(P, "_REGISTERED", set())
+    monkeypatch.setenv("JAMBATRT_CUDA_ARCH", "sm_90")
+    ids = P.register_all()
+    table = P.descriptors()
+    assert sorted(ids) == sorted(d.plugin_id for d in table.values()) == sorted(defined)
+    for name, (ins, attrs, outs, grid, extras) in _plugin_io(trt).items():
+        d, fns = table[name], defined[f"jamba::{name}"]
+        assert set(fns) == {"register", "autotune", "aot_impl"}
+        assert fns["register"]["tensors"] == list(d.inputs) and fns["register"]["attrs"] == list(d.attributes)
+        descs = [trtp.TensorDesc(s, t) for s, t in ins]
+        got = fns["register"]["fn"](*descs, **attrs)
+        got = got if isinstance(got, tuple) else (got,)
+        assert [(o.shape_expr, o.dtype) for o in got] == [(s, t) for s, t in outs], name
+        combos = fns["autotune"]["fn"](*descs, got)
+        want_types = ", ".join({"bfloat16": "BF16", "float32": "FP32", "int8": "INT8", "int32": "INT32"}[t.name]
+                               for t in [t for _, t in ins] + [t for _, t in outs])
+        assert want_types in [c.io_types for c in combos], name
+        for tactic in sorted(d.tactics) or [0]:
+            kname, ptx, launch, sym = fns["aot_impl"]["fn"](*descs, *attrs.values(), got, tactic)
+            assert kname == table[name].tactics.get(tactic, d.kernels[0]) + "_kernel", name
+            kinds = "p" * len(ins) + "i" * len(extras) + "p" * len(outs)
+            assert _ptx_params(ptx.decode(), kname) == kinds + "pp", name
+            assert launch.grid == (grid[tactic] if isinstance(grid, dict) else grid), name
+            assert launch.block[0] % 32 == 0 and launch.block[1:] == (1, 1) and launch.shared_mem <= P.MAX_STATIC_SHARED
+            assert [s.v for s in sym.items] == extras, name
+
+
+# ---- the build plan (no TensorRT needed) ------------------------------------------------------------
+def test_build_plan_profiles(tiny_artifact):
+    from jambatrt.artifact import read_manifest
+    from jambatrt.engines.tensorrt import TensorRTSettings, plan_build
+    m = read_manifest(tiny_artifact)
+    plan = plan_build(m, TensorRTSettings(max_batch=4, max_seq=65536, chunk_cap=4096))
+    assert plan["chunk_plan"]["chunk"] == 4096 and plan["chunk_plan"]["fits"]
+    pre, dec = plan["profiles"]
+    assert (pre["name"], dec["name"]) == ("prefill", "decode")
+    assert pre["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 4096], "max": [4, 4096]}
+    assert dec["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [4, 1]}
+    kv = [n for n in pre["shapes"] if n.endswith(".k")][0]
+    assert pre["shapes"][kv]["min"][1] == 0 and pre["shapes"][kv]["max"][1] == 65535
+    assert set(pre["shapes"]) == {i["name"] for i in m["programs"]["step"]["inputs"]}
+    with pytest.raises(InputError, match="unknown TensorRT setting"):
+        TensorRTSettings.from_kwargs(max_batch=2, fp8=True)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the message for a missing TensorRT cannot be shown")
+def test_missing_tensorrt_is_named(tiny_artifact):
+    from jambatrt.engines.tensorrt import TensorRTEngine
+    with pytest.raises(BackendUnavailable, match="TensorRT not installed"):
+        TensorRTEngine.build(tiny_artifact)
+    p = run_cli("build", tiny_artifact, "--backend", "tensorrt")
+    assert p.returncode == 2 and "BackendUnavailable: TensorRT not installed" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ---- with TensorRT and a GPU ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trt_engine(tiny_artifact, tmp_path_factory):
+    pytest.importorskip("tensorrt", reason="TensorRT not installed")
+    import shutil
+
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT installed but no CUDA GPU visible")
+    from jambatrt.engines.tensorrt import TensorRTEngine
+    art = tmp_path_factory.mktemp("trt") / "tiny"
+    shutil.copytree(tiny_artifact, art)
+    TensorRTEngine.build(art, max_batch=2, max_seq=8192, chunk_cap=256)
+    with TensorRTEngine.load(art) as e:
+        yield e
+
+
+@pytest.mark.parametrize("L", [1, 17, 600])
+def test_tensorrt_engine_vs_eager(trt_engine, L):
+    from jambatrt.validate.reference import EagerReference
+    ids = np.random.default_rng(L).integers(0, 512, (1, L))
+    got = trt_engine.prefill(ids)[0]
+    want = EagerReference(trt_engine.artifact).prefill(ids)
+    assert np.abs(got.astype(np.float32) - want).max() <= 1e-3
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_tensorrt_decode_matches_prefill(trt_engine):
+    ids = np.random.default_rng(3).integers(0, 512, (2, 40))
+    full = trt_engine.prefill(ids)[0]
+    _, state = trt_engine.prefill(ids[:, :39])
+    last, _ = trt_engine.decode(ids[:, 39], state)
+    assert np.abs(last - full[:, -1]).max() <= 1e-3
+    assert trt_engine.manifest["engines"]["tensorrt"]["chunk_plan"]["chunk"] == 256
