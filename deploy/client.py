@@ -14,7 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

@@ -154,15 +154,20 @@ def free_port() -> int:
 def _python_libdir(python: Path) -> str:
     # the stub links libpython3.X.so; the env's python knows where its shared library lives
     out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR') or '')"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     return out.stdout.strip()
 
 
-def _die_with_parent():
-    # runs in the child between fork and exec: SIGTERM when the parent dies (Linux only)
-    with contextlib.suppress(Exception):
+def _death_signal():
+    """A preexec_fn that asks Linux for SIGTERM when the process (strictly: the thread) that started
+    the server dies; resolved here, in the parent, so the child only makes one libc call between
+    fork and exec. None where prctl is unavailable."""
+    try:
         import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)    # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)      # 1 = PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -181,6 +186,8 @@ class TritonServer:
     log_path: Path | None = None
     verbose: int = 0
     exit_timeout: int = 10       # seconds a stopping server waits for open connections / requests
+    env_on_path: bool = True     # the serve env's python3 first on PATH (off: models carry EXECUTION_ENV_PATH)
+    extra_env: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self):
@@ -222,11 +229,13 @@ class TritonServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env["PATH"] = f"{self.env.prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env = {**os.environ, **self.extra_env}
+        if self.env_on_path:
+            env["PATH"] = f"{self.env.prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         libs = [d for d in (_python_libdir(self.env.python), str(self.env.libs_dir)) if d]
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
-        env["VIRTUAL_ENV"] = str(self.env.prefix)
+        if self.env_on_path:
+            env["VIRTUAL_ENV"] = str(self.env.prefix)
         for k in ("PYTHONPATH", "PYTHONHOME"):      # the stub's interpreter is the serve env's, not ours
             env.pop(k, None)
         env[BYTECODE_ENV] = "1"                    # no __pycache__ inside the repository (prepare_serve_env)
@@ -235,7 +244,7 @@ class TritonServer:
         env.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jambatrt-numba-cache"))
         return env
 
-    def start(self, timeout: float = 180.0, interrupted=lambda: False) -> "TritonServer":
+    def start(self, timeout: float = 180.0, interrupted=lambda: False) -> TritonServer:
         if self.proc is not None:
             raise ServerError("server already started")
         prepare_serve_env(self.env)
@@ -243,11 +252,11 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "ab")     # noqa: SIM115 - handed to the child, closed right after
         try:
             self.proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=_death_signal())   # noqa: PLW1509 - one libc call
         finally:
             log.close()
         try:

@@ -28,7 +28,7 @@ from collections import OrderedDict
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-import triton_python_backend_utils as pb_utils  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only inside the backend stub)
 
 
 def _error(msg, invalid_arg=True):
@@ -71,7 +71,11 @@ class TritonPythonModel:
         self.model_config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in self.model_config.get("parameters", {}).items()}
         self.name = self.model_config.get("name", "")
-        self.mode = params["mode"]
+        self.mode = params.get("mode")
+        decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
+        if self.mode not in ("prefill", "sequence", "generate") or decoupled != (self.mode == "generate"):
+            raise ValueError(f"{self.name}: parameter mode={self.mode!r} with decoupled={decoupled} (accepted: "
+                             "prefill or sequence, not decoupled; generate, decoupled): re-run `jambatrt deploy`")
         artifact = params["artifact"]
         want = params.get("manifest_sha256")
         if want:
@@ -86,7 +90,6 @@ class TritonPythonModel:
         self.idle_seconds = float(params.get("idle_seconds", "60"))
         self.max_sequences = int(params.get("max_sequences", "64"))
         self.states = OrderedDict()     # correlation id -> (engine state, past tokens, last use)
-        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.model_config)
         # warm up (first run compiles the CPU kernels) so the first request is not the slow one
         self.engine.prefill(np.array([[0]], dtype=np.int64))
 
@@ -106,7 +109,7 @@ class TritonPythonModel:
                 out.append(self._prefill(r) if self.mode == "prefill" else self._sequence(r))
             except (_BadRequest, self.InputError) as e:
                 out.append(pb_utils.InferenceResponse(error=_error(f"{self.name}: {e}")))
-            except Exception as e:     # noqa: BLE001 - one bad request must not take the model down
+            except Exception as e:
                 out.append(pb_utils.InferenceResponse(error=_error(f"{self.name}: {type(e).__name__}: {e}", False)))
         return out
 
@@ -186,11 +189,17 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse([pb_utils.Tensor("token_id", np.array([tok], np.int64))]))
 
             generate(self.engine, [prompt], n, sampling, eos_id=None if eos < 0 else eos, on_token=on_token)
-            sender.send(flags=final)
+            error = None
         except _Cancelled:
-            sender.send(flags=final)
+            error = None
         except (_BadRequest, self.InputError) as e:
-            sender.send(pb_utils.InferenceResponse(error=_error(f"{self.name}: {e}")), flags=final)
-        except Exception as e:     # noqa: BLE001
-            sender.send(pb_utils.InferenceResponse(error=_error(f"{self.name}: {type(e).__name__}: {e}", False)),
-                        flags=final)
+            error = _error(f"{self.name}: {e}")
+        except Exception as e:
+            error = _error(f"{self.name}: {type(e).__name__}: {e}", False)
+        try:
+            if error is None:
+                sender.send(flags=final)
+            else:
+                sender.send(pb_utils.InferenceResponse(error=error), flags=final)
+        except Exception:
+            pass

@@ -93,6 +93,12 @@ def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
         over = ", ".join(f"{n} ({v:,} elements)" for n, v in plan.weights_over_limit.items())
         raise BackendUnavailable(f"TensorRT tensors hold fewer than 2^31 elements, but this model's {over}: the "
                                  "stacked expert weights must be split into expert groups first")
+    # a profile is a box: the prefill profile admits a full chunk on top of the longest past
+    from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, largest
+    name, n = largest(activation_tensors(cfg, settings.max_batch, plan.chunk, max_seq - 1))
+    if n > TENSOR_LIMIT:
+        raise InputError(f"batch {settings.max_batch}: a {plan.chunk}-token chunk after {max_seq - 1:,} past tokens "
+                         f"makes {name} {n:,} elements (accepted: < 2^31; lower max_batch or max_seq)")
     if settings.prefill_chunk and plan.chunk < settings.prefill_chunk:
         raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
                          f"keeping every tensor under 2^31 elements is {plan.chunk}")

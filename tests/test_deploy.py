@@ -22,8 +22,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from jambatrt.artifact import add_files, read_manifest, sha256_file
-from jambatrt.deploy.repository import (REPOSITORY_INFO, RepositorySettings, pbtxt, Enum, tensorrt_config,
-                                        verify_repository, write_repository)
+from jambatrt.deploy.repository import (Enum, RepositorySettings, pbtxt, tensorrt_config, verify_repository,
+                                        write_repository)
 from jambatrt.deploy.server import TritonServer, find_serve_env, free_port
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -194,7 +194,7 @@ def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):
             "    out[c.name] = [c.platform or c.backend, len(c.input), len(c.output), c.max_batch_size]\n"
             "print(json.dumps(out))\n")
     p = subprocess.run([str(serve_env.python), "-c", code, *map(str, sorted(repo.glob("*/config.pbtxt")))],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
     n_in = len(read_manifest(art)["programs"]["step"]["inputs"])
@@ -287,7 +287,7 @@ def test_sequences_step_by_step_keep_separate_state(client, engine):
     for i in range(n - 1):
         last = i == n - 2
         la, ta = client.step(ida, [ta], end=last)
-        lb, tb = client.step(idb, [tb], end=last)
+        _, tb = client.step(idb, [tb], end=last)
         got_a.append(ta)
         got_b.append(tb)
     assert got_a == want_a and got_b == want_b
@@ -318,7 +318,7 @@ def test_bounded_load_200_requests_8_clients(server, engine):
                 t0 = time.perf_counter()
                 try:
                     out = c.logits(work[i])
-                except Exception as e:      # noqa: BLE001 - counted, reported below
+                except Exception as e:
                     with lock:
                         errors.append(f"request {i}: {e}")
                     continue
@@ -386,6 +386,27 @@ def test_bad_requests_get_errors_and_server_stays_ready(client, server):
     assert client.logits([[1, 2, 3]]).shape == (1, 3, V)                                    # still serving
 
 
+def test_execution_env_path_picks_the_environment(artifact, serve_env, engine, tmp_path):
+    """`--execution-env`: the models name their environment themselves (EXECUTION_ENV_PATH), so a
+    server whose PATH leads to another python (here the numpy-2 test env, which the stub cannot use)
+    still runs them in the serve env."""
+    from jambatrt.deploy.client import JambaClient
+    repo = tmp_path / "repo"
+    write_repository(artifact, repo, RepositorySettings(execution_env=str(serve_env.prefix)))
+    assert f'key: "EXECUTION_ENV_PATH" value {{ string_value: "{serve_env.prefix}" }}' in \
+        (repo / "jamba_prefill" / "config.pbtxt").read_text()
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    srv = TritonServer(repo, serve_env, models=["jamba_prefill"], env_on_path=False, extra_env={"PATH": path},
+                       log_path=tmp_path / "server.log")
+    try:
+        srv.start(timeout=240)
+        with JambaClient(srv.http_url) as c:
+            ids = np.array([[3, 1, 4, 1, 5]])
+            np.testing.assert_allclose(c.logits(ids), engine.prefill(ids)[0], rtol=0, atol=1e-5)
+    finally:
+        srv.stop()
+
+
 def test_kill_mid_request_leaves_repository_and_artifact_intact(repository, artifact, serve_env, tmp_path):
     """SIGKILL the server (and its backend stubs) while a generation is streaming: the repository and
     the artifact are byte-for-byte what they were, and the repository is still judged current."""
@@ -401,7 +422,7 @@ def test_kill_mid_request_leaves_repository_and_artifact_intact(repository, arti
                 with JambaClient(srv.http_url, timeout=60) as c:
                     for tok in c.generate_stream([1, 2, 3], MAX_TOKENS - 3):
                         got.append(tok)
-            except (InferenceError, OSError, Exception) as e:   # noqa: BLE001 - the connection dies
+            except (InferenceError, OSError, Exception) as e:
                 err.append(e)
 
         t = threading.Thread(target=stream, daemon=True)

@@ -268,6 +268,22 @@ def test_build_plan_profiles(tiny_artifact):
         TensorRTSettings.from_kwargs(max_batch=2, fp8=True)
 
 
+def test_build_plan_at_256k():
+    """Mini at 262,144 tokens: a chunked plan whose worst step (a full chunk after the longest past)
+    stays under 2^31; Large is refused before any TensorRT work (its stacked experts are too big)."""
+    from jambatrt.config import preset
+    from jambatrt.engines.tensorrt import TensorRTSettings, plan_build
+    step = {"max_seq": 262_144, "inputs": [{"name": "input_ids", "shape": ["batch", "seq"]}]}
+    mini = {"config": preset("jamba-1.5-mini").to_hf_dict(), "programs": {"step": step}}
+    plan = plan_build(mini, TensorRTSettings())
+    assert plan["chunk_plan"]["fits"] and plan["chunk_plan"]["chunk"] == 4096 and plan["chunk_plan"]["batch"] == 4
+    with pytest.raises(InputError, match="attention.kv"):
+        plan_build(mini, TensorRTSettings(max_batch=8))
+    large = {"config": preset("jamba-1.5-large").to_hf_dict(), "programs": {"step": step}}
+    with pytest.raises(BackendUnavailable, match="split into expert groups"):
+        plan_build(large, TensorRTSettings(max_batch=1))
+
+
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the message for a missing TensorRT cannot be shown")
 def test_missing_tensorrt_is_named(tiny_artifact):
     from jambatrt.engines.tensorrt import TensorRTEngine
