@@ -82,7 +82,9 @@ def cmd_build(a) -> int:
 
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
-        entry = cls.build(a.out, **({"attention": a.attention} if a.backend == "ort" else {}))
+        settings = ({"attention": a.attention} if a.backend == "ort" else
+                    {"max_batch": a.max_batch, "max_seq": a.max_seq, "prefill_chunk": a.prefill_chunk})
+        entry = cls.build(a.out, **settings)
     print(f"built {a.backend} engine: {Path(a.out) / entry['path']}")
     return 0
 
@@ -307,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
     b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
+    b.add_argument("--max-batch", type=int, default=None, help="tensorrt only: largest batch (default 4)")
+    b.add_argument("--max-seq", type=int, default=None, help="tensorrt only: longest context (default: the model's)")
+    b.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tensorrt only: prefill chunk (default: the chunking plan, every tensor < 2^31 elements)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",

@@ -126,11 +126,9 @@ def _lowered_onnx(artifact: Path, step: dict, dtype: str, tmp: Path) -> Path:
     """The step model with absent optional inputs made explicit (plugins take a fixed number of
     inputs), shapes inferred, and the memory-flat check; saved with external data for the parser."""
     from jambatrt.graph.onnx_export import load_onnx, save_onnx
-    from jambatrt.graph.passes import (PassSettings, check_memory_flat, infer_shapes, materialize_optional_inputs,
-                                       run_passes)
+    from jambatrt.graph.passes import PassSettings, run_passes, tensorrt_passes
     settings = PassSettings(dtype=dtype)
-    model = run_passes(load_onnx(artifact / step["onnx"]), settings,
-                       [materialize_optional_inputs, infer_shapes, check_memory_flat])
+    model = run_passes(load_onnx(artifact / step["onnx"]), settings, tensorrt_passes(settings))
     path = tmp / "model.onnx"
     save_onnx(model, path)
     return path

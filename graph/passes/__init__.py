@@ -34,11 +34,16 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     return passes
 
 
+def tensorrt_passes(settings: PassSettings) -> list[Pass]:
+    # attention stays jamba::CausalAttention (our Triton flash kernel as an AOT plugin)
+    return [materialize_optional_inputs, infer_shapes, check_memory_flat]
+
+
 def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass]) -> onnx.ModelProto:
     for p in passes:
         model = p(model, settings)
     return model
 
 
-__all__ = ["PassSettings", "ort_passes", "run_passes", "check_memory_flat", "infer_shapes",
+__all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
            "lower_attention_gqa", "materialize_optional_inputs"]
