@@ -26,8 +26,11 @@ demo: setup
 	$(VENV)/bin/jambatrt inspect $(OUT)
 	$(VENV)/bin/jambatrt build $(OUT) --backend ort
 	$(VENV)/bin/jambatrt validate $(OUT) --backend ort --lengths 1,17,4096 --report $(OUT)/reports/parity.json
+	$(VENV)/bin/jambatrt profile $(OUT) --backend ort --lengths 1,4096 --repeats 2 \
+	    --report $(OUT)/reports/profile.json --plot $(OUT)/reports/profile.png
 	$(VENV)/bin/jambatrt generate $(OUT) --backend ort --prompt-ids 1,2,3 --max-new-tokens 16
-	@echo "report: $(OUT)/reports/parity.json (summary: $(OUT)/reports/parity.md)"
+	@echo "parity report:  $(OUT)/reports/parity.json (summary $(OUT)/reports/parity.md, plots parity.*.png)"
+	@echo "profile report: $(OUT)/reports/profile.json (plot $(OUT)/reports/profile.png)"
 
 test: setup serve-setup
 	$(PY) -m pytest -q

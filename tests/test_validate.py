@@ -297,3 +297,58 @@ def test_bench_preset_262k_prefill_parity(tmp_path):
     rows = {x["mode"]: x for x in json.loads(prof.read_text())["results"]}
     assert rows["prefill"]["length"] == 262144 and rows["prefill"]["peak_rss_bytes"] < 4e9
     assert rows["decode"]["tokens_per_s"] > 0
+
+
+# ---- tokens with an undecided MoE top-k ------------------------------------------------------------------
+class _FlipAt:
+    """Engine wrapper whose logits at one token differ as after the other expert choice."""
+
+    def __init__(self, engine, token):
+        self.engine, self.token = engine, token
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def prefill(self, ids):
+        logits, state = self.engine.prefill(ids)
+        logits = logits.copy()
+        logits[0, self.token] += 0.05
+        return logits, state
+
+
+class _TieAt(EagerReference):
+    """Reference that reports a routing margin of 0 (a tie) at one token of layer 3."""
+
+    def __init__(self, artifact, token):
+        super().__init__(artifact)
+        self.token = token
+
+    def prefill_with_state(self, ids, stats=True):
+        out = super().prefill_with_state(ids, stats)
+        self.last_router_margins[3][0, self.token] = 0.0
+        return out
+
+
+def test_undecided_routing_tokens_are_graded_apart(built):
+    from jambatrt.engines.ort import OrtEngine
+    from jambatrt.validate.parity import run_parity
+
+    with OrtEngine.load(built) as engine:
+        flipped = _FlipAt(engine, token=40)
+        plain = run_parity(flipped, EagerReference(built), [64], "float32")
+        assert not plain.passed and plain.results[0].max_abs_err >= 0.05      # a real mismatch is caught
+        tie = run_parity(flipped, _TieAt(built, token=40), [64], "float32")
+        assert tie.passed, tie.mismatches
+        rt = tie.results[0].routing
+        assert rt["undecided_tokens"] == 1 and rt["tokens"] == [[0, 40]] and rt["undecided_by_layer"][3] == 1
+        assert rt["max_abs_err_undecided"] == pytest.approx(0.05, abs=1e-4)
+        assert tie.results[0].max_abs_err <= 1e-3
+        # a tie elsewhere does not excuse the flipped token
+        assert not run_parity(flipped, _TieAt(built, token=41), [64], "float32").passed
+        # too many undecided tokens cannot be graded apart
+        many = _TieAt(built, token=40)
+        orig = many.prefill_with_state
+        many.prefill_with_state = lambda ids, stats=True: (orig(ids, stats),
+                                                            many.last_router_margins[3].fill(0.0))[0]
+        r = run_parity(engine, many, [64], "float32")
+        assert not r.passed and "undecided MoE top-k" in " ".join(r.mismatches)

@@ -91,6 +91,8 @@ def parity_markdown(r: dict) -> str:
              f"{'PASSED' if r['passed'] else 'FAILED'}", "",
              _model_line(r),
              f"- tolerances: logits atol {tol.get('atol')}, rtol {tol.get('rtol')}, top-1 agreement >= {tol.get('top1')}"
+             + (f"; tokens whose MoE routing margin is < {tol['router_margin']} are graded apart (undecided top-k)"
+                if tol.get("router_margin") is not None else "")
              + (f"; states (present.*) atol {stol.get('atol')}, rtol {stol.get('rtol')}" if stol else
                 "; states not compared"),
              _machine_line(r["machine"]),
@@ -117,6 +119,12 @@ def parity_markdown(r: dict) -> str:
                          + f"{h['problem']} — look at {h['where']}")
         else:
             lines.append(f"- length {x['length']:,}: no NaN/Inf; every layer's state within tolerance")
+        rt = x.get("routing") or {}
+        if rt.get("undecided_tokens"):
+            where = ", ".join(f"layer {k}: {v}" for k, v in rt.get("undecided_by_layer", {}).items() if v)
+            lines.append(f"  - {rt['undecided_tokens']} token(s) with an undecided MoE top-k (routing margin < "
+                         f"{rt['margin_threshold']}; {where}; [batch, position] {rt.get('tokens')}) graded apart: "
+                         f"their logits max |diff| {rt.get('max_abs_err_undecided', float('nan')):.3e}")
     worst = next((x for x in r["results"] if (x.get("health") or {}).get("problem")), None) or \
         (r["results"][-1] if r["results"] else None)
     if worst and (worst.get("health") or {}).get("layers"):
