@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build an engine from an exported artifact",
                        description="Lower the artifact's model.onnx for a backend and write engines/<backend>/.")
     b.add_argument("out", help="artifact directory written by `jambatrt export`")
-    b.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    b.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
     b.add_argument("--max-batch", type=int, default=None, help="tensorrt only: largest batch (default 4)")
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the engine and a reference on the same random ids at each length and "
                                    "compare logits (max/mean abs error, top-1 agreement).")
     v.add_argument("out", help="artifact directory with a built engine")
-    v.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    v.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     v.add_argument("--lengths", type=_lengths, default=[1, 17, 4096], help="comma-separated (default 1,17,4096)")
     v.add_argument("--reference", default="eager", choices=["eager", "hf"],
                    help="eager: this package's model on the plain <op>_ref ops; hf: transformers' Jamba")
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "timed prefill repeats (min/median/max), timed decode steps; peak RSS of the "
                                     "child. Writes JSON, a markdown summary and a PNG (tok/s and memory vs length).")
     pr.add_argument("out", help="artifact directory with a built engine")
-    pr.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    pr.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     pr.add_argument("--lengths", type=_lengths, default=[1, 4096], help="comma-separated (default 1,4096)")
     pr.add_argument("--reference", default="eager", choices=["eager", "none"],
                     help="eager: this package's eager model on torch.ops.jamba custom ops (default); none")
@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate tokens with an engine (greedy or sampled), streaming",
                        description="Prefill the prompt, then decode token by token with the carried state.")
     g.add_argument("out", help="artifact directory with a built engine")
-    g.add_argument("--backend", required=True, choices=["ort", "tensorrt"])
+    g.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     g.add_argument("--prompt-ids", required=True,
                    help="comma-separated token ids; several prompts separated by ';' (e.g. '1,2,3;4,5')")
     g.add_argument("--max-new-tokens", type=int, default=32)

@@ -155,4 +155,7 @@ def engine_class(backend: str) -> type[Engine]:
     if backend == "tensorrt":
         from jambatrt.engines.tensorrt import TensorRTEngine
         return TensorRTEngine
-    raise InputError(f"unknown backend {backend!r} (accepted: ort, tensorrt)")
+    if backend == "aoti":
+        from jambatrt.engines.aoti import AotiEngine
+        return AotiEngine
+    raise InputError(f"unknown backend {backend!r} (accepted: ort, tensorrt, aoti)")

@@ -30,6 +30,8 @@ def _session_options(threads: int | None = None):
     so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # spinning ORT workers starve the numba/torch threads of our kernels on few cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
 
 
@@ -105,11 +107,7 @@ class OrtEngine(Engine):
         return self._run(input_ids, state)
 
     def _run(self, input_ids, state):
-        from jambatrt.plugins.cpu.ort_ops import raise_pending_error
+        from jambatrt.plugins.cpu.ort_ops import run_checked   # raises OrtKernelError listing kernel failures
 
-        feed = dict(zip(self.input_names, [input_ids, *state]))
-        try:
-            outs = self.session.run(self.output_names, feed)
-        finally:
-            raise_pending_error()
+        outs = run_checked(self.session, self.output_names, dict(zip(self.input_names, [input_ids, *state])))
         return outs[0], list(outs[1:])

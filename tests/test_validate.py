@@ -345,10 +345,7 @@ def test_undecided_routing_tokens_are_graded_apart(built):
         assert tie.results[0].max_abs_err <= 1e-3
         # a tie elsewhere does not excuse the flipped token
         assert not run_parity(flipped, _TieAt(built, token=41), [64], "float32").passed
-        # too many undecided tokens cannot be graded apart
-        many = _TieAt(built, token=40)
-        orig = many.prefill_with_state
-        many.prefill_with_state = lambda ids, stats=True: (orig(ids, stats),
-                                                            many.last_router_margins[3].fill(0.0))[0]
+        # more undecided tokens than allowed (64 tokens: at most 1) cannot be graded apart
+        many = _TieAt(built, token=[40, 41])
         r = run_parity(engine, many, [64], "float32")
         assert not r.passed and "undecided MoE top-k" in " ".join(r.mismatches)

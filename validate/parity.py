@@ -146,12 +146,21 @@ def _routing(reference, batch: int, length: int, tol: dict) -> tuple[np.ndarray,
                        "allowed": max(1, int(MAX_UNDECIDED_FRACTION * batch * length))}
 
 
+def _simple_compare(**kw):
+    """Polygraphy's elementwise comparison with per-output tolerances (SimpleCompareFunc since
+    0.50; CompareFunc.simple, deprecated there, before)."""
+    from polygraphy import comparator
+    if hasattr(comparator, "SimpleCompareFunc"):
+        return comparator.SimpleCompareFunc(**kw)
+    return comparator.CompareFunc.simple(**kw)
+
+
 def compare_logits(a: np.ndarray, b: np.ndarray, tol: dict) -> dict:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     diff = np.abs(a64 - b64)
     finite = np.isfinite(a64) & np.isfinite(b64)
     bound = tol["atol"] + tol["rtol"] * np.abs(b64)
-    top1 = float(np.mean(a.argmax(-1) == b.argmax(-1)))
+    top1 = float(np.mean(a.argmax(-1) == b.argmax(-1))) if a.size else 1.0   # no token left to grade
     ok = bool(finite.all() and (diff <= bound).all() and top1 >= tol["top1"])
     return {"max_abs_err": float(diff.max()) if diff.size else 0.0, "mean_abs_err": float(diff.mean()) if diff.size else 0.0,
             "top1_agreement": top1, "passed": ok, "nonfinite": int((~finite).sum())}
@@ -163,7 +172,7 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
     `validate.reference.Reference` (prefill_with_state, else prefill(ids) -> logits). Every length
     is run and compared (logits, and the final states when `check_state` and the reference keeps
     them); `on_length(i, L)` reports progress. Returns the report; it never raises on mismatch."""
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL   # our own report lists every mismatch
@@ -190,8 +199,8 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
         common = [k for k in e_out.keys() if k in r_out]      # the logits, plus states the reference keeps
         atol = {k: (tol if k == "logits" else stol)["atol"] for k in common}
         rtol = {k: (tol if k == "logits" else stol)["rtol"] for k in common}
-        poly = Comparator.compare_accuracy(run, compare_func=CompareFunc.simple(atol=atol, rtol=rtol,
-                                                                                check_error_stat="elemwise"))
+        poly = Comparator.compare_accuracy(run, compare_func=_simple_compare(atol=atol, rtol=rtol,
+                                                                             check_error_stat="elemwise"))
         m = compare_logits(e_out["logits"], r_out["logits"], tol)
         e_states = {k: e_out[k] for k in e_out.keys() if k != "logits"}
         r_states = {k: r_out[k] for k in r_out.keys() if k != "logits"} or None

@@ -302,7 +302,8 @@ def plot_profile(report: dict, png: str | Path) -> Path:
     a1.set_ylabel("tokens / s")
     a1.set_title("throughput", fontsize=10)
     a2.set_ylabel("peak RSS (GB)")
-    a2.set_ylim(bottom=0)
+    peaks = [x[k] for x in res for k in ("peak_rss_bytes", "reference_peak_rss_bytes") if x.get(k)]
+    a2.set_ylim(0, max(peaks) / 1e9 * 1.15 if peaks else 1)
     a2.set_title("peak memory (child process)", fontsize=10)
     for ax in (a1, a2):
         _length_axis(ax, L)

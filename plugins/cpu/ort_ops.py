@@ -54,7 +54,6 @@ def raise_pending_errors() -> None:
         raise OrtKernelError("jamba custom op failed inside ONNX Runtime:\n  " + "\n  ".join(errors))
 
 
-raise_pending_error = raise_pending_errors     # the name engines/ort.py calls; drop once it uses the plural
 
 
 def run_checked(session, output_names, feeds: dict) -> list:

@@ -1,0 +1,345 @@
+"""The AOTInductor engine: the step program (the same StepProgram model.onnx comes from, rebuilt
+from the artifact's checkpoint) compiled by `torch._inductor.aoti_compile_and_package` into one
+package, engines/aoti/model.pt2, with dynamic batch, sequence and past; run with
+`torch._inductor.aoti_load_package`, chunk by chunk as the TensorRT engine (engines/chunking.py).
+A GPU engine for machines where TensorRT cannot be installed: it needs only torch (and triton at
+build time).
+
+How the jamba:: ops get into the package depends on the device:
+- cuda: `plugins.gpu.torch_ops.register_cuda_kernels()` lets Inductor trace each op into its
+  Triton kernels (wrap_triton), which it compiles into the package as cubins: no Python and no
+  jamba:: op is called at run time. The build checks that none is left as a fallback call.
+- cpu: AOTInductor compiles the ops as fallback calls through its proxy executor, which looks the
+  op up in the dispatcher and calls its Python implementation (the CPU kernels of plugins/cpu, or
+  `<op>_ref`): the package runs in a Python process that has imported jambatrt (this engine, the
+  Triton Python backend), not from C++ alone. Inductor lays out its buffers from each op's fake
+  (meta) implementation, so the real outputs must have the fake outputs' strides. They do not
+  always: causal_conv1d's fake gives y the strides of a non-contiguous x (`empty_like`), the
+  kernels return it contiguous; attention_ref returns o as a permuted view. The CPU package
+  therefore calls every op through a `jamba_aoti::` twin with the same schema whose outputs are
+  contiguous in both its fake and its implementation (`register_cpu_boundary_ops`).
+
+Build needs a C++ compiler (both devices) and, for cuda, a CUDA GPU of the arch that will run it;
+without one, building a cuda package raises BackendUnavailable("no CUDA GPU: ...")."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jambatrt.artifact import add_files, read_manifest, verify_files
+from jambatrt.engines.base import Engine, _np_dtype
+from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+
+SUBDIR = "engines/aoti"
+PACKAGE = "model.pt2"
+BOUNDARY_NAMESPACE = "jamba_aoti"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class AotiSettings:
+    """Every build setting, with its default, in one place."""
+
+    device: str = "auto"               # cuda | cpu | auto (cuda when a CUDA GPU is visible, else cpu)
+    max_batch: int = 4                 # as TensorRT: 256K context x 4 sequences keeps Mini's KV under 2^31
+    max_seq: int | None = None         # default: the step program's max_seq
+    prefill_chunk: int | None = None   # default: the chunk plan for (max_batch, max_seq)
+    chunk_cap: int = 8192              # longest chunk the plan may pick
+    max_autotune: bool = False         # Inductor's max-autotune for its own GEMMs/kernels (slow builds)
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "AotiSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kw) - names)
+        if unknown:
+            raise InputError(f"unknown aoti setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
+        s = cls(**{k: v for k, v in kw.items() if v is not None})
+        if s.device not in DEVICES:
+            raise InputError(f"device={s.device!r} (accepted: {', '.join(DEVICES)})")
+        if s.max_batch < 1:
+            raise InputError(f"max_batch={s.max_batch} (accepted: >= 1)")
+        return s
+
+
+# ---- pieces that need no GPU ----------------------------------------------------------------------
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable("torch is not installed (the aoti backend compiles with torch's Inductor)") from None
+    return torch
+
+
+def resolve_device(device: str) -> str:
+    """auto -> cuda when a CUDA GPU is visible, else cpu; cuda without a GPU -> BackendUnavailable."""
+    torch = _torch()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"no CUDA GPU: torch {torch.__version__} sees no CUDA device "
+                                 f"(cuda built: {torch.version.cuda or 'no'}); a cuda AOTInductor package is "
+                                 "compiled on the GPU that will run it (build with device=cpu here, or on a GPU)")
+    return device
+
+
+def plan(manifest: dict, settings: AotiSettings) -> dict:
+    """The chunk plan the engine prefills with (the Triton kernels index with int32 offsets, so
+    every activation tensor stays under 2^31 elements, as for TensorRT)."""
+    from jambatrt.config import JambaConfig
+    from jambatrt.engines.chunking import plan_chunks
+    from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, largest
+
+    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
+    step = manifest["programs"]["step"]
+    max_seq = settings.max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
+    if max_seq < 1:
+        raise InputError(f"max_seq={max_seq} (accepted: >= 1)")
+    p = plan_chunks(cfg, max_seq, settings.max_batch, cap=settings.prefill_chunk or settings.chunk_cap)
+    name, n = largest(activation_tensors(cfg, settings.max_batch, p.chunk, max_seq - 1))
+    if n > TENSOR_LIMIT:
+        raise InputError(f"batch {settings.max_batch}: a {p.chunk}-token chunk after {max_seq - 1:,} past tokens "
+                         f"makes {name} {n:,} elements (accepted: < 2^31; lower max_batch or max_seq)")
+    if settings.prefill_chunk and p.chunk < settings.prefill_chunk:
+        raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
+                         f"keeping every tensor under 2^31 elements is {p.chunk}")
+    return {"max_seq": max_seq, "chunk_plan": p.as_dict()}
+
+
+_BOUNDARY_LIB = None
+
+
+def register_cpu_boundary_ops() -> None:
+    """Define `jamba_aoti::<op>` for every jamba op: the same schema, implementation = the jamba op
+    with contiguous inputs, outputs made contiguous; its fake is the same function, so fake and
+    real outputs agree on strides (see the module docstring). Idempotent."""
+    global _BOUNDARY_LIB
+    if _BOUNDARY_LIB is not None:
+        return
+    torch = _torch()
+    from jambatrt.export import ops as jops
+
+    lib = torch.library.Library(BOUNDARY_NAMESPACE, "DEF")   # noqa: TOR901 - kept alive in _BOUNDARY_LIB
+    for name in jops.REGISTRY:
+        op = getattr(torch.ops.jamba, name).default
+        lib.define(str(op._schema).split("::", 1)[1])
+
+        def contiguous_call(*args, _op=op):
+            out = _op(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
+            if isinstance(out, (tuple, list)):
+                return tuple(t.contiguous() for t in out)
+            return out.contiguous()
+
+        lib.impl(name, contiguous_call, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{BOUNDARY_NAMESPACE}::{name}", contiguous_call, lib=lib)
+    _BOUNDARY_LIB = lib
+
+
+def to_boundary_ops(ep):
+    """The ExportedProgram with every jamba::<op> call replaced by jamba_aoti::<op> (metadata
+    re-derived by a retrace). Returns (program, number of calls replaced)."""
+    torch = _torch()
+    register_cpu_boundary_ops()
+    n = 0
+    for node in ep.graph.nodes:
+        if (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                and node.target.namespace == "jamba"):
+            node.target = getattr(getattr(torch.ops, BOUNDARY_NAMESPACE), node.target._opname).default
+            n += 1
+    ep.graph_module.recompile()
+    return ep.run_decompositions({}), n
+
+
+def package_contents(path: str | Path) -> dict:
+    """What an AOTInductor package holds: the ops it calls back through the proxy executor (in
+    order of the calls), which of our Triton kernels it compiled in, and its build metadata."""
+    from jambatrt.plugins.gpu.torch_ops import KERNELS
+
+    fallback, sources, meta = [], "", {}
+    with zipfile.ZipFile(path) as z:
+        for name in sorted(z.namelist()):
+            if name.endswith(".wrapper.json"):
+                fallback += [n["node"]["target"] for n in json.loads(z.read(name)).get("nodes", [])]
+            elif name.endswith(("wrapper.cpp", ".cpp", ".py")) and "/aotinductor/" in name:
+                sources += z.read(name).decode("utf-8", "replace")
+            elif name.endswith("wrapper_metadata.json"):
+                meta = json.loads(z.read(name))
+    kernels = sorted({k for ks in KERNELS.values() for k in ks if k in sources})
+    return {"fallback_ops": fallback, "triton_kernels": kernels, "metadata": meta}
+
+
+def compile_package(ep, device: str, package_path: str | Path, max_autotune: bool = False) -> dict:
+    """Compile an ExportedProgram of the step program into an AOTInductor package for `device`
+    (cpu | cuda). Returns package_contents(). Raises BackendUnavailable when a cuda package would
+    call a jamba:: op back through Python (its Triton kernels were not compiled in)."""
+    torch = _torch()
+    device = resolve_device(device)
+    if device == "cuda":
+        from jambatrt.plugins.gpu.torch_ops import cuda_unavailable_reason, register_cuda_kernels
+        if not register_cuda_kernels():
+            raise BackendUnavailable(f"the Triton kernels cannot be compiled in: {cuda_unavailable_reason()}")
+        try:
+            from torch.export.passes import move_to_device_pass
+        except ImportError:
+            raise BackendUnavailable(f"torch {torch.__version__} has no torch.export.passes.move_to_device_pass "
+                                     "(torch >= 2.6 needed for a cuda package)") from None
+        ep = move_to_device_pass(ep, "cuda")
+    else:
+        ep, _ = to_boundary_ops(ep)
+    configs = {"max_autotune": True} if max_autotune else {}
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
+    info = package_contents(path)
+    python_ops = [t for t in info["fallback_ops"] if t.startswith(("jamba::", f"{BOUNDARY_NAMESPACE}::"))]
+    if device == "cuda" and python_ops:
+        raise BackendUnavailable(f"the cuda package would call {sorted(set(python_ops))} back through Python: "
+                                 "their Triton kernels were not traced in (register_cuda_kernels)")
+    return info
+
+
+def load_step_program(artifact: Path, manifest: dict, max_seq: int, max_batch: int):
+    """The step program (StepProgram, torch.export, dynamic batch/seq/past) rebuilt from the
+    artifact's checkpoint: what `jambatrt export` turned into model.onnx."""
+    from jambatrt.export.checkpoint import DTYPES, load_model
+    from jambatrt.export.trace import export_step
+
+    src = manifest.get("source", {}).get("checkpoint")
+    if not src:
+        raise ArtifactError(f"{artifact}/manifest.json names no checkpoint (source.checkpoint): re-run `jambatrt export`")
+    ckpt = Path(src) if Path(src).is_absolute() else artifact / src
+    if manifest["dtype"] not in DTYPES:
+        raise ArtifactError(f"{artifact}/manifest.json: dtype {manifest['dtype']!r} (accepted: {', '.join(DTYPES)})")
+    experts_int8 = manifest.get("quantization", {}).get("experts", "none") != "none"
+    model = load_model(ckpt, dtype=DTYPES[manifest["dtype"]], experts_int8=experts_int8)
+    return export_step(model, max_seq=max_seq, max_batch=max_batch)
+
+
+def _versions() -> dict:
+    import platform
+
+    torch = _torch()
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+class AotiEngine(Engine):
+    backend = "aoti"
+
+    @classmethod
+    def build(cls, artifact: str | Path, **settings) -> dict:
+        artifact = Path(artifact)
+        manifest = read_manifest(artifact)
+        verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
+        s = AotiSettings.from_kwargs(**settings)
+        planned = plan(manifest, s)
+        device = resolve_device(s.device)
+        torch = _torch()
+        t0 = time.perf_counter()
+        ep = load_step_program(artifact, manifest, planned["max_seq"], s.max_batch)
+        t_export = time.perf_counter() - t0
+        dest = artifact / SUBDIR
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".aoti.tmp-", dir=dest.parent))
+        try:
+            info = compile_package(ep, device, tmp / PACKAGE, max_autotune=s.max_autotune)
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)    # mkdtemp makes 0700; the engine gets the usual mode
+            if dest.exists():       # swap: the old engine stays whole until the new one is in place
+                old = Path(tempfile.mkdtemp(prefix=".aoti.old-", dir=dest.parent))
+                os.rename(dest, old / "x")
+                os.rename(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        entry = {"path": f"{SUBDIR}/{PACKAGE}", "device": device, **_versions(),
+                 "settings": {**dataclasses.asdict(s), "device": device}, "max_seq": planned["max_seq"],
+                 "max_batch": s.max_batch, "chunk_plan": planned["chunk_plan"],
+                 # cuda: the Triton kernels inside the package; cpu: the ops called back through Python
+                 "triton_kernels": info["triton_kernels"], "python_ops": info["fallback_ops"],
+                 "cpu_isa": info["metadata"].get("AOTI_CPU_ISA") if device == "cpu" else None,
+                 "export_seconds": round(t_export, 3), "build_seconds": round(time.perf_counter() - t0, 3)}
+        if device == "cuda":
+            major, minor = torch.cuda.get_device_capability()
+            entry["gpu"] = {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}",
+                            "cuda": torch.version.cuda}
+        manifest = read_manifest(artifact)   # another build may have recorded its engine meanwhile
+        manifest.setdefault("engines", {})["aoti"] = entry
+        add_files(artifact, manifest, SUBDIR)
+        return entry
+
+    # ---- running -------------------------------------------------------------------------------
+    def __init__(self, artifact, manifest=None):
+        super().__init__(artifact, manifest)
+        self.torch = torch = _torch()
+        self.entry = entry = self.manifest["engines"]["aoti"]
+        self.device = entry["device"]
+        built, here = entry.get("torch", "?"), torch.__version__
+        if built.split("+")[0].split(".")[:2] != here.split("+")[0].split(".")[:2]:
+            raise BackendUnavailable(f"the aoti package was compiled by torch {built}; this is torch {here}: rebuild "
+                                     f"it here (`jambatrt build {artifact} --backend aoti`)")
+        if self.device == "cuda":
+            resolve_device("cuda")
+            major, minor = torch.cuda.get_device_capability()
+            if entry["gpu"]["arch"] != f"sm_{major}{minor}":
+                raise BackendUnavailable(f"the aoti package was built for {entry['gpu']['arch']} ({entry['gpu']['name']}); "
+                                         f"this GPU is sm_{major}{minor}: rebuild it here")
+        else:
+            register_cpu_boundary_ops()
+            try:    # the proxy executor calls the ops: give them the fast CPU kernels where they exist
+                from jambatrt.plugins.cpu import register_torch_kernels
+                register_torch_kernels()
+            except ImportError:
+                pass
+        path = self.artifact / entry["path"]
+        try:
+            self.runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as e:   # torch raises RuntimeError / zipfile errors for a bad package
+            raise ArtifactError(f"{path}: torch cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
+
+    def default_chunk(self, batch: int) -> int:
+        return int(self.entry["chunk_plan"]["chunk"])
+
+    def _to_device(self, a: np.ndarray):
+        torch = self.torch
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == _np_dtype("bfloat16") \
+            else torch.from_numpy(a)
+        return t.to(self.device) if self.device != "cpu" else t
+
+    def _to_host(self, t) -> np.ndarray:
+        torch = self.torch
+        t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).cpu().numpy().view(_np_dtype("bfloat16"))
+        return t.cpu().numpy()
+
+    def run_step(self, input_ids, state):
+        B = input_ids.shape[0]
+        if B > self.entry["max_batch"]:
+            raise InputError(f"batch {B} exceeds the aoti engine's max_batch {self.entry['max_batch']} "
+                             "(rebuild with a larger max_batch)")
+        with self.torch.inference_mode():
+            outs = self.runner(self._to_device(np.asarray(input_ids, dtype=np.int64)),
+                               [self._to_device(s) for s in state])
+            host = [self._to_host(t) for t in outs]
+        return host[0], host[1:]
+
+    def close(self) -> None:
+        self.runner = None
