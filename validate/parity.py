@@ -238,4 +238,4 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
         results.append(res)
     return ParityReport(passed=not mismatches, backend=engine.backend, reference=reference.name, dtype=dtype,
                         results=results, tolerances=tol, batch=batch, mismatches=mismatches,
-                        state_tolerances=stol if check_state else {})
+                        state_tolerances=stol if any(r.states for r in results) else {})

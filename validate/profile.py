@@ -91,13 +91,7 @@ class _ReferenceSide:
     def __init__(self, spec):
         import torch
 
-        from jambatrt.validate.reference import EagerReference
-        try:        # the fast CPU kernels as torch.ops.jamba.* implementations, where they exist
-            from jambatrt.plugins.cpu import register_torch_kernels
-        except ImportError:
-            register_torch_kernels = None
-        if register_torch_kernels:
-            register_torch_kernels()
+        from jambatrt.validate.reference import EagerReference   # `import jambatrt` registered the CPU kernels
         self.torch = torch
         self.ref = EagerReference(spec["artifact"], chunk=spec["reference_chunk"], impl="custom")
         self.model, self.chunk = self.ref.model, spec["reference_chunk"]

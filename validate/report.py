@@ -183,6 +183,11 @@ def plot_parity(report: dict, path: str | Path) -> list[Path]:
     if any(w is not None for w in worst_state):
         ax.plot([n for n, w in zip(L, worst_state) if w is not None],
                 [max(w, floor) for w in worst_state if w is not None], "^:", label="worst state max |diff|")
+    undecided = [x for x in res if (x.get("routing") or {}).get("max_abs_err_undecided") is not None]
+    if undecided:
+        ax.plot([x["length"] for x in undecided],
+                [max(x["routing"]["max_abs_err_undecided"], floor) for x in undecided], "x", color="grey", ms=8,
+                ls="none", label="tokens with undecided MoE top-k (graded apart)")
     if tol.get("atol"):
         ax.axhline(tol["atol"], color="red", lw=1, ls="--", label=f"logits atol {tol['atol']}")
     failed = [x for x in res if not x["passed"]]
