@@ -37,10 +37,7 @@ def _progress():
 
 # ---- export ----------------------------------------------------------------------------------
 def cmd_export(a) -> int:
-    import torch  # noqa: F401
-
-    from jambatrt.artifact import atomic_dir, hash_tree
-    from jambatrt.artifact import write_json_atomic
+    from jambatrt.artifact import atomic_dir, hash_tree, write_json_atomic
     from jambatrt.config import PRESETS
     from jambatrt.errors import ConfigError
     from jambatrt.export.checkpoint import dtype_from_name
@@ -61,13 +58,9 @@ def cmd_export(a) -> int:
 
         ep, model, manifest = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
                                            experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, step=step)
-        try:
-            from jambatrt.graph.onnx_export import write_onnx
-        except ImportError:
-            write_onnx = None
-        if write_onnx is not None:
-            step("ONNX (jamba domain)")
-            write_onnx(ep, tmp, manifest)
+        from jambatrt.graph.onnx_export import write_onnx
+        step("ONNX (jamba domain)")
+        write_onnx(ep, tmp, manifest)
         step("manifest (sha256 of every file)")
         manifest["files"] = hash_tree(tmp)
         write_json_atomic(tmp / "manifest.json", manifest)

@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,13 @@ class AotiSettings:
     prefill_chunk: int | None = None   # default: the chunk plan for (max_batch, max_seq)
     chunk_cap: int = 8192              # longest chunk the plan may pick
     max_autotune: bool = False         # Inductor's max-autotune for its own GEMMs/kernels (slow builds)
+    # round bf16 intermediates where eager does (Inductor otherwise keeps fused pointwise chains in
+    # fp32): the package then matches the eager model it is validated against (tiny bf16 on CPU:
+    # max |diff| 4.2e-3 -> 0 at 17 tokens)
+    emulate_precision_casts: bool = True
+
+    def inductor_configs(self) -> dict:
+        return {"max_autotune": self.max_autotune, "emulate_precision_casts": self.emulate_precision_casts}
 
     @classmethod
     def from_kwargs(cls, **kw) -> "AotiSettings":
@@ -164,8 +172,9 @@ def package_contents(path: str | Path) -> dict:
     order of the calls), which of our Triton kernels it compiled in, and its build metadata."""
     from jambatrt.plugins.gpu.torch_ops import KERNELS
 
-    fallback, sources, meta = [], "", {}
+    fallback, meta = [], {}
     with zipfile.ZipFile(path) as z:
+        sources = "\n".join(z.namelist())          # kernel binaries may be named after the kernel
         for name in sorted(z.namelist()):
             if name.endswith(".wrapper.json"):
                 fallback += [n["node"]["target"] for n in json.loads(z.read(name)).get("nodes", [])]
@@ -177,7 +186,7 @@ def package_contents(path: str | Path) -> dict:
     return {"fallback_ops": fallback, "triton_kernels": kernels, "metadata": meta}
 
 
-def compile_package(ep, device: str, package_path: str | Path, max_autotune: bool = False) -> dict:
+def compile_package(ep, device: str, package_path: str | Path, inductor_configs: dict | None = None) -> dict:
     """Compile an ExportedProgram of the step program into an AOTInductor package for `device`
     (cpu | cuda). Returns package_contents(). Raises BackendUnavailable when a cuda package would
     call a jamba:: op back through Python (its Triton kernels were not compiled in)."""
@@ -195,8 +204,11 @@ def compile_package(ep, device: str, package_path: str | Path, max_autotune: boo
         ep = move_to_device_pass(ep, "cuda")
     else:
         ep, _ = to_boundary_ops(ep)
-    configs = {"max_autotune": True} if max_autotune else {}
-    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path), inductor_configs=configs)
+    configs = dict(AotiSettings().inductor_configs() if inductor_configs is None else inductor_configs)
+    with warnings.catch_warnings():     # torch's own pytree deprecation noise, once per graph module
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
+                                                        inductor_configs=configs)
     info = package_contents(path)
     python_ops = [t for t in info["fallback_ops"] if t.startswith(("jamba::", f"{BOUNDARY_NAMESPACE}::"))]
     if device == "cuda" and python_ops:
@@ -213,7 +225,8 @@ def load_step_program(artifact: Path, manifest: dict, max_seq: int, max_batch: i
 
     src = manifest.get("source", {}).get("checkpoint")
     if not src:
-        raise ArtifactError(f"{artifact}/manifest.json names no checkpoint (source.checkpoint): re-run `jambatrt export`")
+        raise ArtifactError(f"{artifact}/manifest.json names no checkpoint (source.checkpoint): "
+                            "re-run `jambatrt export`")
     ckpt = Path(src) if Path(src).is_absolute() else artifact / src
     if manifest["dtype"] not in DTYPES:
         raise ArtifactError(f"{artifact}/manifest.json: dtype {manifest['dtype']!r} (accepted: {', '.join(DTYPES)})")
@@ -248,13 +261,16 @@ class AotiEngine(Engine):
         device = resolve_device(s.device)
         torch = _torch()
         t0 = time.perf_counter()
-        ep = load_step_program(artifact, manifest, planned["max_seq"], s.max_batch)
+        with warnings.catch_warnings():     # torch's own pytree deprecation noise
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            # export's example input has batch 2, so the batch dim admits at least 2; run_step enforces max_batch
+            ep = load_step_program(artifact, manifest, planned["max_seq"], max(2, s.max_batch))
         t_export = time.perf_counter() - t0
         dest = artifact / SUBDIR
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".aoti.tmp-", dir=dest.parent))
         try:
-            info = compile_package(ep, device, tmp / PACKAGE, max_autotune=s.max_autotune)
+            info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
             mask = os.umask(0)
             os.umask(mask)
             os.chmod(tmp, 0o777 & ~mask)    # mkdtemp makes 0700; the engine gets the usual mode
@@ -298,9 +314,12 @@ class AotiEngine(Engine):
             resolve_device("cuda")
             major, minor = torch.cuda.get_device_capability()
             if entry["gpu"]["arch"] != f"sm_{major}{minor}":
-                raise BackendUnavailable(f"the aoti package was built for {entry['gpu']['arch']} ({entry['gpu']['name']}); "
-                                         f"this GPU is sm_{major}{minor}: rebuild it here")
+                gpu = entry["gpu"]
+                raise BackendUnavailable(f"the aoti package was built for {gpu['arch']} ({gpu['name']}); this GPU is "
+                                         f"sm_{major}{minor}: rebuild it here")
         else:
+            # before loading: the package resolves the ops when it is loaded (kernels registered
+            # after a load were seen not to be picked up by it)
             register_cpu_boundary_ops()
             try:    # the proxy executor calls the ops: give them the fast CPU kernels where they exist
                 from jambatrt.plugins.cpu import register_torch_kernels
@@ -309,9 +328,12 @@ class AotiEngine(Engine):
                 pass
         path = self.artifact / entry["path"]
         try:
-            self.runner = torch._inductor.aoti_load_package(str(path))
+            with warnings.catch_warnings():     # torch's own pytree deprecation noise when unpickling
+                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+                self.runner = torch._inductor.aoti_load_package(str(path))
         except Exception as e:   # torch raises RuntimeError / zipfile errors for a bad package
-            raise ArtifactError(f"{path}: torch cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
+            raise ArtifactError(f"{path}: torch cannot load the AOTInductor package "
+                                f"({type(e).__name__}: {e})") from None
 
     def default_chunk(self, batch: int) -> int:
         return int(self.entry["chunk_plan"]["chunk"])
@@ -319,6 +341,8 @@ class AotiEngine(Engine):
     def _to_device(self, a: np.ndarray):
         torch = self.torch
         a = np.ascontiguousarray(a)
+        if not a.flags.writeable:       # torch.from_numpy warns on read-only arrays (a server's buffers)
+            a = a.copy()
         t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == _np_dtype("bfloat16") \
             else torch.from_numpy(a)
         return t.to(self.device) if self.device != "cpu" else t
@@ -336,10 +360,16 @@ class AotiEngine(Engine):
             raise InputError(f"batch {B} exceeds the aoti engine's max_batch {self.entry['max_batch']} "
                              "(rebuild with a larger max_batch)")
         with self.torch.inference_mode():
-            outs = self.runner(self._to_device(np.asarray(input_ids, dtype=np.int64)),
-                               [self._to_device(s) for s in state])
-            host = [self._to_host(t) for t in outs]
-        return host[0], host[1:]
+            logits, new_state = self.run_step_torch(self._to_device(np.asarray(input_ids, dtype=np.int64)),
+                                                    [self._to_device(s) for s in state])
+            return self._to_host(logits), [self._to_host(t) for t in new_state]
+
+    def run_step_torch(self, input_ids, state: list) -> tuple:
+        """run_step on torch tensors (already checked): ids [B,L] int64 and the state on the engine's
+        device -> (logits, new state) as torch tensors on that device (no host copies; the Triton
+        model uses this with DLPack)."""
+        outs = self.runner(input_ids, list(state))
+        return outs[0], list(outs[1:])
 
     def close(self) -> None:
         self.runner = None

@@ -4,14 +4,12 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, read_manifest, verify_files
+from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
 from jambatrt.engines.base import Engine
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -62,18 +60,9 @@ class OrtEngine(Engine):
         model = load_onnx(artifact / step["onnx"])
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
-        dest = artifact / SUBDIR
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ort.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(artifact / SUBDIR, force=True) as tmp:   # the old engine stays until this one is whole
             save_onnx(model, tmp / "model.onnx")
             check(tmp / "model.onnx")
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         entry = {"path": f"{SUBDIR}/model.onnx", "onnxruntime": onnxruntime.__version__,
                  "passes": [p.__name__ for p in passes], "settings": {"attention": attention},
                  "build_seconds": round(time.perf_counter() - t0, 3)}

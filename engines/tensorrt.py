@@ -10,16 +10,13 @@ loading raise BackendUnavailable naming what is missing."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, read_manifest, verify_files
+from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
 from jambatrt.engines.base import Engine, _np_dtype
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -154,9 +151,7 @@ class TensorRTEngine(Engine):
         plugin_ids = register_all()
         t0 = time.perf_counter()
         dest = artifact / SUBDIR
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tensorrt.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(dest, force=True) as tmp:   # the old engine (and its timing cache) stay until this one is whole
             onnx_path = _lowered_onnx(artifact, step, manifest["dtype"], tmp)
             logger = _logger(trt)
             builder = trt.Builder(logger)
@@ -191,12 +186,6 @@ class TensorRTEngine(Engine):
             onnx_path.unlink()
             for extra in tmp.glob("model.onnx*"):
                 extra.unlink()
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         major, minor = torch.cuda.get_device_capability()
         entry = {"path": f"{SUBDIR}/{ENGINE_FILE}", "tensorrt": trt.__version__,
                  "gpu": {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}"},

@@ -250,7 +250,7 @@ def profile_markdown(r: dict) -> str:
     lines = [f"# Profile: {r['backend']} engine vs {r.get('reference') or 'no'} reference", "",
              _model_line(r),
              f"- reference: {r.get('reference_description') or r.get('reference') or 'none'}"
-             + (f"; CPU implementations: " + ", ".join(f"{k}: {v}" for k, v in r["reference_kernels"].items())
+             + ("; CPU implementations: " + ", ".join(f"{k}: {v}" for k, v in r["reference_kernels"].items())
                 if r.get("reference_kernels") else ""),
              f"- engine: {r['backend']}, prefill in chunks of {r.get('engine_chunk')} tokens, state carried",
              f"- method: each (side, length) in a fresh child process; warm-up: a prefill of "
