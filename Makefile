@@ -35,9 +35,10 @@ demo: setup
 test: setup serve-setup
 	$(PY) -m pytest -q
 
+# Kernel and engine benchmarks (pytest -m bench -> bench/*.json), then the 262,144-token sweep on the
+# bench preset: JSON, markdown and PNG under bench/ (generated, never committed).
 bench: setup
-	$(PY) -m pytest -q -m bench -p no:cacheprovider
-	# the 262,144-token sweep on the bench preset: JSON, markdown and PNG under bench/ (generated, never committed)
+	$(PY) -m pytest -q -s -m bench -p no:cacheprovider
 	$(VENV)/bin/jambatrt export --preset bench -o bench/artifact --force
 	$(VENV)/bin/jambatrt build bench/artifact --backend ort
 	$(VENV)/bin/jambatrt validate bench/artifact --backend ort --lengths 1,4096,65536,262144 --report bench/parity.json

@@ -205,9 +205,12 @@ def cmd_deploy(a) -> int:
     from jambatrt.deploy.server import TritonServer, find_serve_env, serve_forever
 
     models = list(info["models"])
-    if any(k == "tensorrt" for k in info["models"].values()) and not Path("/dev/nvidiactl").exists():
-        models = [m for m, k in info["models"].items() if k != "tensorrt"]
-        console.print("no GPU here: serving without the TensorRT model")
+    from jambatrt.artifact import read_manifest
+    aoti_device = read_manifest(a.out).get("engines", {}).get("aoti", {}).get("device")
+    gpu_kinds = {"tensorrt"} | ({"aoti"} if aoti_device == "cuda" else set())
+    if not Path("/dev/nvidiactl").exists() and any(k in gpu_kinds for k in info["models"].values()):
+        models = [m for m, k in info["models"].items() if k not in gpu_kinds]
+        console.print("no GPU here: serving without the TensorRT / CUDA AOTInductor models")
     server = TritonServer(a.repository, find_serve_env(a.serve_env), http_port=a.http_port, grpc_port=a.grpc_port,
                           metrics_port=a.metrics_port, models=models)
     console.print("starting tritonserver on 127.0.0.1 ...")
@@ -302,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
-    b.add_argument("--max-batch", type=int, default=None, help="tensorrt only: largest batch (default 4)")
-    b.add_argument("--max-seq", type=int, default=None, help="tensorrt only: longest context (default: the model's)")
+    b.add_argument("--max-batch", type=int, default=None, help="tensorrt, aoti: largest batch (default 4)")
+    b.add_argument("--max-seq", type=int, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=int, default=None,
-                   help="tensorrt only: prefill chunk (default: the chunking plan, every tensor < 2^31 elements)")
+                   help="tensorrt, aoti: prefill chunk (default: the chunking plan, every tensor < 2^31 elements)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",

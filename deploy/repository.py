@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
+from jambatrt.deploy.aoti_model import write_aoti_model
 from jambatrt.errors import ArtifactError, InputError
 
 REPOSITORY_INFO = "jambatrt-repository.json"
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
+AOTI_MODEL = Path(__file__).with_name("aoti_model.py")
 PLAN_FILE = "model.plan"
 INFO_VERSION = 1
 
@@ -245,9 +247,11 @@ def plan_repository(artifact: str | Path, settings: RepositorySettings = Reposit
         entry = engines["tensorrt"]
         libs = entry.get("plugin_libraries", [])
         models[f"{settings.name}_tensorrt"] = {"kind": "tensorrt", "entry": entry, "plugin_libraries": libs}
+    if "aoti" in engines:
+        models[f"{settings.name}_aoti"] = {"kind": "aoti", "entry": engines["aoti"]}
     if not models:
         raise ArtifactError(f"{artifact}: no engine to deploy (built: {', '.join(engines) or 'none'}); run "
-                            f"`jambatrt build {artifact} --backend {settings.backend}` (or --backend tensorrt)")
+                            f"`jambatrt build {artifact} --backend {settings.backend}` (or --backend tensorrt|aoti)")
     return {"artifact": str(artifact), "manifest": manifest, "models": models}
 
 
@@ -268,7 +272,8 @@ def write_repository(artifact: str | Path, repository: str | Path,
     manifest = plan["manifest"]
     info = {"format_version": INFO_VERSION, "artifact": str(artifact),
             "manifest_sha256": sha256_file(artifact / "manifest.json"),
-            "model_py_sha256": sha256_file(PYTHON_MODEL), "settings": dataclasses.asdict(settings),
+            "model_py_sha256": sha256_file(PYTHON_MODEL), "aoti_model_py_sha256": sha256_file(AOTI_MODEL),
+            "settings": dataclasses.asdict(settings),
             "models": {k: v["kind"] for k, v in plan["models"].items()}, "server_args": []}
     if repository.exists() and not force:
         old = _read_info(repository)
@@ -281,6 +286,8 @@ def write_repository(artifact: str | Path, repository: str | Path,
             if m["kind"] == "python":
                 (tmp / name / "config.pbtxt").write_text(m["config"])
                 shutil.copyfile(PYTHON_MODEL, tmp / name / "1" / "model.py")
+            elif m["kind"] == "aoti":
+                write_aoti_model(tmp / name, artifact, manifest, name, settings.execution_env, settings.instances)
             else:
                 plugins = _copy_plugins(artifact, manifest, m["plugin_libraries"], tmp / name / "plugins",
                                         repository / name / "plugins")

@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -384,14 +383,13 @@ def test_served_step_and_prefill_models_equal_the_engine(artifact, engine, serve
     generic NAME_prefill model running the aoti engine (RepositorySettings(backend="aoti"))."""
     import tritonclient.http as httpclient
 
-    from jambatrt.deploy.aoti_model import write_aoti_model
     from jambatrt.deploy.client import JambaClient
     from jambatrt.deploy.repository import RepositorySettings, write_repository
     from jambatrt.deploy.server import TritonServer
 
     repo = tmp_path / "repo"
-    write_repository(artifact, repo, RepositorySettings(backend="aoti", max_tokens=512))
-    write_aoti_model(repo / "jamba_aoti", artifact, read_manifest(artifact), "jamba_aoti")
+    info = write_repository(artifact, repo, RepositorySettings(backend="aoti", max_tokens=512))
+    assert info["models"]["jamba_aoti"] == "aoti"        # written by the repository writer itself
     step = engine.step_program
     srv = TritonServer(repo, serve_env, models=["jamba_aoti", "jamba_prefill"], log_path=tmp_path / "server.log")
     with srv.start(timeout=240):

@@ -134,3 +134,32 @@ def test_selective_scan_ref_vs_mamba_ssm(mamba_refs, with_z, with_bias, with_sta
                          delta_softplus=True, return_last_state=True)
     assert torch.allclose(ours_y, want_y, atol=1e-5, rtol=1e-5)
     assert torch.allclose(ours_s, want_s.float(), atol=1e-5, rtol=1e-5)
+
+
+def _op_samples():
+    """One sample per op, with a non-contiguous activation as the model produces it (a slice of
+    the transposed in_proj output)."""
+    g = torch.Generator().manual_seed(0)
+    B, D, L, N, K, H, d = 2, 6, 9, 4, 4, 4, 8
+    xz = torch.randn(B, L, 2 * D, generator=g).transpose(1, 2)          # [B,2D,L], non-contiguous
+    x, z = xz.chunk(2, dim=1)
+    return {
+        "causal_conv1d": (x, torch.randn(D, K, generator=g), torch.randn(D, generator=g), None),
+        "selective_scan": (x, torch.randn(B, D, L, generator=g), -torch.rand(D, N, generator=g),
+                           torch.randn(B, N, L, generator=g), torch.randn(B, N, L, generator=g),
+                           torch.randn(D, generator=g), z, torch.randn(D, generator=g), None),
+        "moe_int8": (torch.randn(L, 16, generator=g), torch.randn(L, 3, generator=g),
+                     torch.randint(-127, 128, (3, 10, 16), dtype=torch.int8, generator=g), torch.rand(3, 10),
+                     torch.randint(-127, 128, (3, 16, 5), dtype=torch.int8, generator=g), torch.rand(3, 16), 2),
+        "attention": (torch.randn(B, L, H, d, generator=g), torch.randn(B, L, 2, d, generator=g),
+                      torch.randn(B, L, 2, d, generator=g), torch.randn(B, 3, 2, d, generator=g),
+                      torch.randn(B, 3, 2, d, generator=g)),
+    }
+
+
+@pytest.mark.parametrize("name", ["causal_conv1d", "selective_scan", "moe_int8", "attention"])
+def test_custom_op_fake_matches_kernel(name):
+    """opcheck: schema, fake (meta) shapes/dtypes/strides vs the registered CPU kernel. A fake that
+    promised another stride order made compiled programs silently wrong."""
+    op = getattr(torch.ops.jamba, name).default
+    torch.library.opcheck(op, _op_samples()[name], test_utils=("test_schema", "test_faketensor"))

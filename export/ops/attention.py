@@ -46,7 +46,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: Opt
         s = s.masked_fill(~visible, float("-inf"))
         o[:, :, :, i0:i1] = torch.matmul(torch.softmax(s, dim=-1), vf[:, :, None])
     o = o.permute(0, 3, 1, 2, 4).reshape(B, L, Hq, d)
-    return o.to(q.dtype), k.contiguous(), v.contiguous()
+    return o.to(q.dtype).contiguous(), k.contiguous(), v.contiguous()
 
 
 @torch.library.custom_op("jamba::attention", mutates_args=())
@@ -61,7 +61,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: Optiona
 @attention.register_fake
 def _(q, k, v, past_k=None, past_v=None):
     if past_k is None:
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     B, L, H, d = k.shape
     S = past_k.shape[1] + L
-    return torch.empty_like(q), k.new_empty(B, S, H, d), v.new_empty(B, S, H, d)
+    return q.new_empty(q.shape), k.new_empty(B, S, H, d), v.new_empty(B, S, H, d)

@@ -62,4 +62,4 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
 @selective_scan.register_fake
 def _(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
     Bsz, D, _ = u.shape
-    return torch.empty_like(u), u.new_empty(Bsz, D, A.shape[1], dtype=torch.float32)
+    return u.new_empty(u.shape), u.new_empty(Bsz, D, A.shape[1], dtype=torch.float32)
