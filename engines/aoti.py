@@ -26,9 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import time
 import warnings
 import zipfile
@@ -37,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, read_manifest, verify_files
+from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
 from jambatrt.engines.base import Engine, _np_dtype
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -266,24 +263,8 @@ class AotiEngine(Engine):
             # export's example input has batch 2, so the batch dim admits at least 2; run_step enforces max_batch
             ep = load_step_program(artifact, manifest, planned["max_seq"], max(2, s.max_batch))
         t_export = time.perf_counter() - t0
-        dest = artifact / SUBDIR
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".aoti.tmp-", dir=dest.parent))
-        try:
+        with atomic_dir(artifact / SUBDIR, force=True) as tmp:   # the old engine stays whole until this one is in
             info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
-            mask = os.umask(0)
-            os.umask(mask)
-            os.chmod(tmp, 0o777 & ~mask)    # mkdtemp makes 0700; the engine gets the usual mode
-            if dest.exists():       # swap: the old engine stays whole until the new one is in place
-                old = Path(tempfile.mkdtemp(prefix=".aoti.old-", dir=dest.parent))
-                os.rename(dest, old / "x")
-                os.rename(tmp, dest)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         entry = {"path": f"{SUBDIR}/{PACKAGE}", "device": device, **_versions(),
                  "settings": {**dataclasses.asdict(s), "device": device}, "max_seq": planned["max_seq"],
                  "max_batch": s.max_batch, "chunk_plan": planned["chunk_plan"],
