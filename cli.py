@@ -281,7 +281,8 @@ def cmd_plugins(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="jambatrt",
-        description="Export Jamba-family models (Mamba + attention + MoE) to ONNX Runtime / TensorRT engines, "
+        description="Export Jamba-family models (Mamba + attention + MoE) to ONNX Runtime / TensorRT / "
+                    "AOTInductor engines, "
                     "check them against eager PyTorch, profile and serve them.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
                        description="Write a Triton model repository from an artifact (Python-backend models "
                                    "NAME_prefill, NAME_sequence, NAME_generate running the ONNX Runtime engine; "
-                                   "NAME_tensorrt when a TensorRT engine is built), atomically; with --serve start "
+                                   "NAME_tensorrt / NAME_aoti when a TensorRT engine / AOTInductor package is built), atomically; with --serve start "
                                    "tritonserver on 127.0.0.1 until Ctrl-C / SIGTERM.")
     d.add_argument("out", help="artifact directory with a built engine")
     d.add_argument("--repository", required=True, help="model repository directory to write")
