@@ -104,3 +104,21 @@ def mamba_refs():
         for k in [k for k in sys.modules if k.startswith("mamba_ssm")]:
             sys.modules.pop(k, None)
     return {"selective_scan_ref": fn}
+
+
+@pytest.fixture(scope="session")
+def serve_env():
+    """The numpy<2 environment tritonserver's Python backend runs in (`make serve-setup`)."""
+    from jambatrt.deploy.server import find_serve_env
+    from jambatrt.errors import BackendUnavailable
+
+    try:
+        env = find_serve_env()
+    except BackendUnavailable as e:
+        pytest.skip(f"serve env unavailable: {e}")
+    try:
+        import tritonclient.http  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"serve env incomplete: tritonclient[http] not importable in the test env ({e}); "
+                    "`make serve-setup` installs it")
+    return env

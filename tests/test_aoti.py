@@ -204,7 +204,10 @@ def test_manifest_entry_and_files(artifact):
         sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
     assert len(e["python_ops"]) == n_calls and all(o.startswith("jamba_aoti::") for o in e["python_ops"])
     assert e["triton_kernels"] == []
-    assert sorted(p.name for p in (artifact / "engines").iterdir()) == ["aoti"]   # no temp dirs left
+    # no temp dirs left: engines/ holds exactly the engines the manifest records (the copied
+    # tiny artifact may already carry an ort engine, depending on which tests ran first)
+    assert sorted(p.name for p in (artifact / "engines").iterdir()) == sorted(read_manifest(artifact)["engines"])
+    assert "aoti" in read_manifest(artifact)["engines"]
 
 
 def _random_state(cfg, batch, past, seed, dtype=torch.float32):
@@ -314,7 +317,8 @@ def test_cuda_build_without_gpu_is_refused_cleanly(artifact):
         AotiEngine.build(artifact, device="tpu")
     with pytest.raises(InputError, match="unknown aoti setting"):
         AotiEngine.build(artifact, attention="gqa")
-    assert read_manifest(artifact) == before and sorted(p.name for p in (artifact / "engines").iterdir()) == ["aoti"]
+    assert read_manifest(artifact) == before
+    assert sorted(p.name for p in (artifact / "engines").iterdir()) == sorted(before["engines"])
 
 
 def test_cli_validate_generate_profile(artifact, tmp_path):
@@ -361,21 +365,6 @@ def test_aoti_model_config(artifact, tmp_path):
     del m["engines"]["aoti"]
     with pytest.raises(ArtifactError, match="no aoti engine built"):
         aoti_config(m, artifact, "x")
-
-
-@pytest.fixture(scope="module")
-def serve_env():
-    from jambatrt.deploy.server import find_serve_env
-
-    try:
-        env = find_serve_env()
-    except BackendUnavailable as e:
-        pytest.skip(f"serve env unavailable: {e}")
-    try:
-        import tritonclient.http  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"serve env incomplete: tritonclient[http] not importable in the test env ({e})")
-    return env
 
 
 def test_served_step_and_prefill_models_equal_the_engine(artifact, engine, serve_env, tmp_path):

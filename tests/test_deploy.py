@@ -94,8 +94,8 @@ def test_repository_refusals(artifact, tiny_artifact, tmp_path):
     shutil.copytree(tiny_artifact, bare)
     m = read_manifest(bare)
     m["engines"] = {}
+    shutil.rmtree(bare / "engines", ignore_errors=True)   # (before add_files, which records what is there)
     add_files(bare, m, "engines")          # rewrites the manifest without any engine
-    shutil.rmtree(bare / "engines", ignore_errors=True)
     with pytest.raises(ArtifactError, match="no engine to deploy"):
         write_repository(bare, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
@@ -167,20 +167,6 @@ def test_serve_env_errors_name_the_fix(tmp_path):
     (site / "numpy-2.4.6.dist-info").mkdir()
     with pytest.raises(BackendUnavailable, match="numpy < 2"):
         find_serve_env(fake)
-
-
-@pytest.fixture(scope="module")
-def serve_env():
-    try:
-        env = find_serve_env()
-    except BackendUnavailable as e:
-        pytest.skip(f"serve env unavailable: {e}")
-    try:
-        import tritonclient.http  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"serve env incomplete: tritonclient[http] not importable in the test env ({e}); "
-                    "`make serve-setup` installs it")
-    return env
 
 
 def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):

@@ -61,11 +61,8 @@ def _model_line(r: dict) -> str:
             f"{(model.get('quantization') or {}).get('experts', '?')}, batch {r.get('batch', 1)}")
 
 
-# ---- parity ------------------------------------------------------------------------------------
-def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None = None,
-                 plots: bool = True) -> tuple[Path, Path]:
-    """Write report JSON to `path`, a markdown summary beside it (same stem, .md) and, with
-    `plots`, the PNGs of `parity_plot_paths(path)`."""
+def _write_json_and_markdown(report: dict, path: str | Path, artifact_manifest: dict | None, to_markdown):
+    """The report with machine, versions and model added, as JSON at `path` and markdown beside it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {**report, "machine": machine(), "versions": library_versions()}
@@ -73,7 +70,16 @@ def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None 
         report["model"] = _model_info(artifact_manifest)
     write_json_atomic(path, report)
     md = path.with_suffix(".md")
-    md.write_text(parity_markdown(report))
+    md.write_text(to_markdown(report))
+    return path, md, report
+
+
+# ---- parity ------------------------------------------------------------------------------------
+def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None = None,
+                 plots: bool = True) -> tuple[Path, Path]:
+    """Write report JSON to `path`, a markdown summary beside it (same stem, .md) and, with
+    `plots`, the PNGs of `parity_plot_paths(path)`."""
+    path, md, report = _write_json_and_markdown(report, path, artifact_manifest, parity_markdown)
     if plots:
         plot_parity(report, path)
     return path, md
@@ -223,14 +229,7 @@ def plot_parity(report: dict, path: str | Path) -> list[Path]:
 def write_profile(report: dict, path: str | Path, artifact_manifest: dict | None = None,
                   plot: str | Path | None = None) -> tuple[Path, Path, Path]:
     """Profile JSON at `path`, markdown beside it, PNG at `plot` (default: beside it, .png)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    report = {**report, "machine": machine(), "versions": library_versions()}
-    if artifact_manifest:
-        report["model"] = _model_info(artifact_manifest)
-    write_json_atomic(path, report)
-    md = path.with_suffix(".md")
-    md.write_text(profile_markdown(report))
+    path, md, report = _write_json_and_markdown(report, path, artifact_manifest, profile_markdown)
     png = Path(plot) if plot else path.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(report, png)
