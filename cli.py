@@ -251,6 +251,9 @@ def cmd_inspect(a) -> int:
             t.add_row("largest activation tensor", f"{big['name']}: {big['elements']:,}")
             for name, n in plan["weight_tensors_over_limit"].items():
                 t.add_row("weight tensor over 2^31 (split for TensorRT)", f"{name}: {n:,}")
+            if plan["expert_groups"] > 1:
+                t.add_row("TensorRT expert groups per MoE layer",
+                          f"{plan['expert_groups']} of <= {plan['experts_per_group']} experts (each < 2^31 elements)")
             t.add_row("activations per chunk (upper estimate)", f"{plan['activation_bytes_per_chunk'] / gib:.2f} GiB")
             t.add_row("total bf16 / experts-int8",
                       f"{plan['total_bytes']['bfloat16'] / 1e9:.1f} GB / {plan['total_bytes']['experts_int8'] / 1e9:.1f} GB")

@@ -86,10 +86,14 @@ def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
     step = manifest["programs"]["step"]
     max_seq = settings.max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
     plan = plan_chunks(cfg, max_seq, settings.max_batch, cap=settings.prefill_chunk or settings.chunk_cap)
-    if plan.weights_over_limit:
-        over = ", ".join(f"{n} ({v:,} elements)" for n, v in plan.weights_over_limit.items())
-        raise BackendUnavailable(f"TensorRT tensors hold fewer than 2^31 elements, but this model's {over}: the "
-                                 "stacked expert weights must be split into expert groups first")
+    # stacked expert weights over the limit are split into expert groups by a graph pass
+    # (graph/passes/split_expert_groups.py); any other weight over it cannot be built
+    over = {n: v for n, v in plan.weights_over_limit.items() if not n.startswith("moe.")}
+    if over:
+        raise BackendUnavailable("TensorRT tensors hold fewer than 2^31 elements, but this model's "
+                                 + ", ".join(f"{n} ({v:,} elements)" for n, v in over.items()))
+    from jambatrt.export.plan import moe_expert_groups
+    groups = moe_expert_groups(cfg) if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) else []
     # a profile is a box: the prefill profile admits a full chunk on top of the longest past
     from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, largest
     name, n = largest(activation_tensors(cfg, settings.max_batch, plan.chunk, max_seq - 1))
@@ -99,7 +103,7 @@ def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
     if settings.prefill_chunk and plan.chunk < settings.prefill_chunk:
         raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
                          f"keeping every tensor under 2^31 elements is {plan.chunk}")
-    return {"max_seq": max_seq, "chunk_plan": plan.as_dict(),
+    return {"max_seq": max_seq, "chunk_plan": plan.as_dict(), "expert_groups": [list(g) for g in groups],
             "profiles": optimization_profiles(step, settings, plan.chunk, max_seq)}
 
 
@@ -119,16 +123,19 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _lowered_onnx(artifact: Path, step: dict, dtype: str, tmp: Path) -> Path:
-    """The step model with absent optional inputs made explicit (plugins take a fixed number of
-    inputs), shapes inferred, and the memory-flat check; saved with external data for the parser."""
-    from jambatrt.graph.onnx_export import load_onnx, save_onnx
+def _lowered_onnx(artifact: Path, step: dict, dtype: str) -> tuple[bytes, Path, list[str]]:
+    """The step model through the TensorRT pass list (expert groups under 2^31 elements, absent
+    optional inputs made explicit: plugins take a fixed number of inputs, shapes inferred, the
+    memory-flat check), serialized without its weights: they stay in the artifact's external data
+    file, which the parser reads relative to the returned model path (nothing of a 50 GB model is
+    loaded or copied here). Returns (graph bytes, path the parser resolves weights from, pass names)."""
+    from jambatrt.graph.onnx_export import load_onnx
     from jambatrt.graph.passes import PassSettings, run_passes, tensorrt_passes
     settings = PassSettings(dtype=dtype)
-    model = run_passes(load_onnx(artifact / step["onnx"]), settings, tensorrt_passes(settings))
-    path = tmp / "model.onnx"
-    save_onnx(model, path)
-    return path
+    passes = tensorrt_passes(settings)
+    source = artifact / step["onnx"]
+    model = run_passes(load_onnx(source, load_external_data=False), settings, passes)
+    return model.SerializeToString(), source, [p.__name__ for p in passes]
 
 
 class TensorRTEngine(Engine):
@@ -152,7 +159,7 @@ class TensorRTEngine(Engine):
         t0 = time.perf_counter()
         dest = artifact / SUBDIR
         with atomic_dir(dest, force=True) as tmp:   # the old engine (and its timing cache) stay until this one is whole
-            onnx_path = _lowered_onnx(artifact, step, manifest["dtype"], tmp)
+            model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"])
             logger = _logger(trt)
             builder = trt.Builder(logger)
             flags = 0
@@ -160,7 +167,7 @@ class TensorRTEngine(Engine):
                 flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             network = builder.create_network(flags)
             parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(onnx_path)):
+            if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's model.onnx.data
                 errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
                 raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
             config = builder.create_builder_config()
@@ -183,14 +190,12 @@ class TensorRTEngine(Engine):
             (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
             if s.timing_cache:
                 (tmp / TIMING_CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
-            onnx_path.unlink()
-            for extra in tmp.glob("model.onnx*"):
-                extra.unlink()
         major, minor = torch.cuda.get_device_capability()
         entry = {"path": f"{SUBDIR}/{ENGINE_FILE}", "tensorrt": trt.__version__,
                  "gpu": {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}"},
                  "settings": dataclasses.asdict(s), "max_seq": planned["max_seq"],
-                 "chunk_plan": planned["chunk_plan"], "profiles": [p["name"] for p in planned["profiles"]],
+                 "chunk_plan": planned["chunk_plan"], "expert_groups": planned["expert_groups"],
+                 "passes": pass_names, "profiles": [p["name"] for p in planned["profiles"]],
                  "plugins": plugin_ids, "build_seconds": round(time.perf_counter() - t0, 3)}
         manifest.setdefault("engines", {})["tensorrt"] = entry
         add_files(artifact, manifest, SUBDIR)

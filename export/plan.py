@@ -34,6 +34,24 @@ def weight_tensors(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def expert_groups(n_experts: int, elements_per_expert: int, limit: int = TENSOR_LIMIT) -> list[tuple[int, int]]:
+    """Split E stacked experts into the fewest contiguous groups [start, end) whose stacked weights
+    hold at most `limit` elements each (sizes differ by at most one). One group when all fit."""
+    per_group = limit // max(1, elements_per_expert)
+    if per_group < 1:
+        raise ValueError(f"one expert's weight holds {elements_per_expert:,} elements, over the limit {limit:,}")
+    g = -(-n_experts // per_group)
+    while -(-n_experts // g) > per_group:
+        g += 1
+    return [(i * n_experts // g, (i + 1) * n_experts // g) for i in range(g)]
+
+
+def moe_expert_groups(cfg: JambaConfig, limit: int = TENSOR_LIMIT) -> list[tuple[int, int]]:
+    """The expert groups graph/passes/split_expert_groups.py makes of every MoE layer of `cfg`:
+    the larger of w13 [E,2I,H] and w2 [E,H,I] decides (they are equal in size)."""
+    return expert_groups(cfg.num_experts, 2 * cfg.intermediate_size * cfg.hidden_size, limit)
+
+
 def activation_tensors(cfg: JambaConfig, batch: int, chunk: int, past: int = 0,
                        attention_scores: bool = False) -> dict[str, tuple[int, ...]]:
     """The largest tensors one step of `chunk` new tokens after `past` tokens creates.
@@ -122,6 +140,7 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
     acts = activation_tensors(cfg, batch, chunk or 1, context - (chunk or 1))
     big_name, big_n = largest(acts)
     over_w = {n: math.prod(s) for n, s in weight_tensors(cfg).items() if math.prod(s) > TENSOR_LIMIT}
+    groups = moe_expert_groups(cfg) if moe_layers else [(0, cfg.num_experts)]
     act_bytes = activation_bytes(cfg, batch, chunk or 1)
     kv_at_context = kv_per_token * context * batch
     total = {k: w + kv_at_context + state * batch + act_bytes for k, w in weights.items()}
@@ -149,6 +168,9 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
         "prefill_chunk": chunk,
         "largest_activation": {"name": big_name, "elements": big_n, "under_limit": big_n <= TENSOR_LIMIT},
         "weight_tensors_over_limit": over_w,
+        # TensorRT build: each MoE layer's experts split into groups under the limit (1 = no split)
+        "expert_groups": len(groups),
+        "experts_per_group": max(e - s for s, e in groups),
         "activation_bytes_per_chunk": act_bytes,
         "total_bytes": total,
         "gpu": {"bytes": gpu_bytes, "fits": fits, "gpus_needed_at_least": gpus},

@@ -29,8 +29,8 @@ def _translation_table() -> dict:
     def selective_scan(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
         return jamba.SelectiveScan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
 
-    def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int):
-        return jamba.MoEInt8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k=top_k)
+    def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0):
+        return jamba.MoEInt8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k=top_k, expert_offset=expert_offset)
 
     def attention(q, k, v, past_k=None, past_v=None):
         return jamba.CausalAttention(q, k, v, past_k, past_v)

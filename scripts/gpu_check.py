@@ -128,20 +128,24 @@ def check_conv(B, D, L, K, dtype):
 
 
 @checked
-def check_moe(T, H, I, E, top_k, dtype, fused=True, grouped=True, tiles=None):
+def check_moe(T, H, I, E, top_k, dtype, fused=True, grouped=True, tiles=None, group=None):
+    """group=(a, b): the weights hold experts a..b-1 only (an expert group, expert_offset a)."""
     from jambatrt.plugins.gpu import moe_int8 as k
     tol = jops.SPECS["moe_int8"].tolerances[dtype]
     tiles = tiles or {}
+    a, b = group or (0, E)
     x, logits = rn(T, H, dtype=dtype), rn(T, E, dtype=dtype)
     w13, s13 = quantise(rn(E, 2 * I, H, scale=H ** -0.5))
     w2, s2 = quantise(rn(E, H, I, scale=I ** -0.5))
-    ref = jops.reference("moe_int8")(x, logits, w13, s13, w2, s2, top_k)
+    w = (w13[a:b], s13[a:b], w2[a:b], s2[a:b])
+    ref = jops.reference("moe_int8")(x, logits, *w, top_k, a)
+    tag = f" experts {a}..{b - 1}" if group else ""
     if grouped:
-        grade(f"moe_int8 (grouped) {dtype} T={T}", k.moe_int8(x, logits, w13, s13, w2, s2, top_k,
-                                                             **tiles.get("grouped", {})), ref, tol)
+        grade(f"moe_int8 (grouped) {dtype} T={T}{tag}", k.moe_int8(x, logits, *w, top_k, a,
+                                                                   **tiles.get("grouped", {})), ref, tol)
     if fused:
-        grade(f"moe_int8_fused {dtype} T={T}", k.moe_int8_fused(x, logits, w13, s13, w2, s2, top_k,
-                                                                **tiles.get("fused", {})), ref, tol)
+        grade(f"moe_int8_fused {dtype} T={T}{tag}", k.moe_int8_fused(x, logits, *w, top_k, a,
+                                                                     **tiles.get("fused", {})), ref, tol)
 
 
 @checked
@@ -332,6 +336,7 @@ def main() -> int:
         check_conv(1, 24, 2, 3, dt)
         check_moe(37, 64, 96, 6, 2, dt)
         check_moe(5, 48, 32, 5, 1, dt)
+        check_moe(37, 64, 96, 6, 2, dt, group=(2, 5))     # one expert group (TensorRT split of big layers)
         check_attention(2, 70, 0, 8, 2, 64, dt)
         check_attention(1, 33, 45, 4, 1, 128, dt)
         check_attention(2, 1, 100, 4, 2, 128, dt)

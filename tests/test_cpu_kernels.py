@@ -38,12 +38,14 @@ def conv_args(g, B, D, K, L, state=True):
     return [_randn(g, B, D, L), _randn(g, D, K) * K ** -0.5, _randn(g, D), _randn(g, B, D, K - 1) if state else None]
 
 
-def moe_args(g, T, H, I, E, k):
+def moe_args(g, T, H, I, E, k, group=None):
+    """group=(a, b): the weights of experts a..b-1 only, expert_offset a (an expert group)."""
     w13 = torch.randint(-127, 128, (E, 2 * I, H), dtype=torch.int8, generator=g)
     w2 = torch.randint(-127, 128, (E, H, I), dtype=torch.int8, generator=g)
     s13 = (torch.rand(E, 2 * I, generator=g) + 0.5) / (127 * H ** 0.5)     # unit-scale outputs
     s2 = (torch.rand(E, H, generator=g) + 0.5) / (127 * I ** 0.5)
-    return [_randn(g, T, H), _randn(g, T, E), w13, s13, w2, s2, k]
+    a, b = group or (0, E)
+    return [_randn(g, T, H), _randn(g, T, E), w13[a:b], s13[a:b], w2[a:b], s2[a:b], k, a]
 
 
 def attn_args(g, B, L, P, Hq, Hkv, d):
@@ -77,6 +79,7 @@ CASES = {   # op -> {case id: (maker, kwargs)}
         "odd": (moe_args, dict(T=37, H=48, I=72, E=5, k=1)),
         "top3": (moe_args, dict(T=64, H=40, I=56, E=6, k=3)),
         "int8_path": (moe_args, dict(T=3, H=1024, I=512, E=2, k=1)),      # w13[e] has 2^20 weights
+        "expert_group": (moe_args, dict(T=29, H=32, I=40, E=7, k=2, group=(3, 6))),
     },
     "attention": {
         "prefill_L1": (attn_args, dict(B=1, L=1, P=0, Hq=4, Hkv=2, d=8)),
@@ -268,7 +271,7 @@ def test_kernels_reject_bad_shapes():
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------
 ORT_CASES = [("selective_scan", "L1"), ("selective_scan", "odd_state"), ("causal_conv1d", "L1"),
-             ("causal_conv1d", "odd_state"), ("moe_int8", "odd"), ("moe_int8", "top3"),
+             ("causal_conv1d", "odd_state"), ("moe_int8", "odd"), ("moe_int8", "top3"), ("moe_int8", "expert_group"),
              ("attention", "prefill"), ("attention", "decode"), ("attention", "chunk_after_past")]
 
 
@@ -320,7 +323,7 @@ def ort_sessions():
 def test_ort_op_matches_ref(ort_sessions, op, case):
     from jambatrt.plugins.cpu.ort_ops import run_checked
     args = make(op, case)
-    attrs = {"top_k": args[6]} if op == "moe_int8" else {}
+    attrs = {"top_k": args[6], "expert_offset": args[7]} if op == "moe_int8" else {}
     out = run_checked(ort_sessions(op, **attrs), None, ort_feeds(op, args))
     _check(op, tuple(map(torch.from_numpy, out)), reference(op)(*args), F32)
 
@@ -357,7 +360,7 @@ def test_qmoe_matches_moe_int8_ref():
     router_weights (input 14) -- without it QMoE renormalises the top-k weights."""
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
-    x, logits, w13, s13, w2, s2, k = make("moe_int8", "odd")
+    x, logits, w13, s13, w2, s2, k, _ = make("moe_int8", "odd")
     k = 2
     E, I2, H = w13.shape
     I = I2 // 2

@@ -32,6 +32,9 @@ CASES = {
     "moe_grouped_k3": ("moe_int8", "moe_int8", dict(T=7, H=40, I=20, E=6, k=3)),
     "moe_fused": ("moe_int8", "moe_int8_fused", dict(T=10, H=32, I=24, E=4, k=2)),
     "moe_fused_k1": ("moe_int8", "moe_int8_fused", dict(T=3, H=16, I=16, E=5, k=1)),
+    # one expert group (experts 2..4 of 6): the weights hold 3 experts, expert_offset 2
+    "moe_grouped_group": ("moe_int8", "moe_int8", dict(T=9, H=32, I=24, E=6, k=2, group=(2, 5))),
+    "moe_fused_group": ("moe_int8", "moe_int8_fused", dict(T=9, H=32, I=24, E=6, k=2, group=(2, 5))),
     "attn_prefill": ("attention", "attention", dict(B=2, L=9, P=0, Hq=4, Hkv=2, d=16)),
     "attn_past_mqa": ("attention", "attention", dict(B=1, L=20, P=7, Hq=4, Hkv=1, d=8)),
     "attn_decode": ("attention", "attention", dict(B=1, L=1, P=30, Hq=2, Hkv=2, d=16)),
@@ -64,7 +67,8 @@ def _inputs(op, p, dtype, g):
             return torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
         w13, s13 = quantise(rn(E, 2 * I, H) * 0.2)
         w2, s2 = quantise(rn(E, H, I) * 0.2)
-        return [rn(T, H).to(dtype), rn(T, E).to(dtype), w13, s13, w2, s2, k]
+        a, b = p.get("group", (0, E))
+        return [rn(T, H).to(dtype), rn(T, E).to(dtype), w13[a:b], s13[a:b], w2[a:b], s2[a:b], k, a]
     if op == "attention":
         B, L, P, Hq, Hkv, d = p["B"], p["L"], p["P"], p["Hq"], p["Hkv"], p["d"]
         past = [rn(B, P, Hkv, d).to(dtype), rn(B, P, Hkv, d).to(dtype)] if P else [None, None]

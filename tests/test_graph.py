@@ -69,3 +69,91 @@ def test_final_ort_graph_has_no_quadratic_tensor(onnx_model, attention):
     types = {(n.domain, n.op_type) for n in m.graph.node}
     assert (("com.microsoft", "GroupQueryAttention") in types) == (attention == "gqa")
     assert (("jamba", "CausalAttention") in types) == (attention == "kernel")
+
+
+# ---- expert groups (TensorRT's 2^31-element limit on weights) ---------------------------------------
+def test_expert_groups_are_few_and_balanced():
+    from jambatrt.config import preset
+    from jambatrt.export.plan import expert_groups, moe_expert_groups
+    assert expert_groups(4, 10, limit=40) == [(0, 4)]
+    assert expert_groups(5, 10, limit=30) == [(0, 2), (2, 5)]        # 2 groups of <= 3, sizes 2 and 3
+    assert expert_groups(16, 10, limit=50) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    with pytest.raises(ValueError, match="one expert"):
+        expert_groups(4, 100, limit=50)
+    large = moe_expert_groups(preset("jamba-1.5-large"))                 # w13 [16, 49152, 8192] = 6.4e9
+    assert large == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert moe_expert_groups(preset("jamba-1.5-mini")) == [(0, 16)]    # 16 x 28672 x 4096 < 2^31
+
+
+def _session(model, weights_dir=None):
+    """An ORT session of a model file, or of a serialized graph whose external weights lie in weights_dir."""
+    import onnxruntime as ort
+
+    from jambatrt.engines.ort import _session_options
+    so = _session_options()
+    if weights_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(weights_dir))
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _feed(session, tokens=13, seed=0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for i in session.get_inputs():
+        shape = [1 if d == "batch" else tokens if d == "seq" else 0 if d == "past" else d for d in i.shape]
+        feed[i.name] = (rng.integers(0, 512, shape) if i.name == "input_ids"
+                        else rng.standard_normal(shape).astype(np.float32) * 0.1)
+    return feed
+
+
+@pytest.mark.parametrize("limit, n_groups", [(40_000, 2), (20_000, 4), (3 * 16384, 2)])
+def test_split_expert_groups_keeps_the_model(tmp_path, tiny_artifact, limit, n_groups):
+    """The TensorRT pass on the tiny model with a lowered limit (one expert: 2I x H = 16,384
+    elements): every MoE layer becomes n_groups MoEInt8 nodes + Sum, no initializer exceeds the
+    limit, the new weights point into the artifact's own data file at offsets (no copy: the lowered
+    graph is a few KB and reads the artifact's weights, as TensorRT's parser does with the artifact
+    path), and ONNX Runtime gives the logits and state of the unsplit model."""
+    import numpy as np
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from jambatrt.graph.passes import materialize_optional_inputs, split_expert_groups
+    from jambatrt.plugins.cpu.ort_ops import run_checked
+
+    s = PassSettings(tensor_limit=limit)
+    passes = [split_expert_groups, materialize_optional_inputs]
+    original = load_onnx(tiny_artifact / "model.onnx", load_external_data=False)
+    n_moe = sum(n.op_type == "MoEInt8" for n in original.graph.node)
+    split = run_passes(onnx.ModelProto.FromString(original.SerializeToString()), s, passes)
+    moe = [n for n in split.graph.node if n.op_type == "MoEInt8"]
+    assert len(moe) == n_moe * n_groups and sum(n.op_type == "Sum" for n in split.graph.node) == n_moe
+    offsets = sorted({onnx.helper.get_attribute_value(a) for n in moe for a in n.attribute if a.name == "expert_offset"})
+    assert len(offsets) == n_groups and offsets[0] == 0
+    weights = [t for t in split.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert weights and all(np.prod(t.dims) <= limit for t in weights)
+    assert all(uses_external_data(t) and ExternalDataInfo(t).location == "model.onnx.data" for t in weights)
+    graph = split.SerializeToString()
+    assert len(graph) < 1 << 20                                            # the graph only, weights referenced
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_onnx(run_passes(load_onnx(tiny_artifact / "model.onnx"), s, [materialize_optional_inputs]), base / "model.onnx")
+    want_s, got_s = _session(base / "model.onnx"), _session(graph, weights_dir=tiny_artifact)
+    feed = _feed(want_s)
+    names = [o.name for o in want_s.get_outputs()]
+    want, got = run_checked(want_s, names, feed), run_checked(got_s, names, feed)
+    for n, w, g in zip(names, want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=n)
+    # in-memory weights are sliced the same way
+    inmem = run_passes(load_onnx(tiny_artifact / "model.onnx"), s, passes)
+    save_onnx(inmem, tmp_path / "inmem.onnx")
+    got2 = run_checked(_session(tmp_path / "inmem.onnx"), names, feed)
+    for n, w, g in zip(names, want, got2):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_split_expert_groups_leaves_small_layers_alone(onnx_model):
+    from jambatrt.graph.passes import split_expert_groups
+    m = split_expert_groups(onnx.ModelProto.FromString(onnx_model.SerializeToString()), PassSettings())
+    assert [n.op_type for n in m.graph.node] == [n.op_type for n in onnx_model.graph.node]

@@ -69,6 +69,7 @@ def test_memory_plan_large_needs_several_gpus():
     assert plan["gpu"]["fits"]["experts_int8"] is False
     assert 2 <= plan["gpu"]["gpus_needed_at_least"]["experts_int8"] <= 8
     assert plan["tensor_limit"] == TENSOR_LIMIT
+    assert (plan["expert_groups"], plan["experts_per_group"]) == (4, 4)     # w13 6.4e9 elements -> 4 x 1.6e9
 
 
 def test_inspect_json_has_the_plan():
@@ -76,4 +77,4 @@ def test_inspect_json_has_the_plan():
     plan = json.loads(p.stdout)
     assert plan["gpu"]["fits"]["experts_int8"] is True and plan["prefill_chunk"] == 8192
     p = run_cli("inspect", "--preset", "jamba-1.5-large", check=True, env={"COLUMNS": "200"})
-    assert "verdict" in p.stdout and "moe.w13" in p.stdout
+    assert "verdict" in p.stdout and "moe.w13" in p.stdout and "4 of <= 4 experts" in p.stdout

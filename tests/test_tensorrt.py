@@ -192,7 +192,7 @@ def _fake_tensorrt():
 def _plugin_io(trt):
     """Concrete I/O for every plugin (tiny sizes; Jamba's d_state 16, d_conv 4, head_dim 16)."""
     bf, f32, i8, i32 = trt.bfloat16, trt.float32, trt.int8, trt.int32
-    B, D, L, N, T, H, I, E, k, P = 2, 32, 17, 16, 34, 64, 48, 4, 2, 5
+    B, D, L, N, T, H, I, E, G, k, P = 2, 32, 17, 16, 34, 64, 48, 4, 2, 2, 5
     nb = -(-(T * k + E * 63) // 64)
     return {
         "SelectiveScan": ([((B, D, L), bf), ((B, D, L), bf), ((D, N), f32), ((B, N, L), bf), ((B, N, L), bf),
@@ -205,14 +205,17 @@ def _plugin_io(trt):
                              ((B, P, 2, 16), bf)], {},
                             [((B, L, 4, 16), bf), ((B, P + L, 2, 16), bf), ((B, P + L, 2, 16), bf)], (1, B * 4, 1),
                             [L, P, 4, 2]),
-        "MoEInt8": ([((T, H), bf), ((T, E), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((E, H, I), i8), ((E, H), f32)],
-                    {"top_k": k}, [((T, H), bf)], (-(-T // 16), H // 64, 1), [T, H, I, E]),
+        # an expert group: experts 2..3 of the 4 the router ranks (graph/passes/split_expert_groups.py)
+        "MoEInt8": ([((T, H), bf), ((T, E), bf), ((G, 2 * I, H), i8), ((G, 2 * I), f32), ((G, H, I), i8), ((G, H), f32)],
+                    {"top_k": k, "expert_offset": 2}, [((T, H), bf)], (-(-T // 16), H // 64, 1), [T, H, I, E, 2, G]),
         "MoEInt8Route": ([((T, E), bf)], {"top_k": k},
                          [((T, k), f32), ((T, k), i32), ((nb * 64,), i32), ((nb,), i32)], (1, 1, 1), [T, E]),
         "MoEInt8GroupedUp": ([((T, H), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((nb * 64,), i32), ((nb,), i32)],
-                             {"top_k": k}, [((T * k, I), bf)], (nb, -(-I // 64), 1), [T * k, H, I]),
+                             {"top_k": k, "expert_offset": 0}, [((T * k, I), bf)], (nb, -(-I // 64), 1),
+                             [T * k, H, I, 0, E]),
         "MoEInt8GroupedDown": ([((T * k, I), bf), ((E, H, I), i8), ((E, H), f32), ((nb * 64,), i32), ((nb,), i32),
-                                ((T, k), f32)], {}, [((T * k, H), f32)], (nb, H // 64, 1), [T * k, H, I]),
+                                ((T, k), f32)], {"expert_offset": 0}, [((T * k, H), f32)], (nb, H // 64, 1),
+                                [T * k, H, I, 0, E]),
     }
 
 
@@ -270,7 +273,7 @@ def test_build_plan_profiles(tiny_artifact):
 
 def test_build_plan_at_256k():
     """Mini at 262,144 tokens: a chunked plan whose worst step (a full chunk after the longest past)
-    stays under 2^31; Large is refused before any TensorRT work (its stacked experts are too big)."""
+    stays under 2^31; Large's stacked experts (6.4e9 elements per layer) go into 4 groups of 4."""
     from jambatrt.config import preset
     from jambatrt.engines.tensorrt import TensorRTSettings, plan_build
     step = {"max_seq": 262_144, "inputs": [{"name": "input_ids", "shape": ["batch", "seq"]}]}
@@ -280,8 +283,9 @@ def test_build_plan_at_256k():
     with pytest.raises(InputError, match="attention.kv"):
         plan_build(mini, TensorRTSettings(max_batch=8))
     large = {"config": preset("jamba-1.5-large").to_hf_dict(), "programs": {"step": step}}
-    with pytest.raises(BackendUnavailable, match="split into expert groups"):
-        plan_build(large, TensorRTSettings(max_batch=1))
+    plan = plan_build(large, TensorRTSettings(max_batch=1))
+    assert plan["expert_groups"] == [[0, 4], [4, 8], [8, 12], [12, 16]]
+    assert plan_build(mini, TensorRTSettings())["expert_groups"] == [[0, 16]]
 
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed: the message for a missing TensorRT cannot be shown")

@@ -8,10 +8,12 @@ from typing import Callable
 
 import onnx
 
+from jambatrt.export.plan import TENSOR_LIMIT
 from jambatrt.graph.passes.check_memory_flat import check_memory_flat
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
+from jambatrt.graph.passes.split_expert_groups import split_expert_groups
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class PassSettings:
     #        probability matrix, so it is memory-flat only for short chunks).
     attention: str = "kernel"
     dtype: str = "float32"
+    # largest tensor (elements) a backend accepts; TensorRT's volumes are int32
+    tensor_limit: int = TENSOR_LIMIT
 
 
 Pass = Callable[[onnx.ModelProto, PassSettings], onnx.ModelProto]
@@ -35,8 +39,9 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
 
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
-    # attention stays jamba::CausalAttention (our Triton flash kernel as an AOT plugin)
-    return [materialize_optional_inputs, infer_shapes, check_memory_flat]
+    # attention stays jamba::CausalAttention (our Triton flash kernel as an AOT plugin); MoE layers
+    # whose stacked experts reach 2^31 elements become expert groups
+    return [split_expert_groups, materialize_optional_inputs, infer_shapes, check_memory_flat]
 
 
 def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass]) -> onnx.ModelProto:
@@ -46,4 +51,4 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
-           "lower_attention_gqa", "materialize_optional_inputs"]
+           "lower_attention_gqa", "materialize_optional_inputs", "split_expert_groups"]

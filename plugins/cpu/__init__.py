@@ -32,9 +32,9 @@ def _causal_conv1d(x, weight, bias, state=None):
     return torch.from_numpy(y).to(x.dtype), torch.from_numpy(s).to(x.dtype)
 
 
-def _moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k):
+def _moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset=0):
     from jambatrt.plugins.cpu.moe_int8 import moe_int8_torch
-    return moe_int8_torch(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k))
+    return moe_int8_torch(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
 
 
 def _attention(q, k, v, past_k=None, past_v=None):

@@ -54,30 +54,38 @@ def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                   w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int) -> torch.Tensor:
-    """x [T,H] (float32/bfloat16); router_logits [T,E]; w13 [E,2I,H] int8 (rows [0,I) gate, [I,2I) up);
-    w13_scale [E,2I] float32; w2 [E,H,I] int8; w2_scale [E,H] float32. Semantics of `moe_int8_ref`:
-    y = sum over the top_k experts of weight * W2 (silu(G x) * (U x)), W = int8 * scale[row],
+                   w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0) -> torch.Tensor:
+    """x [T,H] (float32/bfloat16); router_logits [T,E]; w13 [G,2I,H] int8 (rows [0,I) gate, [I,2I) up);
+    w13_scale [G,2I] float32; w2 [G,H,I] int8; w2_scale [G,H] float32 for experts expert_offset ..
+    expert_offset+G-1 of the E the router ranks. Semantics of `moe_int8_ref`: y = sum over the top_k
+    experts (those of this group) of weight * W2 (silu(G x) * (U x)), W = int8 * scale[row],
     fp32 accumulation, SwiGLU activations rounded to x.dtype. Returns y [T,H] in x.dtype (new)."""
     if x.dim() != 2 or w13.dim() != 3 or w13.dtype != torch.int8 or w2.dtype != torch.int8:
         raise ValueError(f"moe_int8: x must be [T,H] and w13/w2 int8 [E,2I,H]/[E,H,I], got x {list(x.shape)}, "
                          f"w13 {list(w13.shape)} {w13.dtype}, w2 {list(w2.shape)} {w2.dtype}")
     T, H = x.shape
-    E, I2 = w13.shape[:2]
+    G, I2 = w13.shape[:2]
     I = I2 // 2
-    expected = {"router_logits": (router_logits, (T, E)), "w13": (w13, (E, 2 * I, H)),
-                "w13_scale": (w13_scale, (E, 2 * I)), "w2": (w2, (E, H, I)), "w2_scale": (w2_scale, (E, H))}
+    E = router_logits.shape[-1]
+    expected = {"router_logits": (router_logits, (T, E)), "w13": (w13, (G, 2 * I, H)),
+                "w13_scale": (w13_scale, (G, 2 * I)), "w2": (w2, (G, H, I)), "w2_scale": (w2_scale, (G, H))}
     bad = [f"{n} {list(t.shape)} (expected {list(s)})" for n, (t, s) in expected.items() if tuple(t.shape) != s]
-    if bad or not 1 <= top_k <= E:
-        raise ValueError(f"moe_int8: {', '.join(bad) or f'top_k {top_k} (expected 1..{E})'}")
+    if not bad and not 1 <= top_k <= E:
+        bad = [f"top_k {top_k} (expected 1..{E})"]
+    if not bad and not (0 <= expert_offset and expert_offset + G <= E):
+        bad = [f"experts {expert_offset}..{expert_offset + G - 1} (expert_offset {expert_offset}, {G} in the "
+               f"weights) outside the router's {E}"]
+    if bad:
+        raise ValueError(f"moe_int8: {', '.join(bad)}")
 
     weights, experts = routing_weights(router_logits, top_k)        # [T,k] fp32, [T,k]: the ref's own
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)                        # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat, minlength=E).tolist()
+    start = sum(counts[:expert_offset])                             # pairs of experts before this group
+    counts = counts[expert_offset:expert_offset + G]
     xf, s13, s2 = x.float(), w13_scale.float(), w2_scale.float()
     y = torch.zeros(T, H, dtype=torch.float32)
-    start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
@@ -91,10 +99,10 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     return y.to(x.dtype)
 
 
-def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k) -> np.ndarray:
+def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset=0) -> np.ndarray:
     """numpy twin of `moe_int8_torch`: floats of any dtype in (computed in float32), w13/w2 int8.
     Returns y [T,H] float32."""
     f32 = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
            for a in (x, router_logits, w13_scale, w2_scale)]
     w13, w2 = (torch.from_numpy(np.ascontiguousarray(w)) for w in (w13, w2))
-    return moe_int8_torch(f32[0], f32[1], w13, f32[2], w2, f32[3], int(top_k)).numpy()
+    return moe_int8_torch(f32[0], f32[1], w13, f32[2], w2, f32[3], int(top_k), int(expert_offset)).numpy()

@@ -10,7 +10,7 @@
 Every input is required (these Python ops cannot take an absent optional input), so graphs pass:
 - SelectiveScan: z and delta_bias always; state always (zeros [B,D,N] when there is none);
 - CausalConv1d: state always (zeros [B,D,K-1]);
-- MoEInt8: w13, w2 as int8; attribute top_k (int64);
+- MoEInt8: w13, w2 as int8; attributes top_k, expert_offset (int64);
 - Attention: past_k, past_v always, [B,0,Hkv,d] when empty.
 
 Errors. A Python exception escaping into ONNX Runtime terminates the process, so every op catches
@@ -127,9 +127,9 @@ def _declare() -> None:
     def causal_conv1d_op(x, weight, bias, state):
         return causal_conv1d(x, weight, bias, state)
 
-    @declare("moe_int8", lambda x, *_: [x.shape], [F, F, I8, F, I8, F], {"top_k": I64})
-    def moe_int8_op(x, router_logits, w13, w13_scale, w2, w2_scale, top_k):
-        return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k))
+    @declare("moe_int8", lambda x, *_: [x.shape], [F, F, I8, F, I8, F], {"top_k": I64, "expert_offset": I64})
+    def moe_int8_op(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset):
+        return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
 
     def attention_shapes(q, k, v, past_k, *_):
         kv = (k.shape[0], past_k.shape[1] + k.shape[1], k.shape[2], k.shape[3])

@@ -18,7 +18,12 @@ The grouped pipeline (the launcher `moe_int8`; TensorRT's split lowering, one ke
 (an AOT plugin launches exactly one kernel and gets no workspace): one program per (token block,
 output-column block), routing in registers, looping over the experts its tokens chose. It
 recomputes the gate/up GEMM for every output-column block, so it suits decode (few tokens, weight
-tiles shared through L2) and is slow for long prefill: use the split lowering there."""
+tiles shared through L2) and is slow for long prefill: use the split lowering there.
+
+Expert groups (`expert_offset`, see export/ops/moe_int8.py): routing always ranks all n_experts
+columns of the router logits; the weights hold n_local experts starting at expert_offset. The
+GEMM kernels skip blocks of other experts (gemm2 writes zeros for their rows, so every row of
+`out` is defined) and the fused kernel loops over its own experts only: y is this group's part."""
 
 from __future__ import annotations
 
@@ -113,14 +118,14 @@ def moe_route_align_kernel(logits_ptr,
 
 @triton.jit
 def moe_gemm1_kernel(x_ptr, w13_ptr, s13_ptr, sorted_ids_ptr, block_expert_ptr,
-                     n_assign, hidden, inter,
+                     n_assign, hidden, inter, expert_offset, n_local,
                      act_ptr,
                      TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= 0:
+    e = tl.load(block_expert_ptr + pid_m) - expert_offset                              # index in this group
+    if (e >= 0) & (e < n_local):
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))       # assignment ids
         row_ok = rows < n_assign
         tok = rows // TOP_K
@@ -153,33 +158,36 @@ def moe_gemm1_kernel(x_ptr, w13_ptr, s13_ptr, sorted_ids_ptr, block_expert_ptr,
 
 @triton.jit
 def moe_gemm2_kernel(act_ptr, w2_ptr, s2_ptr, sorted_ids_ptr, block_expert_ptr, topk_w_ptr,
-                     n_assign, hidden, inter,
+                     n_assign, hidden, inter, expert_offset, n_local,
                      out_ptr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(block_expert_ptr + pid_m)
-    if e >= 0:
+    e_all = tl.load(block_expert_ptr + pid_m)
+    if e_all >= 0:
+        e = e_all - expert_offset                                                      # index in this group
         rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = rows < n_assign
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                               # columns of H
         n_ok = offs_n < hidden
-        w_base = w2_ptr + e.to(tl.int64) * hidden * inter
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < inter
-            a = tl.load(act_ptr + rows[:, None] * inter + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            w = tl.load(w_base + offs_n[None, :] * inter + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0).to(a.dtype)
-            if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w, acc)
-        scale = tl.load(s2_ptr + e * hidden + offs_n, mask=n_ok, other=0.0)
-        weight = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)
-        out = acc * scale[None, :] * weight[:, None]
+        out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)                           # other groups' rows: 0
+        if (e >= 0) & (e < n_local):
+            w_base = w2_ptr + e.to(tl.int64) * hidden * inter
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < inter
+                a = tl.load(act_ptr + rows[:, None] * inter + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                w = tl.load(w_base + offs_n[None, :] * inter + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                            other=0).to(a.dtype)
+                if IEEE:
+                    acc = tl.dot(a, w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, w, acc)
+            scale = tl.load(s2_ptr + e * hidden + offs_n, mask=n_ok, other=0.0)
+            weight = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)
+            out = acc * scale[None, :] * weight[:, None]
         tl.store(out_ptr + rows[:, None] * hidden + offs_n[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -199,7 +207,7 @@ def moe_combine_kernel(out_ptr,
 
 @triton.jit
 def moe_int8_fused_kernel(x_ptr, logits_ptr, w13_ptr, s13_ptr, w2_ptr, s2_ptr,
-                          n_tokens, hidden, inter, n_experts,
+                          n_tokens, hidden, inter, n_experts, expert_offset, n_local,
                           y_ptr,
                           TOP_K: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
@@ -227,10 +235,10 @@ def moe_int8_fused_kernel(x_ptr, logits_ptr, w13_ptr, s13_ptr, w2_ptr, s2_ptr,
         picked = tl.where(hit & row_ok[:, None], 1, picked)
         p = tl.where(hit, -1.0, p)
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for e in range(0, n_experts):
-        sel = tl.sum(tl.where(cols[None, :] == e, picked, 0), axis=1) > 0            # [BT]
+    for e in range(0, n_local):                                                       # this group's experts
+        sel = tl.sum(tl.where(cols[None, :] == e + expert_offset, picked, 0), axis=1) > 0     # [BT]
         if tl.sum(sel.to(tl.int32), axis=0) > 0:
-            we = tl.sum(tl.where(cols[None, :] == e, chosen, 0.0), axis=1)
+            we = tl.sum(tl.where(cols[None, :] == e + expert_offset, chosen, 0.0), axis=1)
             e64 = tl.cast(e, tl.int64)   # the loop index is a plain int under the interpreter
             w13_base = w13_ptr + e64 * inter * 2 * hidden
             w2_base = w2_ptr + e64 * hidden * inter
@@ -294,13 +302,14 @@ def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = N
 
 
 def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-             w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, *, block_m: int | None = None,
-             block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
-    """Same signature and result as `moe_int8_ref`: x [T,H]; router_logits [T,E]; w13 [E,2I,H] int8;
-    w13_scale [E,2I] fp32; w2 [E,H,I] int8; w2_scale [E,H] fp32 -> y [T,H] x.dtype (grouped pipeline)."""
+             w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0, *,
+             block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """Same signature and result as `moe_int8_ref`: x [T,H]; router_logits [T,E]; w13 [G,2I,H] int8;
+    w13_scale [G,2I] fp32; w2 [G,H,I] int8; w2_scale [G,H] fp32 (experts expert_offset..+G-1)
+    -> y [T,H] x.dtype (grouped pipeline)."""
     check_device(x, router_logits, w13, w13_scale, w2, w2_scale)
     T, H = x.shape
-    E, I2, _ = w13.shape
+    G, I2, _ = w13.shape
     I = I2 // 2
     c1, c2, cc = DEFAULTS["gemm1"], DEFAULTS["gemm2"], DEFAULTS["combine"]
     bm = block_m or c1["BLOCK_M"]
@@ -311,13 +320,14 @@ def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w1
     ieee = x.dtype == torch.float32
     act = x.new_empty(T * top_k, I)
     bn1, bk1 = block_n or c1["BLOCK_N"], block_k or c1["BLOCK_K"]
-    moe_gemm1_kernel[(nb, triton.cdiv(I, bn1))](x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I, act,
+    moe_gemm1_kernel[(nb, triton.cdiv(I, bn1))](x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I,
+                                                expert_offset, G, act,
                                                 TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, IEEE=ieee,
                                                 num_warps=c1["num_warps"], num_stages=_stages("gemm1", x.dtype))
     out = torch.empty(T * top_k, H, dtype=torch.float32, device=x.device)
     bn2, bk2 = block_n or c2["BLOCK_N"], block_k or c2["BLOCK_K"]
     moe_gemm2_kernel[(nb, triton.cdiv(H, bn2))](act, w2, w2_scale, sorted_ids, block_expert, topk_w, T * top_k, H, I,
-                                                out, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, IEEE=ieee,
+                                                expert_offset, G, out, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, IEEE=ieee,
                                                 num_warps=c2["num_warps"], num_stages=_stages("gemm2", x.dtype))
     y = torch.empty_like(x)
     moe_combine_kernel[(T, triton.cdiv(H, cc["BLOCK_H"]))](out, T, H, y, TOP_K=top_k, BLOCK_H=cc["BLOCK_H"],
@@ -325,18 +335,20 @@ def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w1
     return y
 
 
-def moe_int8_fused(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, *, block_t: int | None = None,
-                   block_n: int | None = None, block_i: int | None = None, block_k: int | None = None):
+def moe_int8_fused(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0, *,
+                   block_t: int | None = None, block_n: int | None = None, block_i: int | None = None,
+                   block_k: int | None = None):
     """`moe_int8` in one launch (TensorRT's MoEInt8 plugin kernel); same signature and result."""
     check_device(x, router_logits, w13, w13_scale, w2, w2_scale)
     T, H = x.shape
-    E, I2, _ = w13.shape
+    G, I2, _ = w13.shape
+    E = router_logits.shape[1]
     cfg = DEFAULTS["fused"]
     bt, bn = block_t or cfg["BLOCK_T"], block_n or cfg["BLOCK_N"]
     y = torch.empty_like(x)
     moe_int8_fused_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bn))](
         x.contiguous(), router_logits.contiguous(), w13.contiguous(), w13_scale.float().contiguous(),
-        w2.contiguous(), w2_scale.float().contiguous(), T, H, I2 // 2, E, y,
+        w2.contiguous(), w2_scale.float().contiguous(), T, H, I2 // 2, E, expert_offset, G, y,
         TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_T=bt, BLOCK_N=bn, BLOCK_I=block_i or cfg["BLOCK_I"],
         BLOCK_K=block_k or cfg["BLOCK_K"], IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
         num_stages=_stages("fused", x.dtype))
@@ -368,24 +380,27 @@ def aot_kernels(dtypes=("bfloat16", "float32"), top_k: int = 2, n_experts: int =
         out.append(KernelSpec(
             name=f"moe_gemm1.{dtype}", op="moe_int8", fn=moe_gemm1_kernel,
             signature={"x_ptr": act, "w13_ptr": i8, "s13_ptr": f32, "sorted_ids_ptr": i32, "block_expert_ptr": i32,
-                       "n_assign": "i32", "hidden": "i32", "inter": "i32", "act_ptr": act,
+                       "n_assign": "i32", "hidden": "i32", "inter": "i32", "expert_offset": "i32", "n_local": "i32",
+                       "act_ptr": act,
                        **{k: "constexpr" for k in ("TOP_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}},
             constexprs=dict(TOP_K=top_k, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], IEEE=ieee),
             num_warps=c["num_warps"], num_stages=_stages("gemm1", dtype),
             grid="(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(inter, BLOCK_N), 1)",
-            inputs=("x", "w13", "w13_scale", "sorted_ids", "block_expert"), extras=("n_assign", "hidden", "inter"),
+            inputs=("x", "w13", "w13_scale", "sorted_ids", "block_expert"),
+            extras=("n_assign", "hidden", "inter", "expert_offset", "n_local"),
             outputs=("act",), notes="gate+up grouped GEMM, int8 dequantised in registers, SwiGLU"))
         c = DEFAULTS["gemm2"]
         out.append(KernelSpec(
             name=f"moe_gemm2.{dtype}", op="moe_int8", fn=moe_gemm2_kernel,
             signature={"act_ptr": act, "w2_ptr": i8, "s2_ptr": f32, "sorted_ids_ptr": i32, "block_expert_ptr": i32,
-                       "topk_w_ptr": f32, "n_assign": "i32", "hidden": "i32", "inter": "i32", "out_ptr": f32,
+                       "topk_w_ptr": f32, "n_assign": "i32", "hidden": "i32", "inter": "i32", "expert_offset": "i32",
+                       "n_local": "i32", "out_ptr": f32,
                        **{k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}},
             constexprs=dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], IEEE=ieee),
             num_warps=c["num_warps"], num_stages=_stages("gemm2", dtype),
             grid="(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(hidden, BLOCK_N), 1)",
             inputs=("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"),
-            extras=("n_assign", "hidden", "inter"), outputs=("out",),
+            extras=("n_assign", "hidden", "inter", "expert_offset", "n_local"), outputs=("out",),
             notes="down grouped GEMM x routing weight, fp32 rows in assignment order"))
         c = DEFAULTS["combine"]
         out.append(KernelSpec(
@@ -399,7 +414,8 @@ def aot_kernels(dtypes=("bfloat16", "float32"), top_k: int = 2, n_experts: int =
         out.append(KernelSpec(
             name=f"moe_int8_fused.{dtype}", op="moe_int8", fn=moe_int8_fused_kernel,
             signature={"x_ptr": act, "logits_ptr": lg, "w13_ptr": i8, "s13_ptr": f32, "w2_ptr": i8, "s2_ptr": f32,
-                       "n_tokens": "i32", "hidden": "i32", "inter": "i32", "n_experts": "i32", "y_ptr": act,
+                       "n_tokens": "i32", "hidden": "i32", "inter": "i32", "n_experts": "i32", "expert_offset": "i32",
+                       "n_local": "i32", "y_ptr": act,
                        **{k: "constexpr" for k in ("TOP_K", "E_PAD", "BLOCK_T", "BLOCK_N", "BLOCK_I", "BLOCK_K",
                                                    "IEEE")}},
             constexprs=dict(TOP_K=top_k, E_PAD=next_pow2(n_experts), BLOCK_T=c["BLOCK_T"], BLOCK_N=c["BLOCK_N"],
@@ -407,6 +423,6 @@ def aot_kernels(dtypes=("bfloat16", "float32"), top_k: int = 2, n_experts: int =
             num_warps=c["num_warps"], num_stages=_stages("fused", dtype),
             grid="(cdiv(n_tokens, BLOCK_T), cdiv(hidden, BLOCK_N), 1)",
             inputs=("x", "router_logits", "w13", "w13_scale", "w2", "w2_scale"),
-            extras=("n_tokens", "hidden", "inter", "n_experts"), outputs=("y",),
+            extras=("n_tokens", "hidden", "inter", "n_experts", "expert_offset", "n_local"), outputs=("y",),
             notes="single launch (TensorRT MoEInt8 plugin); gate/up recomputed per output block"))
     return out

@@ -124,7 +124,7 @@ def attention_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_
 
 
 def moe_int8_traceable(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                       w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int) -> torch.Tensor:
+                       w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0) -> torch.Tensor:
     """`moe_int8_ref`'s contract through the grouped pipeline (route/align, gate-up GEMM, down GEMM,
     combine); the buffers between the kernels are sized by bounds that need no data."""
     import triton
@@ -134,7 +134,8 @@ def moe_int8_traceable(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.
     from jambatrt.plugins.gpu import next_pow2
 
     T, H = x.shape
-    E, I2, _ = w13.shape
+    G, I2, _ = w13.shape
+    E = router_logits.shape[1]
     I = I2 // 2
     top_k = int(top_k)
     c1, c2, cc, cr = m.DEFAULTS["gemm1"], m.DEFAULTS["gemm2"], m.DEFAULTS["combine"], m.DEFAULTS["route_align"]
@@ -153,12 +154,12 @@ def moe_int8_traceable(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.
     ieee = x.dtype == torch.float32
     act = torch.empty((T * top_k, I), dtype=x.dtype, device=dev)
     wrap_triton(m.moe_gemm1_kernel)[(nb, triton.cdiv(I, c1["BLOCK_N"]), 1)](
-        x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I, act, TOP_K=top_k, BLOCK_M=bm,
+        x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I, int(expert_offset), G, act, TOP_K=top_k, BLOCK_M=bm,
         BLOCK_N=c1["BLOCK_N"], BLOCK_K=c1["BLOCK_K"], IEEE=ieee, num_warps=c1["num_warps"],
         num_stages=m._stages("gemm1", x.dtype))
     out = torch.empty((T * top_k, H), dtype=torch.float32, device=dev)
     wrap_triton(m.moe_gemm2_kernel)[(nb, triton.cdiv(H, c2["BLOCK_N"]), 1)](
-        act, w2, w2_scale, sorted_ids, block_expert, topk_w, T * top_k, H, I, out, BLOCK_M=bm,
+        act, w2, w2_scale, sorted_ids, block_expert, topk_w, T * top_k, H, I, int(expert_offset), G, out, BLOCK_M=bm,
         BLOCK_N=c2["BLOCK_N"], BLOCK_K=c2["BLOCK_K"], IEEE=ieee, num_warps=c2["num_warps"],
         num_stages=m._stages("gemm2", x.dtype))
     y = torch.empty((T, H), dtype=x.dtype, device=dev)

@@ -5,14 +5,17 @@ softmax, top-k, no renormalisation), int8 dequantisation in registers, SwiGLU an
 sum in one launch (an AOT plugin launches one kernel and has no workspace). It recomputes the
 gate/up GEMM for every block of output columns: right for decode and short chunks, slow for long
 prefill. Kernel parameters: (x, router_logits, w13, w13_scale, w2, w2_scale, n_tokens, hidden,
-inter, n_experts, y); grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N)).
+inter, n_experts, expert_offset, n_local, y); grid (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N)). A node of
+an expert group (attribute expert_offset, weights of n_local experts; graph/passes/
+split_expert_groups.py) computes its group's part of y.
 
 The split lowering (lowering="split") runs the grouped pipeline as three plugins a TensorRT
 graph pass can put in place of one MoEInt8 node, each one launch:
     MoEInt8Route(router_logits; top_k) -> topk_weights [T,k] f32, topk_ids [T,k] i32,
                                           sorted_ids [NB*BM] i32, block_expert [NB] i32
-    MoEInt8GroupedUp(x, w13, w13_scale, sorted_ids, block_expert; top_k) -> act [T*k, I]
-    MoEInt8GroupedDown(act, w2, w2_scale, sorted_ids, block_expert, topk_weights) -> out [T*k, H] f32
+    MoEInt8GroupedUp(x, w13, w13_scale, sorted_ids, block_expert; top_k, expert_offset) -> act [T*k, I]
+    MoEInt8GroupedDown(act, w2, w2_scale, sorted_ids, block_expert, topk_weights; expert_offset)
+                                          -> out [T*k, H] f32 (0 in rows of other expert groups)
     then native: Reshape [T,k,H] -> ReduceSum(axis 1) -> Cast(activation type) = y
 with NB = cdiv(T*k + E*(BM-1), BM), BM = BLOCK_M (64). Every weight tile is then read once per
 block of BM tokens routed to its expert (a grouped GEMM), not once per output block."""
@@ -39,9 +42,9 @@ DESCRIPTORS = [
     _split("Route", ("router_logits",), ("topk_weights", "topk_ids", "sorted_ids", "block_expert"),
            "moe_route_align", notes="one program: softmax, top-k, counting sort by expert"),
     _split("GroupedUp", ("x", "w13", "w13_scale", "sorted_ids", "block_expert"), ("act",), "moe_gemm1",
-           notes="grouped gate/up GEMM + SwiGLU"),
+           attrs=("top_k", "expert_offset"), notes="grouped gate/up GEMM + SwiGLU"),
     _split("GroupedDown", ("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"), ("out",),
-           "moe_gemm2", attrs=(), notes="grouped down GEMM x routing weight; fp32 rows [T*k, H]"),
+           "moe_gemm2", attrs=("expert_offset",), notes="grouped down GEMM x routing weight; fp32 rows [T*k, H]"),
 ]
 
 
@@ -70,15 +73,16 @@ def register() -> None:
 
     # ---- MoEInt8: the fused kernel ----
     def main_aot(a):
-        x, w13 = a["x"], a["w13"]
+        x, w13, lg = a["x"], a["w13"], a["router_logits"]
         act = P.dtype_name(trt, x.dtype)
-        E = P.constant(w13.shape_expr[0], "number of experts (w13 [E,2I,H])")
-        spec = kernel_spec("moe_int8_fused", act, a["top_k"], E, P.dtype_name(trt, a["router_logits"].dtype))
+        E = P.constant(lg.shape_expr[1], "number of experts (router_logits [T,E])")
+        spec = kernel_spec("moe_int8_fused", act, a["top_k"], E, P.dtype_name(trt, lg.dtype))
         name, ptx, compiled = P.compile_for_trt(spec)
         c = spec.constexprs
         grid = P.launch(trtp, compiled, trtp.cdiv(x.shape_expr[0], c["BLOCK_T"]),
                         trtp.cdiv(x.shape_expr[1], c["BLOCK_N"]))
-        extras = P.sym_extras(trtp, [x.shape_expr[0], x.shape_expr[1], w13.shape_expr[1] // 2, w13.shape_expr[0]])
+        extras = P.sym_extras(trtp, [x.shape_expr[0], x.shape_expr[1], w13.shape_expr[1] // 2, lg.shape_expr[1],
+                                     a["expert_offset"], w13.shape_expr[0]])
         return name, ptx, grid, extras
 
     define(main, lambda a: a["x"].like(),
@@ -115,7 +119,8 @@ def register() -> None:
         name, ptx, compiled = P.compile_for_trt(spec)
         inter = w13.shape_expr[1] // 2
         grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(inter, spec.constexprs["BLOCK_N"]))
-        return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[0] * a["top_k"], x.shape_expr[1], inter])
+        return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[0] * a["top_k"], x.shape_expr[1], inter,
+                                                    a["expert_offset"], w13.shape_expr[0]])
 
     define(up, up_describe, lambda act: [act, "int8", "float32", "int32", "int32", act], up_aot)
 
@@ -129,6 +134,7 @@ def register() -> None:
         spec = kernel_spec("moe_gemm2", act, 1, P.constant(w2.shape_expr[0], "number of experts"))
         name, ptx, compiled = P.compile_for_trt(spec)
         grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(w2.shape_expr[1], spec.constexprs["BLOCK_N"]))
-        return name, ptx, grid, P.sym_extras(trtp, [act_t.shape_expr[0], w2.shape_expr[1], act_t.shape_expr[1]])
+        return name, ptx, grid, P.sym_extras(trtp, [act_t.shape_expr[0], w2.shape_expr[1], act_t.shape_expr[1],
+                                                    a["expert_offset"], w2.shape_expr[0]])
 
     define(down, down_describe, lambda act: [act, "int8", "float32", "int32", "int32", "float32", "float32"], down_aot)
