@@ -77,6 +77,8 @@ def cmd_build(a) -> int:
     with console.status(f"building the {a.backend} engine for {a.out}"):
         settings = ({"attention": a.attention} if a.backend == "ort" else
                     {"max_batch": a.max_batch, "max_seq": a.max_seq, "prefill_chunk": a.prefill_chunk})
+        if a.backend == "tensorrt":
+            settings["moe"] = a.moe
         entry = cls.build(a.out, **settings)
     print(f"built {a.backend} engine: {Path(a.out) / entry['path']}")
     return 0
@@ -313,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-seq", type=int, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=int, default=None,
                    help="tensorrt, aoti: prefill chunk (default: the chunking plan, every tensor < 2^31 elements)")
+    b.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
+                   help="tensorrt only: MoE layers as route + grouped-GEMM plugins (default; reads each expert "
+                        "weight tile once per 64 routed tokens) or one fused plugin per layer (recomputes gate/up "
+                        "per output block: for decode-only engines)")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",

@@ -2,7 +2,11 @@
 state -> logits + present state) parsed with our `jamba` plugins registered (QDP, AOT: the
 engine holds the Triton kernels' PTX, no Python at run time), built with two optimisation
 profiles — prefill (1 .. chunk tokens, any past) and decode (1 token) — and run chunk by chunk
-with the state carried, so no tensor ever reaches 2^31 elements (engines/chunking.py).
+with the state carried, so no tensor ever reaches 2^31 elements (engines/chunking.py; stacked
+expert weights over the limit are split into expert groups by graph/passes/split_expert_groups.py).
+MoE layers become route + grouped-GEMM plugins (graph/passes/lower_moe_grouped.py) unless
+`moe="fused"`. The weights are never loaded or copied during the build: the parser reads them from
+the artifact's model.onnx.data.
 
 Build needs TensorRT (>= 10.10 for AOT plugins) and a CUDA GPU; without either, `build` and
 loading raise BackendUnavailable naming what is missing."""
@@ -40,6 +44,7 @@ class TensorRTSettings:
     workspace_bytes: int = 8 << 30
     optimization_level: int = 3
     timing_cache: bool = True          # engines/tensorrt/timing.cache, reused by later builds
+    moe: str = "grouped"               # "grouped": route + grouped GEMM plugins; "fused": one plugin per layer
 
     @classmethod
     def from_kwargs(cls, **kw) -> "TensorRTSettings":
@@ -50,6 +55,8 @@ class TensorRTSettings:
         s = cls(**{k: v for k, v in kw.items() if v is not None})
         if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch:
             raise InputError(f"max_batch={s.max_batch}, opt_batch={s.opt_batch} (accepted: 1 <= opt_batch <= max_batch)")
+        if s.moe not in ("grouped", "fused"):
+            raise InputError(f"moe={s.moe!r} (accepted: grouped, fused)")
         return s
 
 
@@ -123,7 +130,7 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _lowered_onnx(artifact: Path, step: dict, dtype: str) -> tuple[bytes, Path, list[str]]:
+def _lowered_onnx(artifact: Path, step: dict, dtype: str, moe: str) -> tuple[bytes, Path, list[str]]:
     """The step model through the TensorRT pass list (expert groups under 2^31 elements, absent
     optional inputs made explicit: plugins take a fixed number of inputs, shapes inferred, the
     memory-flat check), serialized without its weights: they stay in the artifact's external data
@@ -131,7 +138,7 @@ def _lowered_onnx(artifact: Path, step: dict, dtype: str) -> tuple[bytes, Path, 
     loaded or copied here). Returns (graph bytes, path the parser resolves weights from, pass names)."""
     from jambatrt.graph.onnx_export import load_onnx
     from jambatrt.graph.passes import PassSettings, run_passes, tensorrt_passes
-    settings = PassSettings(dtype=dtype)
+    settings = PassSettings(dtype=dtype, moe=moe)
     passes = tensorrt_passes(settings)
     source = artifact / step["onnx"]
     model = run_passes(load_onnx(source, load_external_data=False), settings, passes)
@@ -159,7 +166,7 @@ class TensorRTEngine(Engine):
         t0 = time.perf_counter()
         dest = artifact / SUBDIR
         with atomic_dir(dest, force=True) as tmp:   # the old engine (and its timing cache) stay until this one is whole
-            model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"])
+            model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"], s.moe)
             logger = _logger(trt)
             builder = trt.Builder(logger)
             flags = 0

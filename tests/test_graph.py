@@ -157,3 +157,16 @@ def test_split_expert_groups_leaves_small_layers_alone(onnx_model):
     from jambatrt.graph.passes import split_expert_groups
     m = split_expert_groups(onnx.ModelProto.FromString(onnx_model.SerializeToString()), PassSettings())
     assert [n.op_type for n in m.graph.node] == [n.op_type for n in onnx_model.graph.node]
+
+
+@pytest.mark.parametrize("moe", ["grouped", "fused"])
+def test_final_tensorrt_graph(tiny_artifact, moe):
+    """The TensorRT pass list on the weights-not-loaded model (as engines/tensorrt.py runs it):
+    MoE as the grouped plugins by default, every plugin input present, no L x L tensor."""
+    from jambatrt.graph.passes import tensorrt_passes
+    s = PassSettings(moe=moe)
+    m = run_passes(load_onnx(tiny_artifact / "model.onnx", load_external_data=False), s, tensorrt_passes(s))
+    types = [n.op_type for n in m.graph.node if n.domain == DOMAIN]
+    assert ("MoEInt8" in types) == (moe == "fused") and ("MoEInt8Route" in types) == (moe == "grouped")
+    assert all(all(n.input) for n in m.graph.node if n.domain == DOMAIN)
+    assert quadratic_tensors(m) == []

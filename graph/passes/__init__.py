@@ -12,6 +12,7 @@ from jambatrt.export.plan import TENSOR_LIMIT
 from jambatrt.graph.passes.check_memory_flat import check_memory_flat
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
+from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
 from jambatrt.graph.passes.split_expert_groups import split_expert_groups
 
@@ -25,6 +26,9 @@ class PassSettings:
     dtype: str = "float32"
     # largest tensor (elements) a backend accepts; TensorRT's volumes are int32
     tensor_limit: int = TENSOR_LIMIT
+    # TensorRT's MoE: "grouped" = route + grouped GEMM plugins (prefill-sized chunks);
+    # "fused" = the one-launch MoEInt8 plugin (recomputes gate/up per output block: decode only)
+    moe: str = "grouped"
 
 
 Pass = Callable[[onnx.ModelProto, PassSettings], onnx.ModelProto]
@@ -40,8 +44,11 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
     # attention stays jamba::CausalAttention (our Triton flash kernel as an AOT plugin); MoE layers
-    # whose stacked experts reach 2^31 elements become expert groups
-    return [split_expert_groups, materialize_optional_inputs, infer_shapes, check_memory_flat]
+    # whose stacked experts reach 2^31 elements become expert groups, then (by default) grouped GEMMs
+    passes: list[Pass] = [split_expert_groups]
+    if settings.moe == "grouped":
+        passes.append(lower_moe_grouped)
+    return passes + [materialize_optional_inputs, infer_shapes, check_memory_flat]
 
 
 def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass]) -> onnx.ModelProto:
@@ -51,4 +58,4 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
-           "lower_attention_gqa", "materialize_optional_inputs", "split_expert_groups"]
+           "lower_attention_gqa", "lower_moe_grouped", "materialize_optional_inputs", "split_expert_groups"]

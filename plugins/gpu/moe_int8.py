@@ -301,34 +301,55 @@ def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = N
     return topk_w, topk_ids, sorted_ids, block_expert
 
 
+def grouped_up(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, sorted_ids: torch.Tensor,
+               block_expert: torch.Tensor, top_k: int, expert_offset: int = 0, *, block_m: int | None = None,
+               block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """Gate/up grouped GEMM + SwiGLU (TensorRT plugin MoEInt8GroupedUp): act [T*k, I] in x.dtype;
+    rows of experts outside [expert_offset, expert_offset + w13.shape[0]) are left unwritten."""
+    c = DEFAULTS["gemm1"]
+    T, H = x.shape
+    G, I2, _ = w13.shape
+    act = x.new_empty(T * top_k, I2 // 2)
+    bn = block_n or c["BLOCK_N"]
+    moe_gemm1_kernel[(block_expert.numel(), triton.cdiv(I2 // 2, bn))](
+        x.contiguous(), w13.contiguous(), w13_scale.float().contiguous(), sorted_ids, block_expert, T * top_k, H,
+        I2 // 2, expert_offset, G, act, TOP_K=top_k, BLOCK_M=block_m or c["BLOCK_M"], BLOCK_N=bn,
+        BLOCK_K=block_k or c["BLOCK_K"], IEEE=x.dtype == torch.float32, num_warps=c["num_warps"],
+        num_stages=_stages("gemm1", x.dtype))
+    return act
+
+
+def grouped_down(act: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, sorted_ids: torch.Tensor,
+                 block_expert: torch.Tensor, topk_weights: torch.Tensor, expert_offset: int = 0, *,
+                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """Down grouped GEMM x routing weight (TensorRT plugin MoEInt8GroupedDown): out [T*k, H] fp32
+    in assignment order, zero in the rows of experts outside this group."""
+    c = DEFAULTS["gemm2"]
+    G, H, I = w2.shape
+    out = torch.empty(act.shape[0], H, dtype=torch.float32, device=act.device)
+    bn = block_n or c["BLOCK_N"]
+    moe_gemm2_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+        act.contiguous(), w2.contiguous(), w2_scale.float().contiguous(), sorted_ids, block_expert,
+        topk_weights.contiguous(), act.shape[0], H, I, expert_offset, G, out, BLOCK_M=block_m or c["BLOCK_M"],
+        BLOCK_N=bn, BLOCK_K=block_k or c["BLOCK_K"], IEEE=act.dtype == torch.float32, num_warps=c["num_warps"],
+        num_stages=_stages("gemm2", act.dtype))
+    return out
+
+
 def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
              w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0, *,
              block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
     """Same signature and result as `moe_int8_ref`: x [T,H]; router_logits [T,E]; w13 [G,2I,H] int8;
     w13_scale [G,2I] fp32; w2 [G,H,I] int8; w2_scale [G,H] fp32 (experts expert_offset..+G-1)
-    -> y [T,H] x.dtype (grouped pipeline)."""
+    -> y [T,H] x.dtype (grouped pipeline: route/align, up, down, combine)."""
     check_device(x, router_logits, w13, w13_scale, w2, w2_scale)
     T, H = x.shape
-    G, I2, _ = w13.shape
-    I = I2 // 2
-    c1, c2, cc = DEFAULTS["gemm1"], DEFAULTS["gemm2"], DEFAULTS["combine"]
-    bm = block_m or c1["BLOCK_M"]
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    w13_scale, w2_scale = w13_scale.float().contiguous(), w2_scale.float().contiguous()
+    cc = DEFAULTS["combine"]
+    bm = block_m or DEFAULTS["gemm1"]["BLOCK_M"]
+    tiles = dict(block_m=bm, block_n=block_n, block_k=block_k)
     topk_w, _, sorted_ids, block_expert = route_align(router_logits, top_k, bm)
-    nb = block_expert.numel()
-    ieee = x.dtype == torch.float32
-    act = x.new_empty(T * top_k, I)
-    bn1, bk1 = block_n or c1["BLOCK_N"], block_k or c1["BLOCK_K"]
-    moe_gemm1_kernel[(nb, triton.cdiv(I, bn1))](x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I,
-                                                expert_offset, G, act,
-                                                TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn1, BLOCK_K=bk1, IEEE=ieee,
-                                                num_warps=c1["num_warps"], num_stages=_stages("gemm1", x.dtype))
-    out = torch.empty(T * top_k, H, dtype=torch.float32, device=x.device)
-    bn2, bk2 = block_n or c2["BLOCK_N"], block_k or c2["BLOCK_K"]
-    moe_gemm2_kernel[(nb, triton.cdiv(H, bn2))](act, w2, w2_scale, sorted_ids, block_expert, topk_w, T * top_k, H, I,
-                                                expert_offset, G, out, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=bk2, IEEE=ieee,
-                                                num_warps=c2["num_warps"], num_stages=_stages("gemm2", x.dtype))
+    act = grouped_up(x, w13, w13_scale, sorted_ids, block_expert, top_k, expert_offset, **tiles)
+    out = grouped_down(act, w2, w2_scale, sorted_ids, block_expert, topk_w, expert_offset, **tiles)
     y = torch.empty_like(x)
     moe_combine_kernel[(T, triton.cdiv(H, cc["BLOCK_H"]))](out, T, H, y, TOP_K=top_k, BLOCK_H=cc["BLOCK_H"],
                                                            num_warps=cc["num_warps"])

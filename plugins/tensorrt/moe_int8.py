@@ -9,8 +9,9 @@ inter, n_experts, expert_offset, n_local, y); grid (cdiv(T, BLOCK_T), cdiv(H, BL
 an expert group (attribute expert_offset, weights of n_local experts; graph/passes/
 split_expert_groups.py) computes its group's part of y.
 
-The split lowering (lowering="split") runs the grouped pipeline as three plugins a TensorRT
-graph pass can put in place of one MoEInt8 node, each one launch:
+The split lowering (lowering="split"; graph/passes/lower_moe_grouped.py, the TensorRT default,
+`build --moe grouped`) runs the grouped pipeline as three plugins in place of one MoEInt8 node,
+each one launch:
     MoEInt8Route(router_logits; top_k) -> topk_weights [T,k] f32, topk_ids [T,k] i32,
                                           sorted_ids [NB*BM] i32, block_expert [NB] i32
     MoEInt8GroupedUp(x, w13, w13_scale, sorted_ids, block_expert; top_k, expert_offset) -> act [T*k, I]
