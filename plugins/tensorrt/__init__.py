@@ -111,6 +111,23 @@ def qdp_function(name: str, params: list[tuple[str, typing.Any]], returns, body)
     return fn
 
 
+def define_plugin(trtp, desc: PluginDescriptor, describe, autotune, aot_impl) -> None:
+    """Register one QDP plugin with tensorrt.plugin: its shape/type function, autotune and AOT
+    implementation, each with the exact signature QDP validates — the inputs by name, then the
+    attributes (describe, aot_impl), then `outputs` (autotune, aot_impl) and `tactic` (aot_impl).
+    Each body receives the bound arguments as a dict."""
+    ins = tensor_params(trtp, desc.inputs)
+    attrs = [(a, {"int": int, "float": float}[t]) for a, t in desc.attributes.items()]
+    empty = inspect.Parameter.empty
+    pid = desc.plugin_id
+    trtp.register(pid)(qdp_function(f"{desc.name}_describe", ins + attrs,
+                                    outputs_annotation(trtp, len(desc.outputs)), describe))
+    trtp.autotune(pid)(qdp_function(f"{desc.name}_autotune", ins + [("outputs", empty)],
+                                    list[trtp.AutoTuneCombination], autotune))
+    trtp.aot_impl(pid)(qdp_function(f"{desc.name}_aot_impl", ins + attrs + [("outputs", empty), ("tactic", int)],
+                                    aot_returns(trtp), aot_impl))
+
+
 def tensor_params(trtp, names) -> list[tuple[str, typing.Any]]:
     return [(n, trtp.TensorDesc) for n in names]
 

@@ -11,8 +11,6 @@ context that mask alone is 2^30 elements). The plugin handles P natively."""
 
 from __future__ import annotations
 
-import inspect
-
 from jambatrt.export.ops.attention import SPEC
 from jambatrt.plugins import tensorrt as P
 
@@ -27,9 +25,6 @@ def kernel_spec(act: str, head_dim: int):
 
 def register() -> None:
     trt, trtp = P.require_tensorrt()
-    pid = DESCRIPTORS[0].plugin_id
-    ins = P.tensor_params(trtp, SPEC.inputs)
-    empty = inspect.Parameter.empty
 
     def describe(a):
         k, pk = a["k"], a["past_k"]
@@ -51,8 +46,4 @@ def register() -> None:
         extras = P.sym_extras(trtp, [q.shape_expr[1], pk.shape_expr[1], q.shape_expr[2], k.shape_expr[2]])
         return name, ptx, grid, extras
 
-    trtp.register(pid)(P.qdp_function("attention_describe", ins, P.outputs_annotation(trtp, 3), describe))
-    trtp.autotune(pid)(P.qdp_function("attention_autotune", ins + [("outputs", empty)],
-                                      list[trtp.AutoTuneCombination], autotune))
-    trtp.aot_impl(pid)(P.qdp_function("attention_aot_impl", ins + [("outputs", empty), ("tactic", int)],
-                                      P.aot_returns(trtp), aot_impl))
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)

@@ -5,8 +5,6 @@ weight's shape) and a constexpr of the kernel."""
 
 from __future__ import annotations
 
-import inspect
-
 from jambatrt.export.ops.causal_conv1d import SPEC
 from jambatrt.plugins import tensorrt as P
 
@@ -20,9 +18,6 @@ def kernel_spec(act: str, width: int):
 
 def register() -> None:
     trt, trtp = P.require_tensorrt()
-    pid = DESCRIPTORS[0].plugin_id
-    ins = P.tensor_params(trtp, SPEC.inputs)
-    empty = inspect.Parameter.empty
 
     def describe(a):
         return a["x"].like(), a["state"].like()
@@ -41,8 +36,4 @@ def register() -> None:
                         trtp.cdiv(x.shape_expr[1], c["BLOCK_D"]), x.shape_expr[0])
         return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[1], x.shape_expr[2]])
 
-    trtp.register(pid)(P.qdp_function("causal_conv1d_describe", ins, P.outputs_annotation(trtp, 2), describe))
-    trtp.autotune(pid)(P.qdp_function("causal_conv1d_autotune", ins + [("outputs", empty)],
-                                      list[trtp.AutoTuneCombination], autotune))
-    trtp.aot_impl(pid)(P.qdp_function("causal_conv1d_aot_impl", ins + [("outputs", empty), ("tactic", int)],
-                                      P.aot_returns(trtp), aot_impl))
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)

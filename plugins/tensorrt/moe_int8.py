@@ -23,8 +23,6 @@ block of BM tokens routed to its expert (a grouped GEMM), not once per output bl
 
 from __future__ import annotations
 
-import inspect
-
 from jambatrt.export.ops.moe_int8 import SPEC
 from jambatrt.plugins import tensorrt as P
 from jambatrt.plugins.tensorrt import PluginDescriptor
@@ -57,20 +55,12 @@ def kernel_spec(kernel: str, act: str, top_k: int, n_experts: int, logits_dtype:
 
 def register() -> None:
     trt, trtp = P.require_tensorrt()
-    empty = inspect.Parameter.empty
     main, route, up, down = DESCRIPTORS
 
     def define(desc, describe, types, aot_impl):
-        ins = P.tensor_params(trtp, desc.inputs)
-        attrs = [(a, int) for a in desc.attributes]
-        pid = desc.plugin_id
-        trtp.register(pid)(P.qdp_function(f"{desc.name}_describe", ins + attrs,
-                                          P.outputs_annotation(trtp, len(desc.outputs)), describe))
-        trtp.autotune(pid)(P.qdp_function(f"{desc.name}_autotune", ins + [("outputs", empty)],
-                                          list[trtp.AutoTuneCombination],
-                                          lambda a: [P.combination(trtp, types(t)) for t in ("bfloat16", "float32")]))
-        trtp.aot_impl(pid)(P.qdp_function(f"{desc.name}_aot_impl", ins + attrs + [("outputs", empty), ("tactic", int)],
-                                          P.aot_returns(trtp), aot_impl))
+        """types(activation dtype) -> the I/O dtypes; one combination per activation dtype."""
+        P.define_plugin(trtp, desc, describe,
+                        lambda a: [P.combination(trtp, types(t)) for t in ("bfloat16", "float32")], aot_impl)
 
     # ---- MoEInt8: the fused kernel ----
     def main_aot(a):

@@ -5,8 +5,6 @@ y, state_out); grid (cdiv(dim, BLOCK_D), batch)."""
 
 from __future__ import annotations
 
-import inspect
-
 from jambatrt.export.ops.selective_scan import SPEC
 from jambatrt.plugins import tensorrt as P
 
@@ -28,9 +26,6 @@ def kernel_spec(act: str, dstate: int, tactic: int):
 
 def register() -> None:
     trt, trtp = P.require_tensorrt()
-    pid = DESCRIPTORS[0].plugin_id
-    ins = P.tensor_params(trtp, SPEC.inputs)
-    empty = inspect.Parameter.empty
 
     def describe(a):
         u, A = a["u"], a["A"]
@@ -48,8 +43,4 @@ def register() -> None:
         extras = P.sym_extras(trtp, [u.shape_expr[1], u.shape_expr[2], A.shape_expr[1]])
         return name, ptx, grid, extras
 
-    trtp.register(pid)(P.qdp_function("selective_scan_describe", ins, P.outputs_annotation(trtp, 2), describe))
-    trtp.autotune(pid)(P.qdp_function("selective_scan_autotune", ins + [("outputs", empty)],
-                                      list[trtp.AutoTuneCombination], autotune))
-    trtp.aot_impl(pid)(P.qdp_function("selective_scan_aot_impl", ins + [("outputs", empty), ("tactic", int)],
-                                      P.aot_returns(trtp), aot_impl))
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
