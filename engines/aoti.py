@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
-from jambatrt.engines.base import Engine, _np_dtype
+from jambatrt.engines.base import Engine, _np_dtype, settings_from_kwargs
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
 SUBDIR = "engines/aoti"
@@ -64,11 +64,7 @@ class AotiSettings:
 
     @classmethod
     def from_kwargs(cls, **kw) -> "AotiSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kw) - names)
-        if unknown:
-            raise InputError(f"unknown aoti setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
-        s = cls(**{k: v for k, v in kw.items() if v is not None})
+        s = settings_from_kwargs(cls, "aoti", kw)
         if s.device not in DEVICES:
             raise InputError(f"device={s.device!r} (accepted: {', '.join(DEVICES)})")
         if s.max_batch < 1:

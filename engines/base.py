@@ -7,6 +7,7 @@ conv_state [B,D,K-1], ssm_state [B,D,N] fp32; attention: k, v [B,P,Hkv,d])."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +139,15 @@ class Engine(abc.ABC):
         if ids.shape[1] > self.max_seq:
             raise InputError(f"sequence length {ids.shape[1]} exceeds the maximum {self.max_seq}")
         return ids.astype(np.int64, copy=False)
+
+
+def settings_from_kwargs(cls, backend: str, kw: dict):
+    """A build-settings dataclass from keyword options: None keeps a default, unknown names are refused."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        raise InputError(f"unknown {backend} setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
+    return cls(**{k: v for k, v in kw.items() if v is not None})
 
 
 def _np_dtype(name: str):

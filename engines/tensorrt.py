@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
-from jambatrt.engines.base import Engine, _np_dtype
+from jambatrt.engines.base import Engine, _np_dtype, settings_from_kwargs
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
 SUBDIR = "engines/tensorrt"
@@ -48,11 +48,7 @@ class TensorRTSettings:
 
     @classmethod
     def from_kwargs(cls, **kw) -> "TensorRTSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kw) - names)
-        if unknown:
-            raise InputError(f"unknown TensorRT setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
-        s = cls(**{k: v for k, v in kw.items() if v is not None})
+        s = settings_from_kwargs(cls, "TensorRT", kw)
         if s.max_batch < 1 or not 1 <= s.opt_batch <= s.max_batch:
             raise InputError(f"max_batch={s.max_batch}, opt_batch={s.opt_batch} (accepted: 1 <= opt_batch <= max_batch)")
         if s.moe not in ("grouped", "fused"):
