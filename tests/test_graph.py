@@ -170,3 +170,40 @@ def test_final_tensorrt_graph(tiny_artifact, moe):
     assert ("MoEInt8" in types) == (moe == "fused") and ("MoEInt8Route" in types) == (moe == "grouped")
     assert all(all(n.input) for n in m.graph.node if n.domain == DOMAIN)
     assert quadratic_tensors(m) == []
+
+
+@pytest.mark.parametrize("K, L", [(4, 37), (4, 1), (4, 2), (3, 5), (1, 6)])
+def test_lower_conv_native_matches_the_kernel(K, L):
+    """CausalConv1d as Concat + depthwise Conv + SiLU + Slice == the op's reference (y and state),
+    including a chunk shorter than the state (L < K-1) and K = 1 (no state)."""
+    import numpy as np
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jambatrt.export.ops.causal_conv1d import causal_conv1d_ref
+    from jambatrt.graph.passes import lower_conv_native
+    B, D = 2, 24
+    rng = np.random.default_rng(K * 100 + L)
+    w, bias = rng.standard_normal((D, K)).astype(np.float32), rng.standard_normal(D).astype(np.float32)
+    x, st = rng.standard_normal((B, D, L)).astype(np.float32), rng.standard_normal((B, D, K - 1)).astype(np.float32)
+    node = helper.make_node("CausalConv1d", ["x", "weight", "bias", "state"], ["y", "state_out"], domain=DOMAIN)
+    graph = helper.make_graph([node], "conv", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                                               for n in ("x", "state")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "state_out")],
+                              initializer=[numpy_helper.from_array(w, "weight"), numpy_helper.from_array(bias, "bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    lowered = lower_conv_native(model, PassSettings())
+    assert DOMAIN not in {n.domain for n in lowered.graph.node}
+    y, s = _session(lowered.SerializeToString()).run(None, {"x": x, "state": st})
+    y_ref, s_ref = causal_conv1d_ref(*map(torch.from_numpy, (x, w, bias, st)))
+    np.testing.assert_allclose(y, y_ref.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(s, s_ref.numpy())
+
+
+def test_ort_graph_lowers_conv_by_default(onnx_model):
+    n_mamba = sum(n.op_type == "SelectiveScan" for n in onnx_model.graph.node)
+    for conv, kernel_nodes in (("native", 0), ("kernel", n_mamba)):
+        s = PassSettings(conv=conv)
+        m = run_passes(onnx.ModelProto.FromString(onnx_model.SerializeToString()), s, ort_passes(s))
+        assert sum(n.op_type == "CausalConv1d" for n in m.graph.node) == kernel_nodes
+        assert (sum(n.op_type == "Conv" for n in m.graph.node) == n_mamba) == (conv == "native")

@@ -12,6 +12,7 @@ from jambatrt.export.plan import TENSOR_LIMIT
 from jambatrt.graph.passes.check_memory_flat import check_memory_flat
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
+from jambatrt.graph.passes.lower_conv_native import lower_conv_native
 from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
 from jambatrt.graph.passes.split_expert_groups import split_expert_groups
@@ -24,6 +25,9 @@ class PassSettings:
     #        probability matrix, so it is memory-flat only for short chunks).
     attention: str = "kernel"
     dtype: str = "float32"
+    # ONNX Runtime's causal conv: "native" = Concat + depthwise Conv + SiLU + Slice (its own kernels);
+    # "kernel" = jamba::CausalConv1d on our numba kernel
+    conv: str = "native"
     # largest tensor (elements) a backend accepts; TensorRT's volumes are int32
     tensor_limit: int = TENSOR_LIMIT
     # TensorRT's MoE: "grouped" = route + grouped GEMM plugins (prefill-sized chunks);
@@ -38,8 +42,10 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     passes: list[Pass] = []
     if settings.attention == "gqa":
         passes.append(lower_attention_gqa)
-    passes += [materialize_optional_inputs, infer_shapes, check_memory_flat]
-    return passes
+    passes.append(materialize_optional_inputs)
+    if settings.conv == "native":
+        passes.append(lower_conv_native)
+    return passes + [infer_shapes, check_memory_flat]
 
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
@@ -58,4 +64,4 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
-           "lower_attention_gqa", "lower_moe_grouped", "materialize_optional_inputs", "split_expert_groups"]
+           "lower_attention_gqa", "lower_conv_native", "lower_moe_grouped", "materialize_optional_inputs", "split_expert_groups"]

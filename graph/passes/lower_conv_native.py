@@ -1,0 +1,53 @@
+"""Lower jamba::CausalConv1d to standard ONNX ops (for ONNX Runtime):
+
+    xs = Concat(state, x, axis 2)                        [B, D, K-1+L]
+    c  = Conv(xs, Unsqueeze(weight, 1) [D,1,K], bias, group=D)   [B, D, L]  (no padding: the
+         state is the left context, so output i sees inputs i-K+1 .. i: causal)
+    y  = c * Sigmoid(c)                                  SiLU
+    state_out = Slice(xs, last K-1 along axis 2)
+
+Exactly the op's semantics (export/ops/causal_conv1d.py), with ONNX Runtime's own depthwise
+convolution instead of a Python-hosted kernel (DESIGN's lowering table): the op alone is 3.3x
+faster at 4096 tokens (1.45 vs 4.74 ms, D = 256, K = 4) and equal for a decode step (0.027 vs
+0.025 ms); in a bench-preset 4K prefill the conv share drops from ~16 to ~10 ms of ~250 ms.
+Runs after materialize_optional_inputs, which gives every node its state."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from jambatrt.errors import ArtifactError
+from jambatrt.graph.passes._build import NodeBuilder
+
+
+def lower_conv_native(model: onnx.ModelProto, settings) -> onnx.ModelProto:
+    g = model.graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    b = NodeBuilder(g, "conv_native")
+    new_nodes = []
+    for node in g.node:
+        if node.domain != "jamba" or node.op_type != "CausalConv1d":
+            new_nodes.append(node)
+            continue
+        x, weight, bias, state = (list(node.input) + [""] * 4)[:4]
+        if not state:
+            raise ArtifactError(f"{node.name}: lower_conv_native needs the state input (run "
+                                "materialize_optional_inputs first)")
+        if weight not in dims:              # width and groups unknown: the node keeps its kernel
+            new_nodes.append(node)
+            continue
+        width = dims[weight][1]                                   # weight [D, K]
+        xs = b.one("Concat", [state, x], axis=2)
+        w3 = b.one("Unsqueeze", [weight, b.const([1])])
+        conv = b.one("Conv", [xs, w3, bias], group=dims[weight][0], kernel_shape=[width])
+        gate = b.one("Sigmoid", [conv])
+        b.nodes.append(helper.make_node("Mul", [conv, gate], [node.output[0]], name=b.name("Mul")))
+        start = -(width - 1) if width > 1 else 2 ** 62            # K = 1 keeps no state: an empty slice
+        b.nodes.append(helper.make_node("Slice", [xs, b.const([start]), b.const([2 ** 62]), b.const([2])],
+                                        [node.output[1]], name=b.name("Slice")))
+        new_nodes += b.nodes
+        b.nodes = []
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model
