@@ -380,3 +380,111 @@ def test_qmoe_matches_moe_int8_ref():
                                                     helper.make_opsetid("com.microsoft", 1)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     _check("moe_int8", torch.from_numpy(y), reference("moe_int8")(x, logits, w13, s13, w2, s2, k), F32)
+
+
+# ---- attention decode (L = 1 with past): numba kernel and KV-cache growth in place -----------------
+DECODE_PASTS = [0, 1, 2, 63, 64, 65, 1500, 4099]      # tile (64) and split (1024 keys) edges
+
+
+def _decode_args(P, B=2, Hq=4, Hkv=2, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return attn_args(g, B=B, L=1, P=P, Hq=Hq, Hkv=Hkv, d=d)
+
+
+@pytest.mark.parametrize("P", DECODE_PASTS)
+def test_attention_decode_matches_ref(P):
+    """Every CPU path of decode against the oracle: present = concat(past, new) exactly, o within
+    the op's fp32 tolerance; the scratch path grows the given past arrays themselves."""
+    from jambatrt.plugins.cpu.attention import attention_torch
+    args = _decode_args(P)
+    expected = reference("attention")(*args)
+    np_args = [None if a is None else a.numpy() for a in args]
+    paths = {"numpy": attention(*np_args), "torch": attention_torch(*args)}
+    scratch = [None if a is None else a.copy() for a in np_args]
+    paths["scratch"] = attention(*scratch, scratch_inputs=True)
+    for name, out in paths.items():
+        o, pk, pv = map(torch.as_tensor, out)
+        assert torch.equal(pk, expected[1]) and torch.equal(pv, expected[2]), name
+        _check("attention", (o, pk, pv), expected, F32)
+    if P:
+        assert paths["scratch"][1] is scratch[3] and paths["scratch"][2] is scratch[4]   # grown, not copied
+        assert paths["numpy"][1] is not np_args[3]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 3000), (3, 6, 3, 16, 777), (2, 8, 1, 64, 130),
+                                         (1, 4, 4, 8, 5)])
+def test_decode_attention_kernel_shapes(B, Hq, Hkv, d, P):
+    from jambatrt.plugins.cpu.attention import decode_attention
+    q, k, v, pk, pv = _decode_args(P, B=B, Hq=Hq, Hkv=Hkv, d=d, seed=1)
+    o_ref, kk, vv = reference("attention")(q, k, v, pk, pv)
+    o = decode_attention(q.numpy(), kk.numpy(), vv.numpy())
+    assert o.shape == (B, 1, Hq, d) and o.dtype == np.float32
+    _check("attention", (torch.from_numpy(o), kk, vv), (o_ref, kk, vv), F32)
+
+
+def test_attention_scratch_inputs_leave_unowned_past_alone():
+    """Arrays that do not own their memory (views, other dtypes) are copied, never resized."""
+    q, k, v, pk, pv = (a.numpy() for a in _decode_args(40))
+    big_k, big_v = np.concatenate([pk, pk], 1), np.concatenate([pv, pv], 1)
+    view_k, view_v = big_k[:, :40], big_v[:, :40]
+    o, pk2, pv2 = attention(q, k, v, view_k, view_v, scratch_inputs=True)
+    assert view_k.shape == (2, 40, 2, 32) and np.array_equal(big_k[:, :40], pk) and pk2.base is None
+    o64, pk3, _ = attention(q, k, v, pk.astype(np.float64), pv.astype(np.float64), scratch_inputs=True)
+    np.testing.assert_array_equal(pk2, pk3)
+    np.testing.assert_array_equal(o, o64)
+
+
+def test_attention_scratch_inputs_restored_on_error(monkeypatch):
+    """A failure after the cache grew gives the past arrays their shapes back (the ORT error path
+    derives its NaN outputs' shapes from the inputs)."""
+    import jambatrt.plugins.cpu.attention as attn_mod
+
+    def boom(*_):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(attn_mod, "_attend", boom)
+    q, k, v, pk, pv = (a.numpy().copy() for a in _decode_args(10))
+    with pytest.raises(RuntimeError, match="boom"):
+        attention(q, k, v, pk, pv, scratch_inputs=True)
+    assert pk.shape == pv.shape == (2, 10, 2, 32)
+
+
+def test_ort_attention_decode_long_past(ort_sessions):
+    """The ORT op at batch 2 with a past of several splits: the in-place growth of the op's input
+    copies (rows of batch 1 move) gives the oracle's present and output."""
+    from jambatrt.plugins.cpu.ort_ops import run_checked
+    args = _decode_args(3001)
+    out = run_checked(ort_sessions("attention"), None, ort_feeds("attention", args))
+    expected = reference("attention")(*args)
+    assert np.array_equal(out[1], expected[1].numpy()) and np.array_equal(out[2], expected[2].numpy())
+    _check("attention", tuple(map(torch.from_numpy, out)), expected, F32)
+
+
+def test_attention_scratch_inputs_never_grow_shared_memory():
+    """k or v living inside past (or past_k being past_v) is never resized: the result is the copy path's."""
+    q, k, v, pk, pv = (a.numpy() for a in _decode_args(30))
+    expected = attention(q, k, v, pk, pv)
+    same = attention(q, k, v, pk.copy(), pk.copy())
+    pk_same = pk.copy()
+    got = attention(q, k, v, pk_same, pk_same, scratch_inputs=True)
+    assert pk_same.shape == (2, 30, 2, 32)
+    for a, b in zip(got, same):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(expected[1][:, :30], pk)
+    q, k, v, pk, pv = (a.numpy() for a in _decode_args(30, B=1))
+    past_k = np.concatenate([pk, k], 1)                # owns its memory, and k is its last token:
+    k_view = past_k[:, 30:31]                          # a contiguous view that attention uses as is
+    past_v = np.concatenate([pv, v], 1)
+    ref = attention(q, k_view.copy(), v, past_k.copy(), past_v.copy())
+    got = attention(q, k_view, v, past_k, past_v, scratch_inputs=True)
+    assert past_k.shape == (1, 31, 2, 32)
+    for a, b in zip(got, ref):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tune_malloc_is_idempotent():
+    from jambatrt.plugins.cpu import ort_ops
+    first = ort_ops.tune_malloc()
+    assert ort_ops.tune_malloc() == first
+    import platform
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first
