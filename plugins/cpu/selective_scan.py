@@ -3,7 +3,9 @@
 Layout of the work: one parallel job per (batch, block of W channels); each job walks the sequence
 once, keeping its W x N fp32 state in a small local array. The inner loop runs over the W channels
 of the block, so every lane does the same arithmetic on a different channel and LLVM vectorises it
-without reassociating anything (fastmath stays off). libm's expf cannot be vectorised without SVML,
+without reassociating anything (the only fast-math flag is "contract": a*b+c may become one FMA,
+which makes the scan 1.25x faster -- 8.6 -> 6.9 ms at D 256, L 4096, N 16 -- and rounds once
+instead of twice). libm's expf cannot be vectorised without SVML,
 which numba lacks here, so `exp32` below is an inlinable Cephes-style expf (<= 1e-7 relative error)
 built from float ops plus one bit cast; that is what makes the N exponentials per step cheap.
 
@@ -89,7 +91,7 @@ def silu32(x):
     return x / (np.float32(1.0) + exp32(-x))
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath={"contract"})
 def _scan_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out):
     """All float32, C-contiguous. u, delta, y [B,D,L]; z [B,D,L] (ignored unless has_z);
     A [D,N]; Bm, Cm [B,N,L]; Dskip, delta_bias [D]; h0, h_out [B,D,N]."""
