@@ -80,6 +80,7 @@ CASES = {   # op -> {case id: (maker, kwargs)}
         "top3": (moe_args, dict(T=64, H=40, I=56, E=6, k=3)),
         "int8_path": (moe_args, dict(T=3, H=1024, I=512, E=2, k=1)),      # w13[e] has 2^20 weights
         "expert_group": (moe_args, dict(T=29, H=32, I=40, E=7, k=2, group=(3, 6))),
+        "few_tokens_group": (moe_args, dict(T=3, H=40, I=24, E=6, k=2, group=(1, 4))),   # the small-T path
     },
     "attention": {
         "prefill_L1": (attn_args, dict(B=1, L=1, P=0, Hq=4, Hkv=2, d=8)),
@@ -272,6 +273,7 @@ def test_kernels_reject_bad_shapes():
 # ---- ONNX Runtime --------------------------------------------------------------------------------
 ORT_CASES = [("selective_scan", "L1"), ("selective_scan", "odd_state"), ("causal_conv1d", "L1"),
              ("causal_conv1d", "odd_state"), ("moe_int8", "odd"), ("moe_int8", "top3"), ("moe_int8", "expert_group"),
+             ("moe_int8", "one_token"),
              ("attention", "prefill"), ("attention", "decode"), ("attention", "chunk_after_past")]
 
 
