@@ -127,9 +127,9 @@ def _logger(trt):
 
 
 def _lowered_onnx(artifact: Path, step: dict, dtype: str, moe: str) -> tuple[bytes, Path, list[str]]:
-    """The step model through the TensorRT pass list (expert groups under 2^31 elements, absent
-    optional inputs made explicit: plugins take a fixed number of inputs, shapes inferred, the
-    memory-flat check), serialized without its weights: they stay in the artifact's external data
+    """The step model through the TensorRT pass list (expert groups under 2^31 elements, MoE as
+    route + grouped-GEMM plugins unless moe="fused", absent optional inputs made explicit: plugins
+    take a fixed number of inputs, shapes inferred, the memory-flat check), serialized without its weights: they stay in the artifact's external data
     file, which the parser reads relative to the returned model path (nothing of a 50 GB model is
     loaded or copied here). Returns (graph bytes, path the parser resolves weights from, pass names)."""
     from jambatrt.graph.onnx_export import load_onnx
