@@ -67,6 +67,7 @@ CASES = {   # op -> {case id: (maker, kwargs)}
         "odd_state": (scan_args, dict(B=2, D=37, N=5, L=130)),          # D % 16 != 0, L % 64 != 0
         "no_z_no_bias": (scan_args, dict(B=1, D=16, N=16, L=64, z=False, bias=False)),
         "L0": (scan_args, dict(B=2, D=5, N=3, L=0)),
+        "threaded": (scan_args, dict(B=2, D=40, N=16, L=300)),        # > _SERIAL_MAX_UPDATES: numba's threads
     },
     "causal_conv1d": {
         "L1": (conv_args, dict(B=1, D=4, K=4, L=1, state=False)),

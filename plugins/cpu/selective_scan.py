@@ -21,6 +21,9 @@ from numba.extending import intrinsic
 
 _W = 16      # channels per job = vector lanes of the inner loop (two AVX2 / one AVX-512 register)
 _TT = 64     # time steps per tile: inputs are transposed tile by tile into [t, channel] order
+# below this many state updates (B*D*L*N) the scan runs on the calling thread: waking numba's
+# workers costs ~75 us inside an ONNX Runtime step, more than a decode step's scan (D 512: ~10 us)
+_SERIAL_MAX_UPDATES = 1 << 18
 
 
 @intrinsic
@@ -108,11 +111,12 @@ def _scan_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out)
             for w in range(nw):
                 h[n * _W + w] = h0[b, d0 + w, n]
                 a[n * _W + w] = A[d0 + w, n]
-        dt = np.zeros(_TT * _W, np.float32)          # tiles in [t, lane] order
-        uu = np.zeros(_TT * _W, np.float32)
-        acc = np.zeros(_TT * _W, np.float32)
-        for t0 in range(0, L, _TT):
-            nt = min(_TT, L - t0)
+        tt = max(1, min(_TT, L))                     # a decode step (L = 1) zeroes 16 lanes, not 64 x 16
+        dt = np.zeros(tt * _W, np.float32)           # tiles in [t, lane] order
+        uu = np.zeros(tt * _W, np.float32)
+        acc = np.zeros(tt * _W, np.float32)
+        for t0 in range(0, L, tt):
+            nt = min(tt, L - t0)
             for w in range(nw):
                 bias = delta_bias[d0 + w]
                 for i in range(nt):
@@ -143,6 +147,10 @@ def _scan_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out)
         for n in range(N):
             for w in range(nw):
                 h_out[b, d0 + w, n] = h[n * _W + w]
+
+
+# the same kernel without threads (prange runs as range)
+_scan_kernel_serial = njit(cache=True, fastmath={"contract"})(_scan_kernel.py_func)
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
@@ -183,7 +191,8 @@ def selective_scan(u, delta, A, B, C, D, z=None, delta_bias=None, state=None) ->
     _check_shape("state", state, (Bsz, Dch, N))
     y = np.empty((Bsz, Dch, L), np.float32)
     h_out = np.empty((Bsz, Dch, N), np.float32)
-    _scan_kernel(u, delta, A, B, C, D, z, has_z, delta_bias, state, y, h_out)
+    kernel = _scan_kernel_serial if Bsz * Dch * L * N <= _SERIAL_MAX_UPDATES else _scan_kernel
+    kernel(u, delta, A, B, C, D, z, has_z, delta_bias, state, y, h_out)
     return y, h_out
 
 
