@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -70,18 +71,35 @@ class OrtEngine(Engine):
         add_files(artifact, manifest, SUBDIR)
         return entry
 
-    def __init__(self, artifact, manifest=None, threads: int | None = None):
+    def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
+        """map_weights: run MoE layers with their expert weights mapped from the engine's data file
+        (plugins/cpu/ort_ops.py `map_expert_weights`) instead of handed over as op inputs, which
+        onnxruntime-extensions copies on every call. The engine file is the same either way."""
         super().__init__(artifact, manifest)
         try:
+            import onnx
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailable("onnxruntime not installed (pip install onnxruntime onnxruntime-extensions)") from None
+        from jambatrt.plugins.cpu.ort_ops import map_expert_weights, unmap_expert_weights
+
         entry = self.manifest["engines"]["ort"]
         path = self.artifact / entry["path"]
+        keys: list[str] = []
         try:
-            self.session = ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+            so = _session_options(threads)
+            if map_weights:
+                model, keys = map_expert_weights(onnx.load(str(path), load_external_data=False), path.parent)
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+                source = model.SerializeToString()
+            else:
+                source = str(path)
+            self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+            unmap_expert_weights(keys)
             raise ArtifactError(f"{path}: ONNX Runtime cannot load the engine ({type(e).__name__}: {e})") from None
+        self.mapped_weights = keys          # MAPPED_WEIGHTS keys of this session's MoE layers
+        self._unmap = weakref.finalize(self, unmap_expert_weights, keys)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -94,6 +112,10 @@ class OrtEngine(Engine):
             return (np.concatenate([r[0] for r in rows]),
                     [np.concatenate([r[1][i] for r in rows]) for i in range(len(state))])
         return self._run(input_ids, state)
+
+    def close(self) -> None:
+        self.session = None
+        self._unmap()            # the mapped expert weights go with the session
 
     def _run(self, input_ids, state):
         from jambatrt.plugins.cpu.ort_ops import run_checked   # raises OrtKernelError listing kernel failures

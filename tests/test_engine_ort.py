@@ -90,6 +90,32 @@ def test_decode_after_prefill_equals_longer_prefill(engine):
         assert np.abs(a - b).max() <= 1e-5
 
 
+def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
+    """The default session runs MoE as MoEInt8Mapped (expert weights mapped from the engine's data
+    file, not copied in on every call); a session of the engine file as written gives the same
+    logits and state bit for bit, and closing an engine releases its mapped weights."""
+    from jambatrt.plugins.cpu import ort_ops
+    cfg = engine.config
+    n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    assert len(engine.mapped_weights) == n_moe and all(k in ort_ops.MAPPED_WEIGHTS for k in engine.mapped_weights)
+    w13 = ort_ops.MAPPED_WEIGHTS[engine.mapped_weights[0]][0]
+    assert w13.dtype == np.int8 and w13.ndim == 3 and not w13.flags.owndata      # a view of the mapped file
+    ids = _ids(2, 33, seed=5)
+    with OrtEngine.load(tiny_artifact, verify=False) as mapped:
+        keys = mapped.mapped_weights
+        plain = OrtEngine(tiny_artifact, map_weights=False)
+        try:
+            a_logits, a_state = mapped.prefill(ids)
+            b_logits, b_state = plain.prefill(ids)
+            step_a, _ = mapped.decode(ids[:, 0], a_state)
+            step_b, _ = plain.decode(ids[:, 0], b_state)
+        finally:
+            plain.close()
+        assert np.array_equal(a_logits, b_logits) and np.array_equal(step_a, step_b)
+        assert all(np.array_equal(x, y) for x, y in zip(a_state, b_state))
+    assert keys and not any(k in ort_ops.MAPPED_WEIGHTS for k in keys)
+
+
 def test_ragged_batch_gets_what_each_gets_alone(engine):
     prompts = [[5], [7, 8, 9, 10, 11], [3, 4, 100]]
     together, _ = generate(engine, prompts, 12)
