@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import weakref
 from pathlib import Path
 
@@ -32,6 +33,58 @@ def _session_options(threads: int | None = None):
     # spinning ORT workers starve the numba/torch threads of our kernels on few cores
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
+
+
+def _initializer_array(t, weights_dir: Path) -> np.ndarray:
+    """An initializer's values: mapped from its external data file (copy-on-write, so the array is
+    writable for torch.from_numpy yet the file is never written), or decoded when stored inline."""
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+    if not uses_external_data(t):
+        return numpy_helper.to_array(t).copy()         # small, stored inline; a writable copy
+    info = ExternalDataInfo(t)
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    mapped = np.memmap(Path(weights_dir) / info.location, dtype=dtype, mode="c", offset=int(info.offset or 0),
+                       shape=tuple(int(d) for d in t.dims))
+    return mapped.view(np.ndarray)          # a plain array (numba, torch) that keeps the mapping alive
+
+
+def map_expert_weights(model, weights_dir: Path) -> tuple:
+    """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
+    process: every MoEInt8 node whose four weights are initializers becomes MoEInt8Mapped(x,
+    router_logits; top_k, expert_offset, weights=<key>), its weights mapped from the data file and
+    registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those initializers leave the graph.
+    Returns (model, keys); `ort_ops.unmap_expert_weights(keys)` releases them."""
+    import onnx.helper
+
+    from jambatrt.export.ops import DOMAIN, SPECS
+    from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
+    from jambatrt.plugins.cpu.ort_ops import MAPPED_OP, MAPPED_WEIGHTS, unmap_expert_weights
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    keys, moved = [], set()
+
+    def rewrite(node):
+        names = list(node.input[2:6])
+        if node.domain != DOMAIN or node.op_type != SPECS["moe_int8"].onnx_op_type or not all(n in inits for n in names):
+            return None
+        key = f"{uuid.uuid4().hex}/{node.name}"
+        MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in names)
+        keys.append(key)
+        moved.update(names)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        return [onnx.helper.make_node(MAPPED_OP, list(node.input[:2]), list(node.output), name=node.name,
+                                      domain=DOMAIN, top_k=attrs["top_k"],
+                                      expert_offset=attrs.get("expert_offset", 0), weights=key)]
+
+    try:
+        replace_nodes(g, rewrite)
+    except BaseException:
+        unmap_expert_weights(keys)          # nothing stays registered for a session that never came
+        raise
+    drop_unused_initializers(g, moved)
+    return model, keys
 
 
 class OrtEngine(Engine):
@@ -73,7 +126,7 @@ class OrtEngine(Engine):
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
         """map_weights: run MoE layers with their expert weights mapped from the engine's data file
-        (plugins/cpu/ort_ops.py `map_expert_weights`) instead of handed over as op inputs, which
+        (`map_expert_weights`) instead of handed over as op inputs, which
         onnxruntime-extensions copies on every call. The engine file is the same either way."""
         super().__init__(artifact, manifest)
         try:
@@ -81,7 +134,7 @@ class OrtEngine(Engine):
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailable("onnxruntime not installed (pip install onnxruntime onnxruntime-extensions)") from None
-        from jambatrt.plugins.cpu.ort_ops import map_expert_weights, unmap_expert_weights
+        from jambatrt.plugins.cpu.ort_ops import unmap_expert_weights
 
         entry = self.manifest["engines"]["ort"]
         path = self.artifact / entry["path"]

@@ -1,4 +1,4 @@
-"""Small helpers for passes that add nodes: unique names and int64 constants."""
+"""Small helpers for passes: unique names, int64 constants, node replacement."""
 
 from __future__ import annotations
 
@@ -33,3 +33,22 @@ class NodeBuilder:
 
     def shape_slice(self, tensor: str, start: int, end: int) -> str:
         return self.one("Shape", [tensor], start=start, end=end)
+
+
+def replace_nodes(graph: onnx.GraphProto, rewrite) -> None:
+    """Rebuild graph.node in order: rewrite(node) returns the nodes to put in its place, or None to
+    keep it as it is."""
+    new = []
+    for node in graph.node:
+        out = rewrite(node)
+        new.extend([node] if out is None else out)
+    del graph.node[:]
+    graph.node.extend(new)
+
+
+def drop_unused_initializers(graph: onnx.GraphProto, names) -> None:
+    """Remove the initializers among `names` that no node reads any more."""
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name not in names or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

@@ -18,25 +18,23 @@ import onnx
 from onnx import helper
 
 from jambatrt.errors import ArtifactError
-from jambatrt.graph.passes._build import NodeBuilder
+from jambatrt.graph.passes._build import NodeBuilder, replace_nodes
 
 
 def lower_conv_native(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     g = model.graph
     dims = {t.name: list(t.dims) for t in g.initializer}
     b = NodeBuilder(g, "conv_native")
-    new_nodes = []
-    for node in g.node:
+
+    def rewrite(node):
         if node.domain != "jamba" or node.op_type != "CausalConv1d":
-            new_nodes.append(node)
-            continue
+            return None
         x, weight, bias, state = (list(node.input) + [""] * 4)[:4]
         if not state:
             raise ArtifactError(f"{node.name}: lower_conv_native needs the state input (run "
                                 "materialize_optional_inputs first)")
         if weight not in dims:              # width and groups unknown: the node keeps its kernel
-            new_nodes.append(node)
-            continue
+            return None
         width = dims[weight][1]                                   # weight [D, K]
         xs = b.one("Concat", [state, x], axis=2)
         w3 = b.one("Unsqueeze", [weight, b.const([1])])
@@ -46,8 +44,8 @@ def lower_conv_native(model: onnx.ModelProto, settings) -> onnx.ModelProto:
         start = -(width - 1) if width > 1 else 2 ** 62            # K = 1 keeps no state: an empty slice
         b.nodes.append(helper.make_node("Slice", [xs, b.const([start]), b.const([2 ** 62]), b.const([2])],
                                         [node.output[1]], name=b.name("Slice")))
-        new_nodes += b.nodes
-        b.nodes = []
-    del g.node[:]
-    g.node.extend(new_nodes)
+        out, b.nodes = b.nodes, []
+        return out
+
+    replace_nodes(g, rewrite)
     return model

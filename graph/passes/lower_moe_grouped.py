@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
-from jambatrt.graph.passes._build import NodeBuilder
+from jambatrt.graph.passes._build import NodeBuilder, replace_nodes
 
 _ELEM = {"float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16}
 
@@ -27,11 +27,10 @@ def lower_moe_grouped(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     g = model.graph
     dims = {t.name: list(t.dims) for t in g.initializer}
     b = NodeBuilder(g, "moe_grouped")
-    new_nodes = []
-    for node in g.node:
+
+    def rewrite(node):
         if node.domain != "jamba" or node.op_type != "MoEInt8":
-            new_nodes.append(node)
-            continue
+            return None
         x, logits, w13, s13, w2, s2 = node.input
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         k, offset = int(attrs["top_k"]), int(attrs.get("expert_offset", 0))
@@ -45,8 +44,8 @@ def lower_moe_grouped(model: onnx.ModelProto, settings) -> onnx.ModelProto:
         summed = b.one("ReduceSum", [per_slot, b.const([1])], keepdims=0)
         b.nodes.append(helper.make_node("Cast", [summed], [node.output[0]], name=b.name("Cast"),
                                         to=_ELEM[settings.dtype]))
-        new_nodes += b.nodes
-        b.nodes = []
-    del g.node[:]
-    g.node.extend(new_nodes)
+        out_nodes, b.nodes = b.nodes, []
+        return out_nodes
+
+    replace_nodes(g, rewrite)
     return model

@@ -21,6 +21,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from jambatrt.errors import ArtifactError
 from jambatrt.export.plan import expert_groups
+from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
 
 _ITEMSIZE = {onnx.TensorProto.INT8: 1, onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BFLOAT16: 2,
              onnx.TensorProto.FLOAT16: 2}
@@ -49,38 +50,35 @@ def split_expert_groups(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     g = model.graph
     limit = settings.tensor_limit
     inits = {t.name: t for t in g.initializer}
-    new_nodes, dropped = [], set()
-    for node in g.node:
+    dropped = set()
+
+    def rewrite(node):
         if node.domain != "jamba" or node.op_type != "MoEInt8":
-            new_nodes.append(node)
-            continue
+            return None
         weights = [inits.get(node.input[i]) for i in _WEIGHTS]
         if any(w is None for w in weights):
             missing = [node.input[i] for i, w in zip(_WEIGHTS, weights) if w is None]
             raise ArtifactError(f"{node.name}: expert weights {missing} are not initializers; cannot split experts")
         w13, _, w2, _ = weights
         if max(math.prod(w13.dims), math.prod(w2.dims)) <= limit:
-            new_nodes.append(node)
-            continue
+            return None
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("expert_offset", 0):
             raise ArtifactError(f"{node.name}: already an expert group (expert_offset {attrs['expert_offset']})")
         groups = expert_groups(w13.dims[0], max(math.prod(w13.dims[1:]), math.prod(w2.dims[1:])), limit)
-        parts = []
+        parts, out = [], []
         for a, b in groups:
             ins = list(node.input)
             for i, w in zip(_WEIGHTS, weights):
                 ins[i] = f"{w.name}.experts{a}-{b - 1}"
                 g.initializer.append(slice_experts(w, a, b, ins[i]))
             parts.append(f"{node.output[0]}.experts{a}-{b - 1}")
-            new_nodes.append(helper.make_node("MoEInt8", ins, [parts[-1]], name=f"{node.name}/experts{a}-{b - 1}",
-                                              domain="jamba", **{**attrs, "expert_offset": a}))
-        new_nodes.append(helper.make_node("Sum", parts, [node.output[0]], name=f"{node.name}/sum_groups"))
+            out.append(helper.make_node("MoEInt8", ins, [parts[-1]], name=f"{node.name}/experts{a}-{b - 1}",
+                                        domain="jamba", **{**attrs, "expert_offset": a}))
+        out.append(helper.make_node("Sum", parts, [node.output[0]], name=f"{node.name}/sum_groups"))
         dropped.update(node.input[i] for i in _WEIGHTS)
-    used = {i for n in new_nodes for i in n.input}
-    keep = [t for t in g.initializer if t.name not in dropped or t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    del g.node[:]
-    g.node.extend(new_nodes)
+        return out
+
+    replace_nodes(g, rewrite)
+    drop_unused_initializers(g, dropped)
     return model

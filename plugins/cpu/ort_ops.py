@@ -27,8 +27,8 @@ C-contiguous arrays instead: ~1-2 ns per element.
 Expert weights. The C++ side copies every input into a fresh numpy array on every call, weights
 included: 3 MB per MoE call on the small preset, gigabytes for real experts. `map_expert_weights`
 therefore rebinds a session's MoEInt8 nodes to `MoEInt8Mapped(x, router_logits; top_k,
-expert_offset, weights=<key>)`, whose weights are mapped once from the engine's data file (np.memmap)
-and looked up by key; ONNX Runtime then never loads them either. The engine file on disk keeps the
+expert_offset, weights=<key>)` (engines/ort.py), whose weights are mapped once from the engine's
+data file (np.memmap) and looked up here by key; ONNX Runtime then never loads them either. The engine file on disk keeps the
 plain MoEInt8 nodes (Polygraphy and any other reader see the ONNX contract).
 
 KV cache. The C++ side also copies every input into a fresh numpy array for the call, so the
@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import sys
-import uuid
-from pathlib import Path
 
 import numpy as np
 
@@ -49,7 +47,7 @@ from jambatrt.errors import JambaTRTError
 from jambatrt.export.ops import DOMAIN, SPECS
 
 ERRORS: list[str] = []
-MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale), see map_expert_weights
+MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale), see engines/ort.py
 MAPPED_OP = "MoEInt8Mapped"
 _declared = False
 _malloc_tuned = False
@@ -163,58 +161,13 @@ def _declare() -> None:
             w13, w13_scale, w2, w2_scale = MAPPED_WEIGHTS[weights]
         except KeyError:
             raise KeyError(f"expert weights {weights!r} are not mapped in this process (sessions of "
-                           "MoEInt8Mapped graphs come from map_expert_weights)") from None
+                           "MoEInt8Mapped graphs come from engines/ort.py map_expert_weights)") from None
         return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
 
     @declare("attention", attention_shapes)
     def attention_op(q, k, v, past_k, past_v):
         # the inputs are copies made for this call (PyCustomOpKernel::Compute): present grows from past in place
         return attention(q, k, v, past_k, past_v, scratch_inputs=True)
-
-
-def _initializer_array(t, weights_dir: Path) -> np.ndarray:
-    """An initializer's values: mapped from its external data file (copy-on-write, so the array is
-    writable for torch.from_numpy yet the file is never written), or decoded when stored inline."""
-    from onnx import helper, numpy_helper
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-    if not uses_external_data(t):
-        return numpy_helper.to_array(t).copy()         # small, stored inline; a writable copy
-    info = ExternalDataInfo(t)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
-    mapped = np.memmap(Path(weights_dir) / info.location, dtype=dtype, mode="c", offset=int(info.offset or 0),
-                       shape=tuple(int(d) for d in t.dims))
-    return mapped.view(np.ndarray)          # a plain array (numba, torch) that keeps the mapping alive
-
-
-def map_expert_weights(model, weights_dir: Path) -> tuple:
-    """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
-    process: every MoEInt8 node whose four weights are initializers becomes MoEInt8Mapped with its
-    weights mapped from the data file and registered in MAPPED_WEIGHTS under a fresh key; those
-    initializers leave the graph. Returns (model, keys); `unmap_expert_weights(keys)` releases them."""
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    keys, moved, nodes = [], set(), []
-    from onnx import helper
-    for node in g.node:
-        names = list(node.input[2:6])
-        if node.domain != DOMAIN or node.op_type != SPECS["moe_int8"].onnx_op_type or not all(n in inits for n in names):
-            nodes.append(node)
-            continue
-        key = f"{uuid.uuid4().hex}/{node.name}"
-        MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in names)
-        keys.append(key)
-        moved.update(names)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        nodes.append(helper.make_node(MAPPED_OP, list(node.input[:2]), list(node.output), name=node.name,
-                                      domain=DOMAIN, top_k=attrs["top_k"], expert_offset=attrs.get("expert_offset", 0),
-                                      weights=key))
-    still_used = {i for n in nodes for i in n.input}
-    keep = [t for t in g.initializer if t.name not in moved or t.name in still_used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    del g.node[:]
-    g.node.extend(nodes)
-    return model, keys
 
 
 def unmap_expert_weights(keys) -> None:
