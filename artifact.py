@@ -29,6 +29,17 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def check_deployed_manifest(artifact: str | Path, want: str | None) -> None:
+    """For a served model: the artifact's manifest.json must still have the sha256 recorded when
+    the repository was written (`jambatrt deploy`); ArtifactError otherwise. No-op without a record."""
+    if not want:
+        return
+    got = sha256_file(Path(artifact) / "manifest.json")
+    if got != want:
+        raise ArtifactError(f"{artifact}/manifest.json changed since this repository was written "
+                            f"(sha256 {got[:12]}, deployed {want[:12]}): re-run `jambatrt deploy`")
+
+
 def library_versions(names=("torch", "onnx", "onnxscript", "onnxruntime", "onnxruntime-extensions", "numba",
                              "numpy", "safetensors", "transformers", "triton", "tensorrt")) -> dict[str, str]:
     out = {}

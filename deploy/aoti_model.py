@@ -18,7 +18,6 @@ triton_python_backend_utils, so jambatrt can import the writer."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -94,6 +93,7 @@ class TritonPythonModel:
         import torch
         from torch.utils import dlpack
 
+        from jambatrt.artifact import check_deployed_manifest
         from jambatrt.engines.aoti import AotiEngine
         from jambatrt.errors import InputError, JambaTRTError
 
@@ -103,13 +103,7 @@ class TritonPythonModel:
         self.name = config.get("name", "")
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         artifact = params["artifact"]
-        want = params.get("manifest_sha256")
-        if want:
-            with open(os.path.join(artifact, "manifest.json"), "rb") as f:
-                got = hashlib.sha256(f.read()).hexdigest()
-            if got != want:
-                raise RuntimeError(f"{artifact}/manifest.json changed since this repository was written "
-                                   f"(sha256 {got[:12]}, deployed {want[:12]}): re-run `jambatrt deploy`")
+        check_deployed_manifest(artifact, params.get("manifest_sha256"))
         if args.get("model_instance_kind") == "GPU":
             torch.cuda.set_device(int(args.get("model_instance_device_id", 0)))
         self.engine = AotiEngine.load(artifact, verify=True)    # every artifact file checked against its sha256

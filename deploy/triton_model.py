@@ -19,7 +19,6 @@ It runs inside the backend stub's interpreter (the serve env: numpy < 2), never 
 own processes, so it is not imported by jambatrt itself. Every request gets a response: errors are
 error responses (the stub and the server stay up), never exceptions out of execute()."""
 
-import hashlib
 import json
 import os
 import time
@@ -64,6 +63,7 @@ class _Cancelled(Exception):
 
 class TritonPythonModel:
     def initialize(self, args):
+        from jambatrt.artifact import check_deployed_manifest
         from jambatrt.engines.base import engine_class
         from jambatrt.errors import InputError, JambaTRTError
 
@@ -77,13 +77,7 @@ class TritonPythonModel:
             raise ValueError(f"{self.name}: parameter mode={self.mode!r} with decoupled={decoupled} (accepted: "
                              "prefill or sequence, not decoupled; generate, decoupled): re-run `jambatrt deploy`")
         artifact = params["artifact"]
-        want = params.get("manifest_sha256")
-        if want:
-            with open(os.path.join(artifact, "manifest.json"), "rb") as f:
-                got = hashlib.sha256(f.read()).hexdigest()
-            if got != want:
-                raise RuntimeError(f"{artifact}/manifest.json changed since this repository was written "
-                                   f"(sha256 {got[:12]}, deployed {want[:12]}): re-run `jambatrt deploy`")
+        check_deployed_manifest(artifact, params.get("manifest_sha256"))
         # verify=True: every artifact file is checked against its sha256 before serving it
         self.engine = engine_class(params.get("backend", "ort")).load(artifact, verify=True)
         self.max_tokens = min(int(params.get("max_tokens") or self.engine.max_seq), self.engine.max_seq)
