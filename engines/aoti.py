@@ -96,23 +96,10 @@ def resolve_device(device: str) -> str:
 def plan(manifest: dict, settings: AotiSettings) -> dict:
     """The chunk plan the engine prefills with (the Triton kernels index with int32 offsets, so
     every activation tensor stays under 2^31 elements, as for TensorRT)."""
-    from jambatrt.config import JambaConfig
-    from jambatrt.engines.chunking import plan_chunks
-    from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, largest
+    from jambatrt.engines.chunking import engine_chunk_plan
 
-    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
-    step = manifest["programs"]["step"]
-    max_seq = settings.max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
-    if max_seq < 1:
-        raise InputError(f"max_seq={max_seq} (accepted: >= 1)")
-    p = plan_chunks(cfg, max_seq, settings.max_batch, cap=settings.prefill_chunk or settings.chunk_cap)
-    name, n = largest(activation_tensors(cfg, settings.max_batch, p.chunk, max_seq - 1))
-    if n > TENSOR_LIMIT:
-        raise InputError(f"batch {settings.max_batch}: a {p.chunk}-token chunk after {max_seq - 1:,} past tokens "
-                         f"makes {name} {n:,} elements (accepted: < 2^31; lower max_batch or max_seq)")
-    if settings.prefill_chunk and p.chunk < settings.prefill_chunk:
-        raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
-                         f"keeping every tensor under 2^31 elements is {p.chunk}")
+    _, max_seq, p = engine_chunk_plan(manifest, settings.max_batch, settings.max_seq, settings.prefill_chunk,
+                                      settings.chunk_cap)
     return {"max_seq": max_seq, "chunk_plan": p.as_dict()}
 
 

@@ -73,3 +73,25 @@ def plan_chunks(cfg: JambaConfig, total: int, batch: int = 1, past: int = 0, cap
     over = {n: math.prod(s) for n, s in weight_tensors(cfg).items() if math.prod(s) > limit}
     return ChunkPlan(total=total, past=past, batch=batch, chunk=chunk, limit=limit, largest_tensor=worst_name,
                      largest_elements=worst, weights_over_limit=over)
+
+
+def engine_chunk_plan(manifest: dict, max_batch: int, max_seq: int | None = None, prefill_chunk: int | None = None,
+                      chunk_cap: int = DEFAULT_CHUNK_CAP) -> tuple[JambaConfig, int, ChunkPlan]:
+    """The plan a GPU engine build (TensorRT, AOTInductor) prefills with: the context is max_seq or
+    the step program's; the chunk is the plan's for (max_batch, context), checked as a shape box —
+    a full chunk on top of the longest past keeps every activation under 2^31 elements — and an
+    explicit prefill_chunk must fit. Returns (config, max_seq, plan); InputError names what to lower."""
+    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
+    step = manifest["programs"]["step"]
+    max_seq = max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
+    if max_seq < 1:
+        raise InputError(f"max_seq={max_seq} (accepted: >= 1)")
+    plan = plan_chunks(cfg, max_seq, max_batch, cap=prefill_chunk or chunk_cap)
+    name, n = largest(activation_tensors(cfg, max_batch, plan.chunk, max_seq - 1))
+    if n > TENSOR_LIMIT:
+        raise InputError(f"batch {max_batch}: a {plan.chunk}-token chunk after {max_seq - 1:,} past tokens "
+                         f"makes {name} {n:,} elements (accepted: < 2^31; lower max_batch or max_seq)")
+    if prefill_chunk and plan.chunk < prefill_chunk:
+        raise InputError(f"prefill_chunk={prefill_chunk}: at batch {max_batch} the largest chunk "
+                         f"keeping every tensor under 2^31 elements is {plan.chunk}")
+    return cfg, max_seq, plan

@@ -81,33 +81,21 @@ def optimization_profiles(step: dict, settings: TensorRTSettings, chunk: int, ma
 
 
 def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
-    """The chunk plan and profiles a build would use (checked before any TensorRT work)."""
-    from jambatrt.config import JambaConfig
-    from jambatrt.engines.chunking import plan_chunks
+    """The chunk plan, expert groups and profiles a build would use (checked before any TensorRT work)."""
+    from jambatrt.engines.chunking import engine_chunk_plan
+    from jambatrt.export.plan import moe_expert_groups
 
-    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
-    step = manifest["programs"]["step"]
-    max_seq = settings.max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
-    plan = plan_chunks(cfg, max_seq, settings.max_batch, cap=settings.prefill_chunk or settings.chunk_cap)
+    cfg, max_seq, plan = engine_chunk_plan(manifest, settings.max_batch, settings.max_seq, settings.prefill_chunk,
+                                           settings.chunk_cap)
     # stacked expert weights over the limit are split into expert groups by a graph pass
     # (graph/passes/split_expert_groups.py); any other weight over it cannot be built
     over = {n: v for n, v in plan.weights_over_limit.items() if not n.startswith("moe.")}
     if over:
         raise BackendUnavailable("TensorRT tensors hold fewer than 2^31 elements, but this model's "
                                  + ", ".join(f"{n} ({v:,} elements)" for n, v in over.items()))
-    from jambatrt.export.plan import moe_expert_groups
     groups = moe_expert_groups(cfg) if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) else []
-    # a profile is a box: the prefill profile admits a full chunk on top of the longest past
-    from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, largest
-    name, n = largest(activation_tensors(cfg, settings.max_batch, plan.chunk, max_seq - 1))
-    if n > TENSOR_LIMIT:
-        raise InputError(f"batch {settings.max_batch}: a {plan.chunk}-token chunk after {max_seq - 1:,} past tokens "
-                         f"makes {name} {n:,} elements (accepted: < 2^31; lower max_batch or max_seq)")
-    if settings.prefill_chunk and plan.chunk < settings.prefill_chunk:
-        raise InputError(f"prefill_chunk={settings.prefill_chunk}: at batch {settings.max_batch} the largest chunk "
-                         f"keeping every tensor under 2^31 elements is {plan.chunk}")
     return {"max_seq": max_seq, "chunk_plan": plan.as_dict(), "expert_groups": [list(g) for g in groups],
-            "profiles": optimization_profiles(step, settings, plan.chunk, max_seq)}
+            "profiles": optimization_profiles(manifest["programs"]["step"], settings, plan.chunk, max_seq)}
 
 
 # ---- TensorRT side ---------------------------------------------------------------------------------
