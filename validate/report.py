@@ -44,6 +44,11 @@ def _model_info(manifest: dict | None) -> dict | None:
             "quantization": manifest.get("quantization"), "config": manifest.get("config")}
 
 
+def _setting_lines(r: dict) -> list[str]:
+    """The machine and library versions a report was measured with."""
+    return [_machine_line(r["machine"]), "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())]
+
+
 def _machine_line(m: dict) -> str:
     mem = f", {m['memory_bytes'] / (1 << 30):.0f} GiB RAM" if m.get("memory_bytes") else ""
     return (f"- machine: {m.get('processor', '?')}, {m['cpus']} CPUs ({m.get('usable_cpus', m['cpus'])} usable){mem}; "
@@ -101,8 +106,7 @@ def parity_markdown(r: dict) -> str:
                 if tol.get("router_margin") is not None else "")
              + (f"; states (present.*) atol {stol.get('atol')}, rtol {stol.get('rtol')}" if stol else
                 "; states not compared"),
-             _machine_line(r["machine"]),
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()), "",
+             *_setting_lines(r), "",
              "| length | max abs err | mean abs err | top-1 agreement | worst state err | engine s | reference s "
              "| reference | passed |",
              "|---:|---:|---:|---:|---:|---:|---:|:---|:---:|"]
@@ -258,8 +262,7 @@ def profile_markdown(r: dict) -> str:
              f"{st.get('decode_tokens')} steps after the timed prefill, each timed; tokens/s = median; "
              "peak RSS = the child's VmHWM (prefill: whole run; decode: reset before decoding) and its "
              "wait4 ru_maxrss",
-             _machine_line(r["machine"]),
-             "- versions: " + ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items()), "",
+             *_setting_lines(r), "",
              "| length | mode | tokens/s (median) | min | max | runs | peak RSS GB | reference tokens/s "
              "| reference peak RSS GB |",
              "|---:|:---|---:|---:|---:|---:|---:|---:|---:|"]
