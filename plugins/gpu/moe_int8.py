@@ -52,6 +52,15 @@ def _stages(kind: str, dtype) -> int:
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b; IEEE: exact fp32 products (fp32 activations) instead of TF32."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _silu(x):
     return x * tl.sigmoid(x)
 
@@ -142,12 +151,8 @@ def moe_gemm1_kernel(x_ptr, w13_ptr, s13_ptr, sorted_ids_ptr, block_expert_ptr,
             wmask = k_ok[:, None] & n_ok[None, :]
             wg = tl.load(w_base + offs_n[None, :] * hidden + offs_k[:, None], mask=wmask, other=0).to(a.dtype)
             wu = tl.load(w_base + (offs_n + inter)[None, :] * hidden + offs_k[:, None], mask=wmask, other=0).to(a.dtype)
-            if IEEE:
-                acc_g = tl.dot(a, wg, acc_g, input_precision="ieee")
-                acc_u = tl.dot(a, wu, acc_u, input_precision="ieee")
-            else:
-                acc_g = tl.dot(a, wg, acc_g)
-                acc_u = tl.dot(a, wu, acc_u)
+            acc_g = _dot(a, wg, acc_g, IEEE)
+            acc_u = _dot(a, wu, acc_u, IEEE)
         s_base = s13_ptr + e * 2 * inter
         g = acc_g * tl.load(s_base + offs_n, mask=n_ok, other=0.0)[None, :]
         u = acc_u * tl.load(s_base + inter + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -181,10 +186,7 @@ def moe_gemm2_kernel(act_ptr, w2_ptr, s2_ptr, sorted_ids_ptr, block_expert_ptr, 
                             other=0.0)
                 w = tl.load(w_base + offs_n[None, :] * inter + offs_k[:, None], mask=k_ok[:, None] & n_ok[None, :],
                             other=0).to(a.dtype)
-                if IEEE:
-                    acc = tl.dot(a, w, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, w, acc)
+                acc = _dot(a, w, acc, IEEE)
             scale = tl.load(s2_ptr + e * hidden + offs_n, mask=n_ok, other=0.0)
             weight = tl.load(topk_w_ptr + rows, mask=row_ok, other=0.0)
             out = acc * scale[None, :] * weight[:, None]
@@ -257,21 +259,14 @@ def moe_int8_fused_kernel(x_ptr, logits_ptr, w13_ptr, s13_ptr, w2_ptr, s2_ptr,
                     wg = tl.load(w13_base + offs_i[None, :] * hidden + offs_k[:, None], mask=wmask, other=0).to(a.dtype)
                     wu = tl.load(w13_base + (offs_i + inter)[None, :] * hidden + offs_k[:, None], mask=wmask,
                                  other=0).to(a.dtype)
-                    if IEEE:
-                        g = tl.dot(a, wg, g, input_precision="ieee")
-                        u = tl.dot(a, wu, u, input_precision="ieee")
-                    else:
-                        g = tl.dot(a, wg, g)
-                        u = tl.dot(a, wu, u)
+                    g = _dot(a, wg, g, IEEE)
+                    u = _dot(a, wu, u, IEEE)
                 g = g * tl.load(s13_ptr + e * 2 * inter + offs_i, mask=i_ok, other=0.0)[None, :]
                 u = u * tl.load(s13_ptr + e * 2 * inter + inter + offs_i, mask=i_ok, other=0.0)[None, :]
                 act = (_silu(g) * u).to(y_ptr.dtype.element_ty)
                 w2 = tl.load(w2_base + offs_n[None, :] * inter + offs_i[:, None], mask=i_ok[:, None] & n_ok[None, :],
                              other=0).to(act.dtype)
-                if IEEE:
-                    acc_e = tl.dot(act, w2, acc_e, input_precision="ieee")
-                else:
-                    acc_e = tl.dot(act, w2, acc_e)
+                acc_e = _dot(act, w2, acc_e, IEEE)
             s2 = tl.load(s2_ptr + e * hidden + offs_n, mask=n_ok, other=0.0)
             acc += acc_e * s2[None, :] * we[:, None]
     tl.store(y_ptr + rows[:, None] * hidden + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
