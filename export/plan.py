@@ -40,9 +40,7 @@ def expert_groups(n_experts: int, elements_per_expert: int, limit: int = TENSOR_
     per_group = limit // max(1, elements_per_expert)
     if per_group < 1:
         raise ValueError(f"one expert's weight holds {elements_per_expert:,} elements, over the limit {limit:,}")
-    g = -(-n_experts // per_group)
-    while -(-n_experts // g) > per_group:
-        g += 1
+    g = -(-n_experts // per_group)        # then ceil(E / g) <= per_group: every group fits
     return [(i * n_experts // g, (i + 1) * n_experts // g) for i in range(g)]
 
 
