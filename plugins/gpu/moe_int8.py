@@ -279,7 +279,13 @@ def n_blocks(n_tokens: int, top_k: int, n_experts: int, block_m: int) -> int:
     return triton.cdiv(n_tokens * top_k + n_experts * (block_m - 1), block_m)
 
 
-def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = None):
+def _direct(kernel):
+    return kernel
+
+
+# Every launcher below takes `launch`: how to launch a kernel -- directly (the default), or
+# torch.library.wrap_triton for the traceable twins Inductor compiles (plugins/gpu/torch_ops.py).
+def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = None, *, launch=_direct):
     """-> (topk_weights [T,k] fp32, topk_ids [T,k] int32, sorted_ids [n_blocks*BM] int32, block_expert [n_blocks])."""
     T, E = router_logits.shape
     cfg = DEFAULTS["route_align"]
@@ -290,7 +296,7 @@ def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = N
     topk_ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    moe_route_align_kernel[(1,)](router_logits.contiguous(), T, E, topk_w, topk_ids, sorted_ids, block_expert,
+    launch(moe_route_align_kernel)[(1, 1, 1)](router_logits.contiguous(), T, E, topk_w, topk_ids, sorted_ids, block_expert,
                                  TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_M=block_m, BLOCK_T=cfg["BLOCK_T"],
                                  BLOCK_A=cfg["BLOCK_A"], num_warps=cfg["num_warps"])
     return topk_w, topk_ids, sorted_ids, block_expert
@@ -298,7 +304,7 @@ def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = N
 
 def grouped_up(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, sorted_ids: torch.Tensor,
                block_expert: torch.Tensor, top_k: int, expert_offset: int = 0, *, block_m: int | None = None,
-               block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+               block_n: int | None = None, block_k: int | None = None, launch=_direct) -> torch.Tensor:
     """Gate/up grouped GEMM + SwiGLU (TensorRT plugin MoEInt8GroupedUp): act [T*k, I] in x.dtype;
     rows of experts outside [expert_offset, expert_offset + w13.shape[0]) are left unwritten."""
     c = DEFAULTS["gemm1"]
@@ -306,7 +312,7 @@ def grouped_up(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, sort
     G, I2, _ = w13.shape
     act = x.new_empty(T * top_k, I2 // 2)
     bn = block_n or c["BLOCK_N"]
-    moe_gemm1_kernel[(block_expert.numel(), triton.cdiv(I2 // 2, bn))](
+    launch(moe_gemm1_kernel)[(block_expert.numel(), triton.cdiv(I2 // 2, bn), 1)](
         x.contiguous(), w13.contiguous(), w13_scale.float().contiguous(), sorted_ids, block_expert, T * top_k, H,
         I2 // 2, expert_offset, G, act, TOP_K=top_k, BLOCK_M=block_m or c["BLOCK_M"], BLOCK_N=bn,
         BLOCK_K=block_k or c["BLOCK_K"], IEEE=x.dtype == torch.float32, num_warps=c["num_warps"],
@@ -316,14 +322,15 @@ def grouped_up(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, sort
 
 def grouped_down(act: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, sorted_ids: torch.Tensor,
                  block_expert: torch.Tensor, topk_weights: torch.Tensor, expert_offset: int = 0, *,
-                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                 block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                 launch=_direct) -> torch.Tensor:
     """Down grouped GEMM x routing weight (TensorRT plugin MoEInt8GroupedDown): out [T*k, H] fp32
     in assignment order, zero in the rows of experts outside this group."""
     c = DEFAULTS["gemm2"]
     G, H, I = w2.shape
     out = torch.empty(act.shape[0], H, dtype=torch.float32, device=act.device)
     bn = block_n or c["BLOCK_N"]
-    moe_gemm2_kernel[(block_expert.numel(), triton.cdiv(H, bn))](
+    launch(moe_gemm2_kernel)[(block_expert.numel(), triton.cdiv(H, bn), 1)](
         act.contiguous(), w2.contiguous(), w2_scale.float().contiguous(), sorted_ids, block_expert,
         topk_weights.contiguous(), act.shape[0], H, I, expert_offset, G, out, BLOCK_M=block_m or c["BLOCK_M"],
         BLOCK_N=bn, BLOCK_K=block_k or c["BLOCK_K"], IEEE=act.dtype == torch.float32, num_warps=c["num_warps"],
@@ -338,16 +345,25 @@ def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w1
     w13_scale [G,2I] fp32; w2 [G,H,I] int8; w2_scale [G,H] fp32 (experts expert_offset..+G-1)
     -> y [T,H] x.dtype (grouped pipeline: route/align, up, down, combine)."""
     check_device(x, router_logits, w13, w13_scale, w2, w2_scale)
+    return grouped_pipeline(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset,
+                            block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def grouped_pipeline(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0, *,
+                     block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                     launch=_direct) -> torch.Tensor:
+    """route/align -> gate-up GEMM -> down GEMM -> combine; the buffers between the kernels are sized
+    by bounds that need no data (so the traceable twin compiles with dynamic T)."""
     T, H = x.shape
     cc = DEFAULTS["combine"]
     bm = block_m or DEFAULTS["gemm1"]["BLOCK_M"]
-    tiles = dict(block_m=bm, block_n=block_n, block_k=block_k)
-    topk_w, _, sorted_ids, block_expert = route_align(router_logits, top_k, bm)
+    tiles = dict(block_m=bm, block_n=block_n, block_k=block_k, launch=launch)
+    topk_w, _, sorted_ids, block_expert = route_align(router_logits, top_k, bm, launch=launch)
     act = grouped_up(x, w13, w13_scale, sorted_ids, block_expert, top_k, expert_offset, **tiles)
     out = grouped_down(act, w2, w2_scale, sorted_ids, block_expert, topk_w, expert_offset, **tiles)
-    y = torch.empty_like(x)
-    moe_combine_kernel[(T, triton.cdiv(H, cc["BLOCK_H"]))](out, T, H, y, TOP_K=top_k, BLOCK_H=cc["BLOCK_H"],
-                                                           num_warps=cc["num_warps"])
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    launch(moe_combine_kernel)[(T, triton.cdiv(H, cc["BLOCK_H"]), 1)](out, T, H, y, TOP_K=top_k,
+                                                                      BLOCK_H=cc["BLOCK_H"], num_warps=cc["num_warps"])
     return y
 
 

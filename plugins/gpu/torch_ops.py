@@ -126,46 +126,12 @@ def attention_traceable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_
 def moe_int8_traceable(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
                        w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0) -> torch.Tensor:
     """`moe_int8_ref`'s contract through the grouped pipeline (route/align, gate-up GEMM, down GEMM,
-    combine); the buffers between the kernels are sized by bounds that need no data."""
-    import triton
+    combine): the launcher's own pipeline, its kernels launched through wrap_triton."""
     from torch.library import wrap_triton
 
     from jambatrt.plugins.gpu import moe_int8 as m
-    from jambatrt.plugins.gpu import next_pow2
-
-    T, H = x.shape
-    G, I2, _ = w13.shape
-    E = router_logits.shape[1]
-    I = I2 // 2
-    top_k = int(top_k)
-    c1, c2, cc, cr = m.DEFAULTS["gemm1"], m.DEFAULTS["gemm2"], m.DEFAULTS["combine"], m.DEFAULTS["route_align"]
-    bm = c1["BLOCK_M"]
-    dev = x.device
-    x, logits, w13, w2 = x.contiguous(), router_logits.contiguous(), w13.contiguous(), w2.contiguous()
-    w13_scale, w2_scale = w13_scale.float().contiguous(), w2_scale.float().contiguous()
-    nb = m.n_blocks(T, top_k, E, bm)
-    topk_w = torch.empty((T, top_k), dtype=torch.float32, device=dev)
-    topk_ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)
-    sorted_ids = torch.empty((nb * bm,), dtype=torch.int32, device=dev)
-    block_expert = torch.empty((nb,), dtype=torch.int32, device=dev)
-    wrap_triton(m.moe_route_align_kernel)[(1, 1, 1)](
-        logits, T, E, topk_w, topk_ids, sorted_ids, block_expert, TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_M=bm,
-        BLOCK_T=cr["BLOCK_T"], BLOCK_A=cr["BLOCK_A"], num_warps=cr["num_warps"])
-    ieee = x.dtype == torch.float32
-    act = torch.empty((T * top_k, I), dtype=x.dtype, device=dev)
-    wrap_triton(m.moe_gemm1_kernel)[(nb, triton.cdiv(I, c1["BLOCK_N"]), 1)](
-        x, w13, w13_scale, sorted_ids, block_expert, T * top_k, H, I, int(expert_offset), G, act, TOP_K=top_k, BLOCK_M=bm,
-        BLOCK_N=c1["BLOCK_N"], BLOCK_K=c1["BLOCK_K"], IEEE=ieee, num_warps=c1["num_warps"],
-        num_stages=m._stages("gemm1", x.dtype))
-    out = torch.empty((T * top_k, H), dtype=torch.float32, device=dev)
-    wrap_triton(m.moe_gemm2_kernel)[(nb, triton.cdiv(H, c2["BLOCK_N"]), 1)](
-        act, w2, w2_scale, sorted_ids, block_expert, topk_w, T * top_k, H, I, int(expert_offset), G, out, BLOCK_M=bm,
-        BLOCK_N=c2["BLOCK_N"], BLOCK_K=c2["BLOCK_K"], IEEE=ieee, num_warps=c2["num_warps"],
-        num_stages=m._stages("gemm2", x.dtype))
-    y = torch.empty((T, H), dtype=x.dtype, device=dev)
-    wrap_triton(m.moe_combine_kernel)[(T, triton.cdiv(H, cc["BLOCK_H"]), 1)](
-        out, T, H, y, TOP_K=top_k, BLOCK_H=cc["BLOCK_H"], num_warps=cc["num_warps"])
-    return y
+    return m.grouped_pipeline(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset),
+                              launch=wrap_triton)
 
 
 TRACEABLE = {"selective_scan": selective_scan_traceable, "causal_conv1d": causal_conv1d_traceable,
