@@ -6,7 +6,7 @@ OUT    ?= out/tiny
 export OMP_WAIT_POLICY := PASSIVE
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-scale clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: setup
 	$(VENV)/bin/jambatrt validate bench/artifact --backend ort --lengths 1,4096,65536,262144 --report bench/parity.json
 	$(VENV)/bin/jambatrt profile bench/artifact --backend ort --lengths 1,4096,65536,262144 \
 	    --report bench/profile.json --plot bench/profile.png
+
+# Export, ORT build and validate of a 7.4 GB checkpoint with Jamba-1.5-Mini's dimensions (2 layers), each
+# stage's peak private memory against its bound (~20 GB of disk while it runs, removed after; --keep keeps it)
+bench-scale: setup
+	$(PY) -m jambatrt.validate.scale --dir bench/scale
 
 clean:
 	rm -rf out bench .pytest_cache .numba_cache

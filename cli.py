@@ -29,6 +29,34 @@ def _lengths(text: str) -> list[int]:
     return vals
 
 
+class _progress_bytes:
+    """rich progress for a stage: one line for the current step, one bar for bytes written or read
+    (tensors/bytes done, rate, ETA)."""
+
+    def __enter__(self):
+        from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
+                                   TimeRemainingColumn, TransferSpeedColumn)
+        self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        self.p.__enter__()
+        self.task = self.p.add_task("starting", total=None)
+        self.bytes_task = None
+        return self
+
+    def __exit__(self, *exc):
+        return self.p.__exit__(*exc)
+
+    def step(self, msg: str) -> None:
+        self.p.update(self.task, description=msg)
+
+    def start_bytes(self, what: str, total: int) -> None:
+        self.bytes_task = self.p.add_task(what, total=total)
+
+    def advance(self, n: int) -> None:
+        if self.bytes_task is not None:
+            self.p.update(self.bytes_task, advance=n)
+
+
 def _progress():
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -37,7 +65,7 @@ def _progress():
 
 # ---- export ----------------------------------------------------------------------------------
 def cmd_export(a) -> int:
-    from jambatrt.artifact import atomic_dir, hash_tree, write_json_atomic
+    from jambatrt.artifact import atomic_dir, record_files
     from jambatrt.config import PRESETS
     from jambatrt.errors import ConfigError
     from jambatrt.export.checkpoint import dtype_from_name
@@ -49,22 +77,14 @@ def cmd_export(a) -> int:
     if a.preset is not None and a.preset not in PRESETS:
         raise ConfigError(f"unknown preset {a.preset!r} (accepted: {', '.join(sorted(PRESETS))})")
     dtype = dtype_from_name(a.dtype)
-    steps = ["checkpoint", "load", "torch.export", "onnx", "manifest"]
-    with _progress() as prog, atomic_dir(a.out, force=a.force) as tmp:
-        task = prog.add_task("export", total=len(steps))
-
-        def step(msg):
-            prog.update(task, description=msg, advance=1 if prog.tasks[task].description != "export" else 0)
-
-        ep, model, manifest = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
-                                           experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, step=step)
-        from jambatrt.graph.onnx_export import write_onnx
-        step("ONNX (jamba domain)")
-        write_onnx(ep, tmp, manifest)
-        step("manifest (sha256 of every file)")
-        manifest["files"] = hash_tree(tmp)
-        write_json_atomic(tmp / "manifest.json", manifest)
-        prog.update(task, completed=len(steps), description="export done")
+    with _progress_bytes() as prog, atomic_dir(a.out, force=a.force) as tmp:
+        manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
+                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog)
+        prog.step("manifest (sha256 of every file)")
+        record_files(tmp, manifest, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*"))
+                                     if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"],
+                     known=known)
+        prog.step("export done")
     print(f"exported {a.preset or a.checkpoint} -> {a.out}")
     return 0
 
@@ -264,6 +284,21 @@ def cmd_inspect(a) -> int:
     return 0
 
 
+# ---- verify ----------------------------------------------------------------------------------
+def cmd_verify(a) -> int:
+    from jambatrt.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(a.out)          # its own digest and every path in it
+    files = manifest["files"]
+    total = sum(int(e.get("bytes", 0)) for e in files.values())
+    with _progress_bytes() as prog:
+        prog.step(f"sha256 of {len(files)} files")
+        prog.start_bytes("verify", total)
+        verify_files(a.out, manifest, full=True, on_bytes=prog.advance)
+    print(f"verified {a.out}: manifest digest and all {len(files)} files ({total / 1e9:.2f} GB) match their sha256")
+    return 0
+
+
 # ---- plugins ---------------------------------------------------------------------------------
 def cmd_plugins(a) -> int:
     # the kernels must be compiled, not interpreted: Triton reads TRITON_INTERPRET when they are defined
@@ -409,6 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 
+    vf = sub.add_parser("verify", help="full integrity check: sha256 of every file of an artifact",
+                        description="Check the manifest's own digest, that every path stays inside the artifact, "
+                                    "and the sha256 and size of every listed file, reading all of them. Other "
+                                    "commands hash small files on every load and large ones (the weights) on "
+                                    "first use only, recording the check in OUT/.verified.json; verify ignores "
+                                    "that record and refreshes it.")
+    vf.add_argument("out", help="artifact directory")
+    vf.set_defaults(func=cmd_verify)
+
     pl = sub.add_parser("plugins", help="compile the GPU kernels ahead of time to PTX + cubin (no GPU needed)",
                         description="Compile every Triton kernel for each arch; writes DIR/<arch>/<kernel>.ptx/.cubin "
                                     "and DIR/index.json (signatures, launch parameters, sha256).")
@@ -421,13 +465,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what job schedulers send), unwound like Ctrl-C so temp directories are removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args) or 0
     except JambaTRTError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)   # unwrapped: greppable, copyable
         return e.exit_code
+    except Terminated:
+        console.print("terminated")
+        return 143
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130

@@ -1,5 +1,5 @@
-"""The AOTInductor engine: the step program (the same StepProgram model.onnx comes from, rebuilt
-from the artifact's checkpoint) compiled by `torch._inductor.aoti_compile_and_package` into one
+"""The AOTInductor engine: the artifact's step program (step.pt2, the same StepProgram model.onnx
+comes from, bound to the artifact's weights) compiled by `torch._inductor.aoti_compile_and_package` into one
 package, engines/aoti/model.pt2, with dynamic batch, sequence and past; run with
 `torch._inductor.aoti_load_package`, chunk by chunk as the TensorRT engine (engines/chunking.py).
 A GPU engine for machines where TensorRT cannot be installed: it needs only torch (and triton at
@@ -197,22 +197,15 @@ def compile_package(ep, device: str, package_path: str | Path, inductor_configs:
     return info
 
 
-def load_step_program(artifact: Path, manifest: dict, max_seq: int, max_batch: int):
-    """The step program (StepProgram, torch.export, dynamic batch/seq/past) rebuilt from the
-    artifact's checkpoint: what `jambatrt export` turned into model.onnx."""
-    from jambatrt.export.checkpoint import DTYPES, load_model
-    from jambatrt.export.trace import export_step
+def load_step_program(artifact: Path, manifest: dict):
+    """The artifact's step program (step.pt2: StepProgram, torch.export, dynamic batch/seq/past, the
+    program model.onnx was made from), its weights bound from the artifact's store."""
+    from jambatrt.export.weights import load_program
 
-    src = manifest.get("source", {}).get("checkpoint")
-    if not src:
-        raise ArtifactError(f"{artifact}/manifest.json names no checkpoint (source.checkpoint): "
-                            "re-run `jambatrt export`")
-    ckpt = Path(src) if Path(src).is_absolute() else artifact / src
-    if manifest["dtype"] not in DTYPES:
-        raise ArtifactError(f"{artifact}/manifest.json: dtype {manifest['dtype']!r} (accepted: {', '.join(DTYPES)})")
-    experts_int8 = manifest.get("quantization", {}).get("experts", "none") != "none"
-    model = load_model(ckpt, dtype=DTYPES[manifest["dtype"]], experts_int8=experts_int8)
-    return export_step(model, max_seq=max_seq, max_batch=max_batch)
+    rel = manifest["programs"]["step"].get("pt2")
+    if not rel:
+        raise ArtifactError(f"{artifact}/manifest.json has no step program (re-run `jambatrt export`)")
+    return load_program(artifact, rel)
 
 
 def _versions() -> dict:
@@ -243,8 +236,8 @@ class AotiEngine(Engine):
         t0 = time.perf_counter()
         with warnings.catch_warnings():     # torch's own pytree deprecation noise
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            # export's example input has batch 2, so the batch dim admits at least 2; run_step enforces max_batch
-            ep = load_step_program(artifact, manifest, planned["max_seq"], max(2, s.max_batch))
+            # the program admits batch 1..64 and the artifact's max_seq; run_step enforces max_batch
+            ep = load_step_program(artifact, manifest)
         t_export = time.perf_counter() - t0
         with atomic_dir(artifact / SUBDIR, force=True) as tmp:   # the old engine stays whole until this one is in
             info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())

@@ -4,6 +4,7 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 import weakref
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
+from jambatrt.artifact import artifact_file, read_manifest, record_files, verify_files
 from jambatrt.engines.base import Engine
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
-SUBDIR = "engines/ort"
+ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
 
 
 def _session_options(threads: int | None = None):
@@ -91,12 +92,19 @@ class OrtEngine(Engine):
     backend = "ort"
 
     @classmethod
-    def build(cls, artifact: str | Path, attention: str = "kernel", **_) -> dict:
+    def build(cls, artifact: str | Path, attention: str = "kernel", **unknown) -> dict:
+        """Lower model.onnx with the ORT pass list into ENGINE beside it. The lowered graph's
+        initializers keep pointing into the artifact's weights.safetensors: nothing is read or
+        copied (ONNX Runtime and onnx.checker refuse external data outside the model's own
+        directory, symlinks included, so the graph lives at the artifact's root, not under engines/)."""
+        import onnx
         import onnxruntime
 
-        from jambatrt.graph.onnx_export import check, load_onnx, save_onnx
+        from jambatrt.graph.onnx_export import check, load_onnx
         from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
 
+        if unknown:
+            raise InputError(f"the ort engine has no setting(s) {', '.join(sorted(unknown))} (accepted: attention)")
         artifact = Path(artifact)
         manifest = read_manifest(artifact)
         step = manifest["programs"]["step"]
@@ -111,17 +119,24 @@ class OrtEngine(Engine):
             raise InputError(f"attention={attention!r} (accepted: kernel, gqa)")
         settings = PassSettings(attention=attention, dtype=manifest["dtype"])
         t0 = time.perf_counter()
-        model = load_onnx(artifact / step["onnx"])
+        model = load_onnx(artifact_file(artifact, manifest, step["onnx"]), load_external_data=False)
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
-        with atomic_dir(artifact / SUBDIR, force=True) as tmp:   # the old engine stays until this one is whole
-            save_onnx(model, tmp / "model.onnx")
-            check(tmp / "model.onnx")
-        entry = {"path": f"{SUBDIR}/model.onnx", "onnxruntime": onnxruntime.__version__,
+        fd, tmp = tempfile.mkstemp(prefix=f".{ENGINE}.", suffix=".tmp", dir=artifact)
+        os.close(fd)
+        try:   # the old engine stays until this one is whole and checked
+            onnx.save_model(model, tmp)
+            check(Path(tmp))
+            os.chmod(tmp, (artifact / step["onnx"]).stat().st_mode & 0o777)
+            os.replace(tmp, artifact / ENGINE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        entry = {"path": ENGINE, "onnxruntime": onnxruntime.__version__,
                  "passes": [p.__name__ for p in passes], "settings": {"attention": attention},
-                 "build_seconds": round(time.perf_counter() - t0, 3)}
+                 "weights": manifest["weights"]["path"], "build_seconds": round(time.perf_counter() - t0, 3)}
         manifest.setdefault("engines", {})["ort"] = entry
-        add_files(artifact, manifest, SUBDIR)
+        record_files(artifact, manifest, [ENGINE])
         return entry
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
@@ -137,7 +152,7 @@ class OrtEngine(Engine):
         from jambatrt.plugins.cpu.ort_ops import unmap_expert_weights
 
         entry = self.manifest["engines"]["ort"]
-        path = self.artifact / entry["path"]
+        path = artifact_file(self.artifact, self.manifest, entry["path"])
         keys: list[str] = []
         try:
             so = _session_options(threads)

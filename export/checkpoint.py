@@ -1,6 +1,14 @@
 """Hugging Face-format Jamba checkpoints: config.json + safetensors (single file or sharded with
-model.safetensors.index.json). Loads into `JambaLM`; writes seeded random-init presets in exactly
-the format `JambaForCausalLM.from_pretrained` reads."""
+model.safetensors.index.json), read tensor by tensor through a mapping, never whole.
+
+`model_tensors` is the one place where the checkpoint's layout becomes the model's: per-expert
+gate/up/down become stacked w13 [E,2I,H] / w2 [E,H,I] (int8 + per-row scales with ExpertsInt8,
+quantised a block of rows at a time), everything else is cast to the export dtype. It yields blocks
+of bounded size in the model's state-dict order, which the artifact's weight store is written in.
+
+Presets are seeded random initialisations written, tensor by tensor, in exactly the format
+`JambaForCausalLM.from_pretrained` reads (and AI21's checkpoints use: per-expert key names, 2 GB
+shards with an index)."""
 
 from __future__ import annotations
 
@@ -10,17 +18,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable, Iterator, Protocol
 
 import torch
 
 from jambatrt.config import JambaConfig, preset
 from jambatrt.errors import CheckpointError, ConfigError
-from jambatrt.export.model import JambaLM
 from jambatrt.export.quantize import quantize_experts
+from jambatrt.export.store import MappedStore, iter_blocks, read_header, torch_dtype, write_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_BYTES = 64 << 20          # rows read, cast or quantised at a time: bounds export memory
 
 
 def hf_tensor_shapes(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
@@ -61,117 +72,188 @@ def hf_tensor_shapes(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def _safetensors_files(ckpt: Path) -> list[Path]:
-    if (ckpt / INDEX).exists():
-        try:
-            weight_map = json.loads((ckpt / INDEX).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{ckpt / INDEX}: unreadable index ({e}); expected {{'weight_map': {{name: file}}}}")
-        files = sorted({ckpt / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{ckpt / INDEX} names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    if (ckpt / SINGLE).exists():
-        return [ckpt / SINGLE]
-    found = sorted(ckpt.glob("*.safetensors"))
-    if found:
-        return found
-    raise CheckpointError(f"{ckpt}: no safetensors weights (expected {SINGLE} or {INDEX} with shards)")
+class TensorSource(Protocol):
+    """Where `model_tensors` reads HF-layout tensors from: a checkpoint on disk, or a dict."""
+
+    def __contains__(self, name: str) -> bool: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def where(self, name: str) -> str: ...
 
 
-def read_tensors(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+class DictSource:
+    """Tensors already in memory (tests, the HF reference's dequantised experts)."""
 
-    out: dict[str, torch.Tensor] = {}
-    for f in _safetensors_files(Path(ckpt)):
-        try:
-            out.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
-    return out
+    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "tensors"):
+        self.tensors, self.name = tensors, name
+
+    def __contains__(self, name):
+        return name in self.tensors
+
+    def get(self, name):
+        return self.tensors[name]
+
+    def shape(self, name):
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name):
+        return self.tensors[name].dtype
+
+    def where(self, name):
+        return self.name
+
+    def names(self):
+        return list(self.tensors)
 
 
-def _fuse_experts(tensors: dict, cfg: JambaConfig, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> w13 [E,2I,H] (gate rows, then up rows), w2 [E,H,I], from per-expert tensors or the
-    fused layout transformers keeps in memory (`experts.gate_up_proj`, `experts.down_proj`)."""
-    f = f"model.layers.{i}.feed_forward.experts."
-    if f + "gate_up_proj" in tensors:
-        return tensors.pop(f + "gate_up_proj"), tensors.pop(f + "down_proj")
-    w13 = torch.stack([torch.cat([tensors.pop(f"{f}{e}.gate_proj.weight"), tensors.pop(f"{f}{e}.up_proj.weight")])
-                       for e in range(cfg.num_experts)])
-    w2 = torch.stack([tensors.pop(f"{f}{e}.down_proj.weight") for e in range(cfg.num_experts)])
-    return w13, w2
+class Checkpoint:
+    """A HF-format checkpoint directory, opened lazily: headers are read up front (names, dtypes,
+    shapes, offsets checked against file sizes), tensors are views of private mappings of the
+    shards, so reading one costs its pages and nothing else."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a Hugging Face checkpoint: "
+                                  "config.json + safetensors)")
+        self.config = JambaConfig.load(self.path)
+        self._file_of: dict[str, Path] = {}
+        self._info: dict[str, dict] = {}
+        for f in self._files():
+            entries, _ = read_header(f, error=CheckpointError)
+            for name, info in entries.items():
+                self._file_of[name], self._info[name] = f, info
+        self._maps: dict[Path, MappedStore] = {}
+
+    def _files(self) -> list[Path]:
+        ckpt = self.path
+        if (ckpt / INDEX).exists():
+            try:
+                weight_map = json.loads((ckpt / INDEX).read_text())["weight_map"]
+                files = sorted({(ckpt / f).resolve() for f in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OSError) as e:
+                raise CheckpointError(f"{ckpt / INDEX}: unreadable index ({e}); expected "
+                                      "{'weight_map': {name: file}}") from None
+            outside = [str(f) for f in files if not f.is_relative_to(ckpt.resolve())]
+            if outside:
+                raise CheckpointError(f"{ckpt / INDEX} names shard(s) outside the checkpoint: {', '.join(outside)}")
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{ckpt / INDEX} names shard(s) that do not exist: {', '.join(missing)}")
+            return files
+        if (ckpt / SINGLE).is_file():
+            return [ckpt / SINGLE]
+        found = sorted(p for p in ckpt.glob("*.safetensors") if p.is_file())
+        if found:
+            return found
+        raise CheckpointError(f"{ckpt}: no safetensors weights (expected {SINGLE} or {INDEX} with shards)")
+
+    def __contains__(self, name):
+        return name in self._info
+
+    def names(self):
+        return list(self._info)
+
+    def shape(self, name):
+        return tuple(self._info[name]["shape"])
+
+    def dtype(self, name):
+        return torch_dtype(self._info[name]["dtype"])
+
+    def where(self, name):
+        return str(self._file_of[name])
+
+    def get(self, name) -> torch.Tensor:
+        f = self._file_of[name]
+        if f not in self._maps:
+            try:
+                self._maps[f] = MappedStore(f, error=CheckpointError)
+            except OSError as e:
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+        return self._maps[f].tensor(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i["nbytes"] for i in self._info.values())
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], cfg: JambaConfig, where: str) -> None:
+def check_tensors(src: TensorSource, cfg: JambaConfig, where: str) -> None:
+    """Every tensor the config needs is present with its shape and a float dtype (headers only)."""
     expected = hf_tensor_shapes(cfg)
-    fused = {k for k in tensors if k.endswith(("experts.gate_up_proj", "experts.down_proj"))}
     problems = []
     for name, shape in expected.items():
-        if ".experts." in name:
-            layer = name.split(".experts.")[0]
-            if f"{layer}.experts.gate_up_proj" in fused:
-                continue
-        if name not in tensors:
+        if ".experts." in name and f"{name.split('.experts.')[0]}.experts.gate_up_proj" in src:
+            continue        # transformers' fused in-memory layout
+        if name not in src:
             problems.append(f"missing tensor {name} (expected shape {list(shape)})")
-        elif tuple(tensors[name].shape) != shape:
-            problems.append(f"tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
-        elif not tensors[name].is_floating_point():
-            problems.append(f"tensor {name} has dtype {tensors[name].dtype}, expected a float dtype")
+        elif src.shape(name) != shape:
+            problems.append(f"tensor {name} has shape {list(src.shape(name))}, expected {list(shape)}")
+        elif src.dtype(name) not in SOURCE_DTYPES:
+            problems.append(f"tensor {name} has dtype {src.dtype(name)}, expected a float dtype "
+                            f"({', '.join(str(d).removeprefix('torch.') for d in SOURCE_DTYPES)})")
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{where}: " + "; ".join(problems[:5]) + more)
 
 
-def load_model(ckpt: str | Path, dtype: torch.dtype = torch.float32, experts_int8: bool = True,
-               impl: str = "custom") -> JambaLM:
-    """Load a HF-format checkpoint directory into JambaLM (eval mode)."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"{ckpt}: not a directory (expected a Hugging Face checkpoint: config.json + safetensors)")
-    cfg = JambaConfig.load(ckpt)
-    tensors = read_tensors(ckpt)
-    check_tensors(tensors, cfg, str(ckpt))
-    return build_model(cfg, tensors, dtype, experts_int8, impl)
+def _finite(src: TensorSource, name: str, block: torch.Tensor) -> torch.Tensor:
+    if block.is_floating_point() and not bool(torch.isfinite(block).all()):
+        raise CheckpointError(f"{src.where(name)}: tensor {name} holds NaN or Inf values; refusing to export "
+                              "non-finite weights (accepted: finite floats)")
+    return block
 
 
-def build_model(cfg: JambaConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-                experts_int8: bool = True, impl: str = "custom") -> JambaLM:
-    tensors = dict(tensors)
-    model = JambaLM(cfg, experts_int8=experts_int8, dtype=dtype, impl=impl)
-    sd = {}
-    for i in range(cfg.num_hidden_layers):
-        if cfg.is_moe(i):
-            w13, w2 = _fuse_experts(tensors, cfg, i)
-            p = f"model.layers.{i}.feed_forward."
-            if experts_int8:
-                # quantise from the checkpoint's own precision, not after a cast to `dtype`
-                sd[p + "w13"], sd[p + "w13_scale"] = quantize_experts(w13)
-                sd[p + "w2"], sd[p + "w2_scale"] = quantize_experts(w2)
-            else:
-                sd[p + "w13"], sd[p + "w2"] = w13, w2
-    sd.update(tensors)
-    if cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    own = model.state_dict()
-    unexpected = sorted(set(sd) - set(own))
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor(s) for this config: {', '.join(unexpected[:5])}")
-    for name, t in own.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t.copy_(sd[name].to(t.dtype))
-    return model.eval().requires_grad_(False)
+def _expert_rows(src: TensorSource, layer: str, e: int, which: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The rows of expert e's w13 (which="w13": gate rows, then up rows) or w2, from the per-expert
+    file layout or transformers' fused one; -> (source name, row block view)."""
+    if f"{layer}experts.gate_up_proj" in src:
+        name = f"{layer}experts.gate_up_proj" if which == "w13" else f"{layer}experts.down_proj"
+        yield name, src.get(name)[e]
+    elif which == "w13":
+        for part in ("gate_proj", "up_proj"):
+            name = f"{layer}experts.{e}.{part}.weight"
+            yield name, src.get(name)
+    else:
+        name = f"{layer}experts.{e}.down_proj.weight"
+        yield name, src.get(name)
+
+
+def model_tensors(src: TensorSource, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], cfg: JambaConfig,
+                  experts_int8: bool, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights (`entries`: [(name, dtype, shape)] in state-dict order, see
+    `export.weights.model_entries`) as (name, block) pairs: consecutive row blocks of at most about
+    `block_bytes` of source data, in `entries` order. Expert weights are quantised a block of rows
+    at a time (the scale is per row, so this equals quantising the whole stack); their scales
+    follow the stack they belong to. Every source block is checked to be finite."""
+    scales: dict[str, list[torch.Tensor]] = {}
+    for name, dtype, _ in entries:
+        layer, _, leaf = name.rpartition("feed_forward.")
+        if leaf in ("w13", "w2"):
+            layer += "feed_forward."
+            for e in range(cfg.num_experts):
+                for src_name, rows in _expert_rows(src, layer, e, leaf):
+                    for block in iter_blocks(rows, block_bytes):
+                        block = _finite(src, src_name, block)
+                        if experts_int8:
+                            q, s = quantize_experts(block[None])     # from the checkpoint's own precision
+                            scales.setdefault(name, []).append(s[0])
+                            yield name, q[0]
+                        else:
+                            yield name, block.to(dtype)
+        elif leaf in ("w13_scale", "w2_scale"):
+            yield name, torch.cat(scales.pop(name.removesuffix("_scale"))).view(cfg.num_experts, -1)
+        else:
+            for block in iter_blocks(src.get(name), block_bytes):
+                yield name, _finite(src, name, block).to(dtype)
 
 
 # ---- writing ---------------------------------------------------------------------------------
-def random_tensors(cfg: JambaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded random initialisation in the HF layout (fp32), Mamba-style dt bias and A."""
+def iter_random_tensors(cfg: JambaConfig, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Seeded random initialisation in the HF layout (fp32), Mamba-style dt bias and A; one tensor
+    at a time, in `hf_tensor_shapes` order (the values depend only on the seed and that order)."""
     g = torch.Generator().manual_seed(seed)
     std = cfg.initializer_range
-    out = {}
     for name, shape in hf_tensor_shapes(cfg).items():
         leaf = name.rsplit(".", 2)
         if name.endswith("layernorm.weight"):
@@ -192,43 +274,66 @@ def random_tensors(cfg: JambaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
             t = torch.zeros(shape)
         else:
             t = torch.randn(shape, generator=g) * std
-        out[name] = t.contiguous()
-    return out
+        yield name, t.contiguous()
 
 
-def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor], out: str | Path,
-                    max_shard_bytes: int | None = None) -> Path:
-    """Write config.json + safetensors (sharded with an index when over `max_shard_bytes`)
-    atomically: a temp dir renamed into place; an existing `out` is refused."""
-    from safetensors.torch import save_file
+def random_tensors(cfg: JambaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """All of `iter_random_tensors` in memory (small configs, tests)."""
+    return dict(iter_random_tensors(cfg, seed))
 
+
+def _shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int | None) -> list[list]:
+    from jambatrt.export.store import nbytes
+    shards, cur, size = [], [], 0
+    for e in entries:
+        nb = nbytes(e[1], e[2])
+        if cur and max_shard_bytes is not None and size + nb > max_shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += nb
+    return shards + [cur]
+
+
+def _named(want: str, given: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+    if want != given:
+        raise ValueError(f"tensors out of order: got {given!r} where {want!r} belongs")
+    return want, t
+
+
+def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                    out: str | Path, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None,
+                    on_bytes=None) -> Path:
+    """Write config.json + safetensors, sharded with an index when over `max_shard_bytes`, one
+    tensor at a time, atomically: a temp dir renamed into place; an existing `out` is refused.
+    `tensors`: a dict, or (name, tensor) pairs in `hf_tensor_shapes` order (`iter_random_tensors`),
+    which are then never all in memory. `dtype` casts every tensor (e.g. a bf16 checkpoint)."""
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out} already exists; refusing to overwrite a checkpoint")
+    if isinstance(tensors, dict):
+        entries = [(k, dtype or t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+        pairs: Iterable = tensors.items()
+    else:
+        entries = [(k, dtype or torch.float32, s) for k, s in hf_tensor_shapes(cfg).items()]
+        pairs = tensors
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:
         cfg.save(tmp / "config.json")
-        meta = {"format": "pt"}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        if max_shard_bytes is None or total <= max_shard_bytes:
-            save_file(tensors, str(tmp / SINGLE), metadata=meta)
-        else:
-            shards, cur, size = [], {}, 0
-            for k, t in tensors.items():
-                nb = t.numel() * t.element_size()
-                if cur and size + nb > max_shard_bytes:
-                    shards.append(cur)
-                    cur, size = {}, 0
-                cur[k], size = t, size + nb
-            shards.append(cur)
-            weight_map = {}
-            for j, shard in enumerate(shards):
-                fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        shards = _shards(entries, max_shard_bytes)
+        it = iter(pairs)
+        weight_map, total = {}, 0
+        for j, shard in enumerate(shards):
+            fname = SINGLE if len(shards) == 1 else f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+            blocks = (_named(n, given, t.to(d)) for (n, d, _), (given, t) in zip(shard, it))
+            write_tensors(tmp / fname, blocks, shard, metadata={"format": "pt"}, on_bytes=on_bytes)
+            weight_map.update({n: fname for n, _, _ in shard})
+            total += (tmp / fname).stat().st_size
+        if len(shards) > 1:
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2))
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,10 +341,12 @@ def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor], out: str
     return out
 
 
-def write_preset(name: str, out: str | Path, seed: int = 0, **overrides) -> Path:
-    """A seeded random-init HF checkpoint for a named preset."""
+def write_preset(name: str, out: str | Path, seed: int = 0, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int | None = None, on_bytes=None, **overrides) -> Path:
+    """A seeded random-init HF checkpoint for a named preset, written tensor by tensor."""
     cfg = preset(name, **overrides)
-    return save_checkpoint(cfg, random_tensors(cfg, seed), out)
+    return save_checkpoint(cfg, iter_random_tensors(cfg, seed), out, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                           on_bytes=on_bytes)
 
 
 def dtype_from_name(name: str) -> torch.dtype:

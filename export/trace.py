@@ -5,16 +5,49 @@ Two programs:
 - step:    input_ids [B,L], state (P past tokens) -> (logits, *state)  -> model.onnx
   `step` serves prefill from scratch (zero state, P = 0), chunked prefill (state carried) and
   decode (L = 1). The custom ops stay opaque nodes (`torch.ops.jamba.*`): no L x L tensor,
-  no graph break."""
+  no graph break.
+
+Tracing needs shapes, not weights: `fake_model` gives the model fake CPU tensors (no memory, any
+size), so Jamba-1.5-Large traces on a laptop; the weights are bound later from the artifact's store
+(export/weights.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch.export import Dim, ExportedProgram
 
+from jambatrt.config import JambaConfig
 from jambatrt.export.model import JambaLM, state_shapes
 
 MAX_BATCH = 64
+
+
+def fake_model(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True) -> JambaLM:
+    """JambaLM whose parameters and buffers are FakeTensors on the CPU: what torch.export needs to
+    trace (shapes, dtypes, devices), none of the memory. Shared weights stay shared."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from jambatrt.export.weights import meta_model
+
+    model = meta_model(cfg, dtype, experts_int8)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes: dict[int, torch.Tensor] = {}
+
+    def fake(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in fakes:
+            with mode:
+                f = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            fakes[id(t)] = torch.nn.Parameter(f, requires_grad=False) if param else f
+        return fakes[id(t)]
+
+    for mod in model.modules():
+        for n, p in mod._parameters.items():
+            if p is not None:
+                mod._parameters[n] = fake(p, True)
+        for n, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[n] = fake(b, False)
+    return model
 
 
 class PrefillProgram(torch.nn.Module):

@@ -106,15 +106,15 @@ def empty_cache() -> None:
 
 
 def make_artifact(preset: str, out: Path, dtype=torch.float32) -> Path:
-    """An artifact as `jambatrt export` writes it, without model.onnx (the aoti engine rebuilds the
-    step program from the checkpoint; ONNX tooling need not exist on this machine)."""
-    from jambatrt.artifact import atomic_dir, hash_tree, write_json_atomic
+    """An artifact as `jambatrt export` writes it, without model.onnx (the aoti engine reads step.pt2;
+    ONNX tooling need not exist on this machine)."""
+    from jambatrt.artifact import atomic_dir, record_files
     from jambatrt.export.run import export_stage
 
     with atomic_dir(out, force=True) as tmp:
-        _, _, manifest = export_stage(tmp, preset_name=preset, dtype=dtype)
-        manifest["files"] = hash_tree(tmp)
-        write_json_atomic(tmp / "manifest.json", manifest)
+        manifest, known = export_stage(tmp, preset_name=preset, dtype=dtype, onnx=False)
+        record_files(tmp, manifest, [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")
+                                     and p.name != "manifest.json"], known=known)
     return out
 
 
@@ -214,7 +214,9 @@ def _time(fn, reps: int) -> float:
 
 def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
     from jambatrt.engines.aoti import AotiEngine
-    from jambatrt.export.checkpoint import load_model
+    from jambatrt.artifact import read_manifest
+    from jambatrt.export.weights import load_artifact_model
+    from jambatrt.validate.reference import hf_checkpoint
     from jambatrt.export.model import state_shapes
 
     out = SUMMARY["bench"]
@@ -252,7 +254,7 @@ def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
     engine.close()
 
     # this package's eager model with the Triton kernels as the ops' CUDA implementation
-    model = load_model(art / "checkpoint").to(DEV)
+    model = load_artifact_model(art, read_manifest(art)).to(DEV)
     ids_t = torch.from_numpy(ids).to(DEV)
     zero = [torch.zeros(s, dtype=d or torch.float32, device=DEV) for _, s, d in state_shapes(model.config, 1, 0)]
     with torch.inference_mode():
@@ -279,7 +281,9 @@ def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
         SUMMARY["skipped"].append({"section": "bench transformers", "reason": "transformers not installed"})
         return
     transformers.logging.set_verbosity_error()
-    hf = transformers.JambaForCausalLM.from_pretrained(str(art / "checkpoint"), dtype=torch.float32).to(DEV).eval()
+    with tempfile.TemporaryDirectory() as d:    # the artifact's weights in HF's layout, for transformers
+        hf_ckpt = hf_checkpoint(art, read_manifest(art), Path(d) / "hf")
+        hf = transformers.JambaForCausalLM.from_pretrained(str(hf_ckpt), dtype=torch.float32).to(DEV).eval()
     mask = torch.ones_like(ids_t)
     with torch.inference_mode():
         hf(ids_t[:, :64])

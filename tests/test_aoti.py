@@ -61,8 +61,8 @@ def test_step_program_traces_into_triton_kernels(tiny_ckpt):
     import logging
 
     from jambatrt.config import JambaConfig
-    from jambatrt.export.checkpoint import load_model
     from jambatrt.export.trace import export_step
+    from jambatrt.export.weights import load_model
     from jambatrt.plugins.gpu.torch_ops import KERNELS, register_cuda_kernels, trace_cpu_ops_too
 
     # no GPU: triton cannot analyse which kernel arguments are written and says so at length
@@ -187,7 +187,7 @@ def test_manifest_entry_and_files(artifact):
     m = verify_files(artifact)
     e = m["engines"]["aoti"]
     assert e["path"] == "engines/aoti/model.pt2" and (artifact / e["path"]).is_file()
-    assert m["files"][e["path"]] == sha256_file(artifact / e["path"])
+    assert m["files"][e["path"]]["sha256"] == sha256_file(artifact / e["path"])
     assert e["device"] == "cpu" and "gpu" not in e and e["cpu_isa"]
     assert e["torch"] == torch.__version__ and e["python"] == platform.python_version()
     try:
@@ -221,9 +221,10 @@ def _random_state(cfg, batch, past, seed, dtype=torch.float32):
 def test_step_matches_eager_reference(engine, artifact):
     """run_step against JambaLM on the plain `<op>_ref` ops: batch 1 and > 1, one token (decode) and
     many, empty / one-token / longer past, random incoming state."""
-    from jambatrt.export.checkpoint import load_model
+    from jambatrt.artifact import read_manifest
+    from jambatrt.export.weights import load_artifact_model
 
-    ref = load_model(artifact / "checkpoint", impl="ref")
+    ref = load_artifact_model(artifact, read_manifest(artifact), impl="ref")
     cfg, V = ref.config, ref.config.vocab_size
     for i, (B, L, P) in enumerate([(1, 1, 0), (1, 1, 1), (2, 1, 37), (2, 17, 0), (1, 5, 7), (3, 64, 9), (4, 2, 2)]):
         ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(i))
@@ -244,12 +245,13 @@ def test_bfloat16_package_matches_eager_bfloat16(tmp_path):
     through the numpy interface, fp32 SSM state, logits as eager bf16 computes them."""
     from jambatrt.engines.aoti import AotiEngine
     from jambatrt.engines.base import _np_dtype
-    from jambatrt.export.checkpoint import load_model
+    from jambatrt.artifact import read_manifest
+    from jambatrt.export.weights import load_artifact_model
 
     art = tmp_path / "bf16"
     run_cli("export", "--preset", "tiny", "--dtype", "bfloat16", "-o", art, check=True)
     AotiEngine.build(art)
-    ref = load_model(art / "checkpoint", dtype=torch.bfloat16, impl="ref")
+    ref = load_artifact_model(art, read_manifest(art), impl="ref")
     with AotiEngine.load(art) as e:
         for i, (B, L, P) in enumerate([(2, 17, 0), (1, 1, 5)]):
             ids = torch.randint(0, e.config.vocab_size, (B, L), generator=torch.Generator().manual_seed(i))
@@ -322,7 +324,8 @@ def test_cuda_build_without_gpu_is_refused_cleanly(artifact):
 
 
 def test_cli_validate_generate_profile(artifact, tmp_path):
-    from jambatrt.export.checkpoint import load_model
+    from jambatrt.artifact import read_manifest
+    from jambatrt.export.weights import load_artifact_model
 
     p = run_cli("validate", artifact, "--backend", "aoti", "--lengths", "1,17,300", "--report", tmp_path / "v.json")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -331,7 +334,7 @@ def test_cli_validate_generate_profile(artifact, tmp_path):
     p = run_cli("generate", artifact, "--backend", "aoti", "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json")
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    ref = load_model(artifact / "checkpoint", impl="ref")      # greedy decode on the eager reference
+    ref = load_artifact_model(artifact, read_manifest(artifact), impl="ref")   # greedy decode on the eager reference
     ids, state, want = torch.tensor([[1, 2, 3]]), None, []
     with torch.no_grad():
         for _ in range(6):

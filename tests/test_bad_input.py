@@ -82,7 +82,7 @@ def test_sharded_checkpoint_roundtrip(tiny_ckpt, tmp_path):
     import torch
 
     from conftest import hf_model
-    from jambatrt.export.checkpoint import load_model
+    from jambatrt.export.weights import load_model
     hf = hf_model(tiny_ckpt)
     hf.save_pretrained(str(tmp_path / "hf"), max_shard_size="100KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()

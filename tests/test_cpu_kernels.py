@@ -178,7 +178,8 @@ def test_torch_op_outputs_are_fresh(registered):
 def test_model_with_kernels_matches_ref_model(registered):
     """The tiny preset end to end: prefill 33 tokens then decode 2, kernels vs the ref path."""
     from jambatrt.config import preset
-    from jambatrt.export.checkpoint import build_model, random_tensors
+    from jambatrt.export.checkpoint import random_tensors
+    from jambatrt.export.weights import build_model
     cfg = preset("tiny")
     tensors = random_tensors(cfg, seed=0)
     fast, ref = (build_model(cfg, tensors, impl=impl) for impl in ("custom", "ref"))

@@ -1,14 +1,13 @@
 """Export stage (issue 3): eager parity with transformers, program.pt2, ExpertsInt8, the op oracles."""
 
-import json
-
 import pytest
 import torch
 
 from conftest import PARITY_CONFIGS, hf_model, run_cli
-from jambatrt.artifact import sha256_file
-from jambatrt.export.checkpoint import build_model, load_model, read_tensors
+from jambatrt.artifact import read_manifest, sha256_file
+from jambatrt.export.checkpoint import Checkpoint
 from jambatrt.export.quantize import dequantize_experts, quantize_experts
+from jambatrt.export.weights import build_model, load_artifact_model, load_model, load_program
 
 
 @pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
@@ -37,19 +36,45 @@ def test_ref_impl_matches_custom_ops(tiny_ckpt):
 
 
 def test_export_cli_writes_artifact(tiny_artifact):
-    m = json.loads((tiny_artifact / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["dtype"] == "float32"
+    m = read_manifest(tiny_artifact)          # its own digest checked
+    assert m["format_version"] == 2 and m["dtype"] == "float32"
     assert m["quantization"]["experts"].startswith("int8")
     assert set(m["ops"]) == {"causal_conv1d", "selective_scan", "moe_int8", "attention"}
-    assert "program.pt2" in m["files"] and "config.json" in m["files"]
-    for rel, digest in m["files"].items():
-        assert sha256_file(tiny_artifact / rel) == digest, rel
+    assert {"program.pt2", "step.pt2", "model.onnx", "weights.safetensors", "config.json"} <= set(m["files"])
+    for rel, entry in m["files"].items():
+        assert sha256_file(tiny_artifact / rel) == entry["sha256"], rel
+        assert (tiny_artifact / rel).stat().st_size == entry["bytes"], rel
     assert not [p for p in tiny_artifact.parent.iterdir() if ".tmp-" in p.name]
+    assert not (tiny_artifact / "checkpoint").exists(), "a preset's checkpoint is not kept: weights live once"
 
 
-def test_program_matches_eager_at_unseen_lengths(tiny_artifact):
-    ep = torch.export.load(str(tiny_artifact / "program.pt2"))
-    model = load_model(tiny_artifact / "checkpoint")
+def test_every_weight_stored_once(tiny_artifact):
+    """The programs and the ONNX graph hold no weights: model.onnx's initializers are references into
+    weights.safetensors (one per weight, at its byte offset), the .pt2 files are graphs alone."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from jambatrt.export.store import read_header
+    entries, _ = read_header(tiny_artifact / "weights.safetensors")
+    store = sum(e["nbytes"] for e in entries.values())
+    m = onnx.load(str(tiny_artifact / "model.onnx"), load_external_data=False)
+    refs = {ExternalDataInfo(t).location for t in m.graph.initializer if uses_external_data(t)}
+    assert refs == {"weights.safetensors"}
+    inline = sum(len(t.raw_data) for t in m.graph.initializer if not uses_external_data(t))
+    assert inline < 4096, f"{inline} bytes of constants inside model.onnx"
+    offsets = {(int(ExternalDataInfo(t).offset), int(ExternalDataInfo(t).length)) for t in m.graph.initializer
+               if uses_external_data(t)}
+    assert offsets <= {(e["offset"], e["nbytes"]) for e in entries.values()}
+    for pt2 in ("program.pt2", "step.pt2"):
+        assert (tiny_artifact / pt2).stat().st_size < store, pt2
+        ep = torch.export.load(str(tiny_artifact / pt2))
+        assert all(t.device.type == "meta" for t in ep.state_dict.values()), pt2
+    assert (tiny_artifact / "weights.safetensors").stat().st_size < 1.05 * store + 64 * 4096
+
+
+def test_program_matches_eager_at_unseen_lengths(tiny_artifact, tiny_ckpt):
+    ep = load_program(tiny_artifact, "program.pt2")
+    model = load_model(tiny_ckpt)             # the checkpoint, read the other way: in memory
     prog = ep.module()
     for B, L in ((1, 1), (3, 5), (1, 300), (2, 1031)):   # traced with (2, 17)
         ids = torch.randint(0, 512, (B, L))
@@ -61,6 +86,19 @@ def test_program_matches_eager_at_unseen_lengths(tiny_artifact):
     kinds = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert {"jamba.selective_scan.default", "jamba.causal_conv1d.default", "jamba.moe_int8.default",
             "jamba.attention.default"} <= kinds
+
+
+def test_step_program_matches_mapped_eager_model(tiny_artifact):
+    """step.pt2 bound to the store == the eager model mapped from the same store, with a carried state."""
+    ep = load_program(tiny_artifact, "step.pt2").module()
+    model = load_artifact_model(tiny_artifact, read_manifest(tiny_artifact))
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        _, state = model(ids[:, :5])
+        got = ep(ids[:, 5:], state)
+        want = model(ids[:, 5:], state)
+    assert torch.equal(got[0], want[0])
+    assert all(torch.equal(x, y) for x, y in zip(got[1:], want[1]))
 
 
 def test_no_tensor_with_two_sequence_dims(tiny_artifact):
@@ -90,9 +128,8 @@ def test_quantize_roundtrip_and_scale():
 def test_experts_int8_equals_dequantized_model(tiny_ckpt):
     """int8 model == the float model whose experts are the dequantised int8 weights (to fp32
     rounding); the gap to the unquantised model is reported, not asserted to be zero."""
-    tensors = read_tensors(tiny_ckpt)
-    from jambatrt.config import JambaConfig
-    cfg = JambaConfig.load(tiny_ckpt)
+    ck = Checkpoint(tiny_ckpt)
+    cfg, tensors = ck.config, {n: ck.get(n) for n in ck.names()}
     deq = dict(tensors)
     for k, t in tensors.items():
         if ".experts." in k:

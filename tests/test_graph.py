@@ -132,7 +132,7 @@ def test_split_expert_groups_keeps_the_model(tmp_path, tiny_artifact, limit, n_g
     assert len(offsets) == n_groups and offsets[0] == 0
     weights = [t for t in split.graph.initializer if t.data_type == onnx.TensorProto.INT8]
     assert weights and all(np.prod(t.dims) <= limit for t in weights)
-    assert all(uses_external_data(t) and ExternalDataInfo(t).location == "model.onnx.data" for t in weights)
+    assert all(uses_external_data(t) and ExternalDataInfo(t).location == "weights.safetensors" for t in weights)
     graph = split.SerializeToString()
     assert len(graph) < 1 << 20                                            # the graph only, weights referenced
 

@@ -11,7 +11,7 @@ run` imports a `--data-loader-script` before it creates any session; importing t
 The inputs and the reference outputs (logits and every `present.layer{i}.*` state) come from:
 
     python -m jambatrt.validate.polygraphy_ext OUT --length 17 --inputs in.json --outputs ref.json
-    JAMBATRT_INPUTS=in.json polygraphy run OUT/engines/ort/model.onnx --onnxrt \\
+    JAMBATRT_INPUTS=in.json polygraphy run OUT/model.ort.onnx --onnxrt \\
         --data-loader-script validate/polygraphy_ext.py --load-outputs ref.json \\
         --atol logits:1e-3 1e-4 --rtol logits:0 1e-3
 
@@ -127,7 +127,7 @@ def _main(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m jambatrt.validate.polygraphy_ext",
                                 description="Write inputs and eager-reference outputs for `polygraphy run "
-                                            "OUT/engines/ort/model.onnx --onnxrt --data-loader-script "
+                                            "OUT/model.ort.onnx --onnxrt --data-loader-script "
                                             f"{__file__}` (see this module's docstring).")
     p.add_argument("artifact")
     p.add_argument("--length", type=int, default=17)
@@ -138,7 +138,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--outputs", required=True, help="Polygraphy RunResults JSON to write")
     a = p.parse_args(argv)
     info = write_inputs_and_outputs(a.artifact, a.length, a.inputs, a.outputs, a.batch, a.seed, a.reference)
-    print(f"{INPUTS_ENV}={a.inputs} polygraphy run {a.artifact}/engines/ort/model.onnx --onnxrt "
+    print(f"{INPUTS_ENV}={a.inputs} polygraphy run {a.artifact}/model.ort.onnx --onnxrt "
           f"--data-loader-script {__file__} --load-outputs {a.outputs} --atol {info['atol']} --rtol {info['rtol']}")
     return 0
 

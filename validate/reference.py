@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from jambatrt.artifact import read_manifest
-from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
-from jambatrt.export.checkpoint import DTYPES, build_model, check_tensors, read_tensors
 from jambatrt.config import JambaConfig
+from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
+from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
 from jambatrt.export.model import state_shapes
-from jambatrt.export.quantize import dequantize_experts, quantize_experts
+from jambatrt.export.quantize import dequantize_experts
+from jambatrt.export.weights import load_artifact_model, open_store
 
 REFERENCES = ("eager", "hf")
 LONG_FROM = 16384        # impl "auto": lengths above this run the layer-by-layer long reference
@@ -130,15 +131,6 @@ def long_ops() -> SimpleNamespace:
                            moe_int8=jops.reference("moe_int8"), attention=attention_flash)
 
 
-def checkpoint_dir(artifact: Path, manifest: dict) -> Path:
-    src = manifest["source"]["checkpoint"]
-    p = Path(src) if Path(src).is_absolute() else artifact / src
-    if not (p / "config.json").exists():
-        raise ArtifactError(f"{artifact}: the checkpoint the artifact was exported from is gone ({p}); "
-                            "the eager references need it")
-    return p
-
-
 class Reference:
     name = ""
     last_router_margins: dict = {}      # set by prefill_with_state: {MoE layer: [B, L] routing margins}
@@ -150,9 +142,6 @@ class Reference:
         self.dtype = DTYPES[self.manifest["dtype"]]
         self.experts_int8 = self.manifest["quantization"]["experts"] != "none"
         self.chunk = chunk
-        ckpt = checkpoint_dir(self.artifact, self.manifest)
-        self.tensors = read_tensors(ckpt)
-        check_tensors(self.tensors, self.config, str(ckpt))
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         """input_ids [B,L] -> logits [B,L,V] fp32 numpy."""
@@ -242,8 +231,8 @@ class EagerReference(Reference):
         if impl not in IMPLS:
             raise InputError(f"unknown eager reference impl {impl!r} (accepted: {', '.join(IMPLS)})")
         self.impl, self.long_from = impl, long_from
-        self.model = build_model(self.config, self.tensors, self.dtype, self.experts_int8,
-                                 impl="custom" if impl == "custom" else "ref")
+        # the weights stay in the artifact's store, mapped: pages are read as layers use them
+        self.model = load_artifact_model(self.artifact, self.manifest, impl="custom" if impl == "custom" else "ref")
 
     def _impl_for(self, length: int) -> str:
         if self.impl == "auto":
@@ -336,18 +325,10 @@ class HFReference(Reference):
             raise BackendUnavailable("--reference hf needs transformers (pip install 'jambatrt[test]')") from None
         import tempfile
 
-        from jambatrt.export.checkpoint import save_checkpoint
-
         transformers.logging.set_verbosity_error()
-        ckpt = checkpoint_dir(self.artifact, self.manifest)
+        # transformers loads a checkpoint whole: this reference is for models that fit in memory
         with tempfile.TemporaryDirectory() as d:
-            if self.experts_int8:   # the same function as the engine: experts dequantised from int8
-                tensors = dict(self.tensors)
-                for k, t in tensors.items():
-                    if ".experts." in k:
-                        q, s = quantize_experts(t[None])
-                        tensors[k] = dequantize_experts(q, s)[0]
-                ckpt = save_checkpoint(self.config, tensors, Path(d) / "dequantised")
+            ckpt = hf_checkpoint(self.artifact, self.manifest, Path(d) / "checkpoint")
             model = transformers.JambaForCausalLM.from_pretrained(str(ckpt), dtype=self.dtype)
         self.model = model.eval()
 
@@ -371,6 +352,33 @@ class HFReference(Reference):
             stats = hooks.close()
             self.last_router_margins = routers.close()
         return logits, None, [{"layer": i, "kind": self.layer_kind(i), **st} for i, st in enumerate(stats)]
+
+
+def hf_tensors(artifact: Path, cfg: JambaConfig, experts_int8: bool):
+    """The artifact's weights in the HF checkpoint layout (per-expert gate/up/down; with ExpertsInt8
+    the int8 experts dequantised, so transformers computes the same function as the engine),
+    one tensor at a time, in `hf_tensor_shapes` order."""
+    store = open_store(artifact)
+    I = cfg.intermediate_size
+    for name in hf_tensor_shapes(cfg):
+        if ".experts." not in name:
+            yield name, store.tensor(name)
+            continue
+        layer, rest = name.split(".experts.")
+        e, part = int(rest.split(".")[0]), rest.split(".")[1]
+        w = "w2" if part == "down_proj" else "w13"
+        t = store.tensor(f"{layer}.{w}")[e]
+        if experts_int8:
+            t = dequantize_experts(t[None], store.tensor(f"{layer}.{w}_scale")[e][None])[0]
+        yield name, {"gate_proj": t[:I], "up_proj": t[I:], "down_proj": t}[part]
+
+
+def hf_checkpoint(artifact: Path, manifest: dict, out: Path) -> Path:
+    """Write the artifact's weights as a HF checkpoint directory `out` (see `hf_tensors`)."""
+    from jambatrt.export.checkpoint import save_checkpoint
+
+    cfg = JambaConfig.from_hf_dict(manifest["config"])
+    return save_checkpoint(cfg, hf_tensors(artifact, cfg, manifest["quantization"]["experts"] != "none"), out)
 
 
 def make_reference(name: str, artifact, **kw) -> Reference:

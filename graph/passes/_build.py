@@ -35,6 +35,21 @@ class NodeBuilder:
         return self.one("Shape", [tensor], start=start, end=end)
 
 
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Every tensor whose shape is fully static: initializers, and (by ONNX shape inference, with the
+    jamba schemas) values computed from them alone, such as a squeezed weight."""
+    from jambatrt.graph.schemas import register_schemas
+
+    register_schemas()
+    out = {t.name: list(t.dims) for t in model.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            out[vi.name] = [d.dim_value for d in dims]
+    return out
+
+
 def replace_nodes(graph: onnx.GraphProto, rewrite) -> None:
     """Rebuild graph.node in order: rewrite(node) returns the nodes to put in its place, or None to
     keep it as it is."""

@@ -18,12 +18,12 @@ import onnx
 from onnx import helper
 
 from jambatrt.errors import ArtifactError
-from jambatrt.graph.passes._build import NodeBuilder, replace_nodes
+from jambatrt.graph.passes._build import NodeBuilder, replace_nodes, static_shapes
 
 
 def lower_conv_native(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     g = model.graph
-    dims = {t.name: list(t.dims) for t in g.initializer}
+    dims = static_shapes(model)     # the weight is Squeeze(conv1d.weight [D,1,K]), not an initializer
     b = NodeBuilder(g, "conv_native")
 
     def rewrite(node):
@@ -33,8 +33,9 @@ def lower_conv_native(model: onnx.ModelProto, settings) -> onnx.ModelProto:
         if not state:
             raise ArtifactError(f"{node.name}: lower_conv_native needs the state input (run "
                                 "materialize_optional_inputs first)")
-        if weight not in dims:              # width and groups unknown: the node keeps its kernel
-            return None
+        if weight not in dims:
+            raise ArtifactError(f"{node.name}: the shape of its weight {weight!r} is not static; "
+                                "lower_conv_native needs D and K")
         width = dims[weight][1]                                   # weight [D, K]
         xs = b.one("Concat", [state, x], axis=2)
         w3 = b.one("Unsqueeze", [weight, b.const([1])])
