@@ -204,8 +204,8 @@ def test_tampered_artifact_refused(tiny_artifact, engine, tmp_path, damage):
         (art / "model.onnx").write_bytes(bytes(data))
         needle = "model.onnx does not match its sha256"
     else:
-        (art / "model.onnx.data").unlink()
-        needle = "missing file model.onnx.data"
+        (art / "weights.safetensors").unlink()
+        needle = "missing file weights.safetensors"
     for cmd in (["build", art, "--backend", "ort"], ["validate", art, "--backend", "ort", "--lengths", "3"]):
         p = run_cli(*cmd)
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr

@@ -200,23 +200,25 @@ def test_validate_report_markdown_plots_and_states(built, tmp_path):
 
 
 def _perturb_engine_initializer(artifact: Path, name: str, factor: float) -> None:
-    """Scale one expert's row of an initializer in the BUILT engine's ONNX, then re-record the
-    engine's sha256 in the manifest (as a rebuild would): the engine computes a wrong function."""
+    """Scale one expert's row of an initializer of the BUILT engine (stored inline in its graph, so the
+    artifact's weights stay as they are), then re-record the engine's sha256 in the manifest (as a
+    rebuild would): the engine computes a wrong function."""
     import onnx
     from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
 
-    from jambatrt.artifact import add_files, read_manifest
+    from jambatrt.artifact import read_manifest, record_files
 
-    path = artifact / "engines" / "ort" / "model.onnx"
-    model = onnx.load(str(path))
+    manifest = read_manifest(artifact)
+    path = artifact / manifest["engines"]["ort"]["path"]
+    model = onnx.load(str(path), load_external_data=False)
     init = next(i for i in model.graph.initializer if i.name == name)
+    load_external_data_for_tensor(init, str(artifact))
     arr = numpy_helper.to_array(init).copy()
     arr[0] *= factor
     init.CopyFrom(numpy_helper.from_array(arr, name))
-    for f in path.parent.glob("model.onnx*"):
-        f.unlink()
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=1024)
-    add_files(artifact, read_manifest(artifact), "engines/ort")
+    onnx.save(model, str(path))
+    record_files(artifact, manifest, [manifest["engines"]["ort"]["path"]])
 
 
 def test_validate_fails_and_names_the_layer_when_moe_scale_is_wrong(built, tmp_path):
@@ -250,7 +252,7 @@ def test_polygraphy_run_onnxrt_with_custom_ops(built, tmp_path):
     polygraphy = shutil.which("polygraphy", path=str(Path(sys.executable).parent))
     if polygraphy is None:
         pytest.skip("the polygraphy command is not installed (pip install polygraphy)")
-    model = str(built / "engines" / "ort" / "model.onnx")
+    model = str(built / "model.ort.onnx")
     script = ["--data-loader-script", str(ROOT / "validate" / "polygraphy_ext.py")]
     tolerances = ["--atol", "logits:1e-3", "1e-4", "--rtol", "logits:0", "1e-3"]
     env = {**os.environ, "JAMBATRT_INPUTS": str(inputs)}
