@@ -36,8 +36,17 @@ class _progress_bytes:
     def __enter__(self):
         from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)
-        self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=False)
+        from rich.text import Text
+
+        def bytes_only(column):     # the step line has no byte count: show nothing there, not "0/? bytes"
+            class Column(column):
+                def render(self, task):
+                    return super().render(task) if task.total is not None else Text("")
+            return Column()
+
+        self.p = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                          bytes_only(DownloadColumn), bytes_only(TransferSpeedColumn),
+                          bytes_only(TimeRemainingColumn), console=console, transient=False)
         self.p.__enter__()
         self.task = self.p.add_task("starting", total=None)
         self.bytes_task = None
@@ -49,12 +58,21 @@ class _progress_bytes:
     def step(self, msg: str) -> None:
         self.p.update(self.task, description=msg)
 
-    def start_bytes(self, what: str, total: int) -> None:
-        self.bytes_task = self.p.add_task(what, total=total)
+    def start_bytes(self, what: str, total: int, tensors: int = 0) -> None:
+        self.what, self.tensors, self.done = what, tensors, 0
+        self.bytes_task = self.p.add_task(self._label(), total=total)
+
+    def _label(self) -> str:
+        return f"{self.what} ({self.done:,}/{self.tensors:,} tensors)" if self.tensors else self.what
 
     def advance(self, n: int) -> None:
         if self.bytes_task is not None:
             self.p.update(self.bytes_task, advance=n)
+
+    def tensor_done(self) -> None:
+        self.done += 1
+        if self.bytes_task is not None:
+            self.p.update(self.bytes_task, description=self._label())
 
 
 def _progress():
@@ -267,6 +285,10 @@ def cmd_inspect(a) -> int:
         t.add_row("KV cache per token (bf16)", f"{plan['kv_bytes_per_token']:,} B")
         t.add_row("KV cache at context", f"{plan['kv_bytes_at_context'] / gib:.2f} GiB")
         t.add_row("Mamba state per sequence", f"{plan['state_bytes_per_sequence'] / (1 << 20):.2f} MiB")
+        host = plan["host_bytes"]
+        t.add_row("host memory: export / ort build (streamed)",
+                  f"{host['export'] / gib:.2f} GiB / {host['build_ort'] / gib:.2f} GiB")
+        t.add_row("host memory: ort engine run (pre-packed GEMM weights)", f"{host['run_ort'] / gib:.2f} GiB")
         if "prefill_chunk" in plan:
             big = plan["largest_activation"]
             t.add_row("prefill chunk (every tensor < 2^31 elements)", f"{plan['prefill_chunk']:,} tokens")

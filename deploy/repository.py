@@ -305,7 +305,7 @@ def _copy_checked(artifact: Path, manifest: dict, rel: str, dest: Path) -> None:
     if want is None:
         raise ArtifactError(f"{artifact}: {rel} is not recorded in manifest.json (re-run `jambatrt build`)")
     shutil.copyfile(artifact / rel, dest)
-    if sha256_file(dest) != want:
+    if sha256_file(dest) != want["sha256"]:
         raise ArtifactError(f"{artifact / rel}: does not match its sha256 in manifest.json (changed while copying?)")
 
 

@@ -6,7 +6,7 @@ with the state carried, so no tensor ever reaches 2^31 elements (engines/chunkin
 expert weights over the limit are split into expert groups by graph/passes/split_expert_groups.py).
 MoE layers become route + grouped-GEMM plugins (graph/passes/lower_moe_grouped.py) unless
 `moe="fused"`. The weights are never loaded or copied during the build: the parser reads them from
-the artifact's model.onnx.data.
+the artifact's weights.safetensors.
 
 Build needs TensorRT (>= 10.10 for AOT plugins) and a CUDA GPU; without either, `build` and
 loading raise BackendUnavailable naming what is missing."""
@@ -158,7 +158,7 @@ class TensorRTEngine(Engine):
                 flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
             network = builder.create_network(flags)
             parser = trt.OnnxParser(network, logger)
-            if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's model.onnx.data
+            if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's weights.safetensors
                 errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
                 raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
             config = builder.create_builder_config()

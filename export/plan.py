@@ -115,6 +115,36 @@ def activation_bytes(cfg: JambaConfig, batch: int, chunk: int) -> int:
     return residual + max(mamba, attn) + max(moe, dense) + T * cfg.vocab_size * ACT_BYTES
 
 
+# Host memory of the stages, calibrated on this project's machines (private memory, RssAnon: weights
+# mapped from files are page cache and not counted). Process base with torch, onnx and ORT imported:
+HOST_BASE = 300 * 10 ** 6
+# torch.export + ONNX conversion on fake weights, per decoder layer (tiny: 326 MB peak; the
+# 32-layer Jamba-1.5-Mini config: 483 MB; 2026-12-01)
+TRACE_PER_LAYER = 5 * 10 ** 6
+
+
+def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, block_bytes: int = 64 << 20) -> dict:
+    """Peak private host memory of each stage for `cfg`, from the plan (bytes).
+
+    export: the weights stream a block of `block_bytes` of source rows at a time (export/checkpoint.py
+    model_tensors): the block is mapped (not private); its cast copy, the finiteness mask and, for
+    experts, the quantiser's fp32 temporaries are (|w|, w/scale, round, int8). Then tracing and
+    the ONNX conversion, on fake weights, grow with the number of layers only.
+    build ort: the graph proto and the passes; no weight is read.
+    run ort: ONNX Runtime pre-packs every MatMul's constant weight into its own buffers (the
+    non-expert linear layers, in the engine's float32); the embedding and the experts stay mapped."""
+    elems = block_bytes // source_bytes
+    stream = max(elems * (dtype_bytes + 1),                                   # cast copy + mask
+                 elems * (4 * (4 if source_bytes != 4 else 3) + 1 + 1))       # fp32 copy, |w|, w/s, round; int8; mask
+    trace = cfg.num_hidden_layers * TRACE_PER_LAYER
+    linear = 0
+    for name, shape in hf_tensor_shapes(cfg).items():
+        if ".experts." not in name and name.endswith("proj.weight") or name == "lm_head.weight":
+            linear += math.prod(shape)
+    return {"export": HOST_BASE + max(stream, trace), "build_ort": HOST_BASE + trace,
+            "run_ort": HOST_BASE + 4 * linear}
+
+
 def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, chunk: int | None = None,
                 gpu_bytes: int = GPU_BYTES) -> dict:
     """Sizes in bytes. `params_active` counts what one token uses (top-k of the experts).
@@ -151,6 +181,7 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
                f"{state * batch / gb:.2f} + activations {act_bytes / gb:.1f}); bf16 needs "
                f"{total['bfloat16'] / gb:.1f} GB ({gpus['bfloat16']} GPU{'s' if gpus['bfloat16'] > 1 else ''})")
     return {
+        "host_bytes": host_memory(cfg),
         "params_total": dense + expert,
         "params_active": dense + expert * cfg.num_experts_per_tok // max(1, cfg.num_experts),
         "weight_bytes": weights,

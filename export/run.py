@@ -31,8 +31,9 @@ class Progress:
     """What a stage reports; the CLI draws it (rich), tests ignore it."""
 
     def step(self, msg: str) -> None: ...
-    def start_bytes(self, what: str, total: int) -> None: ...
+    def start_bytes(self, what: str, total: int, tensors: int = 0) -> None: ...
     def advance(self, nbytes: int) -> None: ...
+    def tensor_done(self) -> None: ...
 
 
 def export_stage(out_tmp: Path, checkpoint: str | Path | None = None, preset_name: str | None = None,
@@ -65,9 +66,10 @@ def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_se
     check_tensors(src, cfg, str(ckpt))
 
     progress.step("weights -> weights.safetensors")
-    from jambatrt.export.weights import store_bytes
-    progress.start_bytes("weights", store_bytes(cfg, dtype, experts_int8))
-    weights = write_weights(src, cfg, dtype, experts_int8, out_tmp / WEIGHTS, on_bytes=progress.advance)
+    from jambatrt.export.weights import model_entries, store_bytes
+    progress.start_bytes("weights", store_bytes(cfg, dtype, experts_int8), len(model_entries(cfg, dtype, experts_int8)))
+    weights = write_weights(src, cfg, dtype, experts_int8, out_tmp / WEIGHTS, on_bytes=progress.advance,
+                            on_tensor=progress.tensor_done)
     t_weights = time.perf_counter() - t0
 
     progress.step("torch.export (fake weights; dynamic batch and sequence)")

@@ -69,13 +69,14 @@ class StoreWriter:
     in file order. Feed the bytes in that order with `write(name, block)`: a tensor may come in
     several consecutive blocks (e.g. expert by expert, rows at a time). `close()` checks that every
     tensor was written whole. `sha256` is the digest of the file as written (no second read).
-    `on_bytes(n)` is called after every block (progress)."""
+    `on_bytes(n)` is called after every block, `on_tensor()` after every whole tensor (progress)."""
 
     def __init__(self, path: str | Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                  align: int | None = None, metadata: dict[str, str] | None = None,
-                 on_bytes: Callable[[int], None] | None = None):
+                 on_bytes: Callable[[int], None] | None = None, on_tensor: Callable[[], None] | None = None):
         self.path = Path(path)
         self.on_bytes = on_bytes or (lambda n: None)
+        self.on_tensor = on_tensor or (lambda: None)
         header: dict = {"__metadata__": dict(metadata or {})} if metadata else {}
         self.layout: list[tuple[str, int]] = []        # (name, nbytes) in file order, padding included
         offset, pads = 0, 0
@@ -103,6 +104,7 @@ class StoreWriter:
         self._hash = hashlib.sha256()
         self._f = open(self.path, "wb")
         self._emit(struct.pack("<Q", len(text)) + text)
+        self._unreported = self.data_start        # header and padding: reported with the next block
         self._i, self._left = 0, 0          # current layout entry, bytes still owed to it
         self._advance()
 
@@ -120,6 +122,7 @@ class StoreWriter:
             name, size = self.layout[self._i]
             if name.startswith(PADDING):
                 self._emit(bytes(size))
+                self._unreported += size
                 self._i += 1
             else:
                 self._left = size
@@ -142,9 +145,11 @@ class StoreWriter:
             raise ValueError(f"{name}: {data.nbytes} bytes written past the tensor's end ({self._left} left)")
         self._emit(data)
         self._left -= data.nbytes
-        self.on_bytes(data.nbytes)
+        self.on_bytes(data.nbytes + self._unreported)
+        self._unreported = 0
         if self._left == 0:
             self._i += 1
+            self.on_tensor()
             self._advance()
 
     def close(self) -> str:

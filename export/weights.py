@@ -81,12 +81,12 @@ def load_model(ckpt: str | Path, dtype: torch.dtype = torch.float32, experts_int
 
 
 def write_weights(src: TensorSource, cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool, path: Path,
-                  on_bytes: Callable[[int], None] | None = None) -> dict:
+                  on_bytes: Callable[[int], None] | None = None, on_tensor: Callable[[], None] | None = None) -> dict:
     """Stream the model's weights from `src` into `path` (page-aligned safetensors) -> {"sha256",
     "bytes", "tensors"}. Memory: a few blocks of `checkpoint.BLOCK_BYTES`, whatever the model size."""
     entries = model_entries(cfg, dtype, experts_int8)
     with StoreWriter(path, entries, align=PAGE, metadata={"format": "pt", "producer": "jambatrt"},
-                     on_bytes=on_bytes) as w:
+                     on_bytes=on_bytes, on_tensor=on_tensor) as w:
         for name, block in model_tensors(src, entries, cfg, experts_int8):
             w.write(name, block)
         digest = w.close()
@@ -94,7 +94,8 @@ def write_weights(src: TensorSource, cfg: JambaConfig, dtype: torch.dtype, exper
 
 
 def store_bytes(cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool) -> int:
-    """The size `write_weights` will give the store, from the plan alone (padding included)."""
+    """The size `write_weights` will give the store, from the plan alone (padding included); the
+    file is created and removed again, nothing is written to it."""
     import os
     import tempfile
     with tempfile.TemporaryDirectory() as d:

@@ -99,3 +99,35 @@ def test_bf16_export(tmp_path, dtype):
     p = run_cli("export", "--preset", "tiny", "-o", out, "--dtype", dtype)
     assert p.returncode == 0, p.stderr
     assert json.loads((out / "manifest.json").read_text())["dtype"] == dtype
+
+
+def _sharded(tmp_path):
+    from jambatrt.export.checkpoint import write_preset
+    return write_preset("tiny", tmp_path / "ck", max_shard_bytes=300_000)
+
+
+def test_missing_shard(tmp_path):
+    ck = _sharded(tmp_path)
+    shard = sorted(ck.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", shard.name, "do not exist")
+
+
+def test_truncated_shard(tmp_path):
+    ck = _sharded(tmp_path)
+    shard = sorted(ck.glob("model-*.safetensors"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 4096)
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", shard.name, "truncated or corrupt")
+
+
+def test_non_finite_weight(tmp_path, tiny_ckpt):
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    t = load_file(str(ck / "model.safetensors"))
+    t["model.layers.2.mamba.out_proj.weight"][3, 5] = float("nan")
+    save_file(t, str(ck / "model.safetensors"))
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.layers.2.mamba.out_proj.weight",
+                    "NaN or Inf")

@@ -126,7 +126,7 @@ def test_tensorrt_model_from_manifest(artifact, tmp_path):
     info = write_repository(art, tmp_path / "repo")
     assert info["models"]["jamba_tensorrt"] == "tensorrt" and info["server_args"] == []
     d = tmp_path / "repo" / "jamba_tensorrt"
-    assert sha256_file(d / "1" / "model.plan") == read_manifest(art)["files"]["engines/tensorrt/model.plan"]
+    assert sha256_file(d / "1" / "model.plan") == read_manifest(art)["files"]["engines/tensorrt/model.plan"]["sha256"]
     cfg = (d / "config.pbtxt").read_text()
     step = read_manifest(art)["programs"]["step"]
     assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 0" in cfg and "KIND_GPU" in cfg

@@ -292,7 +292,7 @@ def test_build_plan_at_256k():
 
 def test_lowered_graph_for_the_parser(tiny_artifact):
     """What the build hands TensorRT's parser (parse(bytes, path)): the lowered graph alone, its
-    weights left in the artifact's model.onnx.data (read relative to the path), every jamba node a
+    weights left in the artifact's weights.safetensors (read relative to the path), every jamba node a
     registered plugin."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -304,7 +304,7 @@ def test_lowered_graph_for_the_parser(tiny_artifact):
     assert path == tiny_artifact / "model.onnx" and passes[:2] == ["split_expert_groups", "lower_moe_grouped"]
     model = onnx.ModelProto.FromString(blob)
     big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 or np.prod(t.dims) >= 1024]
-    assert big and all(uses_external_data(t) and ExternalDataInfo(t).location == "model.onnx.data" for t in big)
+    assert big and all(uses_external_data(t) and ExternalDataInfo(t).location == "weights.safetensors" for t in big)
     table = descriptors()
     assert {n.op_type for n in model.graph.node if n.domain == DOMAIN} <= set(table)
     assert "MoEInt8Route" in {n.op_type for n in model.graph.node}
