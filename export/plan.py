@@ -123,7 +123,7 @@ HOST_BASE = 300 * 10 ** 6
 TRACE_PER_LAYER = 5 * 10 ** 6
 
 
-def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, block_bytes: int = 64 << 20) -> dict:
+def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, block_bytes: int | None = None) -> dict:
     """Peak private host memory of each stage for `cfg`, from the plan (bytes).
 
     export: the weights stream a block of `block_bytes` of source rows at a time (export/checkpoint.py
@@ -133,7 +133,8 @@ def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, b
     build ort: the graph proto and the passes; no weight is read.
     run ort: ONNX Runtime pre-packs every MatMul's constant weight into its own buffers (the
     non-expert linear layers, in the engine's float32); the embedding and the experts stay mapped."""
-    elems = block_bytes // source_bytes
+    from jambatrt.export.checkpoint import BLOCK_BYTES
+    elems = (block_bytes or BLOCK_BYTES) // source_bytes
     stream = max(elems * (dtype_bytes + 1),                                   # cast copy + mask
                  elems * (4 * (4 if source_bytes != 4 else 3) + 1 + 1))       # fp32 copy, |w|, w/s, round; int8; mask
     trace = cfg.num_hidden_layers * TRACE_PER_LAYER

@@ -131,3 +131,15 @@ def test_non_finite_weight(tmp_path, tiny_ckpt):
     out = tmp_path / "out"
     _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.layers.2.mamba.out_proj.weight",
                     "NaN or Inf")
+
+
+def test_unexpected_tensor(tiny_ckpt, tmp_path):
+    """A tensor the config does not account for (here a conv bias with mamba_conv_bias false) is
+    refused, not dropped: dropping it would export another model."""
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["mamba_conv_bias"] = False
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "unexpected tensor",
+                    "model.layers.0.mamba.conv1d.bias")

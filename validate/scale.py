@@ -94,7 +94,7 @@ def _run(name: str, args: list[str], results: dict, log) -> None:
         log(p.stderr[-2000:])
 
 
-def run(root: Path, keep: bool = False, log=print) -> dict:
+def run(root: Path, keep: bool = False, reuse: bool = False, log=print) -> dict:
     import torch
 
     from jambatrt.artifact import read_manifest
@@ -109,15 +109,16 @@ def run(root: Path, keep: bool = False, log=print) -> dict:
                      "stages": {}}
     results["disk"] = disk = disk_bandwidth(root)
     log(f"disk: write {disk['write_bytes_per_s'] / GB:.2f} GB/s, cold read {disk['read_bytes_per_s'] / GB:.2f} GB/s")
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
     t = time.perf_counter()
-    write_preset("jamba-1.5-mini", ckpt, dtype=torch.bfloat16, max_shard_bytes=2 * 10 ** 9, **SLICE)
+    reused = reuse and (ckpt / "model.safetensors.index.json").is_file()
+    if not reused:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        write_preset("jamba-1.5-mini", ckpt, dtype=torch.bfloat16, max_shard_bytes=2 * 10 ** 9, **SLICE)
     shards = sorted(ckpt.glob("*.safetensors"))
     ck_bytes = sum(p.stat().st_size for p in shards)
     params = sum(math.prod(i["shape"]) for s in shards for i in read_header(s)[0].values())
     results["checkpoint"] = {"bytes": ck_bytes, "parameters": params, "shards": len(shards),
-                             "seconds": round(time.perf_counter() - t, 1)}
+                             "seconds": round(time.perf_counter() - t, 1), "reused": reused}
     log(f"checkpoint: {params / 1e9:.2f}e9 parameters, {ck_bytes / GB:.2f} GB in {len(shards)} shards "
         f"({results['checkpoint']['seconds']} s)")
 
@@ -185,8 +186,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jambatrt.validate.scale", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="bench/scale", help="working and report directory (default bench/scale)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and artifacts (~18 GB)")
+    p.add_argument("--reuse", action="store_true", help="use the checkpoint a --keep run left in DIR")
     a = p.parse_args(argv)
-    r = run(Path(a.dir), keep=a.keep)
+    r = run(Path(a.dir), keep=a.keep, reuse=a.reuse)
     print(f"report: {Path(a.dir) / 'scale.json'} ({'passed' if r['passed'] else 'FAILED'})")
     return 0 if r["passed"] else 1
 
