@@ -25,7 +25,7 @@ import torch
 from jambatrt.config import JambaConfig, preset
 from jambatrt.errors import CheckpointError, ConfigError
 from jambatrt.export.quantize import quantize_experts
-from jambatrt.export.store import MappedStore, iter_blocks, read_header, torch_dtype, write_tensors
+from jambatrt.export.store import MappedStore, iter_blocks, nbytes, read_header, torch_dtype, write_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -300,7 +300,6 @@ def random_tensors(cfg: JambaConfig, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_bytes: int | None) -> list[list]:
-    from jambatrt.export.store import nbytes
     shards, cur, size = [], [], 0
     for e in entries:
         nb = nbytes(e[1], e[2])
@@ -335,6 +334,9 @@ def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | Iterabl
         entries = [(k, dtype or torch.float32, s) for k, s in hf_tensor_shapes(cfg).items()]
         pairs = tensors
     out.parent.mkdir(parents=True, exist_ok=True)
+    need, free = sum(nbytes(d, sh) for _, d, sh in entries), shutil.disk_usage(out.parent).free
+    if need > free:
+        raise CheckpointError(f"{out}: the checkpoint needs {need / 1e9:.2f} GB, {out.parent} has {free / 1e9:.2f} GB free")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     os.chmod(tmp, 0o755)
     try:

@@ -11,6 +11,7 @@ checkpoint again, so the artifact can be moved or copied whole."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 import jambatrt
 from jambatrt.artifact import FORMAT_VERSION, library_versions
 from jambatrt.config import JambaConfig
+from jambatrt.errors import ArtifactError
 from jambatrt.export import ops as jops
 from jambatrt.export.checkpoint import Checkpoint, check_tensors, write_preset
 from jambatrt.export.model import state_shapes
@@ -67,7 +69,12 @@ def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_se
 
     progress.step("weights -> weights.safetensors")
     from jambatrt.export.weights import model_entries, store_bytes
-    progress.start_bytes("weights", store_bytes(cfg, dtype, experts_int8), len(model_entries(cfg, dtype, experts_int8)))
+    need = store_bytes(cfg, dtype, experts_int8)
+    free = shutil.disk_usage(out_tmp).free
+    if need > free:       # refuse before writing, not at 95% of a 100 GB store
+        raise ArtifactError(f"{out_tmp.parent}: the artifact's weights need {need / 1e9:.2f} GB, the filesystem has "
+                            f"{free / 1e9:.2f} GB free")
+    progress.start_bytes("weights", need, len(model_entries(cfg, dtype, experts_int8)))
     weights = write_weights(src, cfg, dtype, experts_int8, out_tmp / WEIGHTS, on_bytes=progress.advance,
                             on_tensor=progress.tensor_done)
     t_weights = time.perf_counter() - t0
