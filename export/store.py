@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from jambatrt.errors import ArtifactError, CheckpointError
+from jambatrt.errors import ArtifactError
 
 PADDING = "__padding__."
 PAGE = 4096

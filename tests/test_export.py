@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import PARITY_CONFIGS, hf_model, run_cli
+from conftest import PARITY_CONFIGS, hf_model
 from jambatrt.artifact import read_manifest, sha256_file
 from jambatrt.export.checkpoint import Checkpoint
 from jambatrt.export.quantize import dequantize_experts, quantize_experts

@@ -19,7 +19,6 @@ write and cold-read bandwidth measured in the same run. Writes bench/scale/scale
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
