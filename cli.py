@@ -333,8 +333,11 @@ def cmd_plugins(a) -> int:
         index = write_plugins(a.out, archs, dtypes=dtypes, jobs=a.jobs, force=a.force,
                               progress=lambda msg: status.update(f"compiling {msg}"))
     for k in index["kernels"]:
-        print(f"  {k['arch']}  {k['kernel']:<34} {k['function']:<34} warps {k['num_warps']}  "
-              f"shared {k['shared_bytes']:>6} B  scratch {sum(k['scratch_bytes'].values())} B")
+        r = k["resources"]
+        usage = (f"  regs {r['registers']:>3}  stack {r['stack']:>4} B  occupancy {r['occupancy']['occupancy']:.0%}"
+                 if r else "  (no cuobjdump: registers unknown)")
+        print(f"  {k['arch']}  {k['kernel']:<34} warps {k['num_warps']}  shared {k['shared_bytes']:>6} B"
+              f"{usage}  scratch {sum(k['scratch_bytes'].values())} B")
     print(f"{len(index['kernels'])} kernels (triton {index['triton_version']}) -> {a.out}/index.json")
     return 0
 

@@ -104,6 +104,72 @@ def test_plugins_cli_compiles_every_kernel(plugins_dir):
         assert _ptx_params(ptx.decode(), e["function"]) == kinds + "pp"
 
 
+def test_compiled_kernels_are_the_production_variants():
+    """`jambatrt plugins` compiles the variants Jamba-1.5-Mini and -Large launch: constexprs from
+    their dims (d_state 16, conv width 4, top-2 of 16 experts, head_dim 128); hidden (4096 / 8192)
+    and expert sizes (14336 / 24576) are run-time arguments of the same kernels."""
+    from jambatrt.config import preset
+    from jambatrt.plugins.gpu.aot import all_kernels, kernels_for_config
+
+    def variants(specs):
+        return {(k.name, tuple(sorted(k.constexprs.items())), k.num_warps, k.num_stages) for k in specs}
+    compiled = variants(all_kernels())
+    for name in ("jamba-1.5-mini", "jamba-1.5-large"):
+        cfg = preset(name)
+        assert cfg.head_dim == 128 and cfg.num_experts == 16
+        assert variants(kernels_for_config(cfg)) == compiled, name
+
+
+def test_kernel_resources_no_spills(plugins_dir):
+    """Every kernel at production shapes, sm_80 and sm_90, read back from its cubin (cuobjdump):
+    no stack frame (spills), shared memory within the architecture's per-block limit and within
+    the 48 KiB TensorRT's AOT launch gives. The table is printed (pytest -s, or on failure)."""
+    from jambatrt.plugins.gpu.aot import resource_problems
+    index = json.loads((plugins_dir / "index.json").read_text())
+    lines = [f"{'arch':6} {'kernel':34} {'warps':>5} {'regs':>4} {'stack':>5} {'shared':>7} {'blocks/SM':>9} "
+             f"{'occupancy':>9}  limited by"]
+    for e in index["kernels"]:
+        r = e["resources"]
+        assert r is not None, f"{e['arch']} {e['kernel']}: cuobjdump (bundled with Triton) gave no resource usage"
+        o = r["occupancy"]
+        lines.append(f"{e['arch']:6} {e['kernel']:34} {e['num_warps']:>5} {r['registers']:>4} {r['stack']:>5} "
+                     f"{e['shared_bytes'] + r['shared']:>7} {o['blocks_per_sm']:>9} {o['occupancy']:>9.0%}  "
+                     f"{o['limited_by']}")
+    table = "\n".join(lines)
+    print(table)
+    problems = [p for e in index["kernels"] for p in resource_problems(e)]
+    assert not problems, "\n".join(problems) + "\n" + table
+    assert {e["arch"] for e in index["kernels"]} == {"sm_80", "sm_90"}
+
+
+def test_resource_check_flags_spills_and_shared():
+    """resource_problems() catches what the table test relies on it to catch."""
+    from jambatrt.plugins.gpu.aot import resource_problems
+    base = {"arch": "sm_90", "kernel": "k", "shared_bytes": 4096,
+            "resources": {"registers": 255, "stack": 0, "shared": 1024, "local": 0}}
+    assert resource_problems(base) == []
+    spilled = {**base, "resources": {**base["resources"], "stack": 504}}
+    assert "spills" in resource_problems(spilled)[0]
+    big = {**base, "shared_bytes": 48 * 1024}
+    assert "does not opt in" in resource_problems(big)[0]
+    huge = {**base, "arch": "sm_80", "shared_bytes": 200_000}
+    assert any("an sm_80 block can have" in p for p in resource_problems(huge))
+
+
+def test_occupancy_matches_the_cuda_calculator():
+    """Hand-checked against NVIDIA's occupancy rules: 255 registers x 256 threads fills the register
+    file with one block; 64 registers x 128 threads allow 8 blocks (32 warps of 2048 registers); at
+    24 registers the 2048 threads of an SM bind first (16 blocks); 100 KiB of shared memory leaves room for one block on sm_80, two on sm_90."""
+    from jambatrt.plugins.gpu.aot import occupancy
+    assert occupancy(80, 255, 256, 0) == {"blocks_per_sm": 1, "warps_per_sm": 8, "occupancy": 0.125,
+                                          "limited_by": "registers"}
+    assert occupancy(80, 64, 128, 0)["blocks_per_sm"] == 8
+    assert occupancy(80, 24, 128, 0) == {"blocks_per_sm": 16, "warps_per_sm": 64, "occupancy": 1.0,
+                                         "limited_by": "threads"}
+    assert occupancy(80, 32, 128, 100 * 1024)["blocks_per_sm"] == 1
+    assert occupancy(90, 32, 128, 100 * 1024)["blocks_per_sm"] == 2
+
+
 # ---- the QDP plugin code, driven through a stand-in for tensorrt.plugin ---------------------------------
 class _DT:
     def __init__(self, name):
