@@ -1,19 +1,17 @@
 """TensorRT path (issue 7): what can be checked without TensorRT is checked here — the plugin
 descriptors against the op SPECs and the `jamba` nodes of the exported model.onnx, the AOT
-compilation of every kernel (`jambatrt plugins`), the QDP plugin code driven through a stand-in
-for `tensorrt.plugin` that applies its signature rules (the aot_impl compiles real PTX whose
-parameter list must be inputs, int32 extras, outputs), the build plan (chunking, profiles) and
-the errors when TensorRT is missing. Building and running an engine needs TensorRT + a GPU."""
+compilation of every kernel (`jambatrt plugins`) and its resource usage (no spills), the build
+plan (chunking, profiles), the builder's host memory and the errors when TensorRT is missing.
+The QDP plugin code runs through TensorRT's own plugin layer in test_tensorrt_plugin_layer.py.
+Building and running an engine needs TensorRT + a GPU."""
 
 import hashlib
+import importlib
 import importlib.util
-import inspect
 import json
 import os
 import re
 import sys
-import types
-import typing
 
 import numpy as np
 import onnx
@@ -39,6 +37,17 @@ def test_descriptors_match_spec():
         assert d.lowering == "node"
     extra = {n for n, d in table.items() if d.lowering != "node"}
     assert extra == {"MoEInt8Route", "MoEInt8GroupedUp", "MoEInt8GroupedDown"}
+
+
+def test_descriptors_name_their_eager_launchers():
+    """Every plugin (and tactic) names the plugins/gpu launcher that launches its kernel eagerly:
+    the plugin harness compares the two launches."""
+    from jambatrt.plugins.tensorrt import descriptors
+    for name, d in descriptors().items():
+        assert set(d.launchers) == (set(d.tactics) or {0}), name
+        for launcher in d.launchers.values():
+            module, fn = launcher.split(":")
+            assert callable(getattr(importlib.import_module(f"jambatrt.plugins.gpu.{module}"), fn)), launcher
 
 
 def test_descriptors_match_onnx_nodes(tiny_artifact):
@@ -168,157 +177,6 @@ def test_occupancy_matches_the_cuda_calculator():
                                          "limited_by": "threads"}
     assert occupancy(80, 32, 128, 100 * 1024)["blocks_per_sm"] == 1
     assert occupancy(90, 32, 128, 100 * 1024)["blocks_per_sm"] == 2
-
-
-# ---- the QDP plugin code, driven through a stand-in for tensorrt.plugin ---------------------------------
-class _DT:
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
-
-
-def _fake_tensorrt():
-    """A stand-in for (tensorrt, tensorrt.plugin) with QDP's signature rules and concrete shapes."""
-    trt = types.SimpleNamespace(**{n: _DT(n) for n in ("float32", "float16", "bfloat16", "int8", "int32", "int64")})
-
-    class TensorDesc:
-        def __init__(self, shape_expr=(), dtype=None):
-            self.shape_expr, self.dtype = tuple(shape_expr), dtype
-
-        def like(self):
-            return TensorDesc(self.shape_expr, self.dtype)
-
-    class SymInt32:
-        def __init__(self, v):
-            self.v = int(v.v if isinstance(v, SymInt32) else v)
-
-    class SymExprs:
-        def __init__(self, items):
-            self.items = list(items)
-
-    class SymIntExprs(SymExprs):
-        @classmethod
-        def from_tuple(cls, items):
-            assert all(isinstance(i, SymInt32) for i in items)
-            return cls(items)
-
-    class KernelLaunchParams:
-        def __init__(self, grid_x=1, grid_y=1, grid_z=1, block_x=1, block_y=1, block_z=1, shared_mem=0):
-            self.grid = tuple(int(getattr(v, "v", v)) for v in (grid_x, grid_y, grid_z))
-            self.block = tuple(int(getattr(v, "v", v)) for v in (block_x, block_y, block_z))
-            self.shared_mem = int(getattr(shared_mem, "v", shared_mem))
-
-    class AutoTuneCombination:
-        def __init__(self, io_types, layouts=None, tactics=None):
-            self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
-
-    defined: dict = {}
-
-    def check(pid, kind, fn):
-        sig = inspect.signature(fn)
-        reg = defined[pid]["register"] if kind != "register" else None
-        names = list(sig.parameters)
-        if kind == "register":
-            ann = [p.annotation for p in sig.parameters.values()]
-            n_t = sum(a is TensorDesc for a in ann)
-            assert all(a is TensorDesc for a in ann[:n_t]) and all(a in (int, float, str, bool, bytes) for a in ann[n_t:])
-            assert all(p.default is inspect.Parameter.empty for p in sig.parameters.values())
-            ret = sig.return_annotation
-            assert ret is TensorDesc or (typing.get_origin(ret) is tuple and
-                                         all(a is TensorDesc for a in typing.get_args(ret)))
-            return {"tensors": names[:n_t], "attrs": names[n_t:],
-                    "n_out": 1 if ret is TensorDesc else len(typing.get_args(ret))}
-        tail = ["outputs"] if kind == "autotune" else ["outputs", "tactic"]
-        assert names[:len(reg["tensors"])] == reg["tensors"] and names[-len(tail):] == tail, (pid, kind, names)
-        attrs = names[len(reg["tensors"]):-len(tail)]
-        assert attrs == [a for a in reg["attrs"] if a in attrs], f"{pid} {kind}: attributes out of order"
-        if kind == "aot_impl":
-            assert attrs == reg["attrs"], "aot_impl receives every attribute positionally"
-            ret = typing.get_args(sig.return_annotation)
-            assert len(ret) == 4 and ret[2] is KernelLaunchParams and issubclass(ret[3], SymExprs)
-        return {}
-
-    def decorator(kind):
-        def outer(pid):
-            def inner(fn):
-                info = check(pid, kind, fn)
-                defined.setdefault(pid, {})[kind] = {"fn": fn, **info}
-                return fn
-            return inner
-        return outer
-
-    trtp = types.SimpleNamespace(
-        TensorDesc=TensorDesc, SymInt32=SymInt32, SymExprs=SymExprs, SymIntExprs=SymIntExprs,
-        KernelLaunchParams=KernelLaunchParams, AutoTuneCombination=AutoTuneCombination,
-        cdiv=lambda a, b: -(-a // b), from_shape_expr=lambda s, dtype: TensorDesc(s, dtype),
-        register=decorator("register"), autotune=decorator("autotune"), aot_impl=decorator("aot_impl"))
-    return trt, trtp, defined
-
-
-def _plugin_io(trt):
-    """Concrete I/O for every plugin (tiny sizes; Jamba's d_state 16, d_conv 4, head_dim 16)."""
-    bf, f32, i8, i32 = trt.bfloat16, trt.float32, trt.int8, trt.int32
-    B, D, L, N, T, H, I, E, G, k, P = 2, 32, 17, 16, 34, 64, 48, 4, 2, 2, 5
-    nb = -(-(T * k + E * 63) // 64)
-    return {
-        "SelectiveScan": ([((B, D, L), bf), ((B, D, L), bf), ((D, N), f32), ((B, N, L), bf), ((B, N, L), bf),
-                           ((D,), f32), ((B, D, L), bf), ((D,), f32), ((B, D, N), f32)], {},
-                          [((B, D, L), bf), ((B, D, N), f32)],
-                          {1: (D // 16, B, 1), 2: (D // 64 or 1, B, 1)}, [D, L, N]),   # per tactic: BLOCK_D 16 / 64
-        "CausalConv1d": ([((B, D, L), bf), ((D, 4), bf), ((D,), bf), ((B, D, 3), bf)], {},
-                         [((B, D, L), bf), ((B, D, 3), bf)], (1, 1, B), [D, L]),   # L, D fit one 32 x 32 tile
-        "CausalAttention": ([((B, L, 4, 16), bf), ((B, L, 2, 16), bf), ((B, L, 2, 16), bf), ((B, P, 2, 16), bf),
-                             ((B, P, 2, 16), bf)], {},
-                            [((B, L, 4, 16), bf), ((B, P + L, 2, 16), bf), ((B, P + L, 2, 16), bf)], (1, B * 4, 1),
-                            [L, P, 4, 2]),
-        # an expert group: experts 2..3 of the 4 the router ranks (graph/passes/split_expert_groups.py)
-        "MoEInt8": ([((T, H), bf), ((T, E), bf), ((G, 2 * I, H), i8), ((G, 2 * I), f32), ((G, H, I), i8), ((G, H), f32)],
-                    {"top_k": k, "expert_offset": 2}, [((T, H), bf)], (-(-T // 16), H // 64, 1), [T, H, I, E, 2, G]),
-        "MoEInt8Route": ([((T, E), bf)], {"top_k": k},
-                         [((T, k), f32), ((T, k), i32), ((nb * 64,), i32), ((nb,), i32)], (1, 1, 1), [T, E]),
-        "MoEInt8GroupedUp": ([((T, H), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((nb * 64,), i32), ((nb,), i32)],
-                             {"top_k": k, "expert_offset": 0}, [((T * k, I), bf)], (nb, -(-I // 64), 1),
-                             [T * k, H, I, 0, E]),
-        "MoEInt8GroupedDown": ([((T * k, I), bf), ((E, H, I), i8), ((E, H), f32), ((nb * 64,), i32), ((nb,), i32),
-                                ((T, k), f32)], {"expert_offset": 0}, [((T * k, H), f32)], (nb, H // 64, 1),
-                                [T * k, H, I, 0, E]),
-    }
-
-
-def test_qdp_plugins_through_a_stand_in(monkeypatch):
-    """register() of every plugin module, then what TensorRT does at build time: the shape/type
-    function, autotune, and aot_impl per tactic — which compiles the kernel for sm_90 and must
-    return PTX whose parameters are (inputs, extras, outputs) with the right launch grid."""
-    import jambatrt.plugins.tensorrt as P
-    trt, trtp, defined = _fake_tensorrt()
-    monkeypatch.setattr(P, "require_tensorrt", lambda: (trt, trtp))
-    monkeypatch.setattr(P, "_REGISTERED", set())
-    monkeypatch.setenv("JAMBATRT_CUDA_ARCH", "sm_90")
-    ids = P.register_all()
-    table = P.descriptors()
-    assert sorted(ids) == sorted(d.plugin_id for d in table.values()) == sorted(defined)
-    for name, (ins, attrs, outs, grid, extras) in _plugin_io(trt).items():
-        d, fns = table[name], defined[f"jamba::{name}"]
-        assert set(fns) == {"register", "autotune", "aot_impl"}
-        assert fns["register"]["tensors"] == list(d.inputs) and fns["register"]["attrs"] == list(d.attributes)
-        descs = [trtp.TensorDesc(s, t) for s, t in ins]
-        got = fns["register"]["fn"](*descs, **attrs)
-        got = got if isinstance(got, tuple) else (got,)
-        assert [(o.shape_expr, o.dtype) for o in got] == [(s, t) for s, t in outs], name
-        combos = fns["autotune"]["fn"](*descs, got)
-        want_types = ", ".join({"bfloat16": "BF16", "float32": "FP32", "int8": "INT8", "int32": "INT32"}[t.name]
-                               for t in [t for _, t in ins] + [t for _, t in outs])
-        assert want_types in [c.io_types for c in combos], name
-        for tactic in sorted(d.tactics) or [0]:
-            kname, ptx, launch, sym = fns["aot_impl"]["fn"](*descs, *attrs.values(), got, tactic)
-            assert kname == table[name].tactics.get(tactic, d.kernels[0]) + "_kernel", name
-            kinds = "p" * len(ins) + "i" * len(extras) + "p" * len(outs)
-            assert _ptx_params(ptx.decode(), kname) == kinds + "pp", name
-            assert launch.grid == (grid[tactic] if isinstance(grid, dict) else grid), name
-            assert launch.block[0] % 32 == 0 and launch.block[1:] == (1, 1) and launch.shared_mem <= P.MAX_STATIC_SHARED
-            assert [s.v for s in sym.items] == extras, name
 
 
 # ---- the build plan (no TensorRT needed) ------------------------------------------------------------
