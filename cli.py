@@ -271,6 +271,8 @@ def cmd_inspect(a) -> int:
         from jambatrt.artifact import read_manifest
         cfg = JambaConfig.from_hf_dict(read_manifest(a.out)["config"], source=f"{a.out}/manifest.json")
     plan = memory_plan(cfg, context=a.context, batch=a.batch)
+    from jambatrt.engines.tensorrt import build_host_memory
+    plan["tensorrt_build_host_bytes"] = {k: build_host_memory(v)["peak"] for k, v in plan["weight_bytes"].items()}
     if a.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -289,6 +291,9 @@ def cmd_inspect(a) -> int:
         t.add_row("host memory: export / ort build (streamed)",
                   f"{host['export'] / gib:.2f} GiB / {host['build_ort'] / gib:.2f} GiB")
         t.add_row("host memory: ort engine run (pre-packed GEMM weights)", f"{host['run_ort'] / gib:.2f} GiB")
+        trt_host = plan["tensorrt_build_host_bytes"]   # engines.tensorrt.build_host_memory: the weights once
+        t.add_row("host memory: tensorrt build, int8 experts / bf16 (the weights once, + TensorRT's own)",
+                  f"{trt_host['experts_int8'] / 1e9:.1f} GB / {trt_host['bfloat16'] / 1e9:.1f} GB")
         if "prefill_chunk" in plan:
             big = plan["largest_activation"]
             t.add_row("prefill chunk (every tensor < 2^31 elements)", f"{plan['prefill_chunk']:,} tokens")

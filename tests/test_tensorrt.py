@@ -234,6 +234,114 @@ def test_lowered_graph_for_the_parser(tiny_artifact):
     assert "MoEInt8Route" in {n.op_type for n in model.graph.node}
 
 
+def test_build_frees_the_parsed_weights_before_serialising(tiny_artifact, tmp_path, monkeypatch):
+    """The build's host-memory order, against a recording stand-in for TensorRT's builder objects:
+    the engine is built, parser and network (which hold every parsed weight) are freed, and only
+    then is the engine serialised; the plan is written from TensorRT's buffer, never copied with
+    bytes() (engines.tensorrt.build_host_memory: one copy of the weights on the host at a time)."""
+    import shutil
+    import types
+    import weakref
+
+    import jambatrt.engines.tensorrt as E
+    import jambatrt.plugins.tensorrt as P
+    events = []
+
+    class HostMemory(np.ndarray):
+        def __bytes__(self):
+            raise AssertionError("the plan was copied with bytes()")
+
+    def tracked(name, obj):
+        weakref.finalize(obj, events.append, f"{name} freed")
+        return obj
+
+    class Network:
+        pass
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network = network                     # TensorRT's parser keeps its network alive
+            tracked("parser", self)
+
+        def parse(self, model, path):
+            events.append("parse")
+            return True
+
+    class Config(types.SimpleNamespace):
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def create_timing_cache(self, blob):
+            return blob
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def add_optimization_profile(self, p):
+            pass
+
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: np.frombuffer(b"cache", np.uint8).view(HostMemory))
+
+    class Engine:
+        def serialize(self):
+            events.append("serialize")
+            return np.frombuffer(b"PLAN" * 8, np.uint8).view(HostMemory)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return tracked("network", Network())
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_engine_with_config(self, network, config):
+            events.append("build")
+            return Engine()
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, severity):
+            pass
+
+    trt = types.SimpleNamespace(
+        __version__="stand-in", Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0), BuilderFlag=types.SimpleNamespace(BF16=0))
+    cuda = types.SimpleNamespace(get_device_capability=lambda: (9, 0), get_device_name=lambda: "stand-in")
+    monkeypatch.setattr(P, "require_tensorrt", lambda: (trt, None))
+    monkeypatch.setattr(P, "register_all", lambda: [])
+    monkeypatch.setattr(E, "_require_gpu", lambda: types.SimpleNamespace(cuda=cuda))
+    art = tmp_path / "tiny"
+    shutil.copytree(tiny_artifact, art)
+    entry = E.TensorRTEngine.build(art, max_batch=2, max_seq=4096)
+    assert events.index("parse") < events.index("build") < events.index("parser freed") < events.index("serialize")
+    assert events.index("network freed") < events.index("serialize"), events
+    assert (art / entry["path"]).read_bytes() == b"PLAN" * 8
+    assert (art / E.SUBDIR / E.TIMING_CACHE).read_bytes() == b"cache"
+    assert E.build_host_memory(60 * 10**9)["peak"] == 60 * 10**9
+
+
+def test_inspect_states_the_build_host_memory():
+    """`jambatrt inspect` states the host memory a TensorRT build needs: for Jamba-1.5-Mini with int8
+    experts the weights once (58 GB), well inside a 128 GiB host; the three copies the build used to
+    hold (parsed weights, plan, a bytes() copy of it) would not fit."""
+    p = run_cli("inspect", "--preset", "jamba-1.5-mini", "--json", check=True)
+    plan = json.loads(p.stdout)
+    host = plan["tensorrt_build_host_bytes"]
+    assert host == plan["weight_bytes"] and 55e9 < host["experts_int8"] < 60e9
+    assert host["experts_int8"] < 128 * 2**30 < 3 * host["experts_int8"]
+    text = run_cli("inspect", "--preset", "jamba-1.5-mini", check=True).stdout
+    assert "host memory: tensorrt build" in text and f"{host['experts_int8'] / 1e9:.1f} GB" in text
+
+
 def test_missing_tensorrt_is_named(tiny_artifact, tmp_path, monkeypatch):
     """Without TensorRT, build says so in one line. TensorRT is hidden for the test (in this
     process through sys.modules, in the CLI's through a shadowing package), so it runs whether or
