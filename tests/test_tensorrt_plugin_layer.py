@@ -551,7 +551,7 @@ def test_shape_expression_constants(layer):
 
 def test_int_attributes_as_the_parser_passes_them(layer):
     """Bug 3 (issue 14): the parser hands an INT attribute to create_plugin as an int32 array of
-    one element; every release must accept it (10.16 - 11.1 convert a field declared `int` with
+    one element; every release must accept it (10.10 - 11.1 convert a field declared `int` with
     int(array), which NumPy >= 2.4 refuses) and the plugin bodies see ints."""
     release, trt, trtp = layer
     creator = trt.get_plugin_registry().get_creator("MoEInt8", "1", "jamba")
@@ -567,9 +567,9 @@ def test_int_attributes_as_the_parser_passes_them(layer):
 
 
 def test_attribute_with_several_values_is_refused():
-    from jambatrt.errors import InputError
+    from jambatrt.errors import ArtifactError
     from jambatrt.plugins.tensorrt import attribute_value
-    with pytest.raises(InputError, match="top_k.*2 values"):
+    with pytest.raises(ArtifactError, match="top_k.*2 values"):
         attribute_value("top_k", np.array([2, 3], np.int32), "int")
 
 

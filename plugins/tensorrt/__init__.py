@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from jambatrt.errors import BackendUnavailable, InputError
+from jambatrt.errors import ArtifactError, BackendUnavailable
 from jambatrt.plugins.gpu.aot import NO_OPT_IN_SHARED
 
 NAMESPACE = "jamba"
@@ -113,7 +113,7 @@ def require_tensorrt():
 
 
 # Attributes are declared to tensorrt.plugin as 1-D NumPy arrays: the ONNX parser hands an INT
-# attribute over as an int32 array of one element, and TensorRT 10.16 - 11.1 convert a field
+# attribute over as an int32 array of one element, and TensorRT 10.10 - 11.1 convert a field
 # declared `int` with int(array), which NumPy >= 2.4 refuses (TypeError; 11.4 indexes [0]). Declared
 # as arrays, every release passes them through (`f.data.astype(...)`), and the bodies get ints.
 ATTR_ARRAYS = {"int": (npt.NDArray[np.int32], int), "float": (npt.NDArray[np.float32], float)}
@@ -124,7 +124,7 @@ def attribute_value(name: str, value, kind: str):
     convert = ATTR_ARRAYS[kind][1]
     flat = np.asarray(value).reshape(-1)
     if flat.size != 1:
-        raise InputError(f"plugin attribute {name!r} has {flat.size} values {flat.tolist()[:4]} (accepted: one {kind})")
+        raise ArtifactError(f"plugin attribute {name!r} has {flat.size} values {flat.tolist()[:4]} (accepted: one {kind})")
     return convert(flat[0])
 
 
