@@ -326,10 +326,6 @@ class IPluginRegistry:
     def get_creator(self, name, version, plugin_namespace=""):
         return self._creators.get((name, version, plugin_namespace))
 
-    @property
-    def all_creators(self):
-        return list(self._creators.values())
-
 
 _REGISTRY = IPluginRegistry()
 
