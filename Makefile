@@ -8,12 +8,25 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
 .PHONY: setup demo test bench bench-scale clean
 
-$(STAMP): pyproject.toml Makefile
+# TensorRT's Python plugin layer (tensorrt.plugin) for the plugin harness: the first release of
+# tests/tensorrt_releases.txt is installed, the others downloaded as wheels. --no-deps: its libraries
+# (tensorrt-cu12-libs) are placeholders on the registry, and the harness needs only the Python part.
+TRT_RELEASES := $(shell grep -v '^\#' tests/tensorrt_releases.txt)
+TRT_WHEELS   := $(VENV)/tensorrt-releases
+
+$(STAMP): pyproject.toml Makefile tests/tensorrt_releases.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel packaging
 	# the CPU build of torch, from local disk; a bare `torch` would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,gpu]'
+	$(PY) -m pip install -q --no-deps tensorrt-cu12-bindings==$(firstword $(TRT_RELEASES))
+	# a release that cannot be downloaded only makes its own harness tests skip (they say which)
+	@for v in $(wordlist 2,99,$(TRT_RELEASES)); do \
+	  ls $(TRT_WHEELS)/tensorrt_cu12_bindings-$$v-*.whl >/dev/null 2>&1 \
+	    || $(PY) -m pip download -q --no-deps -d $(TRT_WHEELS) tensorrt-cu12-bindings==$$v \
+	    || echo "tensorrt-cu12-bindings==$$v could not be downloaded: its plugin-harness tests will skip"; \
+	done
 	# mamba-ssm's reference functions are an independent oracle; no CUDA build (NOTES-ENV.md)
 	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE $(PY) -m pip install -q --no-cache-dir \
 	    --no-build-isolation --no-deps mamba-ssm || echo "mamba-ssm could not be installed: its oracle test will skip"

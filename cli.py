@@ -271,6 +271,8 @@ def cmd_inspect(a) -> int:
         from jambatrt.artifact import read_manifest
         cfg = JambaConfig.from_hf_dict(read_manifest(a.out)["config"], source=f"{a.out}/manifest.json")
     plan = memory_plan(cfg, context=a.context, batch=a.batch)
+    from jambatrt.engines.tensorrt import build_host_memory
+    plan["tensorrt_build_host_bytes"] = {k: build_host_memory(v)["peak"] for k, v in plan["weight_bytes"].items()}
     if a.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -289,6 +291,9 @@ def cmd_inspect(a) -> int:
         t.add_row("host memory: export / ort build (streamed)",
                   f"{host['export'] / gib:.2f} GiB / {host['build_ort'] / gib:.2f} GiB")
         t.add_row("host memory: ort engine run (pre-packed GEMM weights)", f"{host['run_ort'] / gib:.2f} GiB")
+        trt_host = plan["tensorrt_build_host_bytes"]   # engines.tensorrt.build_host_memory: the weights once
+        t.add_row("host memory: tensorrt build, int8 experts / bf16 (the weights once, + TensorRT's own)",
+                  f"{trt_host['experts_int8'] / 1e9:.1f} GB / {trt_host['bfloat16'] / 1e9:.1f} GB")
         if "prefill_chunk" in plan:
             big = plan["largest_activation"]
             t.add_row("prefill chunk (every tensor < 2^31 elements)", f"{plan['prefill_chunk']:,} tokens")
@@ -333,8 +338,11 @@ def cmd_plugins(a) -> int:
         index = write_plugins(a.out, archs, dtypes=dtypes, jobs=a.jobs, force=a.force,
                               progress=lambda msg: status.update(f"compiling {msg}"))
     for k in index["kernels"]:
-        print(f"  {k['arch']}  {k['kernel']:<34} {k['function']:<34} warps {k['num_warps']}  "
-              f"shared {k['shared_bytes']:>6} B  scratch {sum(k['scratch_bytes'].values())} B")
+        r = k["resources"]
+        usage = (f"  regs {r['registers']:>3}  stack {r['stack']:>4} B  occupancy {r['occupancy']['occupancy']:.0%}"
+                 if r else "  (no cuobjdump: registers unknown)")
+        print(f"  {k['arch']}  {k['kernel']:<34} warps {k['num_warps']}  shared {k['shared_bytes']:>6} B"
+              f"{usage}  scratch {sum(k['scratch_bytes'].values())} B")
     print(f"{len(index['kernels'])} kernels (triton {index['triton_version']}) -> {a.out}/index.json")
     return 0
 

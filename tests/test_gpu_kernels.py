@@ -38,6 +38,12 @@ CASES = {
     "attn_prefill": ("attention", "attention", dict(B=2, L=9, P=0, Hq=4, Hkv=2, d=16)),
     "attn_past_mqa": ("attention", "attention", dict(B=1, L=20, P=7, Hq=4, Hkv=1, d=8)),
     "attn_decode": ("attention", "attention", dict(B=1, L=1, P=30, Hq=2, Hkv=2, d=16)),
+    # the launchers' own tiles (DEFAULTS: the tiles compiled for TensorRT and checked for spills),
+    # attention at Jamba's head_dim 128
+    "moe_grouped_default_tiles": ("moe_int8", "moe_int8", dict(T=11, H=64, I=96, E=4, k=2, tiles="default")),
+    "moe_fused_default_tiles": ("moe_int8", "moe_int8_fused", dict(T=11, H=64, I=96, E=4, k=2, tiles="default")),
+    "attn_head128_default_tiles": ("attention", "attention", dict(B=1, L=37, P=21, Hq=4, Hkv=2, d=128,
+                                                                  tiles="default")),
 }
 SMALL_TILES = {"moe_int8": dict(block_m=16, block_n=16, block_k=16),
                "moe_int8_fused": dict(block_n=16, block_i=16, block_k=16),
@@ -100,7 +106,7 @@ def run_case(case: str, dtype_name: str) -> list[dict]:
     tol = jops.SPECS[op].tolerances[dtype]
     args = _inputs(op, p, dtype, torch.Generator().manual_seed(sum(map(ord, case))))
     fn = getattr(kernels, launcher)
-    extra = SMALL_TILES.get(launcher, {})
+    extra = {} if p.get("tiles") == "default" else SMALL_TILES.get(launcher, {})
     if launcher == "selective_state_update":
         u, delta, A, Bm, Cm, Dk, z, bias, state = args
         got = fn(state, u[..., 0], delta[..., 0], A, Bm[..., 0], Cm[..., 0], Dk, z[..., 0], bias)

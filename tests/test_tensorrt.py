@@ -1,19 +1,17 @@
 """TensorRT path (issue 7): what can be checked without TensorRT is checked here — the plugin
 descriptors against the op SPECs and the `jamba` nodes of the exported model.onnx, the AOT
-compilation of every kernel (`jambatrt plugins`), the QDP plugin code driven through a stand-in
-for `tensorrt.plugin` that applies its signature rules (the aot_impl compiles real PTX whose
-parameter list must be inputs, int32 extras, outputs), the build plan (chunking, profiles) and
-the errors when TensorRT is missing. Building and running an engine needs TensorRT + a GPU."""
+compilation of every kernel (`jambatrt plugins`) and its resource usage (no spills), the build
+plan (chunking, profiles), the builder's host memory and the errors when TensorRT is missing.
+The QDP plugin code runs through TensorRT's own plugin layer in test_tensorrt_plugin_layer.py.
+Building and running an engine needs TensorRT + a GPU."""
 
 import hashlib
+import importlib
 import importlib.util
-import inspect
 import json
 import os
 import re
 import sys
-import types
-import typing
 
 import numpy as np
 import onnx
@@ -39,6 +37,17 @@ def test_descriptors_match_spec():
         assert d.lowering == "node"
     extra = {n for n, d in table.items() if d.lowering != "node"}
     assert extra == {"MoEInt8Route", "MoEInt8GroupedUp", "MoEInt8GroupedDown"}
+
+
+def test_descriptors_name_their_eager_launchers():
+    """Every plugin (and tactic) names the plugins/gpu launcher that launches its kernel eagerly:
+    the plugin harness compares the two launches."""
+    from jambatrt.plugins.tensorrt import descriptors
+    for name, d in descriptors().items():
+        assert set(d.launchers) == (set(d.tactics) or {0}), name
+        for launcher in d.launchers.values():
+            module, fn = launcher.split(":")
+            assert callable(getattr(importlib.import_module(f"jambatrt.plugins.gpu.{module}"), fn)), launcher
 
 
 def test_descriptors_match_onnx_nodes(tiny_artifact):
@@ -104,155 +113,70 @@ def test_plugins_cli_compiles_every_kernel(plugins_dir):
         assert _ptx_params(ptx.decode(), e["function"]) == kinds + "pp"
 
 
-# ---- the QDP plugin code, driven through a stand-in for tensorrt.plugin ---------------------------------
-class _DT:
-    def __init__(self, name):
-        self.name = name
+def test_compiled_kernels_are_the_production_variants():
+    """`jambatrt plugins` compiles the variants Jamba-1.5-Mini and -Large launch: constexprs from
+    their dims (d_state 16, conv width 4, top-2 of 16 experts, head_dim 128); hidden (4096 / 8192)
+    and expert sizes (14336 / 24576) are run-time arguments of the same kernels."""
+    from jambatrt.config import preset
+    from jambatrt.plugins.gpu.aot import all_kernels, kernels_for_config
 
-    def __repr__(self):
-        return self.name
-
-
-def _fake_tensorrt():
-    """A stand-in for (tensorrt, tensorrt.plugin) with QDP's signature rules and concrete shapes."""
-    trt = types.SimpleNamespace(**{n: _DT(n) for n in ("float32", "float16", "bfloat16", "int8", "int32", "int64")})
-
-    class TensorDesc:
-        def __init__(self, shape_expr=(), dtype=None):
-            self.shape_expr, self.dtype = tuple(shape_expr), dtype
-
-        def like(self):
-            return TensorDesc(self.shape_expr, self.dtype)
-
-    class SymInt32:
-        def __init__(self, v):
-            self.v = int(v.v if isinstance(v, SymInt32) else v)
-
-    class SymExprs:
-        def __init__(self, items):
-            self.items = list(items)
-
-    class SymIntExprs(SymExprs):
-        @classmethod
-        def from_tuple(cls, items):
-            assert all(isinstance(i, SymInt32) for i in items)
-            return cls(items)
-
-    class KernelLaunchParams:
-        def __init__(self, grid_x=1, grid_y=1, grid_z=1, block_x=1, block_y=1, block_z=1, shared_mem=0):
-            self.grid = tuple(int(getattr(v, "v", v)) for v in (grid_x, grid_y, grid_z))
-            self.block = tuple(int(getattr(v, "v", v)) for v in (block_x, block_y, block_z))
-            self.shared_mem = int(getattr(shared_mem, "v", shared_mem))
-
-    class AutoTuneCombination:
-        def __init__(self, io_types, layouts=None, tactics=None):
-            self.io_types, self.layouts, self.tactics = io_types, layouts, tactics
-
-    defined: dict = {}
-
-    def check(pid, kind, fn):
-        sig = inspect.signature(fn)
-        reg = defined[pid]["register"] if kind != "register" else None
-        names = list(sig.parameters)
-        if kind == "register":
-            ann = [p.annotation for p in sig.parameters.values()]
-            n_t = sum(a is TensorDesc for a in ann)
-            assert all(a is TensorDesc for a in ann[:n_t]) and all(a in (int, float, str, bool, bytes) for a in ann[n_t:])
-            assert all(p.default is inspect.Parameter.empty for p in sig.parameters.values())
-            ret = sig.return_annotation
-            assert ret is TensorDesc or (typing.get_origin(ret) is tuple and
-                                         all(a is TensorDesc for a in typing.get_args(ret)))
-            return {"tensors": names[:n_t], "attrs": names[n_t:],
-                    "n_out": 1 if ret is TensorDesc else len(typing.get_args(ret))}
-        tail = ["outputs"] if kind == "autotune" else ["outputs", "tactic"]
-        assert names[:len(reg["tensors"])] == reg["tensors"] and names[-len(tail):] == tail, (pid, kind, names)
-        attrs = names[len(reg["tensors"]):-len(tail)]
-        assert attrs == [a for a in reg["attrs"] if a in attrs], f"{pid} {kind}: attributes out of order"
-        if kind == "aot_impl":
-            assert attrs == reg["attrs"], "aot_impl receives every attribute positionally"
-            ret = typing.get_args(sig.return_annotation)
-            assert len(ret) == 4 and ret[2] is KernelLaunchParams and issubclass(ret[3], SymExprs)
-        return {}
-
-    def decorator(kind):
-        def outer(pid):
-            def inner(fn):
-                info = check(pid, kind, fn)
-                defined.setdefault(pid, {})[kind] = {"fn": fn, **info}
-                return fn
-            return inner
-        return outer
-
-    trtp = types.SimpleNamespace(
-        TensorDesc=TensorDesc, SymInt32=SymInt32, SymExprs=SymExprs, SymIntExprs=SymIntExprs,
-        KernelLaunchParams=KernelLaunchParams, AutoTuneCombination=AutoTuneCombination,
-        cdiv=lambda a, b: -(-a // b), from_shape_expr=lambda s, dtype: TensorDesc(s, dtype),
-        register=decorator("register"), autotune=decorator("autotune"), aot_impl=decorator("aot_impl"))
-    return trt, trtp, defined
+    def variants(specs):
+        return {(k.name, tuple(sorted(k.constexprs.items())), k.num_warps, k.num_stages) for k in specs}
+    compiled = variants(all_kernels())
+    for name in ("jamba-1.5-mini", "jamba-1.5-large"):
+        cfg = preset(name)
+        assert cfg.head_dim == 128 and cfg.num_experts == 16
+        assert variants(kernels_for_config(cfg)) == compiled, name
 
 
-def _plugin_io(trt):
-    """Concrete I/O for every plugin (tiny sizes; Jamba's d_state 16, d_conv 4, head_dim 16)."""
-    bf, f32, i8, i32 = trt.bfloat16, trt.float32, trt.int8, trt.int32
-    B, D, L, N, T, H, I, E, G, k, P = 2, 32, 17, 16, 34, 64, 48, 4, 2, 2, 5
-    nb = -(-(T * k + E * 63) // 64)
-    return {
-        "SelectiveScan": ([((B, D, L), bf), ((B, D, L), bf), ((D, N), f32), ((B, N, L), bf), ((B, N, L), bf),
-                           ((D,), f32), ((B, D, L), bf), ((D,), f32), ((B, D, N), f32)], {},
-                          [((B, D, L), bf), ((B, D, N), f32)],
-                          {1: (D // 16, B, 1), 2: (D // 64 or 1, B, 1)}, [D, L, N]),   # per tactic: BLOCK_D 16 / 64
-        "CausalConv1d": ([((B, D, L), bf), ((D, 4), bf), ((D,), bf), ((B, D, 3), bf)], {},
-                         [((B, D, L), bf), ((B, D, 3), bf)], (1, 1, B), [D, L]),   # L, D fit one 32 x 32 tile
-        "CausalAttention": ([((B, L, 4, 16), bf), ((B, L, 2, 16), bf), ((B, L, 2, 16), bf), ((B, P, 2, 16), bf),
-                             ((B, P, 2, 16), bf)], {},
-                            [((B, L, 4, 16), bf), ((B, P + L, 2, 16), bf), ((B, P + L, 2, 16), bf)], (1, B * 4, 1),
-                            [L, P, 4, 2]),
-        # an expert group: experts 2..3 of the 4 the router ranks (graph/passes/split_expert_groups.py)
-        "MoEInt8": ([((T, H), bf), ((T, E), bf), ((G, 2 * I, H), i8), ((G, 2 * I), f32), ((G, H, I), i8), ((G, H), f32)],
-                    {"top_k": k, "expert_offset": 2}, [((T, H), bf)], (-(-T // 16), H // 64, 1), [T, H, I, E, 2, G]),
-        "MoEInt8Route": ([((T, E), bf)], {"top_k": k},
-                         [((T, k), f32), ((T, k), i32), ((nb * 64,), i32), ((nb,), i32)], (1, 1, 1), [T, E]),
-        "MoEInt8GroupedUp": ([((T, H), bf), ((E, 2 * I, H), i8), ((E, 2 * I), f32), ((nb * 64,), i32), ((nb,), i32)],
-                             {"top_k": k, "expert_offset": 0}, [((T * k, I), bf)], (nb, -(-I // 64), 1),
-                             [T * k, H, I, 0, E]),
-        "MoEInt8GroupedDown": ([((T * k, I), bf), ((E, H, I), i8), ((E, H), f32), ((nb * 64,), i32), ((nb,), i32),
-                                ((T, k), f32)], {"expert_offset": 0}, [((T * k, H), f32)], (nb, H // 64, 1),
-                                [T * k, H, I, 0, E]),
-    }
+def test_kernel_resources_no_spills(plugins_dir):
+    """Every kernel at production shapes, sm_80 and sm_90, read back from its cubin (cuobjdump):
+    no stack frame (spills), shared memory within the architecture's per-block limit and within
+    the 48 KiB TensorRT's AOT launch gives. The table is printed (pytest -s, or on failure)."""
+    from jambatrt.plugins.gpu.aot import resource_problems
+    index = json.loads((plugins_dir / "index.json").read_text())
+    lines = [f"{'arch':6} {'kernel':34} {'warps':>5} {'regs':>4} {'stack':>5} {'shared':>7} {'blocks/SM':>9} "
+             f"{'occupancy':>9}  limited by"]
+    for e in index["kernels"]:
+        r = e["resources"]
+        assert r is not None, f"{e['arch']} {e['kernel']}: cuobjdump (bundled with Triton) gave no resource usage"
+        o = r["occupancy"]
+        lines.append(f"{e['arch']:6} {e['kernel']:34} {e['num_warps']:>5} {r['registers']:>4} {r['stack']:>5} "
+                     f"{e['shared_bytes'] + r['shared']:>7} {o['blocks_per_sm']:>9} {o['occupancy']:>9.0%}  "
+                     f"{o['limited_by']}")
+    table = "\n".join(lines)
+    print(table)
+    problems = [p for e in index["kernels"] for p in resource_problems(e)]
+    assert not problems, "\n".join(problems) + "\n" + table
+    assert {e["arch"] for e in index["kernels"]} == {"sm_80", "sm_90"}
 
 
-def test_qdp_plugins_through_a_stand_in(monkeypatch):
-    """register() of every plugin module, then what TensorRT does at build time: the shape/type
-    function, autotune, and aot_impl per tactic — which compiles the kernel for sm_90 and must
-    return PTX whose parameters are (inputs, extras, outputs) with the right launch grid."""
-    import jambatrt.plugins.tensorrt as P
-    trt, trtp, defined = _fake_tensorrt()
-    monkeypatch.setattr(P, "require_tensorrt", lambda: (trt, trtp))
-    monkeypatch.setattr(P, "_REGISTERED", set())
-    monkeypatch.setenv("JAMBATRT_CUDA_ARCH", "sm_90")
-    ids = P.register_all()
-    table = P.descriptors()
-    assert sorted(ids) == sorted(d.plugin_id for d in table.values()) == sorted(defined)
-    for name, (ins, attrs, outs, grid, extras) in _plugin_io(trt).items():
-        d, fns = table[name], defined[f"jamba::{name}"]
-        assert set(fns) == {"register", "autotune", "aot_impl"}
-        assert fns["register"]["tensors"] == list(d.inputs) and fns["register"]["attrs"] == list(d.attributes)
-        descs = [trtp.TensorDesc(s, t) for s, t in ins]
-        got = fns["register"]["fn"](*descs, **attrs)
-        got = got if isinstance(got, tuple) else (got,)
-        assert [(o.shape_expr, o.dtype) for o in got] == [(s, t) for s, t in outs], name
-        combos = fns["autotune"]["fn"](*descs, got)
-        want_types = ", ".join({"bfloat16": "BF16", "float32": "FP32", "int8": "INT8", "int32": "INT32"}[t.name]
-                               for t in [t for _, t in ins] + [t for _, t in outs])
-        assert want_types in [c.io_types for c in combos], name
-        for tactic in sorted(d.tactics) or [0]:
-            kname, ptx, launch, sym = fns["aot_impl"]["fn"](*descs, *attrs.values(), got, tactic)
-            assert kname == table[name].tactics.get(tactic, d.kernels[0]) + "_kernel", name
-            kinds = "p" * len(ins) + "i" * len(extras) + "p" * len(outs)
-            assert _ptx_params(ptx.decode(), kname) == kinds + "pp", name
-            assert launch.grid == (grid[tactic] if isinstance(grid, dict) else grid), name
-            assert launch.block[0] % 32 == 0 and launch.block[1:] == (1, 1) and launch.shared_mem <= P.MAX_STATIC_SHARED
-            assert [s.v for s in sym.items] == extras, name
+def test_resource_check_flags_spills_and_shared():
+    """resource_problems() catches what the table test relies on it to catch."""
+    from jambatrt.plugins.gpu.aot import resource_problems
+    base = {"arch": "sm_90", "kernel": "k", "shared_bytes": 4096,
+            "resources": {"registers": 255, "stack": 0, "shared": 1024, "local": 0}}
+    assert resource_problems(base) == []
+    spilled = {**base, "resources": {**base["resources"], "stack": 504}}
+    assert "spills" in resource_problems(spilled)[0]
+    big = {**base, "shared_bytes": 48 * 1024}
+    assert "does not opt in" in resource_problems(big)[0]
+    huge = {**base, "arch": "sm_80", "shared_bytes": 200_000}
+    assert any("an sm_80 block can have" in p for p in resource_problems(huge))
+
+
+def test_occupancy_matches_the_cuda_calculator():
+    """Hand-checked against NVIDIA's occupancy rules: 255 registers x 256 threads fills the register
+    file with one block; 64 registers x 128 threads allow 8 blocks (32 warps of 2048 registers); at
+    24 registers the 2048 threads of an SM bind first (16 blocks); 100 KiB of shared memory leaves room for one block on sm_80, two on sm_90."""
+    from jambatrt.plugins.gpu.aot import occupancy
+    assert occupancy(80, 255, 256, 0) == {"blocks_per_sm": 1, "warps_per_sm": 8, "occupancy": 0.125,
+                                          "limited_by": "registers"}
+    assert occupancy(80, 64, 128, 0)["blocks_per_sm"] == 8
+    assert occupancy(80, 24, 128, 0) == {"blocks_per_sm": 16, "warps_per_sm": 64, "occupancy": 1.0,
+                                         "limited_by": "threads"}
+    assert occupancy(80, 32, 128, 100 * 1024)["blocks_per_sm"] == 1
+    assert occupancy(90, 32, 128, 100 * 1024)["blocks_per_sm"] == 2
 
 
 # ---- the build plan (no TensorRT needed) ------------------------------------------------------------
@@ -308,6 +232,114 @@ def test_lowered_graph_for_the_parser(tiny_artifact):
     table = descriptors()
     assert {n.op_type for n in model.graph.node if n.domain == DOMAIN} <= set(table)
     assert "MoEInt8Route" in {n.op_type for n in model.graph.node}
+
+
+def test_build_frees_the_parsed_weights_before_serialising(tiny_artifact, tmp_path, monkeypatch):
+    """The build's host-memory order, against a recording stand-in for TensorRT's builder objects:
+    the engine is built, parser and network (which hold every parsed weight) are freed, and only
+    then is the engine serialised; the plan is written from TensorRT's buffer, never copied with
+    bytes() (engines.tensorrt.build_host_memory: one copy of the weights on the host at a time)."""
+    import shutil
+    import types
+    import weakref
+
+    import jambatrt.engines.tensorrt as E
+    import jambatrt.plugins.tensorrt as P
+    events = []
+
+    class HostMemory(np.ndarray):
+        def __bytes__(self):
+            raise AssertionError("the plan was copied with bytes()")
+
+    def tracked(name, obj):
+        weakref.finalize(obj, events.append, f"{name} freed")
+        return obj
+
+    class Network:
+        pass
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network = network                     # TensorRT's parser keeps its network alive
+            tracked("parser", self)
+
+        def parse(self, model, path):
+            events.append("parse")
+            return True
+
+    class Config(types.SimpleNamespace):
+        def set_memory_pool_limit(self, *a):
+            pass
+
+        def create_timing_cache(self, blob):
+            return blob
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            pass
+
+        def add_optimization_profile(self, p):
+            pass
+
+        def get_timing_cache(self):
+            return types.SimpleNamespace(serialize=lambda: np.frombuffer(b"cache", np.uint8).view(HostMemory))
+
+    class Engine:
+        def serialize(self):
+            events.append("serialize")
+            return np.frombuffer(b"PLAN" * 8, np.uint8).view(HostMemory)
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return tracked("network", Network())
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(set_shape=lambda *a: None)
+
+        def build_engine_with_config(self, network, config):
+            events.append("build")
+            return Engine()
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, severity):
+            pass
+
+    trt = types.SimpleNamespace(
+        __version__="stand-in", Logger=Logger, Builder=Builder, OnnxParser=Parser,
+        NetworkDefinitionCreationFlag=types.SimpleNamespace(STRONGLY_TYPED=0),
+        MemoryPoolType=types.SimpleNamespace(WORKSPACE=0), BuilderFlag=types.SimpleNamespace(BF16=0))
+    cuda = types.SimpleNamespace(get_device_capability=lambda: (9, 0), get_device_name=lambda: "stand-in")
+    monkeypatch.setattr(P, "require_tensorrt", lambda: (trt, None))
+    monkeypatch.setattr(P, "register_all", lambda: [])
+    monkeypatch.setattr(E, "_require_gpu", lambda: types.SimpleNamespace(cuda=cuda))
+    art = tmp_path / "tiny"
+    shutil.copytree(tiny_artifact, art)
+    entry = E.TensorRTEngine.build(art, max_batch=2, max_seq=4096)
+    assert events.index("parse") < events.index("build") < events.index("parser freed") < events.index("serialize")
+    assert events.index("network freed") < events.index("serialize"), events
+    assert (art / entry["path"]).read_bytes() == b"PLAN" * 8
+    assert (art / E.SUBDIR / E.TIMING_CACHE).read_bytes() == b"cache"
+    assert E.build_host_memory(60 * 10**9)["peak"] == 60 * 10**9
+
+
+def test_inspect_states_the_build_host_memory():
+    """`jambatrt inspect` states the host memory a TensorRT build needs: for Jamba-1.5-Mini with int8
+    experts the weights once (58 GB), well inside a 128 GiB host; the three copies the build used to
+    hold (parsed weights, plan, a bytes() copy of it) would not fit."""
+    p = run_cli("inspect", "--preset", "jamba-1.5-mini", "--json", check=True)
+    plan = json.loads(p.stdout)
+    host = plan["tensorrt_build_host_bytes"]
+    assert host == plan["weight_bytes"] and 55e9 < host["experts_int8"] < 60e9
+    assert host["experts_int8"] < 128 * 2**30 < 3 * host["experts_int8"]
+    text = run_cli("inspect", "--preset", "jamba-1.5-mini", check=True).stdout
+    assert "host memory: tensorrt build" in text and f"{host['experts_int8'] / 1e9:.1f} GB" in text
 
 
 def test_missing_tensorrt_is_named(tiny_artifact, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
 from jambatrt.graph.passes.lower_conv_native import lower_conv_native
 from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
+from jambatrt.graph.passes.set_plugin_namespace import set_plugin_namespace
 from jambatrt.graph.passes.split_expert_groups import split_expert_groups
 
 
@@ -50,11 +51,12 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
     # attention stays jamba::CausalAttention (our Triton flash kernel as an AOT plugin); MoE layers
-    # whose stacked experts reach 2^31 elements become expert groups, then (by default) grouped GEMMs
+    # whose stacked experts reach 2^31 elements become expert groups, then (by default) grouped GEMMs;
+    # last, every jamba node gets the attributes the ONNX parser finds its plugin by
     passes: list[Pass] = [split_expert_groups]
     if settings.moe == "grouped":
         passes.append(lower_moe_grouped)
-    return passes + [materialize_optional_inputs, infer_shapes, check_memory_flat]
+    return passes + [materialize_optional_inputs, infer_shapes, check_memory_flat, set_plugin_namespace]
 
 
 def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass]) -> onnx.ModelProto:
@@ -64,4 +66,5 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
-           "lower_attention_gqa", "lower_conv_native", "lower_moe_grouped", "materialize_optional_inputs", "split_expert_groups"]
+           "lower_attention_gqa", "lower_conv_native", "lower_moe_grouped", "materialize_optional_inputs", "set_plugin_namespace",
+           "split_expert_groups"]

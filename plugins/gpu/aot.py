@@ -5,8 +5,8 @@ Writes DIR/<arch>/<variant>.ptx and .cubin and DIR/index.json: per kernel varian
 Triton function, signature, constexprs, parameter groups (inputs, int32 extras, outputs — the
 order TensorRT's AOT plugins launch with), num_warps, shared memory, the sizes of the two hidden
 scratch parameters Triton appends to every kernel (global_scratch, profile_scratch: both must be
-0, since TensorRT passes no such buffers), registers/spills when cuobjdump is at hand, sha256 of
-every file and the Triton version.
+0, since TensorRT passes no such buffers), registers, stack (spills), static shared memory and
+theoretical occupancy when cuobjdump is at hand, sha256 of every file and the Triton version.
 
 PTX is pinned to ISA 8.0 for sm_80/sm_90: Triton's default (the newest its ptxas knows) is
 rejected by older drivers ("PTX was compiled with an unsupported toolchain")."""
@@ -19,11 +19,15 @@ import os
 import re
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from jambatrt.errors import BackendUnavailable, InputError
 
 FORMAT_VERSION = 1
+# TensorRT's AOT plugin launch does not opt a kernel into more than the default 48 KiB of shared
+# memory per block (static + dynamic)
+NO_OPT_IN_SHARED = 48 * 1024
 PINNED_PTX = {80: 80, 86: 80, 87: 80, 89: 80, 90: 80}   # compute capability -> PTX ISA version
 FP_FUSION = True   # Triton 3.9 warns that its default flips in 3.10: say it explicitly
 
@@ -46,6 +50,74 @@ def parse_arch(text: str) -> int:
     if not m:
         raise InputError(f"arch {text!r} (accepted: sm_80, sm_86, sm_89, sm_90, ... or a compute capability)")
     return int(m.group(1)) * 10 + int(m.group(2)) if m.group(2) else int(m.group(1))
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    """Per-SM and per-block limits of one compute capability (CUDA programming guide, "Technical
+    Specifications per Compute Capability"), the inputs of the occupancy calculation."""
+
+    regs_per_sm: int = 65536
+    reg_unit: int = 256              # registers are allocated per warp in units of 256
+    max_regs_per_thread: int = 255
+    threads_per_sm: int = 2048
+    blocks_per_sm: int = 32
+    shared_per_sm: int = 167936      # bytes usable by blocks
+    shared_per_block: int = 166912   # most one block may use (opted in)
+    reserved_shared: int = 1024      # the CUDA runtime's share of every block
+
+
+ARCH_LIMITS = {
+    80: ArchLimits(),
+    86: ArchLimits(threads_per_sm=1536, blocks_per_sm=16, shared_per_sm=102400, shared_per_block=101376),
+    89: ArchLimits(threads_per_sm=1536, blocks_per_sm=24, shared_per_sm=102400, shared_per_block=101376),
+    90: ArchLimits(shared_per_sm=233472, shared_per_block=232448),
+}
+
+
+def occupancy(cc: int, registers: int, threads: int, shared_bytes: int) -> dict:
+    """Theoretical occupancy of one kernel: resident blocks and warps per SM and what limits them.
+    shared_bytes: the block's static + dynamic shared memory."""
+    lim = ARCH_LIMITS[cc]
+    warps = -(-threads // 32)
+    regs_per_warp = -(-max(registers, 1) * 32 // lim.reg_unit) * lim.reg_unit
+    by = {"blocks": lim.blocks_per_sm, "threads": lim.threads_per_sm // threads,
+          "registers": (lim.regs_per_sm // regs_per_warp) // warps,
+          "shared": lim.shared_per_sm // (shared_bytes + lim.reserved_shared)}
+    blocks = min(by.values())
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
+            "occupancy": round(blocks * warps * 32 / lim.threads_per_sm, 3),
+            "limited_by": min(by, key=lambda k: (by[k], k != "registers"))}
+
+
+def resource_problems(entry: dict) -> list[str]:
+    """What keeps a compiled kernel (an index entry) from running well or at all: spills (a stack
+    frame: Triton kernels have none unless registers spill), shared memory over the architecture's
+    per-block limit or over what TensorRT's AOT launch gives without opting in."""
+    r, cc = entry.get("resources"), parse_arch(entry["arch"])
+    where = f"{entry['arch']} {entry['kernel']}"
+    if r is None:
+        return [f"{where}: no resource usage (cuobjdump missing)"]
+    out = []
+    if r["stack"] or r["local"]:
+        out.append(f"{where}: spills ({r['registers']} registers, {r['stack']} B stack frame, {r['local']} B local)")
+    shared = entry["shared_bytes"] + r["shared"]
+    if shared > ARCH_LIMITS[cc].shared_per_block:
+        out.append(f"{where}: {shared} B shared memory > the {ARCH_LIMITS[cc].shared_per_block} B an {entry['arch']} "
+                   "block can have")
+    if shared > NO_OPT_IN_SHARED:
+        out.append(f"{where}: {shared} B shared memory > {NO_OPT_IN_SHARED} B (TensorRT's AOT launch does not opt in)")
+    return out
+
+
+def kernels_for_config(cfg, dtypes=("bfloat16", "float32")) -> list:
+    """The kernel variants a model launches: the constexprs that come from its dims (d_state, conv
+    width, top-k of n experts, head_dim); hidden and expert sizes are run-time arguments."""
+    from jambatrt.plugins.gpu import attention, causal_conv1d, moe_int8, selective_scan
+    return (selective_scan.aot_kernels(dtypes, dstate=cfg.mamba_d_state)
+            + causal_conv1d.aot_kernels(dtypes, width=cfg.mamba_d_conv)
+            + moe_int8.aot_kernels(dtypes, top_k=cfg.num_experts_per_tok, n_experts=cfg.num_experts)
+            + attention.aot_kernels(dtypes, head_dim=cfg.head_dim))
 
 
 def all_kernels(dtypes=("bfloat16", "float32")) -> list:
@@ -119,6 +191,10 @@ def _compile_one(args):
     version = re.search(r"^\.version\s+(\S+)", text, re.M)
     target = re.search(r"^\.target\s+(\S+)", text, re.M)
     md = compiled.metadata
+    resources = resource_usage(Path(out) / files["cubin"]) if cubin else None
+    if resources is not None:
+        resources["occupancy"] = occupancy(cc, resources["registers"], md.num_warps * 32,
+                                           md.shared + resources["shared"])
     return {
         "kernel": spec.name, "op": spec.op, "function": md.name, "arch": arch,
         "ptx_target": target[1] if target else None, "ptx_version": version[1] if version else None,
@@ -127,7 +203,7 @@ def _compile_one(args):
                    "hidden": ["global_scratch", "profile_scratch"]},
         "num_warps": md.num_warps, "num_stages": spec.num_stages, "block": [md.num_warps * 32, 1, 1],
         "shared_bytes": md.shared, "scratch_bytes": scratch, "grid": spec.grid, "notes": spec.notes,
-        "resources": resource_usage(Path(out) / files["cubin"]) if cubin else None,
+        "resources": resources,
         "files": files, "sha256": sha,
     }
 

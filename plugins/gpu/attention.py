@@ -32,10 +32,13 @@ if interpreting():
 INPUTS = ("q", "k", "v", "past_k", "past_v")
 EXTRAS = ("seqlen", "past", "n_heads", "n_kv_heads")
 OUTPUTS = ("o", "present_k", "present_v")
-DEFAULTS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-# fp32 tiles are twice the bytes: smaller blocks keep shared memory under 48 KiB (the most a
-# kernel gets without opting in, which TensorRT's AOT launch does not do)
-DEFAULTS_FP32 = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+# Tiles at head_dim 128 (Jamba): bigger query blocks or 4 warps run out of registers and spill
+# (sm_80 and sm_90; `tests/test_kernel_resources.py` compiles and checks every kernel). fp32 tiles
+# are twice the bytes and its IEEE dot takes more registers: smaller blocks, and shared memory
+# stays under 48 KiB (the most a kernel gets without opting in, which TensorRT's AOT launch
+# does not do).
+DEFAULTS = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+DEFAULTS_FP32 = dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)
 
 
 @triton.jit
@@ -51,11 +54,19 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
     group = n_heads // n_kv_heads
     hk = h // group
     total = past + seqlen
+    # Addresses: one scalar base per (tensor, sequence, head) and int32 offsets row * stride + d
+    # inside it. Computing the full index per element ((b*L + i)*H + h)*d kept a 64-bit address
+    # per element live and spilled at head_dim 128 (hundreds of bytes of stack on sm_80/sm_90).
+    q_stride = n_heads * HEAD_DIM                                    # elements between rows of one head
+    kv_stride = n_kv_heads * HEAD_DIM
+    q_base = (b * seqlen * n_heads + h).to(tl.int64) * HEAD_DIM
+    new_base = (b * seqlen * n_kv_heads + hk).to(tl.int64) * HEAD_DIM
+    past_base = (b * past * n_kv_heads + hk).to(tl.int64) * HEAD_DIM
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # query index within the chunk
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < seqlen
-    q = tl.load(q_ptr + ((b * seqlen + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :],
+    q = tl.load(q_ptr + q_base + offs_m[:, None] * q_stride + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     qk_scale = 1.4426950408889634 / tl.sqrt(tl.full([], HEAD_DIM, tl.float32))   # d^-0.5, in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -67,8 +78,8 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
     for n0 in range(0, past, BLOCK_N):
         kn = n0 + offs_n
         kn_ok = kn < past
-        kv_off = ((b * past + kn) * n_kv_heads + hk) * HEAD_DIM
-        kt = tl.load(pk_ptr + kv_off[None, :] + offs_d[:, None], mask=d_ok[:, None] & kn_ok[None, :], other=0.0)
+        kt = tl.load(pk_ptr + past_base + kn[None, :] * kv_stride + offs_d[:, None],
+                     mask=d_ok[:, None] & kn_ok[None, :], other=0.0)
         if IEEE:
             s = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -78,7 +89,8 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(pv_ptr + kv_off[:, None] + offs_d[None, :], mask=kn_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(pv_ptr + past_base + kn[:, None] * kv_stride + offs_d[None, :],
+                    mask=kn_ok[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         else:
@@ -90,8 +102,8 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
     for n0 in range(0, hi, BLOCK_N):
         kn = n0 + offs_n
         kn_ok = kn < seqlen
-        kv_off = ((b * seqlen + kn) * n_kv_heads + hk) * HEAD_DIM
-        kt = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None], mask=d_ok[:, None] & kn_ok[None, :], other=0.0)
+        kt = tl.load(k_ptr + new_base + kn[None, :] * kv_stride + offs_d[:, None],
+                     mask=d_ok[:, None] & kn_ok[None, :], other=0.0)
         if IEEE:
             s = tl.dot(q, kt, input_precision="ieee")
         else:
@@ -102,7 +114,8 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=kn_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptr + new_base + kn[:, None] * kv_stride + offs_d[None, :],
+                    mask=kn_ok[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")
         else:
@@ -110,23 +123,27 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
         m_i = m_new
 
     o = acc / l_i[:, None]
-    tl.store(o_ptr + ((b * seqlen + offs_m[:, None]) * n_heads + h) * HEAD_DIM + offs_d[None, :],
-             o.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptr + q_base + offs_m[:, None] * q_stride + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])
 
     if h % group == 0:   # one program per KV head writes present = cat(past, new)
+        total_base = (b * total * n_kv_heads + hk).to(tl.int64) * HEAD_DIM
         md = m_ok[:, None] & d_ok[None, :]
-        src = ((b * seqlen + offs_m[:, None]) * n_kv_heads + hk) * HEAD_DIM + offs_d[None, :]
-        dst = ((b * total + past + offs_m[:, None]) * n_kv_heads + hk) * HEAD_DIM + offs_d[None, :]
-        tl.store(ok_ptr + dst, tl.load(k_ptr + src, mask=md, other=0.0).to(ok_ptr.dtype.element_ty), mask=md)
-        tl.store(ov_ptr + dst, tl.load(v_ptr + src, mask=md, other=0.0).to(ov_ptr.dtype.element_ty), mask=md)
+        rows = offs_m[:, None] * kv_stride + offs_d[None, :]
+        dst = total_base + past * kv_stride + rows
+        tl.store(ok_ptr + dst, tl.load(k_ptr + new_base + rows, mask=md, other=0.0).to(ok_ptr.dtype.element_ty),
+                 mask=md)
+        tl.store(ov_ptr + dst, tl.load(v_ptr + new_base + rows, mask=md, other=0.0).to(ov_ptr.dtype.element_ty),
+                 mask=md)
         stride = tl.num_programs(0) * BLOCK_M
         for r0 in range(pid_m * BLOCK_M, past, stride):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            mr = (rows < past)[:, None] & d_ok[None, :]
-            src = ((b * past + rows[:, None]) * n_kv_heads + hk) * HEAD_DIM + offs_d[None, :]
-            dst = ((b * total + rows[:, None]) * n_kv_heads + hk) * HEAD_DIM + offs_d[None, :]
-            tl.store(ok_ptr + dst, tl.load(pk_ptr + src, mask=mr, other=0.0).to(ok_ptr.dtype.element_ty), mask=mr)
-            tl.store(ov_ptr + dst, tl.load(pv_ptr + src, mask=mr, other=0.0).to(ov_ptr.dtype.element_ty), mask=mr)
+            r = r0 + tl.arange(0, BLOCK_M)
+            mr = (r < past)[:, None] & d_ok[None, :]
+            rows = r[:, None] * kv_stride + offs_d[None, :]
+            tl.store(ok_ptr + total_base + rows,
+                     tl.load(pk_ptr + past_base + rows, mask=mr, other=0.0).to(ok_ptr.dtype.element_ty), mask=mr)
+            tl.store(ov_ptr + total_base + rows,
+                     tl.load(pv_ptr + past_base + rows, mask=mr, other=0.0).to(ov_ptr.dtype.element_ty), mask=mr)
 
 
 # ---- launcher ----------------------------------------------------------------------------------

@@ -36,12 +36,18 @@ from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, inte
 if interpreting():
     fix_interpreter()
 
+# Tiles: the int8 weight tiles are dequantised in registers, and with 4 warps or BLOCK_K 64 the
+# gate/up (two accumulators) and fused kernels hit the 255-register cap and spilled 100-1600 bytes
+# per thread at Jamba's sizes (sm_80 and sm_90, bf16 and fp32). These tiles keep every variant under
+# the cap with no stack (`tests/test_kernel_resources.py` compiles and checks them); one set serves
+# both activation types. BLOCK_M of gemm1/gemm2 is the route kernel's alignment and the TensorRT
+# split plugins' (plugins/tensorrt/moe_int8.py BLOCK_M).
 DEFAULTS = {
     "route_align": dict(BLOCK_T=128, BLOCK_A=256, num_warps=4),
-    "gemm1": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    "gemm2": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    "gemm1": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    "gemm2": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
     "combine": dict(BLOCK_H=256, num_warps=4),
-    "fused": dict(BLOCK_T=16, BLOCK_N=64, BLOCK_I=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    "fused": dict(BLOCK_T=16, BLOCK_N=64, BLOCK_I=32, BLOCK_K=32, num_warps=8, num_stages=2),
 }
 
 

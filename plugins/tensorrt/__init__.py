@@ -6,8 +6,16 @@ backend can serve it).
 
 One module per op (`causal_conv1d`, `selective_scan`, `moe_int8`, `attention`). Each exposes
 `DESCRIPTORS` (pure Python, importable without TensorRT: name, namespace, version, attributes,
-inputs, outputs — what the ONNX parser matches against the node: op_type == plugin name, domain ==
-namespace, `plugin_version` attribute default "1") and `register()`, which needs TensorRT.
+inputs, outputs — what the ONNX parser matches against the node) and `register()`, which needs
+TensorRT.
+
+How TensorRT's ONNX parser finds and creates a plugin (onnx-tensorrt's FallbackPluginImporter):
+the creator registered under (op_type, node attribute `plugin_version` — default "1",
+node attribute `plugin_namespace` — default "", matched exactly; the node's domain is not read, and
+"" is a namespace QDP refuses to register), so graph/passes/set_plugin_namespace.py writes both
+attributes on every jamba node. It then passes the creator's fields that the node has as
+attributes, each a 1-D array (an INT attribute is an int32 array of one element), and asks for the
+AOT implementation when the node has `aot=1`.
 
 What a QDP AOT plugin can and cannot do shapes these plugins:
 - one kernel launch per plugin, no workspace; the kernel's parameters are (input pointers,
@@ -25,12 +33,16 @@ import os
 import typing
 from dataclasses import asdict, dataclass, field
 
-from jambatrt.errors import BackendUnavailable
+import numpy as np
+import numpy.typing as npt
+
+from jambatrt.errors import ArtifactError, BackendUnavailable
+from jambatrt.plugins.gpu.aot import NO_OPT_IN_SHARED
 
 NAMESPACE = "jamba"
 QDP_VERSION = "1"                    # tensorrt.plugin registers every creator as version "1"
 # beyond 48 KiB a kernel must opt in (cuFuncSetAttribute); TensorRT's AOT launch does not
-MAX_STATIC_SHARED = 48 * 1024
+MAX_STATIC_SHARED = NO_OPT_IN_SHARED
 OPS = ("causal_conv1d", "selective_scan", "moe_int8", "attention")
 
 
@@ -47,6 +59,9 @@ class PluginDescriptor:
     outputs: tuple[str, ...]
     kernels: tuple[str, ...]         # Triton kernels (plugins/gpu) the aot_impl can return
     tactics: dict[int, str] = field(default_factory=dict)   # tactic id -> kernel
+    # tactic id (0: the only one) -> "module:function" in plugins/gpu of the eager launcher that
+    # launches the same kernel with the same grid and int32 arguments for the same shapes
+    launchers: dict[int, str] = field(default_factory=dict)
     lowering: str = "node"           # "node": one plugin per ONNX node of the op; "split": see moe_int8
     notes: str = ""
 
@@ -58,13 +73,13 @@ class PluginDescriptor:
         return {**asdict(self), "plugin_id": self.plugin_id}
 
 
-def descriptor_from_spec(spec, kernels, tactics=None, notes: str = "") -> PluginDescriptor:
+def descriptor_from_spec(spec, kernels, launchers, tactics=None, notes: str = "") -> PluginDescriptor:
     """The plugin of one op, named by its SPEC (export/ops/<op>.py): the single source of truth."""
     from jambatrt.export.ops import DOMAIN
     return PluginDescriptor(op=spec.name, name=spec.plugin_name, namespace=DOMAIN, version=str(spec.version),
                             attributes={k: t.__name__ for k, t in spec.attributes.items()},
                             inputs=tuple(spec.inputs), outputs=tuple(spec.outputs), kernels=tuple(kernels),
-                            tactics=dict(tactics or {}), notes=notes)
+                            tactics=dict(tactics or {}), launchers=dict(launchers), notes=notes)
 
 
 def descriptors() -> dict[str, PluginDescriptor]:
@@ -97,14 +112,35 @@ def require_tensorrt():
     return trt, trtp
 
 
-def qdp_function(name: str, params: list[tuple[str, typing.Any]], returns, body):
+# Attributes are declared to tensorrt.plugin as 1-D NumPy arrays: the ONNX parser hands an INT
+# attribute over as an int32 array of one element, and TensorRT 10.10 - 11.1 convert a field
+# declared `int` with int(array), which NumPy >= 2.4 refuses (TypeError; 11.4 indexes [0]). Declared
+# as arrays, every release passes them through (`f.data.astype(...)`), and the bodies get ints.
+ATTR_ARRAYS = {"int": (npt.NDArray[np.int32], int), "float": (npt.NDArray[np.float32], float)}
+
+
+def attribute_value(name: str, value, kind: str):
+    """A plugin attribute as the Python int/float the plugin bodies use (from a 1-element array)."""
+    convert = ATTR_ARRAYS[kind][1]
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise ArtifactError(f"plugin attribute {name!r} has {flat.size} values {flat.tolist()[:4]} (accepted: one {kind})")
+    return convert(flat[0])
+
+
+def qdp_function(name: str, params: list[tuple[str, typing.Any]], returns, body, attributes: dict[str, str]):
     """A function with the exact signature tensorrt.plugin validates (parameter names are the
-    plugin's input names, which come from SPEC). `body` receives the bound arguments as a dict."""
+    plugin's input names, which come from SPEC). `body` receives the bound arguments as a dict,
+    attributes (name -> "int"/"float") converted to Python numbers."""
     sig = inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=a)
                              for n, a in params], return_annotation=returns)
 
     def fn(*args, **kwargs):
-        return body(sig.bind(*args, **kwargs).arguments)
+        bound = dict(sig.bind(*args, **kwargs).arguments)
+        for a, kind in attributes.items():
+            if a in bound:
+                bound[a] = attribute_value(a, bound[a], kind)
+        return body(bound)
 
     fn.__signature__ = sig
     fn.__name__ = fn.__qualname__ = name
@@ -117,15 +153,16 @@ def define_plugin(trtp, desc: PluginDescriptor, describe, autotune, aot_impl) ->
     attributes (describe, aot_impl), then `outputs` (autotune, aot_impl) and `tactic` (aot_impl).
     Each body receives the bound arguments as a dict."""
     ins = tensor_params(trtp, desc.inputs)
-    attrs = [(a, {"int": int, "float": float}[t]) for a, t in desc.attributes.items()]
+    attrs = [(a, ATTR_ARRAYS[t][0]) for a, t in desc.attributes.items()]
     empty = inspect.Parameter.empty
     pid = desc.plugin_id
+    kinds = dict(desc.attributes)
     trtp.register(pid)(qdp_function(f"{desc.name}_describe", ins + attrs,
-                                    outputs_annotation(trtp, len(desc.outputs)), describe))
+                                    outputs_annotation(trtp, len(desc.outputs)), describe, kinds))
     trtp.autotune(pid)(qdp_function(f"{desc.name}_autotune", ins + [("outputs", empty)],
-                                    list[trtp.AutoTuneCombination], autotune))
+                                    list[trtp.AutoTuneCombination], autotune, kinds))
     trtp.aot_impl(pid)(qdp_function(f"{desc.name}_aot_impl", ins + attrs + [("outputs", empty), ("tactic", int)],
-                                    aot_returns(trtp), aot_impl))
+                                    aot_returns(trtp), aot_impl, kinds))
 
 
 def tensor_params(trtp, names) -> list[tuple[str, typing.Any]]:
@@ -201,9 +238,16 @@ def constant(expr, what: str) -> int:
     """The value of a shape expression that must be known when the engine is built (weights)."""
     if isinstance(expr, int):
         return expr
-    if getattr(expr, "is_constant", False):
-        return int(expr.constant_value)
+    if _value(expr.is_constant):
+        # a method on SymIntExpr/ShapeExpr in TensorRT 10.10 - 11.4, though their abstract base
+        # declares a property: int(expr.constant_value) raised TypeError in every aot_impl
+        return int(_value(expr.constant_value))
     raise BackendUnavailable(f"{what} must be a build-time constant (it sets a kernel's tile sizes)")
+
+
+def _value(attr):
+    """A property's value, or a method's result (tensorrt.plugin has used both for the same name)."""
+    return attr() if callable(attr) else attr
 
 
 _REGISTERED: set[str] = set()

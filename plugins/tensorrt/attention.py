@@ -14,7 +14,7 @@ from __future__ import annotations
 from jambatrt.export.ops.attention import SPEC
 from jambatrt.plugins import tensorrt as P
 
-DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("attention_fwd",),
+DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("attention_fwd",), launchers={0: "attention:attention"},
                                       notes="past_k/past_v required (an empty [B,0,Hkv,d] past when there is none)")]
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from jambatrt.export.ops.causal_conv1d import SPEC
 from jambatrt.plugins import tensorrt as P
 
-DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("causal_conv1d",), notes="every I/O in the activation type")]
+DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("causal_conv1d",), launchers={0: "causal_conv1d:causal_conv1d"},
+                                      notes="every I/O in the activation type")]
 
 
 def kernel_spec(act: str, width: int):

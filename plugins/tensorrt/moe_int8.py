@@ -30,20 +30,23 @@ from jambatrt.plugins.tensorrt import PluginDescriptor
 BLOCK_M = 64   # = plugins.gpu.moe_int8.DEFAULTS["gemm1"]["BLOCK_M"]; the split plugins agree on it
 
 
-def _split(name, inputs, outputs, kernel, attrs=("top_k",), notes=""):
+def _split(name, inputs, outputs, kernel, launcher, attrs=("top_k",), notes=""):
     return PluginDescriptor(op=SPEC.name, name=f"{SPEC.plugin_name}{name}", namespace=P.NAMESPACE,
                             version=P.QDP_VERSION, attributes={a: "int" for a in attrs}, inputs=inputs,
-                            outputs=outputs, kernels=(kernel,), lowering="split", notes=notes)
+                            outputs=outputs, kernels=(kernel,), launchers={0: f"moe_int8:{launcher}"},
+                            lowering="split", notes=notes)
 
 
 DESCRIPTORS = [
-    P.descriptor_from_spec(SPEC, kernels=("moe_int8_fused",), notes="one launch; suits decode / short chunks"),
+    P.descriptor_from_spec(SPEC, kernels=("moe_int8_fused",), launchers={0: "moe_int8:moe_int8_fused"},
+                           notes="one launch; suits decode / short chunks"),
     _split("Route", ("router_logits",), ("topk_weights", "topk_ids", "sorted_ids", "block_expert"),
-           "moe_route_align", notes="one program: softmax, top-k, counting sort by expert"),
+           "moe_route_align", "route_align", notes="one program: softmax, top-k, counting sort by expert"),
     _split("GroupedUp", ("x", "w13", "w13_scale", "sorted_ids", "block_expert"), ("act",), "moe_gemm1",
-           attrs=("top_k", "expert_offset"), notes="grouped gate/up GEMM + SwiGLU"),
+           "grouped_up", attrs=("top_k", "expert_offset"), notes="grouped gate/up GEMM + SwiGLU"),
     _split("GroupedDown", ("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"), ("out",),
-           "moe_gemm2", attrs=("expert_offset",), notes="grouped down GEMM x routing weight; fp32 rows [T*k, H]"),
+           "moe_gemm2", "grouped_down", attrs=("expert_offset",),
+           notes="grouped down GEMM x routing weight; fp32 rows [T*k, H]"),
 ]
 
 

@@ -9,7 +9,8 @@ from jambatrt.export.ops.selective_scan import SPEC
 from jambatrt.plugins import tensorrt as P
 
 TACTICS = {1: "selective_scan_chunked", 2: "selective_scan_seq"}
-DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=tuple(TACTICS.values()), tactics=TACTICS,
+LAUNCHERS = {1: "selective_scan:selective_scan", 2: "selective_scan:selective_scan_sequential"}
+DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=tuple(TACTICS.values()), tactics=TACTICS, launchers=LAUNCHERS,
                                       notes="u/delta/z/B/C/y in the activation type; A, D, delta_bias, state fp32")]
 _ACT = {"u", "delta", "B", "C", "z", "y"}
 
