@@ -123,14 +123,16 @@ def test_truncated_shard(tmp_path):
     _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", shard.name, "truncated or corrupt")
 
 
-def test_non_finite_weight(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("name, value", [("model.layers.2.mamba.out_proj.weight", float("nan")),
+                                         ("model.layers.3.feed_forward.experts.2.up_proj.weight", float("-inf"))])
+def test_non_finite_weight(tmp_path, tiny_ckpt, name, value):
+    """A dense weight is checked block by block; an expert's row through its int8 scale."""
     ck = _copy(tiny_ckpt, tmp_path / "ck")
     t = load_file(str(ck / "model.safetensors"))
-    t["model.layers.2.mamba.out_proj.weight"][3, 5] = float("nan")
+    t[name][3, 5] = value
     save_file(t, str(ck / "model.safetensors"))
     out = tmp_path / "out"
-    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.layers.2.mamba.out_proj.weight",
-                    "NaN or Inf")
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", name, "NaN or Inf")
 
 
 def test_unexpected_tensor(tiny_ckpt, tmp_path):
