@@ -144,7 +144,10 @@ def cmd_validate(a) -> int:
     for r in report.results:
         worst = max((s.get("max_abs_err", 0.0) for s in r.states.values()), default=None)
         print(f"  length {r.length:>7,}: max|diff| {r.max_abs_err:.2e}  mean {r.mean_abs_err:.2e}  "
-              f"top-1 {r.top1_agreement:.4f}  " + ("" if worst is None else f"states {worst:.2e}  ")
+              f"top-1 {r.top1_agreement:.4f}  "
+              + (f"({r.argmax_ties['flipped']} of {r.argmax_ties['tied_positions']} argmax ties flipped)  "
+                 if r.argmax_ties.get("flipped") else "")
+              + ("" if worst is None else f"states {worst:.2e}  ")
               + f"engine {r.seconds['engine']:.3f}s  reference {r.seconds['reference']:.3f}s  "
               f"{'ok' if r.passed else 'FAIL'}")
         if r.health.get("problem"):

@@ -129,6 +129,12 @@ def parity_markdown(r: dict) -> str:
                          + f"{h['problem']} — look at {h['where']}")
         else:
             lines.append(f"- length {x['length']:,}: no NaN/Inf; every layer's state within tolerance")
+        ties = x.get("argmax_ties") or {}
+        if ties.get("tied_positions"):
+            lines.append(f"  - {ties['tied_positions']} position(s) where the reference's top-two logits are closer than "
+                         f"the logits tolerance (argmax ties, graded apart); {ties['flipped']} picked the other token"
+                         + (f" at [batch, position] {ties['positions']} (reference margins "
+                            f"{', '.join(f'{m:.2e}' for m in ties['flipped_margins'])})" if ties.get("flipped") else ""))
         rt = x.get("routing") or {}
         if rt.get("undecided_tokens"):
             where = ", ".join(f"layer {k}: {v}" for k, v in rt.get("undecided_by_layer", {}).items() if v)
