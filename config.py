@@ -75,6 +75,31 @@ class JambaConfig:
     def is_moe(self, i: int) -> bool:
         return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
 
+    # Layer counts in closed form: the memory plan must answer for any num_hidden_layers (10^9
+    # included) without walking the layers, so a config that cannot fit is refused before anything.
+    @staticmethod
+    def _every(n: int, period: int, offset: int) -> int:
+        """How many i in [0, n) have i % period == offset."""
+        return 0 if offset >= n else (n - 1 - offset) // period + 1
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self._every(self.num_hidden_layers, self.attn_layer_period, self.attn_layer_offset)
+
+    @property
+    def num_mamba_layers(self) -> int:
+        return self.num_hidden_layers - self.num_attention_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        if self.num_experts <= 1:
+            return 0
+        return self._every(self.num_hidden_layers, self.expert_layer_period, self.expert_layer_offset)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_hidden_layers - self.num_moe_layers
+
     @property
     def attention_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_attention(i)]

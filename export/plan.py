@@ -7,9 +7,10 @@ Pure arithmetic on the config; the chunking policy built on it lives in engines/
 from __future__ import annotations
 
 import math
+import os
 
 from jambatrt.config import JambaConfig
-from jambatrt.export.checkpoint import hf_tensor_shapes
+from jambatrt.errors import ConfigError
 
 TENSOR_LIMIT = 2 ** 31 - 1          # TensorRT: a tensor's volume must fit an int32
 GPU_BYTES = 80 * 10 ** 9            # an "80 GB" GPU (H100 / A100-80GB), counted in decimal GB: conservative
@@ -24,14 +25,67 @@ def weight_tensors(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
     out = {"embed_tokens [V,H]": (V, H)}
     if not cfg.tie_word_embeddings:
         out["lm_head [V,H]"] = (V, H)
-    if cfg.mamba_layers:
+    if cfg.num_mamba_layers:
         out["mamba.in_proj [2*D_inner,H]"] = (2 * D, H)
-    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_moe_layers:
         out["moe.w13 [E,2I,H]"] = (E, 2 * I, H)
         out["moe.w2 [E,H,I]"] = (E, H, I)
-    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_dense_layers:
         out["mlp.gate_proj [I,H]"] = (I, H)
     return out
+
+
+def param_counts(cfg: JambaConfig) -> dict[str, int]:
+    """Parameters of the HF checkpoint layout (what hf_tensor_shapes lists), in closed form -- per
+    layer kind times the number of such layers -- so any config, 10^9 layers or experts included,
+    is counted in microseconds: {"dense", "expert", "expert_scales"} (scales: the int8 per-channel
+    scales ExpertsInt8 adds)."""
+    H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.d_inner
+    N, R, K, E = cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv, cfg.num_experts
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    embed = V * H * (1 if cfg.tie_word_embeddings else 2) + H                      # + final norm
+    norms = 2 * H                                                                 # per layer
+    attention = 2 * H * H + 2 * kv * H
+    mamba = (2 * D * H + D * K + (R + 2 * N) * D + D * R + D + D * N + D + H * D + R + 2 * N
+             + (D if cfg.mamba_conv_bias else 0) + (2 * D + H if cfg.mamba_proj_bias else 0))
+    dense_mlp = 3 * I * H
+    router, one_expert = E * H, 3 * I * H
+    n_moe = cfg.num_moe_layers
+    dense = (embed + cfg.num_hidden_layers * norms + cfg.num_attention_layers * attention
+             + cfg.num_mamba_layers * mamba + cfg.num_dense_layers * dense_mlp + n_moe * router)
+    return {"dense": dense, "expert": n_moe * E * one_expert, "expert_scales": n_moe * E * (2 * I + H)}
+
+
+def export_weight_bytes(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool) -> int:
+    """Bytes of the weights an export holds (the model in its dtype; int8 experts + fp32 scales)."""
+    c = param_counts(cfg)
+    experts = c["expert"] + 4 * c["expert_scales"] if experts_int8 else c["expert"] * dtype_bytes
+    return c["dense"] * dtype_bytes + experts
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def refuse_unbuildable(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool, source: str = "config",
+                       memory_bytes: int | None = None) -> int:
+    """Refuse, from the plan and before anything is allocated, a config whose weights cannot be held
+    in this machine's memory (the export builds the model in memory, in its dtype). Returns the bytes
+    needed. ConfigError names the fields that make it so."""
+    need = export_weight_bytes(cfg, dtype_bytes, experts_int8)
+    have = memory_bytes if memory_bytes is not None else physical_memory_bytes()
+    if have is not None and need > have:
+        c = param_counts(cfg)
+        raise ConfigError(
+            f"{source}: the memory plan needs {need / 1e9:,.1f} GB for the weights alone "
+            f"({c['dense'] + c['expert']:,} parameters: num_hidden_layers={cfg.num_hidden_layers:,}, "
+            f"num_experts={cfg.num_experts:,}, hidden_size={cfg.hidden_size:,}, intermediate_size="
+            f"{cfg.intermediate_size:,}, vocab_size={cfg.vocab_size:,}); this machine has {have / 1e9:,.1f} GB "
+            f"(`jambatrt inspect` shows the plan)")
+    return need
 
 
 def expert_groups(n_experts: int, elements_per_expert: int, limit: int = TENSOR_LIMIT) -> list[tuple[int, int]]:
@@ -59,20 +113,20 @@ def activation_tensors(cfg: JambaConfig, batch: int, chunk: int, past: int = 0,
     D, N, R, V, I = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.vocab_size, cfg.intermediate_size
     T, k, E = B * C, cfg.num_experts_per_tok, cfg.num_experts
     out = {"hidden [B,C,H]": (B, C, H), "logits [B,C,V]": (B, C, V)}
-    if cfg.mamba_layers:
+    if cfg.num_mamba_layers:
         out.update({"mamba.in_proj_out [B,C,2*D_inner]": (B, C, 2 * D),
                     "mamba.x_proj_out [B,C,R+2N]": (B, C, R + 2 * N),
                     "mamba.scan_in [B,D_inner,C]": (B, D, C),
                     "mamba.ssm_state [B,D_inner,N]": (B, D, N)})
-    if cfg.attention_layers:
+    if cfg.num_attention_layers:
         Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         out.update({"attention.q [B,C,Hq,d]": (B, C, Hq, d), "attention.kv [B,P+C,Hkv,d]": (B, past + C, Hkv, d)})
         if attention_scores:
             out["attention.scores [B,Hq,C,P+C]"] = (B, Hq, C, past + C)
-    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_moe_layers:
         out.update({"moe.router_logits [T,E]": (T, E), "moe.gate_up [T*top_k,2I]": (T * k, 2 * I),
                     "moe.out [T*top_k,H]": (T * k, H)})
-    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_dense_layers:
         out["mlp.gate_up [B,C,2I]"] = (B, C, 2 * I)
     return out
 
@@ -105,11 +159,11 @@ def activation_bytes(cfg: JambaConfig, batch: int, chunk: int) -> int:
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     T = B * C
     residual = 3 * T * H * ACT_BYTES
-    mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.mamba_layers else 0
+    mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.num_mamba_layers else 0
     attn = 0
-    if cfg.attention_layers:
+    if cfg.num_attention_layers:
         attn = T * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2 * ACT_BYTES
-    has_moe = any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    has_moe = cfg.num_moe_layers > 0
     moe = T * E * 4 + T * k * (2 * I * ACT_BYTES + H * 4) if has_moe else 0
     dense = T * 2 * I * ACT_BYTES
     return residual + max(mamba, attn) + max(moe, dense) + T * cfg.vocab_size * ACT_BYTES
@@ -151,16 +205,10 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
     """Sizes in bytes. `params_active` counts what one token uses (top-k of the experts).
     `chunk`: prefill chunk (default: the longest that keeps every tensor under 2^31 elements)."""
     context = context or cfg.max_position_embeddings
-    expert = dense = 0
-    for name, shape in hf_tensor_shapes(cfg).items():
-        n = math.prod(shape)
-        if ".experts." in name:
-            expert += n
-        else:
-            dense += n
-    moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    scales = moe_layers * cfg.num_experts * (2 * cfg.intermediate_size + cfg.hidden_size)
-    n_attn, n_mamba = len(cfg.attention_layers), len(cfg.mamba_layers)
+    counts = param_counts(cfg)
+    dense, expert, scales = counts["dense"], counts["expert"], counts["expert_scales"]
+    moe_layers = cfg.num_moe_layers
+    n_attn, n_mamba = cfg.num_attention_layers, cfg.num_mamba_layers
     kv_per_token = n_attn * 2 * cfg.num_key_value_heads * cfg.head_dim * 2          # bf16
     state = n_mamba * (cfg.d_inner * (cfg.mamba_d_conv - 1) * 2 + cfg.d_inner * cfg.mamba_d_state * 4)
     weights = {"bfloat16": 2 * (dense + expert), "experts_int8": 2 * dense + expert + 4 * scales}
