@@ -12,7 +12,6 @@ SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so it never ou
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -25,13 +24,20 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jambatrt.deploy.repository import REPOSITORY_INFO
+from jambatrt.deploy.repository import REPOSITORY_INFO, server_args
 from jambatrt.errors import BackendUnavailable, JambaTRTError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SERVE_ENV = PACKAGE_ROOT / ".venv-serve"
 SETUP_HINT = "run `make serve-setup` (creates .venv-serve with nvidia-pytriton and numpy<2)"
 FAILED_MARKER = ".serve-setup-failed"     # written by `make serve-setup` with the reason it failed
+
+
+# tritonserver flags only TritonServer sets (from its fields): where it listens and what it may load
+OWN_FLAGS = {"--http-address", "--grpc-address", "--metrics-address", "--http-port", "--grpc-port",
+             "--metrics-port", "--model-repository", "--model-store", "--backend-directory", "--allow-http",
+             "--allow-grpc", "--allow-metrics", "--model-control-mode", "--load-model", "--sagemaker-port",
+             "--vertex-ai-port", "--allow-sagemaker", "--allow-vertex-ai"}
 
 
 class ServerError(JambaTRTError):
@@ -195,9 +201,13 @@ class TritonServer:
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        if self.extra_args == [] and (self.repository / REPOSITORY_INFO).is_file():
-            info = json.loads((self.repository / REPOSITORY_INFO).read_text())
-            self.extra_args = list(info.get("server_args", []))
+        # bind addresses and ports are this object's fields alone (127.0.0.1): no argument may move them
+        bad = [a for a in self.extra_args if a.split("=")[0] in OWN_FLAGS]
+        if bad:
+            raise ServerError(f"extra server arguments {bad} would override the address/port flags jambatrt sets")
+        if (self.repository / REPOSITORY_INFO).is_file():
+            # a jambatrt repository: verified (its record included), plugin arguments derived from its files
+            self.extra_args = server_args(self.repository) + list(self.extra_args)
 
     @property
     def http_url(self) -> str:

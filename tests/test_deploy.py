@@ -106,6 +106,47 @@ def test_repository_refusals(artifact, tiny_artifact, tmp_path):
     assert p.returncode != 0 and "Traceback" not in p.stderr and "no such artifact" in p.stderr
 
 
+def test_repository_record_cannot_move_the_bind_address(artifact, tmp_path, capsys):
+    """Issue 15 (3): jambatrt-repository.json is verified like every file (its own sha256), and the
+    server's flags never come from it: an edited `server_args` asking for another bind address makes
+    the repository altered -- `deploy` no longer says "kept (already up to date)", refuses to serve
+    it, and a server started over it anyway never gets the flag."""
+    from jambatrt import cli
+    from jambatrt.deploy.repository import REPOSITORY_INFO
+    repo = tmp_path / "repo"
+    settings = RepositorySettings(max_tokens=MAX_TOKENS)
+    write_repository(artifact, repo, settings)
+    assert write_repository(artifact, repo, settings)["reused"]
+    info_path = repo / REPOSITORY_INFO
+    info = json.loads(info_path.read_text())
+    info["server_args"] = ["--http-address=127.0.0.2"]
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match="jambatrt-repository.json altered"):
+        verify_repository(repo)
+    with pytest.raises(ArtifactError, match="altered"):
+        write_repository(artifact, repo, settings)              # not "kept", not silently replaced
+    assert cli.main(["deploy", str(artifact), "--repository", str(repo), "--max-tokens", str(MAX_TOKENS)]) == 2
+    out, err = capsys.readouterr()
+    assert "kept (already up to date)" not in out and "altered" in err
+    env = find_serve_env()
+    with pytest.raises(ArtifactError, match="altered"):
+        TritonServer(repo, env)                                  # refuses before starting anything
+    # the record re-signed by hand (its digest recomputed) still cannot inject flags: they are derived
+    from jambatrt.deploy.repository import info_digest
+    info["info_sha256"] = info_digest(info)
+    info_path.write_text(json.dumps(info))
+    cmd = TritonServer(repo, env).command()
+    assert "--http-address=127.0.0.2" not in cmd and "127.0.0.2" not in " ".join(cmd)
+    addresses = [cmd[i + 1] for i, a in enumerate(cmd) if a.endswith("-address")]
+    assert addresses == ["127.0.0.1"] * 3
+    from jambatrt.deploy.server import ServerError
+    with pytest.raises(ServerError, match="override"):
+        TritonServer(repo, env, extra_args=["--http-address=0.0.0.0"])
+    # --force rewrites it; then it is current again
+    assert not write_repository(artifact, repo, settings, force=True)["reused"]
+    assert write_repository(artifact, repo, settings)["reused"]
+
+
 def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
     """A copy of the artifact with a synthetic TensorRT engine (TensorRT cannot build here)."""
     shutil.copytree(artifact, dst)
