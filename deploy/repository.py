@@ -193,11 +193,16 @@ def _python_model(name: str, mode: str, common: dict, settings: RepositorySettin
     return pbtxt(body) + "\n"
 
 
+def served_max_tokens(manifest: dict, max_tokens: int | None) -> int:
+    """The Python models' token budget per request / sequence: the setting, at most the artifact's context."""
+    max_seq = int(manifest["programs"]["step"].get("max_seq", manifest["config"]["max_position_embeddings"]))
+    return min(max_tokens or max_seq, max_seq)
+
+
 def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings) -> dict[str, str]:
     """config.pbtxt text of the three Python-backend models, keyed by model name."""
     vocab = manifest["programs"]["step"]["outputs"][0]["shape"][-1]
-    max_seq = int(manifest["programs"]["step"].get("max_seq", manifest["config"]["max_position_embeddings"]))
-    max_tokens = min(settings.max_tokens or max_seq, max_seq)
+    max_tokens = served_max_tokens(manifest, settings.max_tokens)
     common = {"artifact": str(artifact), "backend": settings.backend,
               "manifest_sha256": sha256_file(artifact / "manifest.json"), "max_tokens": max_tokens}
     n = settings.name
