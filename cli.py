@@ -341,7 +341,10 @@ def _prompts(text: str) -> list[list[int]]:
     """--prompt-ids: prompts separated by ';', each comma-separated token ids (each must fit int64;
     the engine checks them against the vocabulary)."""
     ids = _int_list(0, INT64_MAX, "1,2,3")
-    return [ids(p) for p in text.split(";")]
+    prompts = text.split(";")
+    if any(not p.replace(",", "").strip() for p in prompts):
+        raise argparse.ArgumentTypeError(f"{text!r}: empty prompt (give at least one token id per prompt, e.g. 1,2,3)")
+    return [ids(p) for p in prompts]
 
 
 _prompts.range = (0, INT64_MAX)
