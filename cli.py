@@ -173,11 +173,11 @@ def cmd_export(a) -> int:
             from jambatrt.errors import CheckpointError
             raise CheckpointError(f"{a.checkpoint}: cannot be read ({e})") from None
     dtype = dtype_from_name(a.dtype)
-    # the config alone says whether the weights can be held here: refuse before reading a tensor
+    # the config alone says whether this machine can export it: refuse before a tensor is listed
     from jambatrt.config import JambaConfig, preset
     from jambatrt.export.plan import refuse_unbuildable
     cfg = preset(a.preset) if a.preset is not None else JambaConfig.load(a.checkpoint)
-    refuse_unbuildable(cfg, dtype.itemsize, a.experts_int8,
+    refuse_unbuildable(cfg, dtype.itemsize, a.experts_int8, out_dir=a.out,
                        source=f"preset {a.preset}" if a.preset else f"{a.checkpoint}/config.json")
     with atomic_dir(a.out, force=a.force) as tmp, _progress_bytes() as prog:     # a refused OUT before any output
         manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,

@@ -53,11 +53,16 @@ def param_counts(cfg: JambaConfig) -> dict[str, int]:
     n_moe = cfg.num_moe_layers
     dense = (embed + cfg.num_hidden_layers * norms + cfg.num_attention_layers * attention
              + cfg.num_mamba_layers * mamba + cfg.num_dense_layers * dense_mlp + n_moe * router)
-    return {"dense": dense, "expert": n_moe * E * one_expert, "expert_scales": n_moe * E * (2 * I + H)}
+    # the non-expert linear weights (*proj.weight, lm_head): what ONNX Runtime pre-packs (host_memory)
+    linear = (cfg.num_attention_layers * attention + cfg.num_mamba_layers * (2 * D * H + (R + 2 * N) * D + D * R + H * D)
+              + cfg.num_dense_layers * dense_mlp + (0 if cfg.tie_word_embeddings else V * H))
+    return {"dense": dense, "expert": n_moe * E * one_expert, "expert_scales": n_moe * E * (2 * I + H),
+            "linear": linear}
 
 
 def export_weight_bytes(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool) -> int:
-    """Bytes of the weights an export holds (the model in its dtype; int8 experts + fp32 scales)."""
+    """Bytes of the artifact's weights (the model in its dtype; int8 experts + fp32 scales), without
+    the store's alignment padding (export/weights.py store_bytes has that, but lists every tensor)."""
     c = param_counts(cfg)
     experts = c["expert"] + 4 * c["expert_scales"] if experts_int8 else c["expert"] * dtype_bytes
     return c["dense"] * dtype_bytes + experts
@@ -70,21 +75,33 @@ def physical_memory_bytes() -> int | None:
         return None
 
 
-def refuse_unbuildable(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool, source: str = "config",
-                       memory_bytes: int | None = None) -> int:
-    """Refuse, from the plan and before anything is allocated, a config whose weights cannot be held
-    in this machine's memory (the export builds the model in memory, in its dtype). Returns the bytes
-    needed. ConfigError names the fields that make it so."""
-    need = export_weight_bytes(cfg, dtype_bytes, experts_int8)
-    have = memory_bytes if memory_bytes is not None else physical_memory_bytes()
-    if have is not None and need > have:
-        c = param_counts(cfg)
-        raise ConfigError(
-            f"{source}: the memory plan needs {need / 1e9:,.1f} GB for the weights alone "
-            f"({c['dense'] + c['expert']:,} parameters: num_hidden_layers={cfg.num_hidden_layers:,}, "
-            f"num_experts={cfg.num_experts:,}, hidden_size={cfg.hidden_size:,}, intermediate_size="
-            f"{cfg.intermediate_size:,}, vocab_size={cfg.vocab_size:,}); this machine has {have / 1e9:,.1f} GB "
-            f"(`jambatrt inspect` shows the plan)")
+def refuse_unbuildable(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool, out_dir=None, source: str = "config",
+                       memory_bytes: int | None = None, disk_bytes: int | None = None) -> dict:
+    """Refuse, from the plan and before a tensor is listed, read or allocated, a config this machine
+    cannot export: its host memory (host_memory: the streamed weights' block, tracing per layer) over
+    the physical memory, or its weights over the free space where `out_dir` will be. Closed form, so
+    10^9 layers or experts are refused in microseconds (listing their tensors would not finish).
+    ConfigError names the fields that make it so. Returns {"host", "weights"} in bytes."""
+    need = {"host": host_memory(cfg, dtype_bytes)["export"], "weights": export_weight_bytes(cfg, dtype_bytes, experts_int8)}
+    have_mem = memory_bytes if memory_bytes is not None else physical_memory_bytes()
+    have_disk = disk_bytes
+    if have_disk is None and out_dir is not None:
+        import shutil
+        from pathlib import Path
+        where = Path(out_dir).absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        have_disk = shutil.disk_usage(where).free
+    c = param_counts(cfg)
+    fields = (f"{c['dense'] + c['expert']:,} parameters: num_hidden_layers={cfg.num_hidden_layers:,}, "
+              f"num_experts={cfg.num_experts:,}, hidden_size={cfg.hidden_size:,}, intermediate_size="
+              f"{cfg.intermediate_size:,}, vocab_size={cfg.vocab_size:,}")
+    if have_mem is not None and need["host"] > have_mem:
+        raise ConfigError(f"{source}: the memory plan needs {need['host'] / 1e9:,.1f} GB of host memory to export "
+                          f"({fields}); this machine has {have_mem / 1e9:,.1f} GB (`jambatrt inspect` shows the plan)")
+    if have_disk is not None and need["weights"] > have_disk:
+        raise ConfigError(f"{source}: the memory plan needs {need['weights'] / 1e9:,.1f} GB for the weights ({fields}); "
+                          f"the filesystem has {have_disk / 1e9:,.1f} GB free (`jambatrt inspect` shows the plan)")
     return need
 
 
@@ -192,10 +209,7 @@ def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, b
     stream = max(elems * (dtype_bytes + 1),                                   # cast copy + mask
                  elems * (4 * (4 if source_bytes != 4 else 3) + 1 + 1))       # fp32 copy, |w|, w/s, round; int8; mask
     trace = cfg.num_hidden_layers * TRACE_PER_LAYER
-    linear = 0
-    for name, shape in hf_tensor_shapes(cfg).items():
-        if ".experts." not in name and name.endswith("proj.weight") or name == "lm_head.weight":
-            linear += math.prod(shape)
+    linear = param_counts(cfg)["linear"]          # closed form: any number of layers
     return {"export": HOST_BASE + max(stream, trace), "build_ort": HOST_BASE + trace,
             "run_ort": HOST_BASE + 4 * linear}
 

@@ -85,9 +85,11 @@ def _hf_counts(cfg):
     import math
 
     from jambatrt.export.checkpoint import hf_tensor_shapes
-    out = {"dense": 0, "expert": 0}
+    out = {"dense": 0, "expert": 0, "linear": 0}
     for name, shape in hf_tensor_shapes(cfg).items():
         out["expert" if ".experts." in name else "dense"] += math.prod(shape)
+        if ".experts." not in name and name.endswith("proj.weight") or name == "lm_head.weight":
+            out["linear"] += math.prod(shape)
     return out
 
 
@@ -117,7 +119,7 @@ def test_closed_form_counts_equal_the_checkpoint_layout():
                            mamba_proj_bias=rng.random() < 0.5, vocab_size=rng.randint(2, 300)))
     for cfg in cfgs:
         got = param_counts(cfg)
-        assert {k: got[k] for k in ("dense", "expert")} == _hf_counts(cfg), cfg
+        assert {k: got[k] for k in ("dense", "expert", "linear")} == _hf_counts(cfg), cfg
         assert cfg.num_attention_layers == len(cfg.attention_layers)
         assert cfg.num_mamba_layers == len(cfg.mamba_layers)
         assert cfg.num_moe_layers == sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
@@ -126,9 +128,10 @@ def test_closed_form_counts_equal_the_checkpoint_layout():
 @pytest.mark.parametrize("field", ["num_hidden_layers", "num_experts"])
 def test_billion_layers_or_experts_refused_from_the_plan(tiny_ckpt, tmp_path, field):
     """A checkpoint whose config asks for 10^9 layers (or experts) is refused by the plan before any
-    tensor is read or allocated: one ConfigError line naming the field, in seconds. The child runs
-    under an 8 GB address-space limit so the unfixed code fails with MemoryError instead of taking
-    the machine's memory."""
+    tensor is listed, read or allocated (10^9 layers: the host memory of tracing them; 10^9 experts:
+    the weights against the free disk): one ConfigError line naming the field, in seconds. The child
+    runs under an 8 GB address-space limit so the unfixed code fails with MemoryError instead of
+    taking the machine's memory."""
     import shutil
     import subprocess
     import sys
