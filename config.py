@@ -236,7 +236,6 @@ PRESETS: dict[str, dict] = {
                             mamba_dt_rank=512),
 }
 PRESETS["jamba-v0.1"] = PRESETS["jamba-1.5-mini"]
-DEFAULT_PRESET = "tiny"
 
 
 def preset(name: str, **overrides) -> JambaConfig:

@@ -21,8 +21,6 @@ class OpSpec:
     # (atol, rtol) per activation dtype, for every kernel against `<op>_ref`
     tolerances: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)
     version: int = DOMAIN_VERSION
-    # layer -> written reason, where a layer deliberately has no own kernel
-    not_implemented: dict[str, str] = field(default_factory=dict)
 
     @property
     def qualname(self) -> str:

@@ -14,7 +14,6 @@ rejected by older drivers ("PTX was compiled with an unsupported toolchain")."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -239,12 +238,4 @@ def write_plugins(out: str | Path, archs: list[str], dtypes=("bfloat16", "float3
                  "kernels": entries}
         write_json_atomic(tmp / "index.json", index)
     return index
-
-
-def read_index(out: str | Path) -> dict:
-    path = Path(out) / "index.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no index (run `jambatrt plugins --arch sm_90 -o {out}`)") from None
 
