@@ -32,7 +32,7 @@ def aoti_config(manifest: dict, artifact: str | Path, model_name: str, execution
                 instances: int = 1) -> str:
     """config.pbtxt of NAME_aoti for the artifact's `engines.aoti` entry (engines/aoti.py)."""
     from jambatrt.artifact import sha256_file
-    from jambatrt.deploy.repository import Enum, _comment, _params, _tensor, pbtxt
+    from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
     from jambatrt.errors import ArtifactError
 
     entry = manifest.get("engines", {}).get("aoti")
@@ -59,12 +59,12 @@ def aoti_config(manifest: dict, artifact: str | Path, model_name: str, execution
         "name": model_name,
         "backend": "python",
         "max_batch_size": 0,            # the batch dim is part of dims, as in the step program
-        "input": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
-        "output": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
+        "input": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
+        "output": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
         "instance_group": [{"kind": Enum("KIND_GPU" if device == "cuda" else "KIND_CPU"), "count": instances}],
-        "parameters": _params(params),
+        "parameters": parameters(params),
     }
-    return _comment("\n".join(notes)) + pbtxt(cfg) + "\n"
+    return comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 
 
 def write_aoti_model(model_dir: str | Path, artifact: str | Path, manifest: dict, model_name: str,

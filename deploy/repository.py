@@ -23,12 +23,12 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
 from jambatrt.deploy.aoti_model import write_aoti_model
+from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
 from jambatrt.errors import ArtifactError, InputError
 
 REPOSITORY_INFO = "jambatrt-repository.json"
@@ -36,9 +36,6 @@ PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 AOTI_MODEL = Path(__file__).with_name("aoti_model.py")
 PLAN_FILE = "model.plan"
 INFO_VERSION = 1
-
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
 
 
 @dataclass(frozen=True)
@@ -62,85 +59,6 @@ class RepositorySettings:
             raise InputError(f"max_tokens={self.max_tokens} (accepted: >= 1)")
         if self.idle_seconds <= 0:
             raise InputError(f"idle_seconds={self.idle_seconds} (accepted: > 0)")
-
-
-# ---- protobuf text format (config.pbtxt) ----------------------------------------------------------
-class Enum(str):
-    """An enum value: written bare (KIND_CPU), not quoted."""
-
-
-def _scalar(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, Enum):
-        return str(v)
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))      # JSON string escapes are valid protobuf text-format escapes
-
-
-def _inline(msg: dict) -> str | None:
-    """A small message on one line ({ kind: KIND_CPU count: 1 }), or None when it has repeated messages."""
-    parts = []
-    for key, v in msg.items():
-        if isinstance(v, dict):
-            inner = _inline(v)
-            if inner is None:
-                return None
-            parts.append(f"{key} {inner}")
-        elif isinstance(v, list) and v and any(isinstance(x, dict) for x in v):
-            return None
-        elif isinstance(v, list):
-            parts.append(f"{key}: [ {', '.join(_scalar(x) for x in v)} ]")
-        else:
-            parts.append(f"{key}: {_scalar(v)}")
-    return "{ " + " ".join(parts) + " }"
-
-
-def pbtxt(msg: dict, indent: int = 0, width: int = 110) -> str:
-    """A dict as protobuf text format: dict -> message, list of dicts -> repeated message, list of
-    scalars -> repeated scalar, Enum -> bare enum value. Small messages go on one line."""
-    pad = "  " * indent
-    lines = []
-    for key, v in msg.items():
-        if isinstance(v, dict):
-            inner = _inline(v)
-            if inner is not None and len(pad) + len(key) + len(inner) < width:
-                lines.append(f"{pad}{key} {inner}")
-            else:
-                lines += [f"{pad}{key} {{", pbtxt(v, indent + 1, width), f"{pad}}}"]
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            lines.append(f"{pad}{key} [")
-            for i, x in enumerate(v):
-                comma = "," if i < len(v) - 1 else ""
-                inner = _inline(x)
-                if inner is not None and len(pad) + 2 + len(inner) < width:
-                    lines.append(f"{pad}  {inner}{comma}")
-                else:
-                    lines += [f"{pad}  {{", pbtxt(x, indent + 2, width), f"{pad}  }}{comma}"]
-            lines.append(f"{pad}]")
-        elif isinstance(v, list):
-            lines.append(f"{pad}{key}: [ {', '.join(_scalar(x) for x in v)} ]")
-        else:
-            lines.append(f"{pad}{key}: {_scalar(v)}")
-    return "\n".join(line for line in lines if line)
-
-
-def _comment(text: str, width: int = 100) -> str:
-    return "".join(f"# {line}".rstrip() + "\n" for para in text.strip().splitlines()
-                   for line in textwrap.wrap(para, width - 2, break_on_hyphens=False, break_long_words=False,
-                                                 subsequent_indent="  "))
-
-
-def _params(d: dict) -> list[dict]:
-    return [{"key": k, "value": {"string_value": str(v)}} for k, v in d.items() if v is not None]
-
-
-def _tensor(name: str, dtype: str, dims: list) -> dict:
-    if dtype not in TRITON_DTYPES:
-        raise ArtifactError(f"tensor {name}: dtype {dtype!r} has no Triton type (known: {', '.join(TRITON_DTYPES)})")
-    return {"name": name, "data_type": Enum(TRITON_DTYPES[dtype]),
-            "dims": [d if isinstance(d, int) else -1 for d in dims]}      # symbolic dims (batch, seq, past+seq) -> -1
 
 
 # ---- TensorRT ------------------------------------------------------------------------------------
@@ -175,11 +93,11 @@ def tensorrt_config(manifest: dict, entry: dict, model_name: str, plugin_paths: 
         "platform": "tensorrt_plan",
         "max_batch_size": 0,            # explicit-batch engine: the batch dim is part of dims
         "default_model_filename": PLAN_FILE,
-        "input": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
-        "output": [_tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
+        "input": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
+        "output": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
         "instance_group": [instance],
     }
-    return _comment("\n".join(notes)) + pbtxt(cfg) + "\n"
+    return comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 
 
 # ---- Python-backend models -------------------------------------------------------------------------
@@ -189,7 +107,7 @@ def _python_model(name: str, mode: str, common: dict, settings: RepositorySettin
         params["EXECUTION_ENV_PATH"] = settings.execution_env
     body = {"name": name, "backend": "python", **cfg,
             "instance_group": [{"kind": Enum("KIND_CPU"), "count": settings.instances}],
-            "parameters": _params(params)}
+            "parameters": parameters(params)}
     return pbtxt(body) + "\n"
 
 
@@ -208,14 +126,14 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
     n = settings.name
     prefill = _python_model(
         f"{n}_prefill", "prefill", common, settings, max_batch_size=0,
-        input=[_tensor("input_ids", "int64", ["batch", "seq"])],
-        output=[_tensor("logits", "float32", ["batch", "seq", vocab])])
+        input=[tensor("input_ids", "int64", ["batch", "seq"])],
+        output=[tensor("logits", "float32", ["batch", "seq", vocab])])
     sequence = _python_model(
         f"{n}_sequence", "sequence",
         {**common, "idle_seconds": settings.idle_seconds, "max_sequences": settings.max_sequences}, settings,
         max_batch_size=settings.sequence_batch,           # the batch dim is implicit: input_ids [1, L]
-        input=[_tensor("input_ids", "int64", ["seq"])],
-        output=[_tensor("logits", "float32", [vocab]), _tensor("next_token", "int64", [1])],
+        input=[tensor("input_ids", "int64", ["seq"])],
+        output=[tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])],
         sequence_batching={
             # Triton forgets a sequence idle this long; the model drops its state on the same clock
             "max_sequence_idle_microseconds": int(settings.idle_seconds * 1e6),
@@ -234,8 +152,8 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
     generate = _python_model(
         f"{n}_generate", "generate", common, settings, max_batch_size=0,
         model_transaction_policy={"decoupled": True},
-        input=[_tensor("prompt_ids", "int64", ["seq"])] + [{**_tensor(k, t, [1]), "optional": True} for k, t in optional],
-        output=[_tensor("token_id", "int64", [1])])
+        input=[tensor("prompt_ids", "int64", ["seq"])] + [{**tensor(k, t, [1]), "optional": True} for k, t in optional],
+        output=[tensor("token_id", "int64", [1])])
     return {f"{n}_prefill": prefill, f"{n}_sequence": sequence, f"{n}_generate": generate}
 
 

@@ -18,8 +18,9 @@ from typing import Any
 
 OPS = ("selective_scan", "causal_conv1d", "moe_int8", "attention")
 
-# torch dtype name -> Triton pointer element type
-TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32"}
+# torch dtype name -> Triton language element type (pointer signatures "*bf16"); not the server's
+# model-config types (deploy/pbtxt.py)
+TL_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class KernelSpec:
 
 def pointer_types(names, dtypes: dict[str, str]) -> list[str]:
     """["*bf16", ...] for pointer parameters; dtypes maps name -> torch dtype name."""
-    return ["*" + TRITON_DTYPES[dtypes[n]] for n in names]
+    return ["*" + TL_TYPES[dtypes[n]] for n in names]
 
 
 def named_signature(fn, types: list[str]) -> dict[str, str]:

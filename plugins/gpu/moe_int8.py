@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, next_pow2
+from jambatrt.plugins.gpu import TL_TYPES, KernelSpec, check_device, fix_interpreter, interpreting, next_pow2
 
 if interpreting():
     fix_interpreter()
@@ -399,8 +399,8 @@ def aot_kernels(dtypes=("bfloat16", "float32"), top_k: int = 2, n_experts: int =
     out = []
     f32, i8, i32 = "*fp32", "*i8", "*i32"
     for dtype in dtypes:
-        act = "*" + {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
-        lg = "*" + {"bfloat16": "bf16", "float32": "fp32"}[logits_dtype or dtype]
+        act = "*" + TL_TYPES[dtype]
+        lg = "*" + TL_TYPES[logits_dtype or dtype]
         ieee = dtype == "float32"
         c = DEFAULTS["route_align"]
         bm = DEFAULTS["gemm1"]["BLOCK_M"]
