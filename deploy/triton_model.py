@@ -64,7 +64,7 @@ class _Cancelled(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         from jambatrt.artifact import check_deployed_manifest
-        from jambatrt.engines.base import engine_class
+        from jambatrt.engines import engine_class
         from jambatrt.errors import InputError, JambaTRTError
 
         self.InputError, self.JambaTRTError = InputError, JambaTRTError

@@ -156,16 +156,3 @@ def _np_dtype(name: str):
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
-
-def engine_class(backend: str) -> type[Engine]:
-    """The Engine subclass for a backend name (imports lazily: heavy libraries load on demand)."""
-    if backend == "ort":
-        from jambatrt.engines.ort import OrtEngine
-        return OrtEngine
-    if backend == "tensorrt":
-        from jambatrt.engines.tensorrt import TensorRTEngine
-        return TensorRTEngine
-    if backend == "aoti":
-        from jambatrt.engines.aoti import AotiEngine
-        return AotiEngine
-    raise InputError(f"unknown backend {backend!r} (accepted: ort, tensorrt, aoti)")
