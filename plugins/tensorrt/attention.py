@@ -33,8 +33,7 @@ def register() -> None:
                 trtp.from_shape_expr(present, dtype=a["v"].dtype))
 
     def autotune(a):
-        n = len(SPEC.inputs) + len(SPEC.outputs)
-        return [P.combination(trtp, [act] * n) for act in ("bfloat16", "float32")]
+        return [P.combination(trtp, SPEC.io_types(act)) for act in ("bfloat16", "float32")]
 
     def aot_impl(a):
         q, k, pk = a["q"], a["k"], a["past_k"]

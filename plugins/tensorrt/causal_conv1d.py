@@ -24,8 +24,7 @@ def register() -> None:
         return a["x"].like(), a["state"].like()
 
     def autotune(a):
-        n = len(SPEC.inputs) + len(SPEC.outputs)
-        return [P.combination(trtp, [act] * n) for act in ("bfloat16", "float32")]
+        return [P.combination(trtp, SPEC.io_types(act)) for act in ("bfloat16", "float32")]
 
     def aot_impl(a):
         x, w = a["x"], a["weight"]

@@ -80,7 +80,7 @@ def register() -> None:
         return name, ptx, grid, extras
 
     define(main, lambda a: a["x"].like(),
-           lambda act: [act, act, "int8", "float32", "int8", "float32", act], main_aot)
+           SPEC.io_types, main_aot)
 
     # ---- split lowering ----
     def n_blocks(T, top_k, E):

@@ -12,11 +12,6 @@ TACTICS = {1: "selective_scan_chunked", 2: "selective_scan_seq"}
 LAUNCHERS = {1: "selective_scan:selective_scan", 2: "selective_scan:selective_scan_sequential"}
 DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=tuple(TACTICS.values()), tactics=TACTICS, launchers=LAUNCHERS,
                                       notes="u/delta/z/B/C/y in the activation type; A, D, delta_bias, state fp32")]
-_ACT = {"u", "delta", "B", "C", "z", "y"}
-
-
-def io_types(act: str) -> list[str]:
-    return [act if n in _ACT else "float32" for n in (*SPEC.inputs, "y", "state_out")]
 
 
 def kernel_spec(act: str, dstate: int, tactic: int):
@@ -33,7 +28,7 @@ def register() -> None:
         return u.like(), trtp.from_shape_expr((u.shape_expr[0], u.shape_expr[1], A.shape_expr[1]), dtype=trt.float32)
 
     def autotune(a):
-        return [P.combination(trtp, io_types(act), TACTICS) for act in ("bfloat16", "float32")]
+        return [P.combination(trtp, SPEC.io_types(act), TACTICS) for act in ("bfloat16", "float32")]
 
     def aot_impl(a):
         u, A = a["u"], a["A"]
