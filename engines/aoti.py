@@ -150,7 +150,7 @@ def to_boundary_ops(ep):
 def package_contents(path: str | Path) -> dict:
     """What an AOTInductor package holds: the ops it calls back through the proxy executor (in
     order of the calls), which of our Triton kernels it compiled in, and its build metadata."""
-    from jambatrt.plugins.gpu.torch_ops import KERNELS
+    from jambatrt.plugins.gpu.torch_ops import traced_kernels
 
     fallback, meta = [], {}
     with zipfile.ZipFile(path) as z:
@@ -162,7 +162,7 @@ def package_contents(path: str | Path) -> dict:
                 sources += z.read(name).decode("utf-8", "replace")
             elif name.endswith("wrapper_metadata.json"):
                 meta = json.loads(z.read(name))
-    kernels = sorted({k for ks in KERNELS.values() for k in ks if k in sources})
+    kernels = sorted({k for ks in traced_kernels().values() for k in ks if k in sources})
     return {"fallback_ops": fallback, "triton_kernels": kernels, "metadata": meta}
 
 

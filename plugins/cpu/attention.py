@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from jambatrt.plugins.cpu.selective_scan import exp32
+from jambatrt.plugins.registry import implements
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu   # -> (out, logsumexp)
 
@@ -261,3 +262,19 @@ def attention(q, k, v, past_k=None, past_v=None, *, scratch_inputs: bool = False
         present_k, present_v = k.copy(), v.copy()
     o = _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P)
     return o.numpy(), present_k, present_v
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+def attention_ort(q, k, v, past_k, past_v):
+    """The ONNX Runtime op: its inputs are copies made for this call (onnxruntime-extensions'
+    PyCustomOpKernel::Compute), so present grows from past in place (`scratch_inputs`)."""
+    return attention(q, k, v, past_k, past_v, scratch_inputs=True)
+
+
+def _attention_shapes(q, k, v, past_k, *_):
+    kv = (k.shape[0], past_k.shape[1] + k.shape[1], k.shape[2], k.shape[3])
+    return [q.shape, kv, kv]
+
+
+implements("attention", "cpu")(attention_torch)
+implements("attention", "ort", out_shapes=_attention_shapes)(attention_ort)
