@@ -33,7 +33,7 @@ EXTRAS = ("dim", "seqlen", "dstate")
 OUTPUTS = ("y", "state_out")
 # Tiles: a chunk step holds BLOCK_D x N x CHUNK fp32 pairs in registers. At N = 16, 16 x 16 x 16
 # with 4 warps compiles to ~168 registers/thread on sm_90 (no spills); 16 x 32 x 16 hits 255.
-# scripts/gpu_check.py times alternatives on a GPU.
+# validate/gpu_check.py times alternatives on a GPU.
 DEFAULTS = {"chunked": dict(BLOCK_D=16, CHUNK=16, num_warps=4), "seq": dict(BLOCK_D=64, num_warps=4)}
 
 
