@@ -126,34 +126,18 @@ class TritonPythonModel:
                                  dtype=self.dtypes[s["dtype"]]) for s in self.inputs[1:]]
 
     def _check(self, tensors):
-        """Shapes/dtypes against the step program; returns (ids, state) on the engine's device."""
+        """Shapes/dtypes against the step program (the engines' own checks, engines/base.py);
+        returns (ids, state) on the engine's device."""
         ids, state = tensors[0], tensors[1:]
-        if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise self.InputError(f"input_ids shape {list(ids.shape)} (accepted: [batch >= 1, length >= 1])")
-        B, V = ids.shape[0], self.engine.config.vocab_size
+        if ids.dim() != 2 or ids.dtype != self.torch.int64:
+            raise self.InputError(f"input_ids {list(ids.shape)} {ids.dtype} (accepted: [batch >= 1, length >= 1] int64)")
+        B = ids.shape[0]
         if B > self.engine.entry["max_batch"]:          # shapes and limits first, then the values
             raise self.InputError(f"batch {B} exceeds the engine's max_batch {self.engine.entry['max_batch']}")
-        if ids.shape[1] > self.engine.max_seq:
-            raise self.InputError(f"{ids.shape[1]} tokens exceed the engine's context {self.engine.max_seq}")
-        if ids.dtype != self.torch.int64:
-            raise self.InputError(f"input_ids has dtype {ids.dtype}, expected int64")
-        if int(ids.min()) < 0 or int(ids.max()) >= V:
-            raise self.InputError(f"token id out of range (accepted: 0 .. {V - 1})")
-        past = None
-        for spec, t in zip(self.inputs[1:], state):
-            want = spec["shape"]
-            if (t.dim() != len(want) or t.shape[0] != B
-                    or any(isinstance(w, int) and w != g for w, g in zip(want, t.shape))):
-                raise self.InputError(f"{spec['name']} has shape {list(t.shape)}, expected {want} with batch {B}")
-            if t.dtype != self.dtypes[spec["dtype"]]:
-                raise self.InputError(f"{spec['name']} has dtype {t.dtype}, expected {spec['dtype']}")
-            if "past" in want:
-                p = t.shape[want.index("past")]
-                if past is not None and p != past:
-                    raise self.InputError(f"{spec['name']} holds {p} past tokens, others {past}")
-                past = p
-        if (past or 0) + ids.shape[1] > self.engine.max_seq:
-            raise self.InputError(f"context {past or 0} + {ids.shape[1]} tokens exceeds {self.engine.max_seq}")
+        self.engine.check_ids(ids.cpu().numpy())       # shape, length, token ids in range
+        past = self.engine.check_state(state, B)
+        if past + ids.shape[1] > self.engine.max_seq:
+            raise self.InputError(f"context {past} + {ids.shape[1]} tokens exceeds {self.engine.max_seq}")
         dev = self.engine.device
         return ids.to(dev), [t.to(dev) for t in state]
 

@@ -208,6 +208,7 @@ def _time(fn, reps: int) -> float:
 
 def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
     from jambatrt.engines.aoti import AotiEngine
+    from jambatrt.engines.base import to_torch
     from jambatrt.artifact import read_manifest
     from jambatrt.export.weights import load_artifact_model
     from jambatrt.validate.reference import hf_checkpoint
@@ -230,8 +231,8 @@ def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
         for _ in range(decode_steps):
             _, s = engine.decode(np.array([1]), s)
     t_dec = _time(decode_loop, 1)
-    tok = engine._to_device(np.array([[1]], dtype=np.int64))
-    dev_state = [engine._to_device(a) for a in state]
+    tok = to_torch(np.array([[1]], dtype=np.int64), engine.device)
+    dev_state = [to_torch(a, engine.device) for a in state]
 
     def decode_loop_device():       # the serving path (run_step_torch): the state stays on the device
         s = dev_state
