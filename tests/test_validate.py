@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from jambatrt.engines.base import Engine
 from jambatrt.export import ops as jops
 from jambatrt.validate.health import check_health
 from jambatrt.validate.reference import EagerReference, HFReference, attention_flash, selective_scan_chunked
@@ -311,6 +312,8 @@ class _FlipAt:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    prefill_with_state = Engine.prefill_with_state    # what the parity runner calls, through prefill below
+
     def prefill(self, ids):
         logits, state = self.engine.prefill(ids)
         logits = logits.copy()
@@ -387,6 +390,8 @@ class _EngineTop2:
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    prefill_with_state = Engine.prefill_with_state    # what the parity runner calls, through prefill below
 
     def prefill(self, ids):
         logits, state = self.engine.prefill(ids)
