@@ -143,11 +143,19 @@ def qdp_function(name: str, params: list[tuple[str, typing.Any]], returns, body,
     return fn
 
 
-def define_plugin(trtp, desc: PluginDescriptor, describe, autotune, aot_impl) -> None:
+ACTIVATIONS = ("bfloat16", "float32")    # the activation dtypes every plugin accepts
+
+
+def define_plugin(trtp, desc: PluginDescriptor, describe, io_types, aot_impl) -> None:
     """Register one QDP plugin with tensorrt.plugin: its shape/type function, autotune and AOT
     implementation, each with the exact signature QDP validates — the inputs by name, then the
     attributes (describe, aot_impl), then `outputs` (autotune, aot_impl) and `tactic` (aot_impl).
-    Each body receives the bound arguments as a dict."""
+    describe and aot_impl receive the bound arguments as a dict; io_types(activation dtype) -> the
+    plugin's I/O dtypes: autotune offers one combination per activation dtype, with the
+    descriptor's tactics."""
+    def autotune(a):
+        return [combination(trtp, io_types(act), desc.tactics) for act in ACTIVATIONS]
+
     ins = tensor_params(trtp, desc.inputs)
     attrs = [(a, ATTR_ARRAYS[t][0]) for a, t in desc.attributes.items()]
     empty = inspect.Parameter.empty

@@ -29,9 +29,6 @@ def register() -> None:
         return (a["q"].like(), trtp.from_shape_expr(present, dtype=k.dtype),
                 trtp.from_shape_expr(present, dtype=a["v"].dtype))
 
-    def autotune(a):
-        return [P.combination(trtp, SPEC.io_types(act)) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
         from jambatrt.plugins.gpu import attention as gpu
         q, k, pk = a["q"].shape_expr, a["k"].shape_expr, a["past_k"].shape_expr
@@ -40,4 +37,4 @@ def register() -> None:
                                     dtype=act, cdiv=trtp.cdiv)
         return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)

@@ -20,9 +20,6 @@ def register() -> None:
     def describe(a):
         return a["x"].like(), a["state"].like()
 
-    def autotune(a):
-        return [P.combination(trtp, SPEC.io_types(act)) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
         from jambatrt.plugins.gpu import causal_conv1d as gpu
         x = a["x"].shape_expr
@@ -31,4 +28,4 @@ def register() -> None:
                                                                      "conv width K (weight [D,K])"), cdiv=trtp.cdiv)
         return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)

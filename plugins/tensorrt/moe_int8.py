@@ -23,6 +23,8 @@ block of BM tokens routed to its expert (a grouped GEMM), not once per output bl
 
 from __future__ import annotations
 
+import functools
+
 from jambatrt.export.ops.moe_int8 import SPEC
 from jambatrt.plugins import tensorrt as P
 from jambatrt.plugins.registry import implements
@@ -56,10 +58,7 @@ def register() -> None:
     main, route, up, down = DESCRIPTORS
     BLOCK_M = gpu.DEFAULTS["gemm1"]["BLOCK_M"]       # the route kernel's alignment, which the GEMMs read
 
-    def define(desc, describe, types, aot_impl):
-        """types(activation dtype) -> the I/O dtypes; one combination per activation dtype."""
-        P.define_plugin(trtp, desc, describe,
-                        lambda a: [P.combination(trtp, types(t)) for t in ("bfloat16", "float32")], aot_impl)
+    define = functools.partial(P.define_plugin, trtp)     # (desc, describe, io_types, aot_impl)
 
     # ---- MoEInt8: the fused kernel ----
     def main_aot(a):

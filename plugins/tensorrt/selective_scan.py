@@ -23,9 +23,6 @@ def register() -> None:
         u, A = a["u"], a["A"]
         return u.like(), trtp.from_shape_expr((u.shape_expr[0], u.shape_expr[1], A.shape_expr[1]), dtype=trt.float32)
 
-    def autotune(a):
-        return [P.combination(trtp, SPEC.io_types(act), TACTICS) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
         from jambatrt.plugins.gpu import selective_scan as gpu
         u = a["u"].shape_expr
@@ -34,4 +31,4 @@ def register() -> None:
                                          kind="seq" if a["tactic"] == 2 else "chunked", cdiv=trtp.cdiv)
         return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)
