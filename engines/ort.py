@@ -53,20 +53,30 @@ def _initializer_array(t, weights_dir: Path) -> np.ndarray:
 def map_expert_weights(model, weights_dir: Path) -> tuple:
     """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
     process: every MoEInt8 node whose four weights are initializers becomes MoEInt8Mapped(x,
-    router_logits; top_k, expert_offset, weights=<key>), its weights mapped from the data file and
-    registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those initializers leave the graph.
-    Returns (model, keys); `ort_ops.unmap_expert_weights(keys)` releases them."""
+    router_logits; top_k, expert_offset, weights=<key>), and every LinearInt8 node (--weights-int8)
+    whose weight and scale are initializers becomes LinearInt8Mapped(x; weights=<key>), their weights
+    mapped from the data file and registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those
+    initializers leave the graph. Returns (model, keys); `ort_ops.unmap_expert_weights(keys)`
+    releases them."""
     import onnx.helper
 
     from jambatrt.export.ops import DOMAIN, SPECS
     from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
-    from jambatrt.plugins.cpu.ort_ops import MAPPED_OP, MAPPED_WEIGHTS, unmap_expert_weights
+    from jambatrt.plugins.cpu.ort_ops import (LINEAR_INT8_MAPPED_OP, LINEAR_INT8_OP, MAPPED_OP, MAPPED_WEIGHTS,
+                                              unmap_expert_weights)
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     keys, moved = [], set()
 
     def rewrite(node):
+        if node.domain == DOMAIN and node.op_type == LINEAR_INT8_OP and all(n in inits for n in node.input[1:3]):
+            key = f"{uuid.uuid4().hex}/{node.name}"
+            MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in node.input[1:3])
+            keys.append(key)
+            moved.update(node.input[1:3])
+            return [onnx.helper.make_node(LINEAR_INT8_MAPPED_OP, [node.input[0]], list(node.output), name=node.name,
+                                          domain=DOMAIN, weights=key)]
         names = list(node.input[2:6])
         if node.domain != DOMAIN or node.op_type != SPECS["moe_int8"].onnx_op_type or not all(n in inits for n in names):
             return None

@@ -47,8 +47,10 @@ from jambatrt.errors import JambaTRTError
 from jambatrt.export.ops import DOMAIN, SPECS
 
 ERRORS: list[str] = []
-MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale), see engines/ort.py
+MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale) or (w, scale), see engines/ort.py
 MAPPED_OP = "MoEInt8Mapped"
+LINEAR_INT8_OP = "LinearInt8"           # graph/passes/lower_linear_int8.py (--weights-int8)
+LINEAR_INT8_MAPPED_OP = "LinearInt8Mapped"
 _declared = False
 _malloc_tuned = False
 
@@ -84,19 +86,20 @@ def run_checked(session, output_names, feeds: dict) -> list:
 
 def _guarded(name: str, out_shapes):
     """Wrap the body of op `name` so that no exception reaches ONNX Runtime (see the module
-    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs."""
-    spec = SPECS[name]
+    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs.
+    `name`: a jamba op, or the ONNX op type of a lowering target with one output (LinearInt8)."""
+    op_type, n_out = (SPECS[name].onnx_op_type, len(SPECS[name].outputs)) if name in SPECS else (name, 1)
 
     def wrap(body):
         def op(*inputs, **attrs):
             try:
                 return body(*inputs, **attrs)
             except BaseException as exc:         # noqa: BLE001 -- anything escaping kills the process
-                ERRORS.append(f"{DOMAIN}::{spec.onnx_op_type}: {type(exc).__name__}: {exc}")
+                ERRORS.append(f"{DOMAIN}::{op_type}: {type(exc).__name__}: {exc}")
                 try:
                     shapes = out_shapes(*inputs)
                 except BaseException:            # noqa: BLE001
-                    shapes = [(0,)] * len(spec.outputs)
+                    shapes = [(0,)] * n_out
                 return tuple(np.full(s, np.nan, np.float32) for s in shapes)
         op.__name__ = body.__name__
         return op
@@ -123,6 +126,7 @@ def _declare() -> None:
 
     from jambatrt.plugins.cpu.attention import attention
     from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d
+    from jambatrt.plugins.cpu.linear_int8 import linear_int8
     from jambatrt.plugins.cpu.moe_int8 import moe_int8
     from jambatrt.plugins.cpu.selective_scan import selective_scan
 
@@ -163,6 +167,25 @@ def _declare() -> None:
             raise KeyError(f"expert weights {weights!r} are not mapped in this process (sessions of "
                            "MoEInt8Mapped graphs come from engines/ort.py map_expert_weights)") from None
         return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
+
+    def linear_shape(x, w, *_):
+        return [(*x.shape[:-1], w.shape[0])]
+
+    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_OP}", inputs=[F, I8, F], outputs=[F])
+    @_guarded(LINEAR_INT8_OP, linear_shape)
+    def linear_int8_op(x, w, scale):
+        return linear_int8(x, w, scale)
+
+    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_MAPPED_OP}", inputs=[F], outputs=[F],
+             attrs={"weights": PyCustomOpDef.dt_string})
+    @_guarded(LINEAR_INT8_MAPPED_OP, lambda x, *_: [(*x.shape[:-1], 0)])
+    def linear_int8_mapped_op(x, weights):
+        try:
+            w, scale = MAPPED_WEIGHTS[weights]
+        except KeyError:
+            raise KeyError(f"linear weights {weights!r} are not mapped in this process (sessions of "
+                           "LinearInt8Mapped graphs come from engines/ort.py map_weights)") from None
+        return linear_int8(x, w, scale)
 
     @declare("attention", attention_shapes)
     def attention_op(q, k, v, past_k, past_v):
