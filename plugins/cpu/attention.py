@@ -261,3 +261,10 @@ def attention(q, k, v, past_k=None, past_v=None, *, scratch_inputs: bool = False
         present_k, present_v = k.copy(), v.copy()
     o = _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P)
     return o.numpy(), present_k, present_v
+
+
+def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray, P: int) -> np.ndarray:
+    """o [B,L,Hq,d] float32 for q at positions P..P+L-1 over a cache that already holds them:
+    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (ort_ops.KVCache), never copied."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()

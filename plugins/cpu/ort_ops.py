@@ -51,6 +51,36 @@ MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale) 
 MAPPED_OP = "MoEInt8Mapped"
 LINEAR_INT8_OP = "LinearInt8"           # graph/passes/lower_linear_int8.py (--weights-int8)
 LINEAR_INT8_MAPPED_OP = "LinearInt8Mapped"
+CACHED_ATTENTION_OP = "CausalAttentionCached"
+KV_CACHES: dict[str, "KVCache"] = {}   # key -> the KV cache one session's attention layer appends to
+
+
+class KVCache:
+    """Preallocated, in-place KV cache of one attention layer (engines/ort.py `map_kv_caches`):
+    k, v [B, capacity, Hkv, d] float32 buffers whose first `length` positions hold the past. The
+    engine sizes them before a run; the op appends the step's keys and values and attends over
+    the first length + L positions, so no step copies the cache (ONNX Runtime never sees it)."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+        self.views = (None, None)       # the (k, v) state arrays the engine last handed out
+
+    def reset(self, past_k: np.ndarray, past_v: np.ndarray, need: int) -> None:
+        B, P, Hkv, d = past_k.shape
+        cap = max(need, 2 * P, 256)
+        k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+        k[:, :P], v[:, :P] = past_k, past_v
+        self.k, self.v, self.length = k, v, P
+
+    def reserve(self, need: int) -> None:
+        """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
+        if need > self.k.shape[1]:
+            B, _, Hkv, d = self.k.shape
+            P, cap = self.length, max(need, 2 * self.k.shape[1])
+            k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+            k[:, :P], v[:, :P] = self.k[:, :P], self.v[:, :P]
+            self.k, self.v = k, v
 _declared = False
 _malloc_tuned = False
 
@@ -124,7 +154,7 @@ def _invoke(op_id, feed, attributes):
 def _declare() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    from jambatrt.plugins.cpu.attention import attention
+    from jambatrt.plugins.cpu.attention import attention, attention_cached
     from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d
     from jambatrt.plugins.cpu.linear_int8 import linear_int8
     from jambatrt.plugins.cpu.moe_int8 import moe_int8
@@ -167,6 +197,21 @@ def _declare() -> None:
             raise KeyError(f"expert weights {weights!r} are not mapped in this process (sessions of "
                            "MoEInt8Mapped graphs come from engines/ort.py map_expert_weights)") from None
         return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
+
+    @onnx_op(op_type=f"{DOMAIN}::{CACHED_ATTENTION_OP}", inputs=[F, F, F], outputs=[F],
+             attrs={"cache": PyCustomOpDef.dt_string})
+    @_guarded(CACHED_ATTENTION_OP, lambda q, *_: [q.shape])
+    def attention_cached_op(q, k, v, cache):
+        c = KV_CACHES[cache]
+        P, L = c.length, k.shape[1]
+        if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
+            raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
+                             f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
+                             f"{k.shape[0]} (the engine reserves room before every run)")
+        c.k[:, P:P + L], c.v[:, P:P + L] = k, v
+        o = attention_cached(q, c.k[:, :P + L], c.v[:, :P + L], P)
+        c.length = P + L
+        return o
 
     def linear_shape(x, w, *_):
         return [(*x.shape[:-1], w.shape[0])]
