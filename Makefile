@@ -74,12 +74,16 @@ clean:
 	rm -rf out bench .pytest_cache .numba_cache
 
 # ---- serving (issue 8): tritonserver + its Python backend need numpy < 2, the main .venv has numpy 2,
-# so the server side gets its own env. A failure is recorded, not fatal: the deploy tests then skip
-# and say why (jambatrt.deploy.server.find_serve_env reads the marker).
+# so the server side gets its own env. The server is part of the product: a failure fails this target
+# (and so `make test`), unless pip's log shows the package registry unreachable -- then the reason is
+# recorded as "registry outage: ..." and the deploy tests skip saying so (issue 15, item 10;
+# jambatrt.deploy.server.find_serve_env reads the marker).
 SERVE_VENV  ?= .venv-serve
 SERVE_PY    := $(SERVE_VENV)/bin/python
 SERVE_STAMP := $(SERVE_VENV)/.installed
 SERVE_FAIL  := $(SERVE_VENV)/.serve-setup-failed
+# what pip prints when it cannot reach the registry at all (not: a version that does not exist)
+REGISTRY_DOWN := NewConnectionError|ConnectTimeoutError|ReadTimeoutError|Temporary failure in name resolution|Name or service not known|Network is unreachable|Connection refused|Connection reset by peer|Max retries exceeded|Could not fetch URL|HTTP error 50[234]|50[234] Server Error
 
 .PHONY: serve-setup
 serve-setup: $(SERVE_STAMP)
@@ -95,5 +99,9 @@ $(SERVE_STAMP): pyproject.toml Makefile $(STAMP)
 	  && run $(SERVE_PY) -m pip check \
 	  && run $(PY) -m pip install -q 'tritonclient[http]' \
 	  && touch $@ && echo "serve env ready: $(SERVE_VENV) (numpy<2, nvidia-pytriton, jambatrt editable)" \
-	  || { { grep '^== ' $$log | tail -1 | sed 's/^== /failed: /'; grep -v -e 'is ignored' -e '^== ' $$log | tail -4; } \
-	         > $(SERVE_FAIL); echo "serve-setup FAILED (the deploy tests will skip): $$(cat $(SERVE_FAIL))"; }
+	  || { if grep -qE "$(REGISTRY_DOWN)" $$log; then kind="registry outage"; else kind="failed"; fi; \
+	       { grep '^== ' $$log | tail -1 | sed "s/^== /$$kind: /"; grep -v -e 'is ignored' -e '^== ' $$log | tail -4; } \
+	         > $(SERVE_FAIL); \
+	       if [ "$$kind" = "registry outage" ]; then \
+	         echo "serve-setup: the package registry is unreachable (the deploy tests will skip and say so): $$(cat $(SERVE_FAIL))"; \
+	       else echo "serve-setup FAILED: $$(cat $(SERVE_FAIL))" >&2; exit 1; fi; }

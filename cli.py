@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,14 +20,85 @@ from jambatrt.errors import JambaTRTError  # noqa: E402
 console = Console(stderr=True)
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,17,4096") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: lengths must be integers >= 1")
-    return vals
+# ---- option values: every numeric option is parsed by one of these, with its range (issue 15) ----------
+# Ranges are what the stages can honour: counts >= 1, seeds and ids that fit int64, lengths and token
+# budgets under 2^31 (TensorRT's int32 volumes; far above any context here), finite times and
+# probabilities. A value outside is refused by the parser, before any stage runs.
+INT64_MAX = 2 ** 63 - 1
+TOKENS_MAX = 2 ** 31 - 1
+SECONDS_MAX = 365 * 24 * 3600.0
+
+
+def _int_option(lo: int, hi: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} (accepted: an integer in [{lo:,}, {hi:,}])") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} (accepted: an integer in [{lo:,}, {hi:,}])")
+        return v
+    parse.__name__ = "integer"
+    parse.range = (lo, hi)          # read by the tests: every numeric option has one
+    return parse
+
+
+def _float_option(lo: float, hi: float, lo_open: bool = False):
+    bounds = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} (accepted: a number in {bounds})") from None
+        if not (math.isfinite(v) and (lo < v if lo_open else lo <= v) and v <= hi):
+            raise argparse.ArgumentTypeError(f"{text} (accepted: a finite number in {bounds})")
+        return v
+    parse.__name__ = "number"
+    parse.range = (lo, hi)
+    return parse
+
+
+def _int_list(lo: int, hi: int, example: str):
+    one = _int_option(lo, hi)
+
+    def parse(text: str) -> list[int]:
+        parts = [v.strip() for v in text.split(",") if v.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. {example}")
+        try:
+            return [one(v) for v in parts]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    parse.__name__ = "list"
+    parse.range = (lo, hi)
+    return parse
+
+
+COUNT = _int_option(1, TOKENS_MAX)               # batch, repeats, instances, sequences, jobs, ...
+TOKENS = _int_option(1, TOKENS_MAX)              # lengths, contexts, chunks, token budgets
+SEED = _int_option(0, INT64_MAX)
+TOKEN_ID = _int_option(0, INT64_MAX)             # the engine checks it against the vocabulary
+PORT = _int_option(0, 65535)                     # 0: any free port
+SECONDS = _float_option(0.0, SECONDS_MAX, lo_open=True)
+_lengths = _int_list(1, TOKENS_MAX, "1,17,4096")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one `error: UsageError: ...` line (exit 2), like every other error."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        # argparse hands `--opt=--` over as [] without calling the option's type: refuse it here
+        for act in self._actions:
+            if hasattr(act.type, "range") and getattr(ns, act.dest, None) == []:
+                self.error(f"argument {'/'.join(act.option_strings)}: expected a value")
+        return ns, extras
+
+    def error(self, message: str):
+        from jambatrt.errors import UsageError
+        print(f"error: {UsageError.__name__}: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(UsageError.exit_code)
 
 
 class _progress_bytes:
@@ -94,8 +166,20 @@ def cmd_export(a) -> int:
                           f"(presets: {', '.join(sorted(PRESETS))})")
     if a.preset is not None and a.preset not in PRESETS:
         raise ConfigError(f"unknown preset {a.preset!r} (accepted: {', '.join(sorted(PRESETS))})")
+    if a.checkpoint is not None:
+        try:
+            Path(a.checkpoint).resolve()
+        except RuntimeError as e:            # Python < 3.13 reports a symlink loop as RuntimeError
+            from jambatrt.errors import CheckpointError
+            raise CheckpointError(f"{a.checkpoint}: cannot be read ({e})") from None
     dtype = dtype_from_name(a.dtype)
-    with _progress_bytes() as prog, atomic_dir(a.out, force=a.force) as tmp:
+    # the config alone says whether this machine can export it: refuse before a tensor is listed
+    from jambatrt.config import JambaConfig, preset
+    from jambatrt.export.plan import refuse_unbuildable
+    cfg = preset(a.preset) if a.preset is not None else JambaConfig.load(a.checkpoint)
+    refuse_unbuildable(cfg, dtype.itemsize, a.experts_int8, out_dir=a.out,
+                       source=f"preset {a.preset}" if a.preset else f"{a.checkpoint}/config.json")
+    with atomic_dir(a.out, force=a.force) as tmp, _progress_bytes() as prog:     # a refused OUT before any output
         manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
                                        experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog,
                                        weights_int8=a.weights_int8)
@@ -127,9 +211,12 @@ def cmd_validate(a) -> int:
     from jambatrt.engines.base import engine_class
     from jambatrt.validate.parity import run_parity
     from jambatrt.validate.reference import make_reference
-    from jambatrt.validate.report import parity_plot_paths, write_parity
+    from jambatrt.validate.report import check_report_paths, parity_plot_paths, parity_report_paths, write_parity
 
+    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"parity-{a.backend}-{a.reference}.json"
+    check_report_paths(parity_report_paths(path), "--report")      # before the run, not after it
     engine = engine_class(a.backend).load(a.out)
+    _check_run_size(engine, a.lengths, a.batch, "validate", copies=PARITY_BYTES_PER_LOGIT)
     reference = make_reference(a.reference, a.out)
     with _progress() as prog:
         task = prog.add_task("parity", total=len(a.lengths))
@@ -140,12 +227,14 @@ def cmd_validate(a) -> int:
         report = run_parity(engine, reference, a.lengths, engine.manifest["dtype"], batch=a.batch, seed=a.seed,
                             on_length=on_length, check_state=not a.no_state)
         prog.update(task, completed=len(a.lengths), description="parity done")
-    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"parity-{a.backend}-{a.reference}.json"
     json_path, md_path = write_parity(report.to_dict(), path, engine.manifest)
     for r in report.results:
         worst = max((s.get("max_abs_err", 0.0) for s in r.states.values()), default=None)
         print(f"  length {r.length:>7,}: max|diff| {r.max_abs_err:.2e}  mean {r.mean_abs_err:.2e}  "
-              f"top-1 {r.top1_agreement:.4f}  " + ("" if worst is None else f"states {worst:.2e}  ")
+              f"top-1 {r.top1_agreement:.4f}  "
+              + (f"({r.argmax_ties['flipped']} of {r.argmax_ties['tied_positions']} argmax ties flipped)  "
+                 if r.argmax_ties.get("flipped") else "")
+              + ("" if worst is None else f"states {worst:.2e}  ")
               + f"engine {r.seconds['engine']:.3f}s  reference {r.seconds['reference']:.3f}s  "
               f"{'ok' if r.passed else 'FAIL'}")
         if r.health.get("problem"):
@@ -160,14 +249,44 @@ def cmd_validate(a) -> int:
     return 0
 
 
+# Bytes held per logit (per token and vocabulary entry) at the peak of one length: validate keeps the
+# engine's and the reference's fp32 logits and compares them in float64 (both copies, |diff|, the
+# bound); profile's child holds the engine's fp32 logits and its reference's.
+PARITY_BYTES_PER_LOGIT = 2 * 4 + 4 * 8
+PROFILE_BYTES_PER_LOGIT = 2 * 4
+
+
+def _check_run_size(engine, lengths: list[int], batch: int, command: str, copies: int) -> None:
+    """Refuse, before anything is allocated, a length beyond the engine's context and a batch x
+    length whose logits alone cannot fit this machine's memory (they scale with the vocabulary)."""
+    from jambatrt.errors import InputError
+    too_long = [n for n in lengths if n > engine.max_seq]
+    if too_long:
+        raise InputError(f"{command}: length {max(too_long):,} exceeds the engine's maximum context "
+                         f"{engine.max_seq:,} (lengths, plus decode tokens for profile)")
+    need = batch * max(lengths) * engine.config.vocab_size * copies
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return
+    if need > have:
+        raise InputError(f"{command}: batch {batch} x {max(lengths):,} tokens needs about {need / 1e9:,.1f} GB for the "
+                         f"logits alone (vocab {engine.config.vocab_size:,}); this machine has {have / 1e9:,.1f} GB: "
+                         "use a smaller --batch or shorter --lengths")
+
+
 # ---- profile ---------------------------------------------------------------------------------
 def cmd_profile(a) -> int:
     from jambatrt.artifact import read_manifest
     from jambatrt.engines.base import engine_class
     from jambatrt.validate.profile import run_profile
-    from jambatrt.validate.report import write_profile
+    from jambatrt.validate.report import check_report_paths, profile_report_paths, write_profile
 
-    engine_class(a.backend).load(a.out).close()     # fail here, typed, before any child starts
+    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"profile-{a.backend}.json"
+    check_report_paths(profile_report_paths(path, a.plot), "--report/--plot")   # before the run, not after it
+    with engine_class(a.backend).load(a.out) as engine:     # fail here, typed, before any child starts
+        _check_run_size(engine, [max(a.lengths) + a.decode_tokens, a.warmup_tokens], a.batch, "profile",
+                        copies=PROFILE_BYTES_PER_LOGIT)
     modes = tuple(m for m in a.modes.split(",") if m.strip())
     bad = [m for m in modes if m not in ("prefill", "decode")]
     if bad or not modes:
@@ -180,7 +299,6 @@ def cmd_profile(a) -> int:
                              batch=a.batch, reference_max_length=a.reference_max_length, timeout_s=a.timeout,
                              on_step=lambda msg: prog.update(task, description=msg))
         prog.update(task, description="profile done", total=1, completed=1)
-    path = Path(a.report) if a.report else Path(a.out) / "reports" / f"profile-{a.backend}.json"
     json_path, md_path, png = write_profile(report, path, read_manifest(a.out), plot=a.plot)
 
     def tps(v):
@@ -199,7 +317,7 @@ def cmd_generate(a) -> int:
     from jambatrt.engines.base import engine_class
     from jambatrt.engines.generate import Sampling, generate
 
-    prompts = [_ids(p) for p in a.prompt_ids.split(";")]
+    prompts = a.prompt_ids
     engine = engine_class(a.backend).load(a.out)
     stream = not a.json
 
@@ -220,12 +338,17 @@ def cmd_generate(a) -> int:
     return 0
 
 
-def _ids(text: str) -> list[int]:
-    from jambatrt.errors import InputError
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--prompt-ids {text!r}: expected comma-separated token ids, e.g. 1,2,3") from None
+def _prompts(text: str) -> list[list[int]]:
+    """--prompt-ids: prompts separated by ';', each comma-separated token ids (each must fit int64;
+    the engine checks them against the vocabulary)."""
+    ids = _int_list(0, INT64_MAX, "1,2,3")
+    prompts = text.split(";")
+    if any(not p.replace(",", "").strip() for p in prompts):
+        raise argparse.ArgumentTypeError(f"{text!r}: empty prompt (give at least one token id per prompt, e.g. 1,2,3)")
+    return [ids(p) for p in prompts]
+
+
+_prompts.range = (0, INT64_MAX)
 
 
 # ---- deploy ----------------------------------------------------------------------------------
@@ -297,7 +420,9 @@ def cmd_inspect(a) -> int:
                   f"{trt_host['experts_int8'] / 1e9:.1f} GB / {trt_host['bfloat16'] / 1e9:.1f} GB")
         if "prefill_chunk" in plan:
             big = plan["largest_activation"]
-            t.add_row("prefill chunk (every tensor < 2^31 elements)", f"{plan['prefill_chunk']:,} tokens")
+            t.add_row("prefill chunk (every tensor < 2^31 elements)",
+                      f"{plan['prefill_chunk']:,} tokens" if plan["prefill_chunk"] else
+                      "none: at this context even one token's step holds a tensor over 2^31 elements")
             t.add_row("largest activation tensor", f"{big['name']}: {big['elements']:,}")
             for name, n in plan["weight_tensors_over_limit"].items():
                 t.add_row("weight tensor over 2^31 (split for TensorRT)", f"{name}: {n:,}")
@@ -350,7 +475,7 @@ def cmd_plugins(a) -> int:
 
 # ---- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="jambatrt",
         description="Export Jamba-family models (Mamba + attention + MoE) to ONNX Runtime / TensorRT / "
                     "AOTInductor engines, "
@@ -369,8 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights-int8", action="store_true",
                    help="int8 weights with per-output-channel scales for every other linear layer too (not the "
                         "router, not the embedding); the CPU engine's fastest decode")
-    e.add_argument("--seed", type=int, default=0, help="seed for --preset weights (default 0)")
-    e.add_argument("--max-seq", type=int, default=None, help="largest sequence length (default: max_position_embeddings)")
+    e.add_argument("--seed", type=SEED, default=0, help="seed for --preset weights (default 0)")
+    e.add_argument("--max-seq", type=TOKENS, default=None, help="largest sequence length (default: max_position_embeddings)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
     e.set_defaults(func=cmd_export)
 
@@ -380,9 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
-    b.add_argument("--max-batch", type=int, default=None, help="tensorrt, aoti: largest batch (default 4)")
-    b.add_argument("--max-seq", type=int, default=None, help="tensorrt, aoti: longest context (default: the model's)")
-    b.add_argument("--prefill-chunk", type=int, default=None,
+    b.add_argument("--max-batch", type=COUNT, default=None, help="tensorrt, aoti: largest batch (default 4)")
+    b.add_argument("--max-seq", type=TOKENS, default=None, help="tensorrt, aoti: longest context (default: the model's)")
+    b.add_argument("--prefill-chunk", type=TOKENS, default=None,
                    help="tensorrt, aoti: prefill chunk (default: the chunking plan, every tensor < 2^31 elements)")
     b.add_argument("--moe", default="grouped", choices=["grouped", "fused"],
                    help="tensorrt only: MoE layers as route + grouped-GEMM plugins (default; reads each expert "
@@ -398,8 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lengths", type=_lengths, default=[1, 17, 4096], help="comma-separated (default 1,17,4096)")
     v.add_argument("--reference", default="eager", choices=["eager", "hf"],
                    help="eager: this package's model on the plain <op>_ref ops; hf: transformers' Jamba")
-    v.add_argument("--batch", type=int, default=1)
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--batch", type=COUNT, default=1)
+    v.add_argument("--seed", type=SEED, default=0)
     v.add_argument("--report", help="report JSON path (default OUT/reports/parity-BACKEND-REFERENCE.json); "
                                     "a markdown summary and PNG plots are written beside it")
     v.add_argument("--no-state", action="store_true",
@@ -416,15 +541,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--reference", default="eager", choices=["eager", "none"],
                     help="eager: this package's eager model on torch.ops.jamba custom ops (default); none")
     pr.add_argument("--modes", default="prefill,decode", help="prefill,decode (default), prefill or decode")
-    pr.add_argument("--repeats", type=int, default=3, help="timed prefill runs per length (default 3)")
-    pr.add_argument("--budget-s", type=float, default=60.0,
+    pr.add_argument("--repeats", type=COUNT, default=3, help="timed prefill runs per length (default 3)")
+    pr.add_argument("--budget-s", type=SECONDS, default=60.0,
                     help="stop repeating a length once its timed prefills took this long (default 60; >= 1 run)")
-    pr.add_argument("--warmup-tokens", type=int, default=4096, help="untimed warm-up prefill length (default 4096)")
-    pr.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps (default 32)")
-    pr.add_argument("--batch", type=int, default=1)
-    pr.add_argument("--reference-max-length", type=int, default=65536,
+    pr.add_argument("--warmup-tokens", type=_int_option(0, TOKENS_MAX), default=4096, help="untimed warm-up prefill length (default 4096)")
+    pr.add_argument("--decode-tokens", type=TOKENS, default=32, help="timed decode steps (default 32)")
+    pr.add_argument("--batch", type=COUNT, default=1)
+    pr.add_argument("--reference-max-length", type=TOKENS, default=65536,
                     help="longest length the reference is timed at (default 65536; longer: null)")
-    pr.add_argument("--timeout", type=float, default=3600, help="seconds per child process (default 3600)")
+    pr.add_argument("--timeout", type=SECONDS, default=3600, help="seconds per child process (default 3600)")
     pr.add_argument("--report", help="profile JSON path (default OUT/reports/profile-BACKEND.json)")
     pr.add_argument("--plot", help="PNG path (default: beside the report, .png)")
     pr.set_defaults(func=cmd_profile)
@@ -433,13 +558,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Prefill the prompt, then decode token by token with the carried state.")
     g.add_argument("out", help="artifact directory with a built engine")
     g.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
-    g.add_argument("--prompt-ids", required=True,
+    g.add_argument("--prompt-ids", required=True, type=_prompts,
                    help="comma-separated token ids; several prompts separated by ';' (e.g. '1,2,3;4,5')")
-    g.add_argument("--max-new-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eos-id", type=int, default=None, help="stop a sequence at this token")
+    g.add_argument("--max-new-tokens", type=_int_option(0, TOKENS_MAX), default=32)
+    g.add_argument("--temperature", type=_float_option(0.0, 1e6), default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=_float_option(0.0, 1.0, lo_open=True), default=1.0)
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--eos-id", type=TOKEN_ID, default=None, help="stop a sequence at this token")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float}')
     g.set_defaults(func=cmd_generate)
@@ -453,19 +578,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--repository", required=True, help="model repository directory to write")
     d.add_argument("--force", action="store_true", help="replace an existing repository")
     d.add_argument("--name", default="jamba", help="model name prefix (default jamba)")
-    d.add_argument("--max-tokens", type=int, default=None,
+    d.add_argument("--max-tokens", type=TOKENS, default=None,
                    help="token budget per request / sequence (default: the artifact's max sequence length)")
-    d.add_argument("--max-sequences", type=int, default=64, help="live sequences of NAME_sequence (default 64)")
-    d.add_argument("--idle-seconds", type=float, default=60.0,
+    d.add_argument("--max-sequences", type=_int_option(1, 1 << 20), default=64, help="live sequences of NAME_sequence (default 64)")
+    d.add_argument("--idle-seconds", type=SECONDS, default=60.0,
                    help="drop a sequence's state after this long without requests (default 60)")
-    d.add_argument("--instances", type=int, default=1, help="instances of each Python model (default 1)")
+    d.add_argument("--instances", type=_int_option(1, 1024), default=1, help="instances of each Python model (default 1)")
     d.add_argument("--execution-env", default=None,
                    help="write EXECUTION_ENV_PATH=DIR into the Python models (for a server not started by "
                         "jambatrt; DIR: a venv with numpy<2 and jambatrt)")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
-    d.add_argument("--http-port", type=int, default=8000)
-    d.add_argument("--grpc-port", type=int, default=8001)
-    d.add_argument("--metrics-port", type=int, default=8002)
+    d.add_argument("--http-port", type=PORT, default=8000)
+    d.add_argument("--grpc-port", type=PORT, default=8001)
+    d.add_argument("--metrics-port", type=PORT, default=8002)
     d.add_argument("--serve-env", default=None,
                    help="environment with nvidia-pytriton and numpy<2 (default $JAMBATRT_SERVE_ENV or .venv-serve)")
     d.set_defaults(func=cmd_deploy)
@@ -473,8 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="shapes and memory plan (weights, KV cache, Mamba state)")
     i.add_argument("out", nargs="?", help="artifact directory")
     i.add_argument("--preset", help="a named preset instead of an artifact")
-    i.add_argument("--context", type=int, default=None, help="context length for the KV estimate (default: max)")
-    i.add_argument("--batch", type=int, default=1)
+    i.add_argument("--context", type=TOKENS, default=None, help="context length for the KV estimate (default: max)")
+    i.add_argument("--batch", type=COUNT, default=1)
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 
@@ -493,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--arch", default="sm_80,sm_90", help="comma-separated, e.g. sm_80,sm_90 (default)")
     pl.add_argument("-o", "--out", required=True, help="output directory")
     pl.add_argument("--dtype", default="bfloat16,float32", help="activation dtypes (default bfloat16,float32)")
-    pl.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    pl.add_argument("--jobs", type=_int_option(1, 1024), default=None, help="parallel compiles (default: CPU count)")
     pl.add_argument("--force", action="store_true", help="replace an existing DIR")
     pl.set_defaults(func=cmd_plugins)
     return p
@@ -521,9 +646,20 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         console.print("terminated")
         return 143
+    except OSError as e:
+        # the file system said no (read-only, permission, a directory where a file goes, a symlink
+        # loop, a full disk): the user's to fix, and the OS message names the path
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return JambaTRTError.exit_code
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except Exception as e:      # noqa: BLE001 - a bug: still one line, the traceback on request
+        if os.environ.get("JAMBATRT_TRACEBACK") == "1":
+            raise
+        print(f"error: internal error (a bug in jambatrt; JAMBATRT_TRACEBACK=1 shows where): "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

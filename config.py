@@ -11,6 +11,25 @@ from pathlib import Path
 
 from jambatrt.errors import ConfigError
 
+# Field types, checked at load (JambaConfig.validate): JSON gives strings, bools, floats, NaN and
+# Infinity where a field wants something else, and a dataclass does not check annotations.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "attn_layer_period", "expert_layer_period", "num_experts",
+                  "num_experts_per_tok", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank",
+                  "max_position_embeddings")
+_NONNEGATIVE_INTS = ("attn_layer_offset", "expert_layer_offset")
+_TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+_BOOLS = ("mamba_conv_bias", "mamba_proj_bias", "tie_word_embeddings")
+_FLOATS = {"rms_norm_eps": True, "initializer_range": False}     # name -> must be > 0 (else >= 0)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)       # bool is an int subclass: true is not 1 layer
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 
 @dataclass(frozen=True)
 class JambaConfig:
@@ -56,6 +75,31 @@ class JambaConfig:
     def is_moe(self, i: int) -> bool:
         return self.num_experts > 1 and i % self.expert_layer_period == self.expert_layer_offset
 
+    # Layer counts in closed form: the memory plan must answer for any num_hidden_layers (10^9
+    # included) without walking the layers, so a config that cannot fit is refused before anything.
+    @staticmethod
+    def _every(n: int, period: int, offset: int) -> int:
+        """How many i in [0, n) have i % period == offset."""
+        return 0 if offset >= n else (n - 1 - offset) // period + 1
+
+    @property
+    def num_attention_layers(self) -> int:
+        return self._every(self.num_hidden_layers, self.attn_layer_period, self.attn_layer_offset)
+
+    @property
+    def num_mamba_layers(self) -> int:
+        return self.num_hidden_layers - self.num_attention_layers
+
+    @property
+    def num_moe_layers(self) -> int:
+        if self.num_experts <= 1:
+            return 0
+        return self._every(self.num_hidden_layers, self.expert_layer_period, self.expert_layer_offset)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_hidden_layers - self.num_moe_layers
+
     @property
     def attention_layers(self) -> list[int]:
         return [i for i in range(self.num_hidden_layers) if self.is_attention(i)]
@@ -66,14 +110,30 @@ class JambaConfig:
 
     # ---- checks -------------------------------------------------------------------------------
     def validate(self) -> "JambaConfig":
+        """Types first (a JSON string or bool where a number belongs is refused, never coerced:
+        "false" is a truthy string and would tie the embeddings), then finiteness and ranges, then
+        consistency between fields. Every problem names its field."""
         problems = []
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "attn_layer_period",
-                     "expert_layer_period", "num_experts", "num_experts_per_tok", "mamba_d_state",
-                     "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "max_position_embeddings"):
+        for name in _POSITIVE_INTS:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            if not _is_int(v) or v < 1:
                 problems.append(f"{name}={v!r} (accepted: an integer >= 1)")
+        for name in _NONNEGATIVE_INTS:
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                problems.append(f"{name}={v!r} (accepted: an integer >= 0)")
+        for name in _TOKEN_IDS:
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                problems.append(f"{name}={v!r} (accepted: an integer >= 0, or null)")
+        for name in _BOOLS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                problems.append(f"{name}={v!r} (accepted: true or false, as JSON booleans, not strings or numbers)")
+        for name, positive in _FLOATS.items():
+            v = getattr(self, name)
+            if not _is_number(v) or not math.isfinite(v) or (v <= 0 if positive else v < 0):
+                problems.append(f"{name}={v!r} (accepted: a finite number {'> 0' if positive else '>= 0'})")
         if problems:
             raise ConfigError("inconsistent config: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
@@ -90,8 +150,6 @@ class JambaConfig:
                             f"expert_layer_period={self.expert_layer_period})")
         if self.num_experts_per_tok > self.num_experts:
             problems.append(f"num_experts_per_tok={self.num_experts_per_tok} > num_experts={self.num_experts}")
-        if self.rms_norm_eps <= 0:
-            problems.append(f"rms_norm_eps={self.rms_norm_eps} (accepted: > 0)")
         if problems:
             raise ConfigError("inconsistent config: " + "; ".join(problems))
         return self
@@ -114,11 +172,12 @@ class JambaConfig:
             raise ConfigError(f"{source}: hidden_act={d.get('hidden_act')!r} (accepted: 'silu')")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if kwargs.get("mamba_dt_rank") == "auto":
-            kwargs["mamba_dt_rank"] = math.ceil(kwargs.get("hidden_size", cls.hidden_size) / 16)
+        hidden = kwargs.get("hidden_size", cls.hidden_size)
+        if kwargs.get("mamba_dt_rank") == "auto" and _is_int(hidden):     # else validate() names hidden_size
+            kwargs["mamba_dt_rank"] = math.ceil(hidden / 16)
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(k), list):  # HF allows lists; we keep the first
-                kwargs[k] = kwargs[k][0]
+                kwargs[k] = kwargs[k][0] if kwargs[k] else None
             if kwargs.get(k) is None and k in kwargs:
                 kwargs.pop(k)
         extra = {k: v for k, v in d.items() if k not in known and k not in ("model_type", "architectures")}

@@ -7,6 +7,10 @@ class JambaTRTError(Exception):
     exit_code = 2
 
 
+class UsageError(JambaTRTError):
+    """A command-line option is malformed or out of its range (the parser's own errors, one line)."""
+
+
 class ConfigError(JambaTRTError):
     """A config.json or preset is inconsistent or unknown."""
 

@@ -131,10 +131,14 @@ class TritonPythonModel:
         if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
             raise self.InputError(f"input_ids shape {list(ids.shape)} (accepted: [batch >= 1, length >= 1])")
         B, V = ids.shape[0], self.engine.config.vocab_size
+        if B > self.engine.entry["max_batch"]:          # shapes and limits first, then the values
+            raise self.InputError(f"batch {B} exceeds the engine's max_batch {self.engine.entry['max_batch']}")
+        if ids.shape[1] > self.engine.max_seq:
+            raise self.InputError(f"{ids.shape[1]} tokens exceed the engine's context {self.engine.max_seq}")
+        if ids.dtype != self.torch.int64:
+            raise self.InputError(f"input_ids has dtype {ids.dtype}, expected int64")
         if int(ids.min()) < 0 or int(ids.max()) >= V:
             raise self.InputError(f"token id out of range (accepted: 0 .. {V - 1})")
-        if B > self.engine.entry["max_batch"]:
-            raise self.InputError(f"batch {B} exceeds the engine's max_batch {self.engine.entry['max_batch']}")
         past = None
         for spec, t in zip(self.inputs[1:], state):
             want = spec["shape"]

@@ -20,6 +20,7 @@ files in jambatrt-repository.json (Triton ignores plain files at the repository 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import textwrap
@@ -192,11 +193,16 @@ def _python_model(name: str, mode: str, common: dict, settings: RepositorySettin
     return pbtxt(body) + "\n"
 
 
+def served_max_tokens(manifest: dict, max_tokens: int | None) -> int:
+    """The Python models' token budget per request / sequence: the setting, at most the artifact's context."""
+    max_seq = int(manifest["programs"]["step"].get("max_seq", manifest["config"]["max_position_embeddings"]))
+    return min(max_tokens or max_seq, max_seq)
+
+
 def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings) -> dict[str, str]:
     """config.pbtxt text of the three Python-backend models, keyed by model name."""
     vocab = manifest["programs"]["step"]["outputs"][0]["shape"][-1]
-    max_seq = int(manifest["programs"]["step"].get("max_seq", manifest["config"]["max_position_embeddings"]))
-    max_tokens = min(settings.max_tokens or max_seq, max_seq)
+    max_tokens = served_max_tokens(manifest, settings.max_tokens)
     common = {"artifact": str(artifact), "backend": settings.backend,
               "manifest_sha256": sha256_file(artifact / "manifest.json"), "max_tokens": max_tokens}
     n = settings.name
@@ -274,12 +280,20 @@ def write_repository(artifact: str | Path, repository: str | Path,
             "manifest_sha256": sha256_file(artifact / "manifest.json"),
             "model_py_sha256": sha256_file(PYTHON_MODEL), "aoti_model_py_sha256": sha256_file(AOTI_MODEL),
             "settings": dataclasses.asdict(settings),
-            "models": {k: v["kind"] for k, v in plan["models"].items()}, "server_args": []}
+            "models": {k: v["kind"] for k, v in plan["models"].items()},
+            # for the user to read: TritonServer derives these from the files, never from here
+            "server_args": _planned_server_args(plan, repository)}
     if repository.exists() and not force:
         old = _read_info(repository)
-        if old is not None and all(old.get(k) == info[k] for k in info if k != "server_args"):
+        if old is not None and all(old.get(k) == info[k] for k in info):
+            # "kept (already up to date)" only when every file -- this record included -- is as written
             verify_repository(repository)
             return {**old, "reused": True}
+        if old is not None:
+            try:
+                verify_repository(repository)
+            except ArtifactError as e:
+                raise ArtifactError(f"{e}; not replaced without --force") from None
     with atomic_dir(repository, force=force) as tmp:
         for name, m in plan["models"].items():
             (tmp / name / "1").mkdir(parents=True)
@@ -293,11 +307,40 @@ def write_repository(artifact: str | Path, repository: str | Path,
                                         repository / name / "plugins")
                 _copy_checked(artifact, manifest, m["entry"]["path"], tmp / name / "1" / PLAN_FILE)
                 (tmp / name / "config.pbtxt").write_text(tensorrt_config(manifest, m["entry"], name, plugins))
-                if plugins:
-                    info["server_args"].append(f"--backend-config=tensorrt,plugins={';'.join(plugins)}")
         info["files"] = hash_tree(tmp, skip=(REPOSITORY_INFO,))
+        info["info_sha256"] = info_digest(info)
         write_json_atomic(tmp / REPOSITORY_INFO, info)
     return {**info, "reused": False}
+
+
+def _plugin_args(plugin_libs: list[str]) -> list[str]:
+    """tritonserver arguments for TensorRT plugin libraries (absolute paths in the repository)."""
+    return [f"--backend-config=tensorrt,plugins={';'.join(plugin_libs)}"] if plugin_libs else []
+
+
+def _planned_server_args(plan: dict, repository: Path) -> list[str]:
+    libs = [str(repository / name / "plugins" / Path(rel).name) for name, m in plan["models"].items()
+            if m["kind"] == "tensorrt" for rel in m["plugin_libraries"]]
+    return _plugin_args(libs)
+
+
+def info_digest(info: dict) -> str:
+    """sha256 of the repository record itself (every key but this one, canonical JSON): the record
+    is verified like every other file, so an edited one is never "kept (already up to date)"."""
+    body = {k: v for k, v in info.items() if k not in ("info_sha256", "reused")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def server_args(repository: str | Path) -> list[str]:
+    """The tritonserver arguments a verified repository needs (its TensorRT plugin libraries), derived
+    from its files -- never read as argument strings from a file, so nothing on disk can add flags
+    (a bind address, a port) to the server."""
+    repository = Path(repository).absolute()
+    info = verify_repository(repository)
+    libs = sorted(str(repository / rel) for rel in info.get("files", {})
+                  if len(Path(rel).parts) == 3 and Path(rel).parts[1] == "plugins"
+                  and info.get("models", {}).get(Path(rel).parts[0]) == "tensorrt")
+    return _plugin_args(libs)
 
 
 def _copy_checked(artifact: Path, manifest: dict, rel: str, dest: Path) -> None:
@@ -320,9 +363,10 @@ def _copy_plugins(artifact: Path, manifest: dict, libs: list[str], tmp_dir: Path
 
 def _read_info(repository: Path) -> dict | None:
     try:
-        return json.loads((Path(repository) / REPOSITORY_INFO).read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((Path(repository) / REPOSITORY_INFO).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return info if isinstance(info, dict) else None
 
 
 def verify_repository(repository: str | Path) -> dict:
@@ -332,6 +376,9 @@ def verify_repository(repository: str | Path) -> dict:
     info = _read_info(repository)
     if info is None:
         raise ArtifactError(f"{repository}: no readable {REPOSITORY_INFO}; not a repository written by `jambatrt deploy`")
+    if info.get("info_sha256") != info_digest(info):
+        raise ArtifactError(f"{repository}: {REPOSITORY_INFO} altered (its own sha256 does not match) -- re-run "
+                            "`jambatrt deploy --force`")
     now = hash_tree(repository, skip=(REPOSITORY_INFO,))
     want = info.get("files", {})
     problems = [f"missing {k}" for k in want if k not in now]

@@ -12,26 +12,37 @@ SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so it never ou
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jambatrt.deploy.repository import REPOSITORY_INFO
+from jambatrt.deploy.repository import REPOSITORY_INFO, server_args
 from jambatrt.errors import BackendUnavailable, JambaTRTError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+GUARD_SCRIPT = Path(__file__).with_name("guard.py")
+UNREADY_PROBE_S = 2.0            # serve_forever probes readiness this often
+UNREADY_LIMIT_S = 15.0           # and gives up on a server unready for this long
 DEFAULT_SERVE_ENV = PACKAGE_ROOT / ".venv-serve"
 SETUP_HINT = "run `make serve-setup` (creates .venv-serve with nvidia-pytriton and numpy<2)"
 FAILED_MARKER = ".serve-setup-failed"     # written by `make serve-setup` with the reason it failed
+
+
+# tritonserver flags only TritonServer sets (from its fields): where it listens and what it may load
+OWN_FLAGS = {"--http-address", "--grpc-address", "--metrics-address", "--http-port", "--grpc-port",
+             "--metrics-port", "--model-repository", "--model-store", "--backend-directory", "--allow-http",
+             "--allow-grpc", "--allow-metrics", "--model-control-mode", "--load-model", "--sagemaker-port",
+             "--vertex-ai-port", "--allow-sagemaker", "--allow-vertex-ai"}
 
 
 class ServerError(JambaTRTError):
@@ -188,16 +199,25 @@ class TritonServer:
     exit_timeout: int = 10       # seconds a stopping server waits for open connections / requests
     env_on_path: bool = True     # the serve env's python3 first on PATH (off: models carry EXECUTION_ENV_PATH)
     extra_env: dict = field(default_factory=dict)
+    guard: bool = True           # the request guard (deploy/guard.py) on the public ports, tritonserver behind it
     proc: subprocess.Popen | None = field(default=None, init=False)
+    guard_proc: subprocess.Popen | None = field(default=None, init=False)
 
     def __post_init__(self):
         self.repository = Path(self.repository).absolute()
         self.http_port = self.http_port or free_port()
         self.grpc_port = self.grpc_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
-        if self.extra_args == [] and (self.repository / REPOSITORY_INFO).is_file():
-            info = json.loads((self.repository / REPOSITORY_INFO).read_text())
-            self.extra_args = list(info.get("server_args", []))
+        # with the guard, tritonserver's HTTP and gRPC listen on private loopback ports only the guard uses
+        self.triton_http_port = free_port() if self.guard else self.http_port
+        self.triton_grpc_port = free_port() if self.guard else self.grpc_port
+        # bind addresses and ports are this object's fields alone (127.0.0.1): no argument may move them
+        bad = [a for a in self.extra_args if a.split("=")[0] in OWN_FLAGS]
+        if bad:
+            raise ServerError(f"extra server arguments {bad} would override the address/port flags jambatrt sets")
+        if (self.repository / REPOSITORY_INFO).is_file():
+            # a jambatrt repository: verified (its record included), plugin arguments derived from its files
+            self.extra_args = server_args(self.repository) + list(self.extra_args)
 
     @property
     def http_url(self) -> str:
@@ -220,7 +240,7 @@ class TritonServer:
         cmd = [str(self.env.binary), "--model-repository", str(self.repository),
                "--backend-directory", str(self.env.backend_dir),
                "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1", "--metrics-address", "127.0.0.1",
-               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+               "--http-port", str(self.triton_http_port), "--grpc-port", str(self.triton_grpc_port),
                "--metrics-port", str(self.metrics_port), "--allow-gpu-metrics=false",
                "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}",
                f"--log-verbose={self.verbose}"]
@@ -252,6 +272,7 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+        specs = self._guard_specs() if self.guard else None     # refuse before starting anything
         log = open(self.log_path, "ab")     # noqa: SIM115 - handed to the child, closed right after
         try:
             self.proc = subprocess.Popen(self.command(), env=self.environment(), stdin=subprocess.DEVNULL,
@@ -260,11 +281,46 @@ class TritonServer:
         finally:
             log.close()
         try:
+            if specs is not None:
+                self._start_guard(specs)
             self.wait_ready(timeout, interrupted)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _guard_specs(self) -> str:
+        from jambatrt.deploy.guard import repository_specs, specs_to_json
+        if not (self.repository / REPOSITORY_INFO).is_file():
+            raise ServerError(f"{self.repository}: not written by `jambatrt deploy` (no {REPOSITORY_INFO}), so the "
+                              "request guard has no limits for its models; serve it with guard=False")
+        specs = repository_specs(self.repository)
+        if self.models is not None:
+            specs = {k: v for k, v in specs.items() if k in self.models}
+        return specs_to_json(specs)
+
+    def _start_guard(self, specs: str, timeout: float = 60.0) -> None:
+        """The guard runs in the serve env's interpreter (it has grpcio), as a plain script: no
+        jambatrt import, so it listens within a second. It prints 'ready' once both ports are bound."""
+        log = open(self.log_path, "ab")     # noqa: SIM115 - handed to the child, closed right after
+        try:
+            self.guard_proc = subprocess.Popen(
+                [str(self.env.python), str(GUARD_SCRIPT), "--http", self.http_url,
+                 "--http-upstream", f"127.0.0.1:{self.triton_http_port}", "--grpc", self.grpc_url,
+                 "--grpc-upstream", f"127.0.0.1:{self.triton_grpc_port}"],
+                env=self.environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                start_new_session=True, preexec_fn=_death_signal(), text=True)   # noqa: PLW1509
+        finally:
+            log.close()
+        self.guard_proc.stdin.write(specs + "\n")
+        self.guard_proc.stdin.close()
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.guard_proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not line or line[0].strip() != "ready":
+            raise ServerError(f"the request guard did not start (exit code {self.guard_proc.poll()}):\n"
+                              f"{self.log_tail()}")
 
     def _get(self, path: str, timeout: float = 2.0) -> int:
         try:
@@ -275,21 +331,39 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return 0
 
+    def alive(self) -> bool:
+        """tritonserver (and its guard) still running."""
+        return (self.proc is not None and self.proc.poll() is None
+                and (self.guard_proc is None or self.guard_proc.poll() is None))
+
+    def exit_description(self) -> str:
+        if self.proc is not None and self.proc.poll() is not None:
+            return f"tritonserver exited with code {self.proc.returncode}"
+        if self.guard_proc is not None and self.guard_proc.poll() is not None:
+            return f"the request guard exited with code {self.guard_proc.returncode}"
+        return "running"
+
     def is_ready(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None and self._get("/v2/health/ready") == 200
+        return self.alive() and self._get("/v2/health/ready") == 200
 
     def wait_ready(self, timeout: float = 180.0, interrupted=lambda: False) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if interrupted():
                 raise Interrupted("interrupted before the server was ready")
-            if self.proc.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.proc.returncode} before it was ready:\n"
-                                  f"{self.log_tail()}")
+            if not self.alive():
+                raise ServerError(f"{self.exit_description()} before it was ready:\n{self.log_tail()}")
             if self._get("/v2/health/ready") == 200:
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def last_log_line(self) -> str:
+        """The log's last line that says something (not a stack frame of a crash dump)."""
+        for line in reversed(self.log_tail(200).splitlines()):
+            if line.strip() and not re.match(r"^\s*\d+# ", line):
+                return line.strip()
+        return "(empty)"
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -300,6 +374,25 @@ class TritonServer:
     def _signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, sig)
+
+    def stub_pids(self) -> dict[int, str]:
+        """The Python backend stubs of this server (pid -> model name): a stub that dies (a crash in a
+        model, an abort in a custom op) leaves its model READY while it answers every request with
+        "Stub process is not healthy", so serve_forever watches these."""
+        out = {}
+        if self.proc is None:
+            return out
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != self.proc.pid:   # pgid
+                    continue
+                args = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0")]
+            except (OSError, ValueError, IndexError):
+                continue
+            if args and args[0].endswith("triton_python_backend_stub"):
+                model = next((Path(a).parent.parent.name for a in args if a.endswith("model.py")), "?")
+                out[int(proc.name)] = model
+        return out
 
     def _shm_regions(self) -> list[str]:
         """Shared-memory regions of this server's backend stubs (named on their command lines). A
@@ -326,8 +419,22 @@ class TritonServer:
             with contextlib.suppress(OSError):
                 os.unlink(f"/dev/shm/{name}")
 
+    def _stop_guard(self, sig: int = signal.SIGTERM) -> None:
+        if self.guard_proc is not None and self.guard_proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.guard_proc.pid, sig)
+            try:
+                self.guard_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.guard_proc.pid, signal.SIGKILL)
+                self.guard_proc.wait(10)
+        if self.guard_proc is not None and self.guard_proc.stdout:
+            self.guard_proc.stdout.close()
+
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server's process group (server + backend stubs), SIGKILL after `timeout`."""
+        """SIGTERM the server's process group (server + backend stubs), SIGKILL after `timeout`; the guard first."""
+        self._stop_guard()
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -341,6 +448,7 @@ class TritonServer:
 
     def kill(self) -> None:
         """SIGKILL the whole process group at once: no clean shutdown (what a crash looks like)."""
+        self._stop_guard(signal.SIGKILL)
         if self.proc is not None:
             self._kill_group()
 
@@ -349,6 +457,14 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")          # a zombie is dead, only not yet reaped
 
 
 def serve_forever(server: TritonServer, out=sys.stdout) -> int:
@@ -368,10 +484,28 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
             route = "generate_stream  (decoupled: SSE, or gRPC streaming)" if name.endswith("_generate") else "infer"
             print(f"  model    {name}: POST http://{server.http_url}/v2/models/{name}/{route}", file=out)
         print("Ctrl-C or SIGTERM stops it.", file=out, flush=True)
-        while stop["signal"] is None and server.proc.poll() is None:
+        # supervise: a dead server or guard, or a server that stays unready (a model's backend stub
+        # died), ends the command at once with a non-zero exit and the reason, instead of a silent
+        # endpoint; whoever runs `deploy --serve` (systemd, a job scheduler) restarts it
+        last_ready = next_probe = time.monotonic()
+        stubs = server.stub_pids()
+        while stop["signal"] is None and server.alive():
             time.sleep(0.2)
-        if server.proc.poll() is not None and stop["signal"] is None:
-            raise ServerError(f"tritonserver exited with code {server.proc.returncode}:\n{server.log_tail()}")
+            now = time.monotonic()
+            if now >= next_probe:
+                next_probe = now + UNREADY_PROBE_S
+                gone = {pid: m for pid, m in stubs.items() if not _pid_alive(pid)}
+                if gone and server.alive():
+                    raise ServerError(f"the backend stub of {', '.join(sorted(set(gone.values())))} (pid "
+                                      f"{', '.join(map(str, gone))}) died, so its model fails every request (log "
+                                      f"{server.log_path}: {server.last_log_line()}): stopped the server")
+                if server.is_ready():
+                    last_ready = now
+                elif now - last_ready > UNREADY_LIMIT_S and server.alive():
+                    raise ServerError(f"tritonserver has not been ready for {UNREADY_LIMIT_S:.0f} s (a model failed; "
+                                      f"log {server.log_path}: {server.last_log_line()}): stopped it")
+        if not server.alive() and stop["signal"] is None:
+            raise ServerError(f"{server.exit_description()} (log {server.log_path}: {server.last_log_line()})")
         code = server.stop()
         print(f"tritonserver stopped (exit code {code})", file=out, flush=True)
         return 0

@@ -116,8 +116,9 @@ class TritonPythonModel:
 
     def _prefill(self, request):
         ids = self._ids(request, "input_ids", 2)
-        if ids.shape[1] > self.max_tokens:
-            raise _BadRequest(f"{ids.shape[1]} tokens exceed this model's max_tokens {self.max_tokens}")
+        # the budget covers the whole request: B rows of L tokens make B x L x V logits
+        if ids.shape[1] > self.max_tokens or ids.size > self.max_tokens:
+            raise _BadRequest(f"{ids.shape[0]} x {ids.shape[1]} tokens exceed this model's max_tokens {self.max_tokens}")
         logits, _ = self.engine.prefill(ids)
         return pb_utils.InferenceResponse([pb_utils.Tensor("logits", np.ascontiguousarray(logits, np.float32))])
 

@@ -34,8 +34,9 @@ def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np
     """logits [B,V] -> token ids [B]."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    z = logits.astype(np.float64) / sampling.temperature
-    p = np.exp(z - z.max(-1, keepdims=True))
+    z = logits.astype(np.float64)
+    # shift before dividing: a tiny temperature then sends the others to exp(-inf) = 0, not inf - inf
+    p = np.exp((z - z.max(-1, keepdims=True)) / sampling.temperature)
     p /= p.sum(-1, keepdims=True)
     out = np.empty(len(p), dtype=np.int64)
     for b, pb in enumerate(p):

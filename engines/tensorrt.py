@@ -94,7 +94,7 @@ def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
     if over:
         raise BackendUnavailable("TensorRT tensors hold fewer than 2^31 elements, but this model's "
                                  + ", ".join(f"{n} ({v:,} elements)" for n, v in over.items()))
-    groups = moe_expert_groups(cfg) if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)) else []
+    groups = moe_expert_groups(cfg) if cfg.num_moe_layers else []
     return {"max_seq": max_seq, "chunk_plan": plan.as_dict(), "expert_groups": [list(g) for g in groups],
             "profiles": optimization_profiles(manifest["programs"]["step"], settings, plan.chunk, max_seq)}
 

@@ -238,7 +238,8 @@ def model_tensors(src: TensorSource, entries: list[tuple[str, torch.dtype, tuple
     `block_bytes` of source data, in `entries` order. Expert weights are quantised a block of rows
     at a time (the scale is per row, so this equals quantising the whole stack); their scales
     follow the stack they belong to. So are the int8 entries of Int8Linear layers (--weights-int8),
-    whose `.weight_scale` follows the weight. Every source block is checked to be finite."""
+    whose `.weight_scale` follows the weight. Every source block is checked to be finite (a quantised
+    expert row through its scale: max|w| is NaN or Inf exactly when the row holds one, so no extra pass)."""
     shapes = {name: shape for name, _, shape in entries}
     scales: dict[str, torch.Tensor] = {}
     for name, dtype, _ in entries:
@@ -252,14 +253,14 @@ def model_tensors(src: TensorSource, entries: list[tuple[str, torch.dtype, tuple
             for e in range(cfg.num_experts):
                 for src_name, rows in _expert_rows(src, layer, e, leaf):
                     for block in iter_blocks(rows, block_bytes):
-                        block = _finite(src, src_name, block)
                         if experts_int8:
                             q, s = quantize_experts(block[None])     # from the checkpoint's own precision
+                            _finite(src, src_name, s)
                             scale[done:done + s.shape[1]] = s[0]
                             done += s.shape[1]
                             yield name, q[0]
                         else:
-                            yield name, block.to(dtype)
+                            yield name, _finite(src, src_name, block).to(dtype)
         elif leaf in ("w13_scale", "w2_scale"):
             yield name, scales.pop(name.removesuffix("_scale")).view(shapes[name])
         elif dtype == torch.int8:        # an Int8Linear weight: only the int8 rows and their scales are stored

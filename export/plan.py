@@ -7,9 +7,10 @@ Pure arithmetic on the config; the chunking policy built on it lives in engines/
 from __future__ import annotations
 
 import math
+import os
 
 from jambatrt.config import JambaConfig
-from jambatrt.export.checkpoint import hf_tensor_shapes
+from jambatrt.errors import ConfigError
 
 TENSOR_LIMIT = 2 ** 31 - 1          # TensorRT: a tensor's volume must fit an int32
 GPU_BYTES = 80 * 10 ** 9            # an "80 GB" GPU (H100 / A100-80GB), counted in decimal GB: conservative
@@ -24,14 +25,84 @@ def weight_tensors(cfg: JambaConfig) -> dict[str, tuple[int, ...]]:
     out = {"embed_tokens [V,H]": (V, H)}
     if not cfg.tie_word_embeddings:
         out["lm_head [V,H]"] = (V, H)
-    if cfg.mamba_layers:
+    if cfg.num_mamba_layers:
         out["mamba.in_proj [2*D_inner,H]"] = (2 * D, H)
-    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_moe_layers:
         out["moe.w13 [E,2I,H]"] = (E, 2 * I, H)
         out["moe.w2 [E,H,I]"] = (E, H, I)
-    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_dense_layers:
         out["mlp.gate_proj [I,H]"] = (I, H)
     return out
+
+
+def param_counts(cfg: JambaConfig) -> dict[str, int]:
+    """Parameters of the HF checkpoint layout (what hf_tensor_shapes lists), in closed form -- per
+    layer kind times the number of such layers -- so any config, 10^9 layers or experts included,
+    is counted in microseconds: {"dense", "expert", "expert_scales"} (scales: the int8 per-channel
+    scales ExpertsInt8 adds)."""
+    H, I, V, D = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.d_inner
+    N, R, K, E = cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv, cfg.num_experts
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    embed = V * H * (1 if cfg.tie_word_embeddings else 2) + H                      # + final norm
+    norms = 2 * H                                                                 # per layer
+    attention = 2 * H * H + 2 * kv * H
+    mamba = (2 * D * H + D * K + (R + 2 * N) * D + D * R + D + D * N + D + H * D + R + 2 * N
+             + (D if cfg.mamba_conv_bias else 0) + (2 * D + H if cfg.mamba_proj_bias else 0))
+    dense_mlp = 3 * I * H
+    router, one_expert = E * H, 3 * I * H
+    n_moe = cfg.num_moe_layers
+    dense = (embed + cfg.num_hidden_layers * norms + cfg.num_attention_layers * attention
+             + cfg.num_mamba_layers * mamba + cfg.num_dense_layers * dense_mlp + n_moe * router)
+    # the non-expert linear weights (*proj.weight, lm_head): what ONNX Runtime pre-packs (host_memory)
+    linear = (cfg.num_attention_layers * attention + cfg.num_mamba_layers * (2 * D * H + (R + 2 * N) * D + D * R + H * D)
+              + cfg.num_dense_layers * dense_mlp + (0 if cfg.tie_word_embeddings else V * H))
+    return {"dense": dense, "expert": n_moe * E * one_expert, "expert_scales": n_moe * E * (2 * I + H),
+            "linear": linear}
+
+
+def export_weight_bytes(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool) -> int:
+    """Bytes of the artifact's weights (the model in its dtype; int8 experts + fp32 scales), without
+    the store's alignment padding (export/weights.py store_bytes has that, but lists every tensor)."""
+    c = param_counts(cfg)
+    experts = c["expert"] + 4 * c["expert_scales"] if experts_int8 else c["expert"] * dtype_bytes
+    return c["dense"] * dtype_bytes + experts
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def refuse_unbuildable(cfg: JambaConfig, dtype_bytes: int, experts_int8: bool, out_dir=None, source: str = "config",
+                       memory_bytes: int | None = None, disk_bytes: int | None = None) -> dict:
+    """Refuse, from the plan and before a tensor is listed, read or allocated, a config this machine
+    cannot export: its host memory (host_memory: the streamed weights' block, tracing per layer) over
+    the physical memory, or its weights over the free space where `out_dir` will be. Closed form, so
+    10^9 layers or experts are refused in microseconds (listing their tensors would not finish).
+    ConfigError names the fields that make it so. Returns {"host", "weights"} in bytes."""
+    need = {"host": host_memory(cfg, dtype_bytes)["export"], "weights": export_weight_bytes(cfg, dtype_bytes, experts_int8)}
+    have_mem = memory_bytes if memory_bytes is not None else physical_memory_bytes()
+    have_disk = disk_bytes
+    if have_disk is None and out_dir is not None:
+        import shutil
+        from pathlib import Path
+        where = Path(out_dir).absolute()
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        have_disk = shutil.disk_usage(where).free
+    c = param_counts(cfg)
+    fields = (f"{c['dense'] + c['expert']:,} parameters: num_hidden_layers={cfg.num_hidden_layers:,}, "
+              f"num_experts={cfg.num_experts:,}, hidden_size={cfg.hidden_size:,}, intermediate_size="
+              f"{cfg.intermediate_size:,}, vocab_size={cfg.vocab_size:,}")
+    if have_mem is not None and need["host"] > have_mem:
+        raise ConfigError(f"{source}: the memory plan needs {need['host'] / 1e9:,.1f} GB of host memory to export "
+                          f"({fields}); this machine has {have_mem / 1e9:,.1f} GB (`jambatrt inspect` shows the plan)")
+    if have_disk is not None and need["weights"] > have_disk:
+        raise ConfigError(f"{source}: the memory plan needs {need['weights'] / 1e9:,.1f} GB for the weights ({fields}); "
+                          f"the filesystem has {have_disk / 1e9:,.1f} GB free (`jambatrt inspect` shows the plan)")
+    return need
 
 
 def expert_groups(n_experts: int, elements_per_expert: int, limit: int = TENSOR_LIMIT) -> list[tuple[int, int]]:
@@ -59,20 +130,20 @@ def activation_tensors(cfg: JambaConfig, batch: int, chunk: int, past: int = 0,
     D, N, R, V, I = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.vocab_size, cfg.intermediate_size
     T, k, E = B * C, cfg.num_experts_per_tok, cfg.num_experts
     out = {"hidden [B,C,H]": (B, C, H), "logits [B,C,V]": (B, C, V)}
-    if cfg.mamba_layers:
+    if cfg.num_mamba_layers:
         out.update({"mamba.in_proj_out [B,C,2*D_inner]": (B, C, 2 * D),
                     "mamba.x_proj_out [B,C,R+2N]": (B, C, R + 2 * N),
                     "mamba.scan_in [B,D_inner,C]": (B, D, C),
                     "mamba.ssm_state [B,D_inner,N]": (B, D, N)})
-    if cfg.attention_layers:
+    if cfg.num_attention_layers:
         Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         out.update({"attention.q [B,C,Hq,d]": (B, C, Hq, d), "attention.kv [B,P+C,Hkv,d]": (B, past + C, Hkv, d)})
         if attention_scores:
             out["attention.scores [B,Hq,C,P+C]"] = (B, Hq, C, past + C)
-    if any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_moe_layers:
         out.update({"moe.router_logits [T,E]": (T, E), "moe.gate_up [T*top_k,2I]": (T * k, 2 * I),
                     "moe.out [T*top_k,H]": (T * k, H)})
-    if any(not cfg.is_moe(i) for i in range(cfg.num_hidden_layers)):
+    if cfg.num_dense_layers:
         out["mlp.gate_up [B,C,2I]"] = (B, C, 2 * I)
     return out
 
@@ -105,11 +176,11 @@ def activation_bytes(cfg: JambaConfig, batch: int, chunk: int) -> int:
     E, k = cfg.num_experts, cfg.num_experts_per_tok
     T = B * C
     residual = 3 * T * H * ACT_BYTES
-    mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.mamba_layers else 0
+    mamba = (5 * T * D + T * (R + 2 * N)) * ACT_BYTES + B * D * N * 4 if cfg.num_mamba_layers else 0
     attn = 0
-    if cfg.attention_layers:
+    if cfg.num_attention_layers:
         attn = T * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim * 2 * ACT_BYTES
-    has_moe = any(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+    has_moe = cfg.num_moe_layers > 0
     moe = T * E * 4 + T * k * (2 * I * ACT_BYTES + H * 4) if has_moe else 0
     dense = T * 2 * I * ACT_BYTES
     return residual + max(mamba, attn) + max(moe, dense) + T * cfg.vocab_size * ACT_BYTES
@@ -138,10 +209,7 @@ def host_memory(cfg: JambaConfig, dtype_bytes: int = 4, source_bytes: int = 2, b
     stream = max(elems * (dtype_bytes + 1),                                   # cast copy + mask
                  elems * (4 * (4 if source_bytes != 4 else 3) + 1 + 1))       # fp32 copy, |w|, w/s, round; int8; mask
     trace = cfg.num_hidden_layers * TRACE_PER_LAYER
-    linear = 0
-    for name, shape in hf_tensor_shapes(cfg).items():
-        if ".experts." not in name and name.endswith("proj.weight") or name == "lm_head.weight":
-            linear += math.prod(shape)
+    linear = param_counts(cfg)["linear"]          # closed form: any number of layers
     return {"export": HOST_BASE + max(stream, trace), "build_ort": HOST_BASE + trace,
             "run_ort": HOST_BASE + 4 * linear}
 
@@ -151,16 +219,10 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
     """Sizes in bytes. `params_active` counts what one token uses (top-k of the experts).
     `chunk`: prefill chunk (default: the longest that keeps every tensor under 2^31 elements)."""
     context = context or cfg.max_position_embeddings
-    expert = dense = 0
-    for name, shape in hf_tensor_shapes(cfg).items():
-        n = math.prod(shape)
-        if ".experts." in name:
-            expert += n
-        else:
-            dense += n
-    moe_layers = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    scales = moe_layers * cfg.num_experts * (2 * cfg.intermediate_size + cfg.hidden_size)
-    n_attn, n_mamba = len(cfg.attention_layers), len(cfg.mamba_layers)
+    counts = param_counts(cfg)
+    dense, expert, scales = counts["dense"], counts["expert"], counts["expert_scales"]
+    moe_layers = cfg.num_moe_layers
+    n_attn, n_mamba = cfg.num_attention_layers, cfg.num_mamba_layers
     kv_per_token = n_attn * 2 * cfg.num_key_value_heads * cfg.head_dim * 2          # bf16
     state = n_mamba * (cfg.d_inner * (cfg.mamba_d_conv - 1) * 2 + cfg.d_inner * cfg.mamba_d_state * 4)
     weights = {"bfloat16": 2 * (dense + expert), "experts_int8": 2 * dense + expert + 4 * scales}

@@ -24,7 +24,9 @@ import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -103,18 +105,37 @@ class StoreWriter:
         self.header, self.data_start, self.total = header, 8 + len(text), 8 + len(text) + offset
         self._hash = hashlib.sha256()
         self._f = open(self.path, "wb")
+        # hashing and writing run on a thread (both release the GIL) while the caller computes the
+        # next block; the queue is short, so at most a few blocks are in flight
+        self._q: queue.Queue = queue.Queue(maxsize=4)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="store-writer", daemon=True)
+        self._thread.start()
         self._emit(struct.pack("<Q", len(text)) + text)
         self._unreported = self.data_start        # header and padding: reported with the next block
         self._i, self._left = 0, 0          # current layout entry, bytes still owed to it
         self._advance()
 
-    def _emit(self, data) -> None:
-        try:
-            self._f.write(data)
-        except OSError as e:        # ENOSPC, EFBIG, EIO: name the file, the caller removes it
+    def _drain(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    self._f.write(item)
+                    self._hash.update(item)
+                except BaseException as e:      # reported by the next _emit or by close()
+                    self._error = e
+
+    def _raise(self) -> None:
+        e = self._error
+        if isinstance(e, OSError):      # ENOSPC, EFBIG, EIO: name the file, the caller removes it
             raise ArtifactError(f"{self.path}: cannot write ({e.strerror or e}); "
                                 f"{self.total / 1e9:.2f} GB are needed") from None
-        self._hash.update(data)
+        raise e
+
+    def _emit(self, data) -> None:
+        if self._error is not None:
+            self._raise()
+        self._q.put(data)             # `data` keeps its tensor alive until written
 
     def _advance(self) -> None:
         """Skip to the next real tensor, writing the padding entries in between."""
@@ -152,12 +173,19 @@ class StoreWriter:
             self.on_tensor()
             self._advance()
 
+    def _finish(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
     def close(self) -> str:
-        """-> sha256 of the whole file. Raises if a tensor is missing or short."""
-        if self.expecting is not None:
-            self._f.close()
-            raise ValueError(f"store incomplete: {self.expecting!r} and later tensors were not written")
+        """-> sha256 of the whole file. Raises if a tensor is missing or short, or a write failed."""
+        self._finish()
         try:
+            if self._error is not None:
+                self._raise()
+            if self.expecting is not None:
+                raise ValueError(f"store incomplete: {self.expecting!r} and later tensors were not written")
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as e:
@@ -167,6 +195,7 @@ class StoreWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._finish()
         self._f.close()
 
     def __enter__(self):

@@ -123,14 +123,16 @@ def test_truncated_shard(tmp_path):
     _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", shard.name, "truncated or corrupt")
 
 
-def test_non_finite_weight(tmp_path, tiny_ckpt):
+@pytest.mark.parametrize("name, value", [("model.layers.2.mamba.out_proj.weight", float("nan")),
+                                         ("model.layers.3.feed_forward.experts.2.up_proj.weight", float("-inf"))])
+def test_non_finite_weight(tmp_path, tiny_ckpt, name, value):
+    """A dense weight is checked block by block; an expert's row through its int8 scale."""
     ck = _copy(tiny_ckpt, tmp_path / "ck")
     t = load_file(str(ck / "model.safetensors"))
-    t["model.layers.2.mamba.out_proj.weight"][3, 5] = float("nan")
+    t[name][3, 5] = value
     save_file(t, str(ck / "model.safetensors"))
     out = tmp_path / "out"
-    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "model.layers.2.mamba.out_proj.weight",
-                    "NaN or Inf")
+    _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", name, "NaN or Inf")
 
 
 def test_unexpected_tensor(tiny_ckpt, tmp_path):
@@ -143,3 +145,21 @@ def test_unexpected_tensor(tiny_ckpt, tmp_path):
     out = tmp_path / "out"
     _assert_refused(run_cli("export", ck, "-o", out), out, "CheckpointError", "unexpected tensor",
                     "model.layers.0.mamba.conv1d.bias")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("tie_word_embeddings", "false", "tie_word_embeddings='false'"),     # a truthy string: would tie them
+    ("attn_layer_offset", "1", "attn_layer_offset='1'"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps='1e-6'"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps=nan"),
+    ("num_experts", 4.0, "num_experts=4.0"),
+])
+def test_config_field_types_refused_not_coerced(tiny_ckpt, tmp_path, field, value, needle):
+    """Issue 15 (6): a config value of the wrong type, or NaN, is a ConfigError naming the field,
+    never coerced (bool("false") is True) and never a TypeError traceback."""
+    ck = _copy(tiny_ckpt, tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg[field] = value
+    (ck / "config.json").write_text(json.dumps(cfg))        # json writes NaN as the bare token NaN
+    out = tmp_path / "out"
+    _assert_refused(run_cli("export", ck, "-o", out), out, "ConfigError", needle)

@@ -78,3 +78,76 @@ def test_inspect_json_has_the_plan():
     assert plan["gpu"]["fits"]["experts_int8"] is True and plan["prefill_chunk"] == 8192
     p = run_cli("inspect", "--preset", "jamba-1.5-large", check=True, env={"COLUMNS": "200"})
     assert "verdict" in p.stdout and "moe.w13" in p.stdout and "4 of <= 4 experts" in p.stdout
+
+
+# ---- configs too large to build, refused from the plan (issue 15, item 7) ---------------------------------
+def _hf_counts(cfg):
+    import math
+
+    from jambatrt.export.checkpoint import hf_tensor_shapes
+    out = {"dense": 0, "expert": 0, "linear": 0}
+    for name, shape in hf_tensor_shapes(cfg).items():
+        out["expert" if ".experts." in name else "dense"] += math.prod(shape)
+        if ".experts." not in name and name.endswith("proj.weight") or name == "lm_head.weight":
+            out["linear"] += math.prod(shape)
+    return out
+
+
+def test_closed_form_counts_equal_the_checkpoint_layout():
+    """param_counts and the layer counts (closed form, so 10^9 layers cost nothing) equal what the
+    checkpoint layout lists tensor by tensor, for every preset, the parity configs and 60 seeded
+    random configs (periods, offsets, biases, tied embeddings, one expert)."""
+    import random
+
+    from conftest import PARITY_CONFIGS
+    from jambatrt.config import PRESETS
+    from jambatrt.export.plan import param_counts
+    cfgs = [preset(n) for n in PRESETS] + [preset("tiny", **o) for o in PARITY_CONFIGS.values()]
+    rng = random.Random(7)
+    for _ in range(60):
+        heads = rng.choice([1, 2, 4])
+        ap, ep = rng.randint(1, 5), rng.randint(1, 4)
+        e = rng.choice([1, 2, 3, 5])
+        cfgs.append(preset("tiny", num_hidden_layers=rng.randint(1, 13), attn_layer_period=ap,
+                           attn_layer_offset=rng.randrange(ap), expert_layer_period=ep,
+                           expert_layer_offset=rng.randrange(ep), num_experts=e,
+                           num_experts_per_tok=rng.randint(1, e), hidden_size=8 * heads * rng.randint(1, 3),
+                           num_attention_heads=heads, num_key_value_heads=rng.choice([d for d in (1, 2, 4) if heads % d == 0]),
+                           intermediate_size=rng.randint(1, 40), mamba_d_state=rng.randint(1, 9),
+                           mamba_d_conv=rng.randint(1, 5), mamba_expand=rng.randint(1, 3), mamba_dt_rank=rng.randint(1, 9),
+                           tie_word_embeddings=rng.random() < 0.5, mamba_conv_bias=rng.random() < 0.5,
+                           mamba_proj_bias=rng.random() < 0.5, vocab_size=rng.randint(2, 300)))
+    for cfg in cfgs:
+        got = param_counts(cfg)
+        assert {k: got[k] for k in ("dense", "expert", "linear")} == _hf_counts(cfg), cfg
+        assert cfg.num_attention_layers == len(cfg.attention_layers)
+        assert cfg.num_mamba_layers == len(cfg.mamba_layers)
+        assert cfg.num_moe_layers == sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
+
+
+@pytest.mark.parametrize("field", ["num_hidden_layers", "num_experts"])
+def test_billion_layers_or_experts_refused_from_the_plan(tiny_ckpt, tmp_path, field):
+    """A checkpoint whose config asks for 10^9 layers (or experts) is refused by the plan before any
+    tensor is listed, read or allocated (10^9 layers: the host memory of tracing them; 10^9 experts:
+    the weights against the free disk): one ConfigError line naming the field, in seconds. The child
+    runs under an 8 GB address-space limit so the unfixed code fails with MemoryError instead of
+    taking the machine's memory."""
+    import shutil
+    import subprocess
+    import sys
+
+    from jambatrt.export.plan import memory_plan
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg[field] = 10 ** 9
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    p = subprocess.run(["prlimit", f"--as={8 << 30}", sys.executable, "-m", "jambatrt", "export", str(ck), "-o", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "ConfigError" in p.stderr and f"{field}=1,000,000,000" in p.stderr
+    assert "memory plan" in p.stderr and not out.exists()
+    # inspect's numbers for such a config come in closed form, without walking the layers
+    plan = memory_plan(preset("tiny", **{field: 10 ** 9}))
+    assert plan["params_total"] > 10 ** 12

@@ -351,3 +351,69 @@ def test_undecided_routing_tokens_are_graded_apart(built):
         many = _TieAt(built, token=[40, 41])
         r = run_parity(engine, many, [64], "float32")
         assert not r.passed and "undecided MoE top-k" in " ".join(r.mismatches)
+
+
+# ---- argmax ties (issue 15, item 11) ----------------------------------------------------------------------
+def _set_top2(logits, token, margin, shift=0.0):
+    """At `token` of batch row 0: make the second-largest logit `margin` below the largest (negative:
+    above it), then move the two apart/together by `shift` each. Returns the two vocabulary indices."""
+    row = logits[0, token]
+    j1, j2 = np.argsort(row)[-1], np.argsort(row)[-2]
+    row[j2] = row[j1] - margin
+    row[j1] -= shift
+    row[j2] += shift
+    return j1, j2
+
+
+class _RefTop2(EagerReference):
+    """Reference whose top-two logits at one token are `margin` apart."""
+
+    def __init__(self, artifact, token, margin):
+        super().__init__(artifact)
+        self.token, self.margin = token, margin
+
+    def prefill_with_state(self, ids, stats=True):
+        logits, states, layers = super().prefill_with_state(ids, stats)
+        logits = logits.copy()
+        _set_top2(logits, self.token, self.margin)
+        return logits, states, layers
+
+
+class _EngineTop2:
+    """Engine wrapper that, at one token, makes its top-two logits `margin` apart and shifts them."""
+
+    def __init__(self, engine, token, margin, shift=0.0):
+        self.engine, self.token, self.margin, self.shift = engine, token, margin, shift
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def prefill(self, ids):
+        logits, state = self.engine.prefill(ids)
+        logits = logits.copy()
+        _set_top2(logits, self.token, self.margin, self.shift)
+        return logits, state
+
+
+def test_argmax_ties_are_graded_apart_and_not_blamed_on_a_layer(built):
+    """A position whose reference top-two margin (2e-7) is far below the logits tolerance (1e-3) may
+    flip: counted and listed, the run passes and health blames nobody. A flip where the reference's
+    margin (1.5e-3) exceeds the tolerance still fails, although every logit is within atol."""
+    from jambatrt.engines.ort import OrtEngine
+    from jambatrt.validate.parity import run_parity
+
+    with OrtEngine.load(built) as engine:
+        tie = run_parity(_EngineTop2(engine, 30, margin=-2e-7), _RefTop2(built, 30, margin=2e-7), [64], "float32")
+        r = tie.results[0]
+        assert r.top1_agreement == pytest.approx(63 / 64) and r.max_abs_err <= 1e-3
+        assert tie.passed, tie.mismatches
+        assert r.argmax_ties["tied_positions"] >= 1 and r.argmax_ties["flipped"] == 1
+        assert r.argmax_ties["positions"] == [[0, 30]] and r.argmax_ties["flipped_margins"][0] < 1e-6
+        assert r.health["problem"] is None and r.health["first_bad_layer"] is None
+        # decided: reference margin 1.5e-3 > atol; the engine moves each of the two by 8e-4 (< atol) and flips
+        decided = run_parity(_EngineTop2(engine, 30, margin=1.5e-3, shift=8e-4), _RefTop2(built, 30, margin=1.5e-3),
+                             [64], "float32")
+        d = decided.results[0]
+        assert d.max_abs_err < 1e-3 and d.top1_agreement == pytest.approx(63 / 64)
+        assert not decided.passed and d.argmax_ties["flipped"] == 0
+        assert "decided" in " ".join(decided.mismatches)

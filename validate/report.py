@@ -7,12 +7,15 @@ Profile: REPORT.json, REPORT.md and a PNG (tokens/s and peak RSS vs length)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
+from typing import Callable
 
-from jambatrt.artifact import library_versions, write_json_atomic
+from jambatrt.artifact import library_versions
 
 
 def machine() -> dict:
@@ -66,28 +69,97 @@ def _model_line(r: dict) -> str:
             f"{(model.get('quantization') or {}).get('experts', '?')}, batch {r.get('batch', 1)}")
 
 
-def _write_json_and_markdown(report: dict, path: str | Path, artifact_manifest: dict | None, to_markdown):
-    """The report with machine, versions and model added, as JSON at `path` and markdown beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def check_report_paths(paths: list[Path], what: str = "--report") -> None:
+    """Before a long run: every report file can be created where asked (not a directory, the
+    folder exists or can be made, the file system takes a file there), so a bad --report/--plot
+    is one InputError now rather than an OSError after the run. Touches nothing that stays."""
+    from jambatrt.errors import InputError
+    paths = [Path(p) for p in paths]
+    same = {p for p in paths if paths.count(p) > 1 or any(p.resolve() == q.resolve() for q in paths if q is not p)}
+    if same:
+        raise InputError(f"{what}: {', '.join(map(str, sorted(same)))} named for two report files (give distinct paths)")
+    for p in paths:
+        if p.is_dir():
+            raise InputError(f"{what} {p}: is a directory (accepted: a file path, e.g. {p / 'report.json'})")
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent           # the folder is made at write time; its nearest ancestor must take it
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.probe-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(f"{what} {p}: cannot write there ({e.strerror or e})") from None
+
+
+def _write_all(groups: list[tuple[list[Path], Callable[[list[Path]], None]]]) -> None:
+    """Write a report's files as a set: each group's writer fills temp files beside its paths (one
+    writer may draw several files), then all are renamed into place. On any failure the temps and
+    any file already renamed are removed: never half a report."""
+    temps: dict[Path, Path] = {}
+    done: list[Path] = []
+    try:
+        for paths, write in groups:
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+                os.close(fd)
+                temps[path] = Path(tmp)
+            write([temps[p] for p in paths])
+        for path, tmp in temps.items():
+            os.chmod(tmp, 0o666 & ~_umask())           # mkstemp makes 0600; a report is shared like any file
+            os.replace(tmp, path)
+            done.append(path)
+    except BaseException:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        for path in done:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _json_writer(obj):
+    return lambda tmps: tmps[0].write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _text_writer(text: str):
+    return lambda tmps: tmps[0].write_text(text)
+
+
+def _with_context(report: dict, artifact_manifest: dict | None) -> dict:
+    """The report with machine, versions and model added."""
     report = {**report, "machine": machine(), "versions": library_versions()}
     if artifact_manifest:
         report["model"] = _model_info(artifact_manifest)
-    write_json_atomic(path, report)
-    md = path.with_suffix(".md")
-    md.write_text(to_markdown(report))
-    return path, md, report
+    return report
 
 
 # ---- parity ------------------------------------------------------------------------------------
+def parity_report_paths(path: str | Path, plots: bool = True) -> list[Path]:
+    """JSON, markdown beside it, and (with plots) the PNGs of parity_plot_paths."""
+    path = Path(path)
+    return [path, path.with_suffix(".md")] + (parity_plot_paths(path) if plots else [])
+
+
 def write_parity(report: dict, path: str | Path, artifact_manifest: dict | None = None,
                  plots: bool = True) -> tuple[Path, Path]:
     """Write report JSON to `path`, a markdown summary beside it (same stem, .md) and, with
-    `plots`, the PNGs of `parity_plot_paths(path)`."""
-    path, md, report = _write_json_and_markdown(report, path, artifact_manifest, parity_markdown)
-    if plots:
-        plot_parity(report, path)
-    return path, md
+    `plots`, the PNGs of `parity_plot_paths(path)` -- all or none of them."""
+    path = Path(path)
+    report = _with_context(report, artifact_manifest)
+    groups = [([path], _json_writer(report)), ([path.with_suffix(".md")], _text_writer(parity_markdown(report)))]
+    if plots and report["results"]:
+        groups.append((parity_plot_paths(path), lambda tmps: plot_parity(report, path, out=tmps)))
+    _write_all(groups)
+    return path, path.with_suffix(".md")
 
 
 def parity_plot_paths(path: str | Path) -> list[Path]:
@@ -129,6 +201,12 @@ def parity_markdown(r: dict) -> str:
                          + f"{h['problem']} — look at {h['where']}")
         else:
             lines.append(f"- length {x['length']:,}: no NaN/Inf; every layer's state within tolerance")
+        ties = x.get("argmax_ties") or {}
+        if ties.get("tied_positions"):
+            lines.append(f"  - {ties['tied_positions']} position(s) where the reference's top-two logits are closer than "
+                         f"the logits tolerance (argmax ties, graded apart); {ties['flipped']} picked the other token"
+                         + (f" at [batch, position] {ties['positions']} (reference margins "
+                            f"{', '.join(f'{m:.2e}' for m in ties['flipped_margins'])})" if ties.get("flipped") else ""))
         rt = x.get("routing") or {}
         if rt.get("undecided_tokens"):
             where = ", ".join(f"layer {k}: {v}" for k, v in rt.get("undecided_by_layer", {}).items() if v)
@@ -174,11 +252,11 @@ def _length_axis(ax, lengths: list[int]) -> None:
     ax.grid(True, which="major", alpha=0.3)
 
 
-def plot_parity(report: dict, path: str | Path) -> list[Path]:
-    """Error vs length and top-1 agreement vs length (log x), one PNG each, beside `path`."""
+def plot_parity(report: dict, path: str | Path, out: list[Path] | None = None) -> list[Path]:
+    """Error vs length and top-1 agreement vs length (log x), one PNG each, beside `path` (or at `out`)."""
     plt = _pyplot()
     res = sorted(report["results"], key=lambda x: x["length"])
-    out = parity_plot_paths(path)
+    out = out or parity_plot_paths(path)
     if not res:
         return []
     L = [x["length"] for x in res]
@@ -210,7 +288,7 @@ def plot_parity(report: dict, path: str | Path) -> list[Path]:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out[0])
+    fig.savefig(out[0], format="png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
@@ -224,7 +302,7 @@ def plot_parity(report: dict, path: str | Path) -> list[Path]:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out[1])
+    fig.savefig(out[1], format="png")
     plt.close(fig)
     return out
 
@@ -232,12 +310,17 @@ def plot_parity(report: dict, path: str | Path) -> list[Path]:
 # ---- profile -----------------------------------------------------------------------------------
 def write_profile(report: dict, path: str | Path, artifact_manifest: dict | None = None,
                   plot: str | Path | None = None) -> tuple[Path, Path, Path]:
-    """Profile JSON at `path`, markdown beside it, PNG at `plot` (default: beside it, .png)."""
-    path, md, report = _write_json_and_markdown(report, path, artifact_manifest, profile_markdown)
-    png = Path(plot) if plot else path.with_suffix(".png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    plot_profile(report, png)
+    """Profile JSON at `path`, markdown beside it, PNG at `plot` (default: beside it, .png): all or none."""
+    path, md, png = profile_report_paths(path, plot)
+    report = _with_context(report, artifact_manifest)
+    _write_all([([path], _json_writer(report)), ([md], _text_writer(profile_markdown(report))),
+                ([png], lambda tmps: plot_profile(report, tmps[0]))])
     return path, md, png
+
+
+def profile_report_paths(path: str | Path, plot: str | Path | None = None) -> list[Path]:
+    path = Path(path)
+    return [path, path.with_suffix(".md"), Path(plot) if plot else path.with_suffix(".png")]
 
 
 def _gb(n) -> str:
@@ -319,7 +402,7 @@ def plot_profile(report: dict, png: str | Path) -> Path:
     fig.suptitle(f"jambatrt profile: {src.get('preset') or src.get('checkpoint') or ''} "
                  f"({report['machine'].get('processor', '')}, {report['machine']['cpus']} CPUs)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png)
+    fig.savefig(png, format="png")
     plt.close(fig)
     return Path(png)
 
