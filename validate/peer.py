@@ -1,7 +1,7 @@
 """`make bench-peer`: the ONNX Runtime engine against llama.cpp on the same Jamba checkpoint.
 
     python -m jambatrt.validate.peer --out bench/peer --cache build/peer [--rounds 3]
-        [--lengths 512,4096,16384] [--decode-tokens 16] [--threads 2]
+        [--lengths 512,4096,16384] [--prefill-lengths 512,4096] [--decode-tokens 16] [--threads 2]
 
 1. llama.cpp, built once from the copy vendored in the `llama-cpp-python` sdist on the registry
    (`pip download --no-deps --no-binary :all:`), CPU only, cached under --cache.
@@ -160,14 +160,18 @@ def jambatrt_profile(art: Path, lengths: list[int], decode_tokens: int, report: 
             for r in rep["results"]}
 
 
-def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: Path) -> list[dict]:
+def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: Path,
+               prefill_lengths=None) -> list[dict]:
+    """prefill_lengths: the lengths whose prefill is compared (default: all of `lengths`; jambatrt
+    prefills every length anyway before it decodes, llama-bench only for a prefill test)."""
     rows = []
+    tests = {"prefill": lengths if prefill_lengths is None else prefill_lengths, "decode": lengths}
     for r in range(rounds):
         for prec in ("float32", "int8"):
             _log(f"round {r + 1}/{rounds}, {prec}: jambatrt")
             ours = jambatrt_profile(arts[prec], lengths, decode_tokens, out / f"profile-{prec}-round{r + 1}.json")
             for mode in ("prefill", "decode"):
-                for L in lengths:
+                for L in tests[mode]:
                     _log(f"round {r + 1}/{rounds}, {prec}: llama.cpp {mode} {L}")
                     peer = llama_bench(bins, ggufs[prec], mode, L, decode_tokens, threads)
                     j = ours[(mode, L)]
@@ -303,7 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/peer")
     p.add_argument("--cache", default="build/peer", help="llama.cpp build, checkpoint, GGUFs, artifacts (kept)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--lengths", default="512,4096,16384")
+    p.add_argument("--lengths", default="512,4096,16384", help="prefill and decode-after lengths")
+    p.add_argument("--prefill-lengths", default=None,
+                   help="compare prefill only at these (a subset of --lengths; default: all of them)")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no-logits", action="store_true")
@@ -311,6 +317,9 @@ def main(argv=None) -> int:
     out, cache = Path(a.out), Path(a.cache)
     out.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in a.lengths.split(",")]
+    prefill_lengths = None if a.prefill_lengths is None else [int(x) for x in a.prefill_lengths.split(",")]
+    if prefill_lengths is not None and not set(prefill_lengths) <= set(lengths):
+        raise SystemExit(f"--prefill-lengths {a.prefill_lengths} must be a subset of --lengths {a.lengths}")
     bins, vendored, version = llama_cpp(cache)
     ckpt = checkpoint(cache)
     ggufs = gguf(cache, bins, vendored, ckpt)
@@ -318,9 +327,9 @@ def main(argv=None) -> int:
     logits = [] if a.no_logits else logits_check(bins, ggufs, arts, ckpt, out)
     if logits:
         _log("logits: " + json.dumps(logits))
-    rows = run_rounds(bins, ggufs, arts, lengths, a.rounds, a.decode_tokens, a.threads, out)
+    rows = run_rounds(bins, ggufs, arts, lengths, a.rounds, a.decode_tokens, a.threads, out, prefill_lengths)
     meta = {"llama_cpp": f"llama-cpp-python {version} sdist, vendored llama.cpp", "threads": a.threads,
-            "rounds": a.rounds, "lengths": lengths, "decode_tokens": a.decode_tokens,
+            "rounds": a.rounds, "lengths": lengths, "prefill_lengths": prefill_lengths or lengths, "decode_tokens": a.decode_tokens,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "artifacts": {k: str(v) for k, v in arts.items()}, "gguf": {k: str(v) for k, v in ggufs.items()}}
     summary = summarise(rows)
