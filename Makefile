@@ -6,7 +6,7 @@ OUT    ?= out/tiny
 export OMP_WAIT_POLICY := PASSIVE
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: setup demo test bench bench-scale bench-peer clean
+.PHONY: setup demo test bench bench-scale bench-peer bench-flat clean
 
 # TensorRT's Python plugin layer (tensorrt.plugin) for the plugin harness: the first release of
 # tests/tensorrt_releases.txt is installed, the others downloaded as wheels. --no-deps: its libraries
@@ -69,6 +69,13 @@ bench-scale: setup
 bench-peer: setup
 	$(PY) -m pip install -q sentencepiece
 	$(PY) -m jambatrt.validate.peer --out bench/peer --cache build/peer $(PEER_ARGS)
+
+# Decode per-token time at 1K..64K of context on the bench preset, the contexts interleaved step by step
+# (one engine per context in one process): bench/decode-flat.json. Not part of `make test`.
+bench-flat: setup
+	$(VENV)/bin/jambatrt export --preset bench -o bench/flat-art --force
+	$(VENV)/bin/jambatrt build bench/flat-art --backend ort
+	$(PY) -m jambatrt.validate.decode_flat bench/flat-art --report bench/decode-flat.json
 
 clean:
 	rm -rf out bench .pytest_cache .numba_cache
