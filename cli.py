@@ -181,7 +181,8 @@ def cmd_export(a) -> int:
                        source=f"preset {a.preset}" if a.preset else f"{a.checkpoint}/config.json")
     with atomic_dir(a.out, force=a.force) as tmp, _progress_bytes() as prog:     # a refused OUT before any output
         manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
-                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog)
+                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog,
+                                       weights_int8=a.weights_int8)
         prog.step("manifest (sha256 of every file)")
         record_files(tmp, manifest, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*"))
                                      if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"],
@@ -490,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; float16 is refused")
     e.add_argument("--experts-int8", dest="experts_int8", action=argparse.BooleanOptionalAction, default=True,
                    help="ExpertsInt8: int8 expert weights with per-channel scales (default on)")
+    e.add_argument("--weights-int8", action="store_true",
+                   help="int8 weights with per-output-channel scales for every other linear layer too (not the "
+                        "router, not the embedding); the CPU engine's fastest decode")
     e.add_argument("--seed", type=SEED, default=0, help="seed for --preset weights (default 0)")
     e.add_argument("--max-seq", type=TOKENS, default=None, help="largest sequence length (default: max_position_embeddings)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
