@@ -82,9 +82,19 @@ def _stage_bytes(cfg: JambaConfig, costs: list[dict], a: int, b: int, acts: dict
 
 def _best_split(cfg: JambaConfig, costs: list[dict], n: int, acts: dict) -> list[tuple[int, int]]:
     """The contiguous split of the layers into `n` non-empty ranges whose largest stage is smallest
-    (exact: dynamic programme over the split points)."""
+    (exact: dynamic programme over the split points, stage sizes from prefix sums)."""
     L = len(costs)
     inf = float("inf")
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c["weights"] + c["kv"] + c["mamba_state"])
+    ends = {"first": _stage_bytes(cfg, costs, 0, 0, acts)["total"] - acts["without_logits"],
+            "last": _stage_bytes(cfg, costs, L, L, acts)["total"] - acts["with_logits"]}
+
+    def total(a, b):
+        return (prefix[b] - prefix[a] + (ends["first"] if a == 0 else 0) + (ends["last"] if b == L else 0)
+                + (acts["with_logits"] if b == L else acts["without_logits"]))
+
     # best[k][b]: the smallest possible largest stage when layers [0, b) form k stages; cut[k][b]: where the last begins
     best = [[inf] * (L + 1) for _ in range(n + 1)]
     cut = [[0] * (L + 1) for _ in range(n + 1)]
@@ -94,7 +104,7 @@ def _best_split(cfg: JambaConfig, costs: list[dict], n: int, acts: dict) -> list
             for a in range(k - 1, b):
                 if best[k - 1][a] == inf:
                     continue
-                v = max(best[k - 1][a], _stage_bytes(cfg, costs, a, b, acts)["total"])
+                v = max(best[k - 1][a], total(a, b))
                 if v < best[k][b]:
                     best[k][b], cut[k][b] = v, a
     ranges, b = [], L
@@ -124,8 +134,12 @@ def plan_stages(cfg: JambaConfig, stages: int | None = None, gpu_bytes: int | No
     costs = layer_costs(cfg, context, batch, experts_int8)
     usable = None if gpu_bytes is None else gpu_bytes - reserve_bytes
     if stages is None:
-        # the fewest stages: the largest stage shrinks as stages are added (never grows), so stop at the first fit
-        for n in range(1, L + 1):
+        # the fewest stages: the largest stage shrinks as stages are added (never grows), so stop at the first
+        # fit, starting from the count the bytes alone need; one layer per stage is the last resort
+        singles = [_stage_bytes(cfg, costs, i, i + 1, acts)["total"] for i in range(L)]
+        whole = sum(c["weights"] + c["kv"] + c["mamba_state"] for c in costs)
+        lower = max(1, -(-whole // max(1, usable))) if max(singles) <= usable else L + 1
+        for n in range(min(lower, L + 1), L + 1):
             ranges = _best_split(cfg, costs, n, acts)
             if max(_stage_bytes(cfg, costs, a, b, acts)["total"] for a, b in ranges) <= usable:
                 break

@@ -59,16 +59,25 @@ def test_mini_fits_one_gpu_and_bad_plans_are_refused():
     assert p2["ranges"][0][1] in range(34, 39) and p2["fits"] is None
 
 
-def test_inspect_prints_the_stage_plan():
-    p = run_cli("inspect", "--preset", "jamba-1.5-large", "--gpu-memory", "80GB", check=True)
-    assert "pipeline stages: 8" in p.stdout and "every stage fits" in p.stdout
-    lines = [x for x in p.stdout.splitlines() if x.strip().startswith("stage ")]
+def _cli(capsys, *args):
+    """`jambatrt ARGS` in this process (a child would spend its time importing torch) -> (code, out, err)."""
+    from jambatrt import cli
+    capsys.readouterr()
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_prints_the_stage_plan(capsys):
+    code, out, _ = _cli(capsys, "inspect", "--preset", "jamba-1.5-large", "--gpu-memory", "80GB")
+    assert code == 0 and "pipeline stages: 8" in out and "every stage fits" in out
+    lines = [x for x in out.splitlines() if x.strip().startswith("stage ")]
     assert len(lines) == 8 and all("fits 80 GB" in x and "KV" in x and "Mamba state" in x and "activations" in x
                                    for x in lines)
-    p = run_cli("inspect", "--preset", "jamba-1.5-mini", "--gpu-memory", "80GB", check=True)
-    assert "pipeline stages: 1" in p.stdout
-    p = run_cli("inspect", "--preset", "tiny", "--gpu-memory", "80 parsecs")
-    assert p.returncode == 2 and "error: ConfigError" in p.stderr and "Traceback" not in p.stderr
+    code, out, _ = _cli(capsys, "inspect", "--preset", "jamba-1.5-mini", "--gpu-memory", "80GB")
+    assert code == 0 and "pipeline stages: 1" in out
+    code, _, err = _cli(capsys, "inspect", "--preset", "tiny", "--gpu-memory", "80 parsecs")
+    assert code == 2 and "error: ConfigError" in err and "Traceback" not in err
 
 
 # ---- the split and the stage engines --------------------------------------------------------------
@@ -131,19 +140,18 @@ def test_stages_equal_the_unsplit_engine(artifact, whole, n):
                 _close(g, w, f"decode {step} state {i}")
 
 
-def test_cli_build_stages_and_generate(artifact):
-    p = run_cli("build", artifact, "--backend", "ort", "--stages", "2", check=True)
-    assert "built 2 ort stage engines" in p.stdout and "stage 1: layers 2-3" in p.stdout
-    want = run_cli("generate", artifact, "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
-                   "--json", check=True)
-    got = run_cli("generate", artifact, "--backend", "ort", "--stages", "--prompt-ids", "1,2,3",
-                  "--max-new-tokens", "8", "--json", check=True)
+def test_cli_build_stages_and_generate(artifact, capsys):
     import json
-    assert json.loads(got.stdout)["generated_ids"] == json.loads(want.stdout)["generated_ids"]
-    p = run_cli("build", artifact, "--backend", "ort", "--stage-plan", "auto")
-    assert p.returncode == 2 and "--gpu-memory" in p.stderr
-    p = run_cli("build", artifact, "--backend", "ort", "--stage-plan", "auto", "--gpu-memory", "80GB", check=True)
-    assert "built 1 ort stage engines" in p.stdout            # tiny fits one device
+    code, out, _ = _cli(capsys, "build", artifact, "--backend", "ort", "--stages", "2")
+    assert code == 0 and "built 2 ort stage engines" in out and "stage 1: layers 2-3" in out
+    gen = ["generate", artifact, "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "8", "--json"]
+    code, want, _ = _cli(capsys, *gen)
+    code2, got, _ = _cli(capsys, *gen, "--stages")
+    assert code == code2 == 0 and json.loads(got)["generated_ids"] == json.loads(want)["generated_ids"]
+    code, _, err = _cli(capsys, "build", artifact, "--backend", "ort", "--stage-plan", "auto")
+    assert code == 2 and "--gpu-memory" in err
+    code, out, _ = _cli(capsys, "build", artifact, "--backend", "ort", "--stage-plan", "auto", "--gpu-memory", "80GB")
+    assert code == 0 and "built 1 ort stage engines" in out            # tiny fits one device
     m = read_manifest(artifact)
     assert [s["path"] for s in m["engines"]["ort-stages"]["stages"]] == ["model.stage0.ort.onnx"]
     assert not (artifact / "model.stage1.ort.onnx").exists() and "model.stage1.ort.onnx" not in m["files"]
