@@ -387,7 +387,8 @@ def cmd_deploy(a) -> int:
     from jambatrt.deploy.repository import RepositorySettings, write_repository
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
-                                  idle_seconds=a.idle_seconds, instances=a.instances,
+                                  idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
+                                  stage_devices=a.stage_devices,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
     verb = "kept (already up to date)" if info["reused"] else "wrote"
@@ -634,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--execution-env", default=None,
                    help="write EXECUTION_ENV_PATH=DIR into the Python models (for a server not started by "
                         "jambatrt; DIR: a venv with numpy<2 and jambatrt)")
+    d.add_argument("--stages", action="store_true",
+                   help="serve the pipeline-stage engines (`build --stages N`): one model per stage, each keeping its "
+                        "layers' state per sequence, chained by the ensemble NAME_sequence (same interface as the "
+                        "single-engine sequence model)")
+    d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
+                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
     d.add_argument("--http-port", type=PORT, default=8000)
     d.add_argument("--grpc-port", type=PORT, default=8001)
