@@ -9,6 +9,8 @@ Models (NAME defaults to "jamba"):
                   has an `engines.tensorrt` entry): the stateless step program, inputs/outputs and
                   dynamic dims taken from the manifest's `programs.step`; the state travels in the
                   request (past.*) and the response (present.*).
+  with --stages   NAME_stage{k} per pipeline stage and the ensemble NAME_sequence over them, instead of
+                  the above (deploy/stages_repository.py).
 
 The Python models reference the artifact by absolute path rather than copying it: an artifact can
 be many GB, the models only read it, and each model checks at load time that the manifest is the
