@@ -256,9 +256,19 @@ PRESETS["jamba-1.5-mini"] = {**{k: v for k, v in PRESETS["jamba-v0.1"].items() i
 # EOS [2, 518] as Mini. Published: 398B total, 94B active (Jamba-1.5 paper; Jamba-tiny-dev's model card).
 PRESETS["jamba-1.5-large"] = {**PRESETS["jamba-1.5-mini"], "hidden_size": 8192, "intermediate_size": 24576,
                               "num_hidden_layers": 72, "num_attention_heads": 64, "mamba_dt_rank": 512}
+# Not presets: AI21's small published models, Jamba-tiny-dev (huggingface.co/ai21labs/Jamba-tiny-dev) and
+# AI21-Jamba-Reasoning-3B (huggingface.co/ai21labs/AI21-Jamba-Reasoning-3B). Their config.json was looked
+# up (issue 17) and could not be read from the sources reachable here: the stored pages hold their file
+# listings (config.json 1.01 kB for tiny-dev) and model cards, not the files. What was found:
+# tiny-dev's generation_config.json is v0.1's (eos_token_id 2; .../Jamba-tiny-dev/blob/refs%2Fpr%2F1/
+# generation_config.json); it has about 319M parameters (the model card of AI21's Jamba-tiny-reward-dev,
+# made from it); Reasoning-3B has about 3B parameters, a 256K context and a ChatML-style chat template
+# (<|im_start|> / <|im_end|>, <think> reasoning; its model card). Layer count, hidden size, experts,
+# periods and vocabulary were not found, so they are not written here: add the presets from the two
+# config.json files, field for field, when they can be read (and their totals to PUBLISHED_PARAMS).
 # generation_config.json of each published preset (huggingface.co/ai21labs/<model>/generation_config.json);
 # the test presets list two EOS ids (end of text, end of message) like Jamba-1.5, so stopping at any of
-# several is exercised. Presets written as checkpoints carry these (export/tokenizer_files.py).
+# several is exercised. Presets written as checkpoints carry these (export/tokenizer.py).
 PRESET_GENERATION: dict[str, dict] = {
     "jamba-v0.1": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
     "jamba-1.5-mini": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [2, 518], "pad_token_id": 0},
