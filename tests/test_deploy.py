@@ -465,6 +465,35 @@ def _cli_text(capsys, artifact, *args) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+def test_guard_text_checks(repository):
+    """The guard's text rules on the repository's own generate spec, without a server: what passes,
+    and what each refusal names (HTTP JSON strings, and the bytes gRPC carries)."""
+    from jambatrt.deploy.guard import BadRequest, check_http_generate, check_text, repository_specs
+    spec = repository_specs(repository)["jamba_generate"]
+    text = next(i for i in spec.inputs if i.name == "text_input")
+    assert text.datatype == "BYTES" and text.max_bytes == MAX_TOKENS * 64 and spec.one_of == ("prompt_ids", "text_input")
+    assert check_text(text, "héllo 日本") == len("héllo 日本".encode()) and check_text(text, "ok".encode()) == 2
+    check_http_generate(spec, {"text_input": "hi", "parameters": {"max_new_tokens": 4, "chat": True, "stream": True,
+                                                                  "temperature": 0.7, "top_p": 0.9, "seed": 3}})
+    check_http_generate(spec, {"text_input": "hi", "parameters": {"max_new_tokens": 4}}, "generate")
+    check_http_generate(spec, {"prompt_ids": [1, 2, 3], "max_new_tokens": 4})      # the id interface as before
+    bad = [({"text_input": "caf\udce9"}, "not valid UTF-8"), ({"text_input": " \t"}, "empty text"),
+           ({"text_input": "x" * (text.max_bytes + 1)}, "bytes of text"), ({"text_input": 5}, "expected a string"),
+           ({"text_input": "hi", "prompt_ids": [1]}, "exactly one of"), ({"max_new_tokens": 2}, "exactly one of"),
+           ({"text_input": "hi", "parameters": {"n": 2}}, "unknown parameter 'n'"),
+           ({"text_input": "hi", "parameters": {"chat": "yes"}}, "chat='yes'"),
+           ({"text_input": "hi", "parameters": {"max_new_tokens": 2.5}}, "max_new_tokens=2.5"),
+           ({"text_input": "hi", "parameters": ["stream"]}, "object of scalar values")]
+    for body, needle in bad:
+        with pytest.raises(BadRequest, match=needle.replace("(", r"\(")):
+            check_http_generate(spec, body)
+    with pytest.raises(BadRequest, match="generate_stream"):
+        check_http_generate(spec, {"text_input": "hi", "parameters": {"stream": True}}, "generate")
+    for raw, needle in [(b"caf\xe9", "not valid UTF-8"), (b"", "empty text")]:           # gRPC bytes_contents
+        with pytest.raises(BadRequest, match=needle):
+            check_text(text, raw)
+
+
 def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifact, capsys):
     """Two text requests on generate_stream at once -- a plain prompt (64 tokens) and a chat message
     (16 tokens, sent once the first has streamed its first piece): each streams the text the CLI
