@@ -344,24 +344,49 @@ def cmd_profile(a) -> int:
 def cmd_generate(a) -> int:
     from jambatrt.engines.base import engine_class
     from jambatrt.engines.generate import Sampling, generate
+    from jambatrt.errors import UsageError
 
-    prompts = a.prompt_ids
+    given = [o for o, v in (("--prompt-ids", a.prompt_ids), ("--prompt", a.prompt), ("--chat", a.chat),
+                            ("--chat-file", a.chat_file)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --prompt TEXT, --chat MESSAGE, --chat-file FILE or --prompt-ids IDS"
+                         + (f" (got {', '.join(given)})" if given else ""))
     if a.stages:
         from jambatrt.engines.staged import StagedEngine
         engine = StagedEngine.load(a.out)          # the stage engines of `build --stages`, run in order
     else:
         engine = engine_class(a.backend).load(a.out)
+    codec = None
+    if a.prompt_ids is not None:
+        prompts, eos = a.prompt_ids, a.eos_id
+    else:
+        from jambatrt.text import TextCodec, read_messages
+        codec = TextCodec(a.out, engine.manifest)
+        if a.prompt is not None:
+            prompts = [codec.encode(a.prompt)]
+        else:
+            messages = read_messages(a.chat_file) if a.chat_file else [{"role": "user", "content": a.chat}]
+            prompts = [codec.encode_chat(messages)]
+        # text mode stops where the model's generation config says (several ids for Jamba-1.5)
+        eos = [a.eos_id] if a.eos_id is not None else codec.eos_token_ids
     stream = not a.json
+    pieces = codec.stream() if codec else None
 
     def on_token(i, tok):
-        if stream:
+        if not stream:
+            return
+        if pieces is not None:
+            print(pieces.step(tok), end="", flush=True)
+        else:
             print(f"{tok}" if len(prompts) == 1 else f"[{i}] {tok}", end=" " if len(prompts) == 1 else "\n", flush=True)
 
     gens, stats = generate(engine, prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.seed),
-                           eos_id=a.eos_id, on_token=on_token)
+                           eos_id=eos, on_token=on_token)
+    if pieces is not None and stream:
+        print(pieces.finish(), end="")
     if a.json:
         out = [{"prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "tokens_per_s": stats["tokens_per_s"]}
-               for g in gens]
+               | ({"text": codec.decode(g.generated_ids)} if codec else {}) for g in gens]
         print(json.dumps(out[0] if len(out) == 1 else out))
     else:
         print()
@@ -605,19 +630,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", help="PNG path (default: beside the report, .png)")
     pr.set_defaults(func=cmd_profile)
 
-    g = sub.add_parser("generate", help="generate tokens with an engine (greedy or sampled), streaming",
-                       description="Prefill the prompt, then decode token by token with the carried state.")
+    g = sub.add_parser("generate", help="generate text or tokens with an engine (greedy or sampled), streaming",
+                       description="Prefill the prompt, then decode token by token with the carried state. "
+                                   "Text (--prompt, --chat, --chat-file) goes through the artifact's tokenizer and "
+                                   "chat template and streams decoded text until an EOS id of its generation config.")
     g.add_argument("out", help="artifact directory with a built engine")
     g.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
-    g.add_argument("--prompt-ids", required=True, type=_prompts,
+    g.add_argument("--prompt", default=None, help="a text prompt, encoded with the artifact's tokenizer")
+    g.add_argument("--chat", default=None, metavar="MESSAGE",
+                   help="a user message, with the artifact's chat template applied (add_generation_prompt)")
+    g.add_argument("--chat-file", default=None, metavar="FILE",
+                   help='a JSON list of {"role": ..., "content": ...} messages, with the chat template applied')
+    g.add_argument("--prompt-ids", default=None, type=_prompts,
                    help="comma-separated token ids; several prompts separated by ';' (e.g. '1,2,3;4,5')")
     g.add_argument("--max-new-tokens", type=_int_option(0, TOKENS_MAX), default=32)
     g.add_argument("--temperature", type=_float_option(0.0, 1e6), default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=_float_option(0.0, 1.0, lo_open=True), default=1.0)
     g.add_argument("--seed", type=SEED, default=0)
-    g.add_argument("--eos-id", type=TOKEN_ID, default=None, help="stop a sequence at this token")
+    g.add_argument("--eos-id", type=TOKEN_ID, default=None,
+                   help="stop a sequence at this token (text modes: default the generation config's EOS ids)")
     g.add_argument("--json", action="store_true",
-                   help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float}')
+                   help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float} (+ "text")')
     g.add_argument("--stages", action="store_true", help="run the pipeline-stage engines (`build --stages N`)")
     g.set_defaults(func=cmd_generate)
 

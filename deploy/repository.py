@@ -41,7 +41,8 @@ PLAN_FILE = "model.plan"
 INFO_VERSION = 1
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+                 "string": "TYPE_STRING"}
 
 
 @dataclass(frozen=True)
@@ -239,8 +240,12 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
     generate = _python_model(
         f"{n}_generate", "generate", common, settings, max_batch_size=0,
         model_transaction_policy={"decoupled": True},
-        input=[_tensor("prompt_ids", "int64", ["seq"])] + [{**_tensor(k, t, [1]), "optional": True} for k, t in optional],
-        output=[_tensor("token_id", "int64", [1])])
+        # either prompt_ids (token ids) or text_input (the generate extension's text; parameters in the
+        # request's "parameters"), so both are optional; the guard and the model refuse neither or both
+        input=[{**_tensor("prompt_ids", "int64", ["seq"]), "optional": True},
+               {**_tensor("text_input", "string", [1]), "optional": True}]
+              + [{**_tensor(k, t, [1]), "optional": True} for k, t in optional],
+        output=[_tensor("token_id", "int64", [1]), _tensor("text_output", "string", [1])])
     return {f"{n}_prefill": prefill, f"{n}_sequence": sequence, f"{n}_generate": generate}
 
 

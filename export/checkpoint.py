@@ -332,11 +332,12 @@ def _named(want: str, given: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
 
 def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                     out: str | Path, max_shard_bytes: int | None = None, dtype: torch.dtype | None = None,
-                    on_bytes=None) -> Path:
+                    on_bytes=None, extra_files=None) -> Path:
     """Write config.json + safetensors, sharded with an index when over `max_shard_bytes`, one
     tensor at a time, atomically: a temp dir renamed into place; an existing `out` is refused.
     `tensors`: a dict, or (name, tensor) pairs in `hf_tensor_shapes` order (`iter_random_tensors`),
-    which are then never all in memory. `dtype` casts every tensor (e.g. a bf16 checkpoint)."""
+    which are then never all in memory. `dtype` casts every tensor (e.g. a bf16 checkpoint).
+    `extra_files(dir)` writes more files (a tokenizer) into the checkpoint before it is renamed in."""
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out} already exists; refusing to overwrite a checkpoint")
@@ -366,6 +367,8 @@ def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | Iterabl
         if len(shards) > 1:
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2))
+        if extra_files is not None:
+            extra_files(tmp)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -374,11 +377,19 @@ def save_checkpoint(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | Iterabl
 
 
 def write_preset(name: str, out: str | Path, seed: int = 0, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int | None = None, on_bytes=None, **overrides) -> Path:
-    """A seeded random-init HF checkpoint for a named preset, written tensor by tensor."""
+                 max_shard_bytes: int | None = None, on_bytes=None, tokenizer: bool = True, **overrides) -> Path:
+    """A seeded random-init HF checkpoint for a named preset, written tensor by tensor, with a real
+    tokenizer, chat template and generation config (export/tokenizer.py) unless `tokenizer=False`."""
+    from jambatrt.config import PRESET_GENERATION
+    from jambatrt.export.tokenizer import write_tokenizer
+
     cfg = preset(name, **overrides)
+    generation = PRESET_GENERATION.get(name)
+
+    def tokenizer_files(d: Path) -> None:
+        write_tokenizer(cfg, d, generation, seed=seed)
     return save_checkpoint(cfg, iter_random_tensors(cfg, seed), out, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                           on_bytes=on_bytes)
+                           on_bytes=on_bytes, extra_files=tokenizer_files if tokenizer else None)
 
 
 def dtype_from_name(name: str) -> torch.dtype:

@@ -4,6 +4,8 @@
     program.pt2, step.pt2 the torch.export programs (prefill; stateful step), saved without weights
     model.onnx            the step program as ONNX, initializers pointing into weights.safetensors
     config.json, manifest.json
+    tokenizer.json, tokenizer_config.json, ... the checkpoint's tokenizer, chat template and
+                          generation config, when it has them (manifest `text`)
 
 Nothing holds the model: the programs are traced on fake tensors and the weights go from the
 checkpoint's mapped shards to the store a block at a time. After export nothing reads the source
@@ -86,6 +88,8 @@ def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_se
     step_ep = export_step(model, max_seq=max_seq)
     cfg.save(out_tmp / "config.json")
     manifest = _manifest(cfg, source, dtype, experts_int8, max_seq, weights, weights_int8)
+    from jambatrt.text import copy_text_files
+    manifest["text"] = copy_text_files(ckpt, out_tmp, cfg.to_hf_dict())
 
     if onnx:
         progress.step("ONNX (jamba domain, weights by reference)")

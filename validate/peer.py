@@ -92,7 +92,8 @@ def checkpoint(cache: Path) -> Path:
     from jambatrt.export.checkpoint import write_preset
     ckpt = cache / "ckpt"
     if not (ckpt / "config.json").is_file():
-        write_preset(PRESET, ckpt, seed=0)
+        # no BPE tokenizer.json: llama.cpp's converter reads the sentencepiece model made below
+        write_preset(PRESET, ckpt, seed=0, tokenizer=False)
     if not (ckpt / "tokenizer.model").is_file():
         try:
             import sentencepiece as spm
