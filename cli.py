@@ -181,7 +181,8 @@ def cmd_export(a) -> int:
                        source=f"preset {a.preset}" if a.preset else f"{a.checkpoint}/config.json")
     with atomic_dir(a.out, force=a.force) as tmp, _progress_bytes() as prog:     # a refused OUT before any output
         manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
-                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog)
+                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog,
+                                       weights_int8=a.weights_int8)
         prog.step("manifest (sha256 of every file)")
         record_files(tmp, manifest, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*"))
                                      if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"],
@@ -195,6 +196,8 @@ def cmd_export(a) -> int:
 def cmd_build(a) -> int:
     from jambatrt.engines import engine_class
 
+    if a.stages is not None or a.stage_plan is not None:
+        return _build_stages(a)
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
         settings = ({"attention": a.attention} if a.backend == "ort" else
@@ -203,6 +206,32 @@ def cmd_build(a) -> int:
             settings["moe"] = a.moe
         entry = cls.build(a.out, **settings)
     print(f"built {a.backend} engine: {Path(a.out) / entry['path']}")
+    return 0
+
+
+def _gpu_bytes(a):
+    from jambatrt.export.stage_plan import parse_bytes
+    return None if a.gpu_memory is None else parse_bytes(a.gpu_memory)
+
+
+def _build_stages(a) -> int:
+    """build --stages N | --stage-plan auto --gpu-memory SIZE: pipeline-stage engines (engines/staged.py)."""
+    from jambatrt.errors import UsageError
+    from jambatrt.export.stage_plan import describe
+    if a.stages is not None and a.stage_plan is not None:
+        raise UsageError("give --stages N or --stage-plan auto, not both")
+    if a.stage_plan is not None and a.gpu_memory is None:
+        raise UsageError("--stage-plan auto needs --gpu-memory (e.g. 80GB): the plan picks the fewest stages that fit it")
+    if a.backend != "ort":
+        raise UsageError(f"--stages with --backend {a.backend}: stage engines are built for ort here "
+                         "(TensorRT / AOTInductor stages need the GPU toolchains; see docs/multinode.md)")
+    from jambatrt.engines.staged import build_stages
+    with console.status(f"building pipeline-stage {a.backend} engines for {a.out}"):
+        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention)
+    for line in describe(entry["plan"]):
+        print(f"  {line}")
+    print(f"built {len(entry['stages'])} {a.backend} stage engines: "
+          + ", ".join(str(Path(a.out) / s["path"]) for s in entry["stages"]))
     return 0
 
 
@@ -315,20 +344,49 @@ def cmd_profile(a) -> int:
 def cmd_generate(a) -> int:
     from jambatrt.engines import engine_class
     from jambatrt.engines.generate import Sampling, generate
+    from jambatrt.errors import UsageError
 
-    prompts = a.prompt_ids
-    engine = engine_class(a.backend).load(a.out)
+    given = [o for o, v in (("--prompt-ids", a.prompt_ids), ("--prompt", a.prompt), ("--chat", a.chat),
+                            ("--chat-file", a.chat_file)) if v is not None]
+    if len(given) != 1:
+        raise UsageError("give exactly one of --prompt TEXT, --chat MESSAGE, --chat-file FILE or --prompt-ids IDS"
+                         + (f" (got {', '.join(given)})" if given else ""))
+    if a.stages:
+        from jambatrt.engines.staged import StagedEngine
+        engine = StagedEngine.load(a.out)          # the stage engines of `build --stages`, run in order
+    else:
+        engine = engine_class(a.backend).load(a.out)
+    codec = None
+    if a.prompt_ids is not None:
+        prompts, eos = a.prompt_ids, a.eos_id
+    else:
+        from jambatrt.text import TextCodec, read_messages
+        codec = TextCodec(a.out, engine.manifest)
+        if a.prompt is not None:
+            prompts = [codec.encode(a.prompt)]
+        else:
+            messages = read_messages(a.chat_file) if a.chat_file else [{"role": "user", "content": a.chat}]
+            prompts = [codec.encode_chat(messages)]
+        # text mode stops where the model's generation config says (several ids for Jamba-1.5)
+        eos = [a.eos_id] if a.eos_id is not None else codec.eos_token_ids
     stream = not a.json
+    pieces = codec.stream() if codec else None
 
     def on_token(i, tok):
-        if stream:
+        if not stream:
+            return
+        if pieces is not None:
+            print(pieces.step(tok), end="", flush=True)
+        else:
             print(f"{tok}" if len(prompts) == 1 else f"[{i}] {tok}", end=" " if len(prompts) == 1 else "\n", flush=True)
 
     gens, stats = generate(engine, prompts, a.max_new_tokens, Sampling(a.temperature, a.top_p, a.seed),
-                           eos_id=a.eos_id, on_token=on_token)
+                           eos_id=eos, on_token=on_token)
+    if pieces is not None and stream:
+        print(pieces.finish(), end="")
     if a.json:
         out = [{"prompt_ids": g.prompt_ids, "generated_ids": g.generated_ids, "tokens_per_s": stats["tokens_per_s"]}
-               for g in gens]
+               | ({"text": codec.decode(g.generated_ids)} if codec else {}) for g in gens]
         print(json.dumps(out[0] if len(out) == 1 else out))
     else:
         print()
@@ -355,7 +413,8 @@ def cmd_deploy(a) -> int:
     from jambatrt.deploy.repository import RepositorySettings, write_repository
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
-                                  idle_seconds=a.idle_seconds, instances=a.instances,
+                                  idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
+                                  stage_devices=a.stage_devices,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
     verb = "kept (already up to date)" if info["reused"] else "wrote"
@@ -396,6 +455,10 @@ def cmd_inspect(a) -> int:
     plan = memory_plan(cfg, context=a.context, batch=a.batch)
     from jambatrt.engines.tensorrt import build_host_memory
     plan["tensorrt_build_host_bytes"] = {k: build_host_memory(v)["peak"] for k, v in plan["weight_bytes"].items()}
+    if a.gpu_memory is not None or a.stages is not None:
+        from jambatrt.export.stage_plan import plan_stages
+        plan["stage_plan"] = plan_stages(cfg, stages=a.stages, gpu_bytes=_gpu_bytes(a), context=a.context,
+                                         batch=a.batch)
     if a.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -433,6 +496,15 @@ def cmd_inspect(a) -> int:
                       f"{plan['total_bytes']['bfloat16'] / 1e9:.1f} GB / {plan['total_bytes']['experts_int8'] / 1e9:.1f} GB")
             t.add_row("verdict", plan["verdict"])
         Console().print(t)
+        if "stage_plan" in plan:
+            from jambatrt.export.stage_plan import describe
+            sp = plan["stage_plan"]
+            print(f"pipeline stages: {sp['stages']} (context {sp['context']:,}, batch {sp['batch']}, prefill chunk "
+                  f"{sp['chunk']:,}, weights {sp['weights']}; "
+                  + ("every stage fits" if sp["fits"] else "NOT every stage fits" if sp["fits"] is False else "no device size")
+                  + ")")
+            for line in describe(sp):
+                print(f"  {line}")
     return 0
 
 
@@ -490,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; float16 is refused")
     e.add_argument("--experts-int8", dest="experts_int8", action=argparse.BooleanOptionalAction, default=True,
                    help="ExpertsInt8: int8 expert weights with per-channel scales (default on)")
+    e.add_argument("--weights-int8", action="store_true",
+                   help="int8 weights with per-output-channel scales for every other linear layer too (not the "
+                        "router, not the embedding); the CPU engine's fastest decode")
     e.add_argument("--seed", type=SEED, default=0, help="seed for --preset weights (default 0)")
     e.add_argument("--max-seq", type=TOKENS, default=None, help="largest sequence length (default: max_position_embeddings)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
@@ -509,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt only: MoE layers as route + grouped-GEMM plugins (default; reads each expert "
                         "weight tile once per 64 routed tokens) or one fused plugin per layer (recomputes gate/up "
                         "per output block: for decode-only engines)")
+    b.add_argument("--stages", type=_int_option(1, 4096), default=None,
+                   help="split the step graph into N pipeline stages (contiguous layer ranges), one engine each")
+    b.add_argument("--stage-plan", choices=["auto"], default=None,
+                   help="auto: the fewest stages in which every stage fits --gpu-memory")
+    b.add_argument("--gpu-memory", default=None, help="device size for the stage plan, e.g. 80GB")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",
@@ -550,19 +630,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--plot", help="PNG path (default: beside the report, .png)")
     pr.set_defaults(func=cmd_profile)
 
-    g = sub.add_parser("generate", help="generate tokens with an engine (greedy or sampled), streaming",
-                       description="Prefill the prompt, then decode token by token with the carried state.")
+    g = sub.add_parser("generate", help="generate text or tokens with an engine (greedy or sampled), streaming",
+                       description="Prefill the prompt, then decode token by token with the carried state. "
+                                   "Text (--prompt, --chat, --chat-file) goes through the artifact's tokenizer and "
+                                   "chat template and streams decoded text until an EOS id of its generation config.")
     g.add_argument("out", help="artifact directory with a built engine")
     g.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
-    g.add_argument("--prompt-ids", required=True, type=_prompts,
+    g.add_argument("--prompt", default=None, help="a text prompt, encoded with the artifact's tokenizer")
+    g.add_argument("--chat", default=None, metavar="MESSAGE",
+                   help="a user message, with the artifact's chat template applied (add_generation_prompt)")
+    g.add_argument("--chat-file", default=None, metavar="FILE",
+                   help='a JSON list of {"role": ..., "content": ...} messages, with the chat template applied')
+    g.add_argument("--prompt-ids", default=None, type=_prompts,
                    help="comma-separated token ids; several prompts separated by ';' (e.g. '1,2,3;4,5')")
     g.add_argument("--max-new-tokens", type=_int_option(0, TOKENS_MAX), default=32)
     g.add_argument("--temperature", type=_float_option(0.0, 1e6), default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=_float_option(0.0, 1.0, lo_open=True), default=1.0)
     g.add_argument("--seed", type=SEED, default=0)
-    g.add_argument("--eos-id", type=TOKEN_ID, default=None, help="stop a sequence at this token")
+    g.add_argument("--eos-id", type=TOKEN_ID, default=None,
+                   help="stop a sequence at this token (text modes: default the generation config's EOS ids)")
     g.add_argument("--json", action="store_true",
-                   help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float}')
+                   help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float} (+ "text")')
+    g.add_argument("--stages", action="store_true", help="run the pipeline-stage engines (`build --stages N`)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
@@ -583,6 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--execution-env", default=None,
                    help="write EXECUTION_ENV_PATH=DIR into the Python models (for a server not started by "
                         "jambatrt; DIR: a venv with numpy<2 and jambatrt)")
+    d.add_argument("--stages", action="store_true",
+                   help="serve the pipeline-stage engines (`build --stages N`): one model per stage, each keeping its "
+                        "layers' state per sequence, chained by the ensemble NAME_sequence (same interface as the "
+                        "single-engine sequence model)")
+    d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
+                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
     d.add_argument("--http-port", type=PORT, default=8000)
     d.add_argument("--grpc-port", type=PORT, default=8001)
@@ -596,6 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", help="a named preset instead of an artifact")
     i.add_argument("--context", type=TOKENS, default=None, help="context length for the KV estimate (default: max)")
     i.add_argument("--batch", type=COUNT, default=1)
+    i.add_argument("--gpu-memory", default=None,
+                   help="device size (e.g. 80GB): add the pipeline-stage plan (fewest stages that fit, or --stages)")
+    i.add_argument("--stages", type=_int_option(1, 4096), default=None, help="stage count for the stage plan")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 

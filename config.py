@@ -175,12 +175,15 @@ class JambaConfig:
         hidden = kwargs.get("hidden_size", cls.hidden_size)
         if kwargs.get("mamba_dt_rank") == "auto" and _is_int(hidden):     # else validate() names hidden_size
             kwargs["mamba_dt_rank"] = math.ceil(hidden / 16)
+        listed = {}
         for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if isinstance(kwargs.get(k), list):  # HF allows lists; we keep the first
+            if isinstance(kwargs.get(k), list):  # HF allows lists: the field keeps the first, the list is
+                listed[k] = kwargs[k]            # written back as it was (Jamba-1.5: eos [2, 518])
                 kwargs[k] = kwargs[k][0] if kwargs[k] else None
             if kwargs.get(k) is None and k in kwargs:
                 kwargs.pop(k)
         extra = {k: v for k, v in d.items() if k not in known and k not in ("model_type", "architectures")}
+        extra.update(listed)
         try:
             cfg = cls(**kwargs, extra=extra)
         except TypeError as e:
@@ -207,8 +210,9 @@ class JambaConfig:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 
 
-# Named presets. tiny/small/bench are for tests and CPU sweeps (every block kind present);
-# the real ones are for memory planning and are never instantiated in tests.
+# Named presets. tiny/small/bench are for tests and CPU sweeps (every block kind present); the
+# published ones mirror AI21's config.json field for field (unknown HF keys ride along in `extra` and
+# are written back) and are for memory planning: never instantiated in tests.
 PRESETS: dict[str, dict] = {
     # layer 1: attention+MoE, layer 3: Mamba+MoE, layers 0,2: Mamba+dense
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
@@ -224,22 +228,67 @@ PRESETS: dict[str, dict] = {
                   num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2,
                   expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
-    "jamba-1.5-mini": dict(vocab_size=65536, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                           num_attention_heads=32, num_key_value_heads=8, attn_layer_period=8,
-                           attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=16,
-                           num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
-                           mamba_dt_rank=256),
-    "jamba-1.5-large": dict(vocab_size=65536, hidden_size=8192, intermediate_size=24576, num_hidden_layers=72,
-                            num_attention_heads=64, num_key_value_heads=8, attn_layer_period=8,
-                            attn_layer_offset=4, expert_layer_period=2, expert_layer_offset=1, num_experts=16,
-                            num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2,
-                            mamba_dt_rank=512),
+    # the checkpoint `make bench-peer` runs against llama.cpp (426e6 parameters, 1.7 GB in float32):
+    # big enough that decode reads weights at memory bandwidth, small enough for 16K-token prefills
+    # on 2 cores; 8 heads of 128, llama.cpp's Jamba needs mamba_expand 2
+    "peer": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, attn_layer_period=8, attn_layer_offset=4,
+                 expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
+                 mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=64),
+    # Jamba-v0.1: huggingface.co/ai21labs/Jamba-v0.1 config.json, the in-library checkpoint (its PR #43,
+    # "Move to in-library checkpoint"); the same fields as the transformers-format conversion
+    # huggingface.co/TechxGenus/Jamba-v0.1-hf/config.json (which says torch_dtype float16: AI21 ships bf16).
+    # Published: 52B parameters, 12B active (model card; the Open LLM Leaderboard's request records 51.57B).
+    "jamba-v0.1": {
+        "attention_dropout": 0.0, "attn_layer_offset": 4, "attn_layer_period": 8, "bos_token_id": 1,
+        "eos_token_id": 2, "expert_layer_offset": 1, "expert_layer_period": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "mamba_conv_bias": True,
+        "mamba_d_conv": 4, "mamba_d_state": 16, "mamba_dt_rank": 256, "mamba_expand": 2, "mamba_proj_bias": False,
+        "max_position_embeddings": 262144, "model_type": "jamba", "num_attention_heads": 32, "num_experts": 16,
+        "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_logits_to_keep": 1,
+        "output_router_logits": False, "pad_token_id": 0, "rms_norm_eps": 1e-06, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.40.1", "use_cache": True, "use_mamba_kernels": True, "vocab_size": 65536},
 }
-PRESETS["jamba-v0.1"] = PRESETS["jamba-1.5-mini"]
+# Jamba-1.5-Mini (huggingface.co/ai21labs/AI21-Jamba-1.5-Mini config.json): v0.1's architecture
+# exactly; what differs is the chat tuning, so EOS is a list -- end of text (2) and end of message
+# (518), as in its config.json (kept by derived checkpoints, e.g. LaferriereJC/jamba_550M_trained, whose
+# _name_or_path is AI21-Jamba-1.5-Mini) and in generation_config.json (AI21-Jamba-Large-1.6 lists the
+# same [2, 518]). Published: 52B total, 12B active (Jamba-1.5 paper, arXiv 2408.12570; Jamba-tiny-dev's
+# model card).
+PRESETS["jamba-1.5-mini"] = {**{k: v for k, v in PRESETS["jamba-v0.1"].items() if k != "transformers_version"},
+                             "eos_token_id": [2, 518]}
+# Jamba-1.5-Large (huggingface.co/ai21labs/AI21-Jamba-1.5-Large config.json): 72 layers (9 attention,
+# 36 MoE), hidden 8192, 64 query / 8 KV heads, FFN 24576, dt_rank 512 = 8192 / 16; 16 experts top-2 and
+# EOS [2, 518] as Mini. Published: 398B total, 94B active (Jamba-1.5 paper; Jamba-tiny-dev's model card).
+PRESETS["jamba-1.5-large"] = {**PRESETS["jamba-1.5-mini"], "hidden_size": 8192, "intermediate_size": 24576,
+                              "num_hidden_layers": 72, "num_attention_heads": 64, "mamba_dt_rank": 512}
+# Not presets: AI21's small published models, Jamba-tiny-dev (huggingface.co/ai21labs/Jamba-tiny-dev) and
+# AI21-Jamba-Reasoning-3B (huggingface.co/ai21labs/AI21-Jamba-Reasoning-3B). Their config.json was looked
+# up (issue 17) and could not be read from the sources reachable here: the stored pages hold their file
+# listings (config.json 1.01 kB for tiny-dev) and model cards, not the files. What was found:
+# tiny-dev's generation_config.json is v0.1's (eos_token_id 2; .../Jamba-tiny-dev/blob/refs%2Fpr%2F1/
+# generation_config.json); it has about 319M parameters (the model card of AI21's Jamba-tiny-reward-dev,
+# made from it); Reasoning-3B has about 3B parameters, a 256K context and a ChatML-style chat template
+# (<|im_start|> / <|im_end|>, <think> reasoning; its model card). Layer count, hidden size, experts,
+# periods and vocabulary were not found, so they are not written here: add the presets from the two
+# config.json files, field for field, when they can be read (and their totals to PUBLISHED_PARAMS).
+# generation_config.json of each published preset (huggingface.co/ai21labs/<model>/generation_config.json);
+# the test presets list two EOS ids (end of text, end of message) like Jamba-1.5, so stopping at any of
+# several is exercised. Presets written as checkpoints carry these (export/tokenizer.py).
+PRESET_GENERATION: dict[str, dict] = {
+    "jamba-v0.1": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0},
+    "jamba-1.5-mini": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [2, 518], "pad_token_id": 0},
+    "jamba-1.5-large": {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [2, 518], "pad_token_id": 0},
+}
+# Published parameter totals (and active per token), as stated in the sources above; `inspect` is
+# checked against them (tests/test_text.py).
+PUBLISHED_PARAMS: dict[str, tuple[float, float]] = {
+    "jamba-v0.1": (52e9, 12e9), "jamba-1.5-mini": (52e9, 12e9), "jamba-1.5-large": (398e9, 94e9)}
 
 
 def preset(name: str, **overrides) -> JambaConfig:
     """A named preset, optionally with fields overridden (tests vary periods, experts, sizes)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} (accepted: {', '.join(sorted(PRESETS))})")
-    return JambaConfig(**{**PRESETS[name], **overrides}).validate()
+    return JambaConfig.from_hf_dict({**PRESETS[name], **overrides}, source=f"preset {name}")

@@ -4,6 +4,8 @@
     c.logits([[1, 2, 3]])                       # [1, 3, V] from NAME_prefill
     list(c.generate_stream([1, 2, 3], 8))      # tokens streamed from NAME_generate (SSE)
     c.generate_steps([1, 2, 3], 8, sequence_id=7)   # step by step through NAME_sequence
+    "".join(c.generate_text_stream("Once upon", 32))  # text in, text streamed out (generate extension)
+    c.generate_text("Hello", 32, chat=True)          # one response: the whole text
 
 Needs `tritonclient[http]` (numpy 2 is fine for the client; only the server side needs numpy < 2).
 The streaming call uses Triton's HTTP generate extension (server-sent events), which tritonclient's
@@ -140,16 +142,30 @@ class JambaClient:
                 "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)}
         if eos_id is not None:
             body["eos_id"] = int(eos_id)
+        for event in self._events("generate_stream", body):
+            tok = event.get("token_id")
+            if tok is not None:
+                yield int(tok[0] if isinstance(tok, list) else tok)
+
+    def _events(self, route: str, body: dict) -> Iterator[dict]:
+        """POST the generate extension's JSON to NAME_generate/<route>; -> each response as a dict (the
+        events of generate_stream, the one answer of generate). An error event raises InferenceError."""
         host, _, port = self.url.rpartition(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=self.timeout)
         model = self._model("generate")
         try:
-            conn.request("POST", f"/v2/models/{model}/generate_stream", json.dumps(body),
+            conn.request("POST", f"/v2/models/{model}/{route}", json.dumps(body),
                          {"Content-Type": "application/json", "Accept": "text/event-stream"})
             resp = conn.getresponse()
             if resp.status != 200:
                 raise InferenceError(f"{model}: HTTP {resp.status}: {resp.read().decode(errors='replace')}",
                                      resp.status)
+            if route == "generate":
+                event = json.loads(resp.read())
+                if "error" in event:
+                    raise InferenceError(f"{model}: {event['error']}")
+                yield event
+                return
             for raw in resp:
                 line = raw.decode().strip()
                 if not line.startswith("data:"):
@@ -157,11 +173,34 @@ class JambaClient:
                 event = json.loads(line[5:])
                 if "error" in event:
                     raise InferenceError(f"{model}: {event['error']}")
-                tok = event.get("token_id")
-                if tok is not None:
-                    yield int(tok[0] if isinstance(tok, list) else tok)
+                yield event
         finally:
             conn.close()
+
+    @staticmethod
+    def _text_body(text: str, max_new_tokens: int, temperature: float, top_p: float, seed: int, chat: bool,
+                   stream: bool) -> dict:
+        return {"text_input": text, "parameters": {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
+                                                   "top_p": float(top_p), "seed": int(seed), "chat": bool(chat),
+                                                   "stream": stream}}
+
+    def generate_text_stream(self, text: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                             seed: int = 0, chat: bool = False) -> Iterator[str]:
+        """Decoded text as it is generated (HTTP generate_stream, SSE): the server's tokenizer encodes
+        `text` (as a user message through its chat template with chat=True) and it stops at the model's
+        EOS ids. Joined, the pieces are the whole text."""
+        for event in self._events("generate_stream", self._text_body(text, max_new_tokens, temperature, top_p,
+                                                                     seed, chat, True)):
+            piece = event.get("text_output")
+            if piece is not None:
+                yield piece[0] if isinstance(piece, list) else piece
+
+    def generate_text(self, text: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                      seed: int = 0, chat: bool = False) -> str:
+        """The whole generated text in one response (HTTP generate)."""
+        body = self._text_body(text, max_new_tokens, temperature, top_p, seed, chat, False)
+        return "".join(e["text_output"][0] if isinstance(e.get("text_output"), list) else e.get("text_output", "")
+                       for e in self._events("generate", body))
 
     def generate(self, prompt: list[int], max_new_tokens: int = 16, **kw) -> list[int]:
         return list(self.generate_stream(prompt, max_new_tokens, **kw))

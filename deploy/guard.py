@@ -18,6 +18,10 @@ So tritonserver listens on private loopback ports, and this guard listens where 
   in Python integers (no overflow);
 - the data holds exactly that many elements (JSON `data` leaves, `binary_data_size`, gRPC contents
   or raw_input_contents); no shared-memory inputs; no compressed bodies (a decompression bomb);
+- text (the generate extension's `text_input`): one string, valid UTF-8 (raw bytes, and a JSON escape
+  of a lone surrogate), not empty, within TEXT_BYTES_PER_TOKEN bytes per token of the budget; exactly
+  one of text_input / prompt_ids; the generate `parameters` the model reads, each of its JSON type;
+  `"stream": true` only on generate_stream;
 - the body within what the largest valid request needs.
 
 This file has two roles: in jambatrt, `repository_specs()` derives each model's limits from the
@@ -42,7 +46,15 @@ ITEMSIZE = {"BOOL": 1, "INT8": 1, "UINT8": 1, "INT16": 2, "UINT16": 2, "FP16": 2
 KSERVE_DTYPES = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
                  "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 JSON_CHARS_PER_ELEMENT = 32        # the longest a JSON number of ours plausibly takes, separator included
+JSON_CHARS_PER_BYTE = 6            # a text byte escaped in JSON (\u00XX) at worst
 BODY_SLACK = 1 << 16               # names, parameters, whitespace
+# Bytes of text per token a text input may carry: tokens of the vocabularies in use are far shorter,
+# so a prompt over this many bytes per token of budget cannot fit the budget anyway; the model
+# counts the real tokens after encoding.
+TEXT_BYTES_PER_TOKEN = 64
+# the generate extension's "parameters" the generate model reads, with their JSON types
+GENERATE_PARAMETERS = {"max_new_tokens": int, "max_tokens": int, "temperature": float, "top_p": float, "seed": int,
+                       "eos_id": int, "stream": bool, "chat": bool}
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class InputSpec:
     dims: tuple                     # one (lo, hi) per dim of the request's shape
     max_elements: int
     optional: bool = False
+    max_bytes: int = 0              # BYTES inputs: the longest element, in UTF-8 bytes
 
 
 @dataclass(frozen=True)
@@ -60,9 +73,11 @@ class ModelSpec:
     inputs: tuple                   # InputSpec, in the model's order
     outputs: tuple                  # output names
     decoupled: bool = False
+    one_of: tuple = ()              # inputs of which exactly one must be given (each optional alone)
 
     def max_body(self) -> int:
-        return BODY_SLACK + sum(i.max_elements * max(JSON_CHARS_PER_ELEMENT, ITEMSIZE.get(i.datatype, 8))
+        return BODY_SLACK + sum(i.max_elements * (i.max_bytes * JSON_CHARS_PER_BYTE + 2 if i.datatype == "BYTES" else
+                                                  max(JSON_CHARS_PER_ELEMENT, ITEMSIZE.get(i.datatype, 8)))
                                 for i in self.inputs)
 
 
@@ -99,10 +114,17 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
             elif mode == "generate":
                 one = ((1, 1),)
                 specs[name] = ModelSpec(name, (
-                    InputSpec("prompt_ids", "INT64", ((0, T),), T),
+                    InputSpec("prompt_ids", "INT64", ((0, T),), T, True),
+                    InputSpec("text_input", "BYTES", one, 1, True, max_bytes=T * TEXT_BYTES_PER_TOKEN),
                     InputSpec("max_new_tokens", "INT32", one, 1, True), InputSpec("eos_id", "INT64", one, 1, True),
                     InputSpec("temperature", "FP32", one, 1, True), InputSpec("top_p", "FP32", one, 1, True),
-                    InputSpec("seed", "INT64", one, 1, True)), ("token_id",), decoupled=True)
+                    InputSpec("seed", "INT64", one, 1, True)), ("token_id", "text_output"), decoupled=True,
+                    one_of=("prompt_ids", "text_input"))
+        elif kind == "ensemble":         # the pipeline stages as one sequence model (deploy --stages)
+            b = settings["sequence_batch"]
+            specs[name] = ModelSpec(name, (InputSpec("input_ids", "INT64", ((0, b), (0, T)), b * T),),
+                                    ("logits", "next_token"))
+        # kind "stage": reached only through the ensemble; no spec, so the guard refuses direct requests
         elif kind in ("tensorrt", "aoti"):
             entry = manifest.get("engines", {}).get(kind, {})
             max_batch = int(entry.get("max_batch") or step.get("max_batch") or 1)
@@ -124,8 +146,8 @@ def specs_from_json(text: str) -> dict[str, ModelSpec]:
     out = {}
     for n, s in json.loads(text).items():
         inputs = tuple(InputSpec(i["name"], i["datatype"], tuple(tuple(d) for d in i["dims"]), i["max_elements"],
-                                 i["optional"]) for i in s["inputs"])
-        out[n] = ModelSpec(s["name"], inputs, tuple(s["outputs"]), s["decoupled"])
+                                 i["optional"], i.get("max_bytes", 0)) for i in s["inputs"])
+        out[n] = ModelSpec(s["name"], inputs, tuple(s["outputs"]), s["decoupled"], tuple(s.get("one_of", ())))
     return out
 
 
@@ -166,7 +188,52 @@ def check_inputs(spec: ModelSpec, tensors: list[tuple[str, str, list]]) -> list[
     missing = [i.name for i in spec.inputs if not i.optional and i.name not in seen]
     if missing:
         raise BadRequest(f"{spec.name}: missing input(s) {', '.join(map(repr, missing))}")
+    if spec.one_of and len(seen & set(spec.one_of)) != 1:
+        given = sorted(seen & set(spec.one_of))
+        raise BadRequest(f"{spec.name}: give exactly one of {' or '.join(map(repr, spec.one_of))}"
+                         + (f" (got {' and '.join(map(repr, given))})" if given else ""))
     return out
+
+
+def check_text(spec: InputSpec, value) -> int:
+    """A text element (JSON string, or bytes from gRPC) -> its UTF-8 length; refuses other types,
+    invalid UTF-8 (a JSON escape of a lone surrogate is valid JSON and is not text), empty or
+    whitespace-only text and text over the input's byte limit."""
+    if isinstance(value, str):
+        try:
+            value = value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRequest(f"input {spec.name!r} is not valid UTF-8 text (character {e.start}: {e.reason})") from None
+    elif isinstance(value, bytes):
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRequest(f"input {spec.name!r} is not valid UTF-8 text (byte {e.start})") from None
+    else:
+        raise BadRequest(f"input {spec.name!r} is a {type(value).__name__}; expected a string")
+    if not value.strip():
+        raise BadRequest(f"input {spec.name!r} is empty text: give some text")
+    if len(value) > spec.max_bytes:
+        raise BadRequest(f"input {spec.name!r} holds {len(value):,} bytes of text, over this model's {spec.max_bytes:,} "
+                         f"({TEXT_BYTES_PER_TOKEN} per token of max_tokens)")
+    return len(value)
+
+
+def check_generate_parameters(spec: ModelSpec, params) -> None:
+    """The generate extension's 'parameters': an object of scalars; for a text-generating model the
+    names it reads, each of its JSON type."""
+    if not isinstance(params, dict) or any(isinstance(v, (list, dict)) for v in params.values()):
+        raise BadRequest("request 'parameters' must be an object of scalar values")
+    if not any(i.datatype == "BYTES" for i in spec.inputs):
+        return
+    for k, v in params.items():
+        kind = GENERATE_PARAMETERS.get(k)
+        if kind is None:
+            raise BadRequest(f"{spec.name}: unknown parameter {k!r} (accepted: {', '.join(GENERATE_PARAMETERS)})")
+        ok = isinstance(v, bool) if kind is bool else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or float(v).is_integer()))
+        if not ok:
+            raise BadRequest(f"{spec.name}: parameter {k}={v!r} (accepted: {'true or false' if kind is bool else kind.__name__})")
 
 
 def count_leaves(data, limit: int) -> int:
@@ -241,8 +308,10 @@ def check_http_infer(spec: ModelSpec, header: dict, binary_len: int) -> None:
         raise BadRequest("request 'parameters' must be an object of scalar values")
 
 
-def check_http_generate(spec: ModelSpec, body: dict) -> None:
-    """The generate extension's body: input name -> value (scalar or array), plus 'parameters'/'id'."""
+def check_http_generate(spec: ModelSpec, body: dict, op: str = "generate_stream") -> None:
+    """The generate extension's body: input name -> value (scalar or array), plus 'parameters'/'id'.
+    `op`: generate (one response) or generate_stream; "stream": true asks for one response per token,
+    which only generate_stream can carry."""
     if not isinstance(body, dict):
         raise BadRequest("request body is not a JSON object")
     by_name = {i.name: i for i in spec.inputs}
@@ -253,6 +322,10 @@ def check_http_generate(spec: ModelSpec, body: dict) -> None:
         if k not in by_name:
             raise BadRequest(f"{spec.name}: unknown input {k!r} (accepted: {', '.join(by_name)})")
         want = by_name[k]
+        if want.datatype == "BYTES":         # the generate extension's text: one string
+            check_text(want, v)
+            tensors.append((k, want.datatype, [1] * len(want.dims)))
+            continue
         n = count_leaves(v, want.max_elements) if isinstance(v, list) else (1 if isinstance(v, (int, float)) else -1)
         if n < 0:
             raise BadRequest(f"{spec.name}: input {k!r} is a {type(v).__name__}; expected a number or an array")
@@ -262,8 +335,10 @@ def check_http_generate(spec: ModelSpec, body: dict) -> None:
         tensors.append((k, want.datatype, [n] + [1] * (len(want.dims) - 1)))
     check_inputs(spec, tensors)
     params = body.get("parameters", {})
-    if not isinstance(params, dict) or any(isinstance(v, (list, dict)) for v in params.values()):
-        raise BadRequest("request 'parameters' must be an object of scalar values")
+    check_generate_parameters(spec, params)
+    if op == "generate" and params.get("stream") is True:
+        raise BadRequest(f"{spec.name}: parameter stream=true streams one response per token: POST "
+                         "generate_stream (generate answers once, with the whole text)")
 
 
 # ---- HTTP ------------------------------------------------------------------------------------------
@@ -333,7 +408,7 @@ def _handler(specs: dict[str, ModelSpec], upstream: tuple[str, int], timeout: fl
                     else:
                         check_http_infer(spec, _json(body), 0)
                 else:
-                    check_http_generate(spec, _json(body))
+                    check_http_generate(spec, _json(body), m.group("op"))
             except BadRequest as e:
                 return self._error(e.status, str(e), close=e.status in (411, 413, 415))
             self._forward("POST", body)
@@ -399,7 +474,9 @@ def _handler(specs: dict[str, ModelSpec], upstream: tuple[str, int], timeout: fl
 def _json(raw: bytes):
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid UTF-8 (byte {e.start}): JSON text must be UTF-8") from None
+    except ValueError as e:
         raise BadRequest(f"request body is not valid JSON ({str(e)[:120]})") from None
     except RecursionError:
         raise BadRequest("request body nests too deeply") from None
@@ -433,7 +510,17 @@ def check_grpc_infer(specs: dict[str, ModelSpec], req) -> None:
     for k, (inp, (want, n)) in enumerate(zip(req.inputs, checked)):
         if any(p.startswith("shared_memory") for p in inp.parameters):
             raise BadRequest(f"input {want.name!r}: shared-memory inputs are not served")
-        if raw:
+        if want.datatype == "BYTES":
+            if raw:                  # each element: a 4-byte length, then its bytes
+                if len(raw[k]) > n * (4 + want.max_bytes):
+                    raise BadRequest(f"input {want.name!r}: {len(raw[k]):,} bytes, over this model's {want.max_bytes:,}")
+            else:
+                items = list(inp.contents.bytes_contents)
+                if len(items) != n:
+                    raise BadRequest(f"input {want.name!r}: shape {list(inp.shape)} holds {n:,} elements, contents {len(items):,}")
+                for item in items:
+                    check_text(want, item)
+        elif raw:
             if len(raw[k]) != n * ITEMSIZE[want.datatype]:
                 raise BadRequest(f"input {want.name!r}: {len(raw[k])} bytes for shape {list(inp.shape)} of "
                                  f"{want.datatype} (expected {n * ITEMSIZE[want.datatype]})")

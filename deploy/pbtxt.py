@@ -12,7 +12,8 @@ from jambatrt.errors import ArtifactError
 # dtype name (the manifest's) -> the server's model-config data_type; not Triton's kernel-language
 # types (plugins/gpu TL_TYPES)
 MODEL_CONFIG_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                      "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL"}
+                      "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
+                      "string": "TYPE_STRING"}
 
 
 class Enum(str):

@@ -474,7 +474,8 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
               f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
               f"  metrics  {server.metrics_url}\n  log      {server.log_path}", file=out)
         for name in server.model_names():
-            route = "generate_stream  (decoupled: SSE, or gRPC streaming)" if name.endswith("_generate") else "infer"
+            route = ("generate_stream  (decoupled: SSE, or gRPC streaming; text_input -> text_output, or "
+                     "prompt_ids -> token_id)") if name.endswith("_generate") else "infer"
             print(f"  model    {name}: POST http://{server.http_url}/v2/models/{name}/{route}", file=out)
         print("Ctrl-C or SIGTERM stops it.", file=out, flush=True)
         # supervise: a dead server or guard, or a server that stays unready (a model's backend stub

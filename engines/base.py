@@ -73,10 +73,11 @@ class Engine(abc.ABC):
         return None
 
     @classmethod
-    @abc.abstractmethod
     def _build(cls, artifact: Path, manifest: dict, settings: Any, prepared: Any, out: Path) -> dict:
         """Write the engine into `out` (a temp file or folder standing for `output`); returns the
-        manifest entry, its paths as they will be once `out` is `output`."""
+        manifest entry, its paths as they will be once `out` is `output`. (engines/staged.py, which
+        writes one file per stage, overrides `build` itself.)"""
+        raise NotImplementedError(f"{cls.__name__} builds through its own `build`")
 
     @classmethod
     def load(cls, artifact: str | Path, verify: bool = True) -> "Engine":

@@ -1,11 +1,12 @@
 """Token generation on any engine: prefill the prompt, then decode one token at a time with the
-carried state. Greedy by default; temperature / top-p sampling with a seed."""
+carried state. Greedy by default; temperature / top-p sampling with a seed, through transformers'
+logits warpers (TemperatureLogitsWarper, TopPLogitsWarper) and torch.multinomial."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -30,26 +31,38 @@ class Generation:
     generated_ids: list[int] = field(default_factory=list)
 
 
-def pick(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
-    """logits [B,V] -> token ids [B]."""
+def pick(logits: np.ndarray, sampling: Sampling, generator) -> np.ndarray:
+    """logits [B,V] -> token ids [B]; `generator`: a seeded torch.Generator (unused when greedy)."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    z = logits.astype(np.float64)
-    # shift before dividing: a tiny temperature then sends the others to exp(-inf) = 0, not inf - inf
-    p = np.exp((z - z.max(-1, keepdims=True)) / sampling.temperature)
-    p /= p.sum(-1, keepdims=True)
-    out = np.empty(len(p), dtype=np.int64)
-    for b, pb in enumerate(p):
-        order = np.argsort(-pb, kind="stable")
-        keep = np.cumsum(pb[order]) - pb[order] < sampling.top_p     # smallest set with mass >= top_p
-        cand = order[keep]
-        out[b] = rng.choice(cand, p=pb[cand] / pb[cand].sum())
-    return out
+    import torch
+    try:
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    except ImportError:
+        from jambatrt.errors import BackendUnavailable
+        raise BackendUnavailable("sampling (--temperature > 0) uses transformers' logits warpers: pip install "
+                                 "'jambatrt[text]' (or transformers)") from None
+    z = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    # shift by the max first (softmax does not change): a tiny temperature then sends the others to
+    # exp(-inf) = 0 instead of inf - inf = NaN
+    z = z - z.max(-1, keepdim=True).values
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(sampling.temperature))]
+                                  + ([TopPLogitsWarper(float(sampling.top_p))] if sampling.top_p < 1 else []))
+    probs = torch.softmax(warpers(None, z), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].numpy()
+
+
+def _eos_set(eos_id) -> frozenset:
+    if eos_id is None:
+        return frozenset()
+    return frozenset([int(eos_id)] if isinstance(eos_id, (int, np.integer)) else (int(e) for e in eos_id))
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
-             eos_id: int | None = None, on_token: Callable[[int, int], None] | None = None) -> tuple[list[Generation], dict]:
-    """Generate for each prompt. Prompts of equal length run as one batch; otherwise each sequence
+             eos_id: int | Iterable[int] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> tuple[list[Generation], dict]:
+    """Generate for each prompt; a sequence stops at any id of `eos_id` (one id or several: Jamba-1.5's
+    generation config lists end of text and end of message). Prompts of equal length run as one batch; otherwise each sequence
     runs alone (attention KV of different lengths cannot share one batch tensor), which gives every
     sequence exactly the tokens it gets alone. `on_token(seq_index, token)` streams tokens."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -59,7 +72,9 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, samp
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > engine.max_seq:
         raise InputError(f"prompt + new tokens = {longest} exceeds the maximum context {engine.max_seq}")
-    rng = np.random.default_rng(sampling.seed)
+    import torch
+    rng = torch.Generator().manual_seed(sampling.seed)
+    eos = _eos_set(eos_id)
     groups = [list(range(len(prompts)))] if len({len(p) for p in prompts}) == 1 else [[i] for i in range(len(prompts))]
     gens = [Generation(list(p)) for p in prompts]
     t0 = time.perf_counter()
@@ -77,7 +92,7 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, samp
                     gens[i].generated_ids.append(int(tok[j]))
                     if on_token:
                         on_token(i, int(tok[j]))
-                    if eos_id is not None and tok[j] == eos_id:
+                    if int(tok[j]) in eos:
                         alive[j] = False
             if not alive.any() or step == max_new_tokens - 1:
                 break

@@ -269,7 +269,7 @@ def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):
     assert got["jamba_tensorrt"] == ["tensorrt_plan", n_in, n_in, 0]
     assert got["jamba_prefill"] == ["python", 1, 1, 0]
     assert got["jamba_sequence"][:3] == ["python", 1, 2]
-    assert got["jamba_generate"] == ["python", 6, 1, 0]
+    assert got["jamba_generate"] == ["python", 7, 2, 0]       # prompt_ids or text_input; token_id, text_output
 
 
 # ---- a real server ----------------------------------------------------------------------------------
@@ -454,6 +454,124 @@ def test_bad_requests_get_errors_and_server_stays_ready(client, server):
     assert client.logits([[1, 2, 3]]).shape == (1, 3, V)                                    # still serving
 
 
+# ---- text in, text out (issue 17): the generate extension's text_input -> text_output ----------------
+TEXT_A, TEXT_B = "Once upon a time", "Hello there, kato mira?"      # no EOS within 64 tokens (tiny preset)
+
+
+def _cli_text(capsys, artifact, *args) -> dict:
+    """What `jambatrt generate ARTIFACT ... --json` prints (the CLI, in this process)."""
+    from jambatrt import cli
+    assert cli.main(["generate", str(artifact), "--backend", "ort", "--json", *map(str, args)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_guard_text_checks(repository):
+    """The guard's text rules on the repository's own generate spec, without a server: what passes,
+    and what each refusal names (HTTP JSON strings, and the bytes gRPC carries)."""
+    from jambatrt.deploy.guard import BadRequest, check_http_generate, check_text, repository_specs
+    spec = repository_specs(repository)["jamba_generate"]
+    text = next(i for i in spec.inputs if i.name == "text_input")
+    assert text.datatype == "BYTES" and text.max_bytes == MAX_TOKENS * 64 and spec.one_of == ("prompt_ids", "text_input")
+    assert check_text(text, "héllo 日本") == len("héllo 日本".encode()) and check_text(text, "ok".encode()) == 2
+    check_http_generate(spec, {"text_input": "hi", "parameters": {"max_new_tokens": 4, "chat": True, "stream": True,
+                                                                  "temperature": 0.7, "top_p": 0.9, "seed": 3}})
+    check_http_generate(spec, {"text_input": "hi", "parameters": {"max_new_tokens": 4}}, "generate")
+    check_http_generate(spec, {"prompt_ids": [1, 2, 3], "max_new_tokens": 4})      # the id interface as before
+    bad = [({"text_input": "caf\udce9"}, "not valid UTF-8"), ({"text_input": " \t"}, "empty text"),
+           ({"text_input": "x" * (text.max_bytes + 1)}, "bytes of text"), ({"text_input": 5}, "expected a string"),
+           ({"text_input": "hi", "prompt_ids": [1]}, "exactly one of"), ({"max_new_tokens": 2}, "exactly one of"),
+           ({"text_input": "hi", "parameters": {"n": 2}}, "unknown parameter 'n'"),
+           ({"text_input": "hi", "parameters": {"chat": "yes"}}, "chat='yes'"),
+           ({"text_input": "hi", "parameters": {"max_new_tokens": 2.5}}, "max_new_tokens=2.5"),
+           ({"text_input": "hi", "parameters": ["stream"]}, "object of scalar values")]
+    for body, needle in bad:
+        with pytest.raises(BadRequest, match=needle.replace("(", r"\(")):
+            check_http_generate(spec, body)
+    with pytest.raises(BadRequest, match="generate_stream"):
+        check_http_generate(spec, {"text_input": "hi", "parameters": {"stream": True}}, "generate")
+    for raw, needle in [(b"caf\xe9", "not valid UTF-8"), (b"", "empty text")]:           # gRPC bytes_contents
+        with pytest.raises(BadRequest, match=needle):
+            check_text(text, raw)
+
+
+def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifact, capsys):
+    """Two text requests on generate_stream at once -- a plain prompt (64 tokens) and a chat message
+    (16 tokens, sent once the first has streamed its first piece): each streams the text the CLI
+    prints for the same input, and the second is served while the first is still streaming (it does
+    not wait for it: the first's pieces arrive before and after all of the second's). The model takes
+    the two in turns one engine step each; in which order the pieces of two connections arrive is up
+    to the schedulers, so the arrival order is printed, not asserted beyond that."""
+    from jambatrt.deploy.client import JambaClient
+    want_a = _cli_text(capsys, artifact, "--prompt", TEXT_A, "--max-new-tokens", 64)
+    want_b = _cli_text(capsys, artifact, "--chat", TEXT_B, "--max-new-tokens", 16)
+    assert len(want_a["generated_ids"]) == 64 and len(want_b["generated_ids"]) == 16    # no early EOS here
+    arrivals, lock, started = [], threading.Lock(), threading.Event()
+
+    def run(tag, text, n, chat):
+        with JambaClient(server.http_url, timeout=120) as c:
+            for piece in c.generate_text_stream(text, n, chat=chat):
+                with lock:
+                    arrivals.append((tag, piece))
+                started.set()
+
+    with ThreadPoolExecutor(2) as pool:
+        fa = pool.submit(run, "a", TEXT_A, 64, False)
+        assert started.wait(120), server.log_tail()
+        fb = pool.submit(run, "b", TEXT_B, 16, True)
+        fa.result(timeout=300)
+        fb.result(timeout=300)
+    got_a = "".join(p for t, p in arrivals if t == "a")
+    got_b = "".join(p for t, p in arrivals if t == "b")
+    tags = [t for t, _ in arrivals]
+    print(f"\n[served text] a: {got_a!r} ({tags.count('a')} pieces)\n              b: {got_b!r} "
+          f"({tags.count('b')} pieces); arrival order {''.join(tags)}")
+    assert got_a == want_a["text"] and got_b == want_b["text"]
+    assert tags.count("a") >= 64 and tags.count("b") >= 16                  # one piece per token (+ a held-back tail)
+    assert tags[0] == "a" and tags[-1] == "a", "".join(tags)                 # b overlapped a, did not queue behind it
+    # POST .../generate: one response, the whole text; the id interface is unchanged beside it
+    assert client.generate_text(TEXT_B, 16, chat=True) == want_b["text"]
+    assert client.generate(want_a["prompt_ids"], 8) == want_a["generated_ids"][:8]
+    assert server.is_ready()
+
+
+def test_served_text_bad_input_gets_error_responses(client, server):
+    """Empty text, text over the model's budget (in tokens, and in bytes), invalid UTF-8 (raw bytes,
+    and a JSON escape of a lone surrogate), text that is not a string, bad parameters: each gets an
+    error response with one line naming it; the server stays ready and serves the next request."""
+    from jambatrt.deploy.client import InferenceError
+
+    def refused(body, *needles, route="generate_stream"):
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        status, text = _post(server.http_port, f"/v2/models/jamba_generate/{route}", raw)
+        assert status is not None, f"no answer: {text}"
+        msg = text.decode(errors="replace")
+        assert status >= 400 and '"error"' in msg, (status, msg[:300])
+        assert "\n" not in json.loads(msg[msg.index("{"):msg.rindex("}") + 1])["error"], msg[:300]
+        for n in needles:
+            assert n.lower() in msg.lower(), msg[:300]
+        assert server.is_ready() and client.model_ready("generate")
+
+    refused({"text_input": ""}, "empty")
+    refused({"text_input": "  \n "}, "empty")
+    refused({"text_input": "kato " * 3000, "parameters": {"max_new_tokens": 4}}, "exceed max_tokens")
+    refused({"text_input": "k" * (MAX_TOKENS * 64 + 1)}, "bytes of text")
+    refused(b'{"text_input": "caf\xe9 \xff"}', "utf-8")
+    refused(b'{"text_input": "ok \\ud800 no"}', "utf-8")
+    refused({"text_input": 7}, "expected a string")
+    refused({"text_input": ["a", "b"]}, "expected a string")
+    refused({"text_input": "hi", "parameters": {"max_new_tokens": "many"}}, "max_new_tokens")
+    refused({"text_input": "hi", "parameters": {"top_p": 0}}, "top_p")
+    refused({"text_input": "hi", "parameters": {"beams": 4}}, "unknown parameter")
+    refused({"text_input": "hi", "prompt_ids": [1, 2]}, "one of")
+    refused({"parameters": {"max_new_tokens": 4}}, "text_input")
+    refused({"text_input": "", "parameters": {"chat": True}}, "empty", route="generate")
+    refused({"text_input": "hi", "parameters": {"stream": True}}, "generate_stream", route="generate")
+    with pytest.raises(InferenceError, match="empty"):
+        list(client.generate_text_stream(" ", 4))
+    assert client.generate_text(TEXT_A, 4)                                   # still serving text
+    assert client.ready() and server.is_ready()
+
+
 # ---- one request must not kill the server (issue 15, item 1) -----------------------------------------
 def _post(port: int, path: str, body: bytes, headers: dict | None = None, timeout: float = 60.0):
     """One request on its own connection -> (status, body); (None, reason) when no response came."""
@@ -585,7 +703,15 @@ def test_fuzz_malformed_kserve_requests(client, server, serve_env):
             return rng.choice([b"", b"{", b"[]", b"null", b'"s"', b"{not json", b"\xff\xfe\x00", b"[" * 100000,
                                b'{"inputs": [' * 5000, b'{"inputs": NaN}', b'{"inputs": 1e999}',
                                bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))]), {}
-        if kind < 0.85:      # the generate extension's body
+        if kind < 0.80:      # the generate extension's body with text: odd strings, types and parameters
+            t = rng.choice(["", " \n", "abc", "x" * (MAX_TOKENS * 64 + 1), "caf\udce9", "\u65e5\u672c", 7, None, ["a"],
+                            {"t": 1}])
+            params = rng.choice([{}, {"max_new_tokens": rng.choice([1, -1, 10 ** 12, "x", True, 2.5])},
+                                 {"stream": rng.choice([True, "yes", 1])}, {"chat": True}, {"beams": 2},
+                                 {"temperature": rng.choice([-1, 1e309, 0.7])}, [1], "p"])
+            body = json.dumps({"text_input": t, "parameters": params}).encode()
+            return (body.replace(b"abc", b"a\xffc") if rng.random() < 0.2 else body), {}
+        if kind < 0.85:      # the generate extension's body with token ids
             v = rng.choice([[1, 2, 3], [1] * (MAX_TOKENS + 5), [[1, 2]], [[[1]]], "abc", None, {"a": 1}, 2 ** 70, -5])
             return json.dumps({"prompt_ids": v, rng.choice(["max_new_tokens", "bogus", "seed"]): rng.choice(
                 [1, -1, 10 ** 12, [1, 2], "x"])}).encode(), {}
