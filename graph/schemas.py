@@ -86,7 +86,8 @@ def _linear_int8_schema() -> defs.OpSchema:
     the ORT pass list's lowering of --weights-int8 linear layers (graph/passes/lower_linear_int8.py)."""
     P = defs.OpSchema.FormalParameter
     schema = defs.OpSchema("LinearInt8", DOMAIN, DOMAIN_VERSION, doc="(x @ w^T) * scale, w int8 per output channel",
-                           inputs=[P("x", "T"), P("w", I8), P("scale", F32)], outputs=[P("y", "T")],
+                           inputs=[P("x", "T"), P("w", _ONNX_TYPES["int8"][1]), P("scale", _ONNX_TYPES["float32"][1])],
+                           outputs=[P("y", "T")],
                            type_constraints=[("T", FLOAT_T, "activations")])
 
     def infer(ctx) -> None:
