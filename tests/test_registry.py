@@ -26,7 +26,10 @@ def test_every_op_has_a_row_and_every_row_an_op():
 def test_every_gpu_launcher_has_interpreter_cases():
     """A launcher without cases, or cases naming no launcher, fail: a new kernel needs its row."""
     for op, impls in implementations("gpu", variants=True).items():
-        assert {i.name for i in impls} == set(ROWS[op].interpreter), op
+        names = {i.name for i in impls}
+        assert names == set(ROWS[op].interpreter), (f"{op}: launchers without interpreter cases "
+                                                     f"{sorted(names - set(ROWS[op].interpreter))}, cases naming "
+                                                     f"no launcher {sorted(set(ROWS[op].interpreter) - names)}")
         assert all(ROWS[op].interpreter[i.name] for i in impls), op
 
 
