@@ -430,6 +430,10 @@ def cmd_deploy(a) -> int:
     from jambatrt.artifact import read_manifest
     aoti_device = read_manifest(a.out).get("engines", {}).get("aoti", {}).get("device")
     gpu_kinds = {"tensorrt"} | ({"aoti"} if aoti_device == "cuda" else set())
+    if a.stages and a.stage_devices == "gpu" and not Path("/dev/nvidiactl").exists():
+        from jambatrt.errors import UsageError
+        raise UsageError("--stage-devices gpu pins stage k to GPU k, and this machine has no GPU: serve with "
+                         "--stage-devices cpu (the repository is written)")
     if not Path("/dev/nvidiactl").exists() and any(k in gpu_kinds for k in info["models"].values()):
         models = [m for m, k in info["models"].items() if k not in gpu_kinds]
         console.print("no GPU here: serving without the TensorRT / CUDA AOTInductor models")
