@@ -1,5 +1,5 @@
 """Deploy to Triton Inference Server (issue 8): the model repository (Python-backend models over the
-ONNX Runtime engine, a tensorrt_plan model from the manifest), a real tritonserver on 127.0.0.1
+ONNX Runtime engine, a TensorRT engine model from the manifest), a real tritonserver on 127.0.0.1
 behind the request guard (started and stopped by these tests), the client, bounded load, bad
 requests, requests that used to kill the server, a seeded fuzz, a crash mid-request.
 
@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from jambatrt.artifact import add_files, read_manifest, sha256_file
-from jambatrt.deploy.repository import (Enum, RepositorySettings, pbtxt, tensorrt_config, verify_repository,
+from jambatrt.deploy.repository import (Enum, RepositorySettings, pbtxt, verify_repository,
                                         write_repository)
 from jambatrt.deploy.server import TritonServer, find_serve_env, free_port
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
@@ -165,32 +165,29 @@ def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
 
 
 def test_tensorrt_model_from_manifest(artifact, tmp_path):
+    """NAME_tensorrt: the engine-model code path NAME_aoti uses (deploy/engine_model.py), on the GPU;
+    the state stays on the server. (Running it needs TensorRT and a GPU: not on this host.)"""
     art = _with_tensorrt_entry(artifact, tmp_path / "art")
-    info = write_repository(art, tmp_path / "repo")
+    info = write_repository(art, tmp_path / "repo", RepositorySettings(sequence_batch=4))
     assert info["models"]["jamba_tensorrt"] == "tensorrt" and info["server_args"] == []
     d = tmp_path / "repo" / "jamba_tensorrt"
-    assert sha256_file(d / "1" / "model.plan") == read_manifest(art)["files"]["engines/tensorrt/model.plan"]["sha256"]
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) == ["1/model.py", "config.pbtxt"]
+    assert (d / "1" / "model.py").read_bytes() == (ROOT / "deploy" / "engine_model.py").read_bytes()
     cfg = (d / "config.pbtxt").read_text()
-    step = read_manifest(art)["programs"]["step"]
-    assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 0" in cfg and "KIND_GPU" in cfg
-    assert 'profile: [ "0", "1" ]' in cfg
-    # every step input/output with its dtype and dims (symbolic dims -> -1)
-    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in cfg
-    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1, 512 ] }' in cfg
-    assert '{ name: "past.layer1.k" data_type: TYPE_FP32 dims: [ -1, -1, 2, 16 ] }' in cfg
-    assert '{ name: "present.layer0.ssm_state" data_type: TYPE_FP32 dims: [ -1, 128, 8 ] }' in cfg
-    assert cfg.count("data_type:") == len(step["inputs"]) + len(step["outputs"])
-    assert "AOT" in cfg and "no plugin library" in cfg and "jamba::SelectiveScan::1" in cfg
-    # plugins shipped as libraries: copied into the model dir and passed to the server
-    art2 = _with_tensorrt_entry(artifact, tmp_path / "art2", plugin_libraries=["engines/tensorrt/libjamba_plugins.so"])
-    info2 = write_repository(art2, tmp_path / "repo2")
-    lib = tmp_path / "repo2" / "jamba_tensorrt" / "plugins" / "libjamba_plugins.so"
-    assert lib.is_file()
-    assert info2["server_args"] == [f"--backend-config=tensorrt,plugins={lib}"]
-    assert f'--backend-config=tensorrt,plugins="{lib}"' in (tmp_path / "repo2" / "jamba_tensorrt" / "config.pbtxt").read_text()
-    # the TensorRT model alone, without an ORT engine
-    cfg_only = tensorrt_config(read_manifest(art), read_manifest(art)["engines"]["tensorrt"], "x")
-    assert cfg_only.startswith("#") and 'name: "x"' in cfg_only
+    assert 'backend: "python"' in cfg and "max_batch_size: 4" in cfg and "KIND_GPU" in cfg
+    assert 'key: "backend" value { string_value: "tensorrt" }' in cfg and "TensorRT 10.14.1" in cfg and "sm_90" in cfg
+    # the sequence model's interface; the state never travels through the client
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }' in cfg
+    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ 512 ] }' in cfg and "next_token" in cfg
+    assert "past." not in cfg and "present." not in cfg
+    assert cfg.count("CONTROL_SEQUENCE_") == 4 and "max_candidate_sequences: 64" in cfg
+    assert "Prompts run in chunks of 4096 tokens" in cfg
+    # the request guard in front of the server accepts exactly that interface
+    from jambatrt.deploy.guard import BadRequest, check_inputs, repository_specs
+    spec = repository_specs(tmp_path / "repo")["jamba_tensorrt"]
+    assert check_inputs(spec, [("input_ids", "INT64", [1, 7])])[0][1] == 7
+    with pytest.raises(BadRequest, match="unknown input 'past.layer0.conv_state'"):
+        check_inputs(spec, [("input_ids", "INT64", [1, 7]), ("past.layer0.conv_state", "FP32", [1, 128, 4])])
 
 
 # ---- the serve env ----------------------------------------------------------------------------------
@@ -265,8 +262,7 @@ def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
-    n_in = len(read_manifest(art)["programs"]["step"]["inputs"])
-    assert got["jamba_tensorrt"] == ["tensorrt_plan", n_in, n_in, 0]
+    assert got["jamba_tensorrt"] == ["python", 1, 2, 8]        # input_ids -> logits, next_token; state on the server
     assert got["jamba_prefill"] == ["python", 1, 1, 0]
     assert got["jamba_sequence"][:3] == ["python", 1, 2]
     assert got["jamba_generate"] == ["python", 7, 2, 0]       # prompt_ids or text_input; token_id, text_output
