@@ -153,8 +153,6 @@ def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
     shutil.copytree(artifact, dst)
     (dst / "engines" / "tensorrt").mkdir(parents=True)
     (dst / "engines" / "tensorrt" / "model.plan").write_bytes(b"not a real plan: config writer test")
-    for lib in extra.get("plugin_libraries", []):
-        (dst / lib).write_bytes(b"\x7fELF fake")
     m = read_manifest(dst)
     m["engines"]["tensorrt"] = {"path": "engines/tensorrt/model.plan", "tensorrt": "10.14.1",
                                 "gpu": {"name": "NVIDIA H200", "arch": "sm_90"}, "chunk_plan": {"chunk": 4096},
