@@ -58,6 +58,39 @@ def test_pbtxt_writer():
     assert 'string_value: "a\\"b"' in pbtxt({"p": {"string_value": 'a"b'}})
 
 
+def test_sequence_state_store(monkeypatch):
+    """The per-correlation-id store every stateful served model uses (deploy/sequence_state.py)."""
+    from jambatrt.deploy import sequence_state
+    from jambatrt.deploy.sequence_state import SequenceStates
+
+    clock = [0.0]
+    monkeypatch.setattr(sequence_state.time, "monotonic", lambda: clock[0])
+    st = SequenceStates(idle_seconds=10, max_sequences=2, max_tokens=8)
+
+    def add(tokens):            # the state is the list of tokens seen; the output is its length
+        return lambda state: (len(state) + len(tokens), state + tokens)
+
+    assert st.step(1, True, False, 3, list, add([1, 2, 3])) == 3
+    assert st.step(2, True, False, 1, list, add([9])) == 1
+    assert st.step(1, False, False, 1, list, add([4])) == 4          # sequence 1 carries its own state
+    with pytest.raises(InputError, match="sequence 1: 4 \\+ 6 tokens exceed max_tokens 8"):
+        st.step(1, False, False, 6, list, add([0] * 6))
+    with pytest.raises(RuntimeError):                                  # a failing run keeps the state as it was
+        st.step(1, False, False, 1, list, lambda state: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert st.step(1, False, False, 1, list, add([5])) == 5
+    assert st.step(1, True, False, 1, list, add([7])) == 1             # START again: from the zero state
+    assert st.step(1, False, True, 1, list, add([8])) == 2 and 1 not in st     # END drops it
+    with pytest.raises(InputError, match="unknown sequence id 1 .*send START first"):
+        st.step(1, False, False, 1, list, add([1]))
+    st.step(3, True, False, 1, list, add([1]))
+    st.step(4, True, False, 1, list, add([1]))                         # max_sequences 2: the oldest (2) goes
+    assert 2 not in st and 3 in st and 4 in st
+    clock[0] = 11.0                                                    # idle past idle_seconds: expired
+    with pytest.raises(InputError, match="unknown sequence id 3"):
+        st.step(3, False, False, 1, list, add([1]))
+    assert len(st) == 0
+
+
 def test_repository_layout_and_atomic_rules(artifact, tmp_path):
     art_before = _tree_hashes(artifact)
     repo = tmp_path / "repo"
