@@ -661,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
                        description="Write a Triton model repository from an artifact (Python-backend models "
                                    "NAME_prefill, NAME_sequence, NAME_generate running the ONNX Runtime engine; "
-                                   "NAME_tensorrt / NAME_aoti when a TensorRT engine / AOTInductor package is built), atomically; with --serve start "
+                                   "NAME_tensorrt / NAME_aoti when a TensorRT engine / AOTInductor package is built: sequence models "
+                                   "keeping the state on the server), atomically; with --serve start "
                                    "tritonserver on 127.0.0.1 until Ctrl-C / SIGTERM.")
     d.add_argument("out", help="artifact directory with a built engine")
     d.add_argument("--repository", required=True, help="model repository directory to write")
