@@ -6,7 +6,7 @@ OUT    ?= out/tiny
 export OMP_WAIT_POLICY := PASSIVE
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 
-.PHONY: setup demo test bench bench-scale clean
+.PHONY: setup demo test bench bench-scale bench-peer bench-flat clean
 
 # TensorRT's Python plugin layer (tensorrt.plugin) for the plugin harness: the first release of
 # tests/tensorrt_releases.txt is installed, the others downloaded as wheels. --no-deps: its libraries
@@ -62,6 +62,20 @@ bench: setup
 # stage's peak private memory against its bound (~20 GB of disk while it runs, removed after; --keep keeps it)
 bench-scale: setup
 	$(PY) -m jambatrt.validate.scale --dir bench/scale
+
+# The ORT engine against llama.cpp on the same checkpoint (preset `peer`), interleaved rounds: builds llama.cpp
+# once from the llama-cpp-python sdist into build/peer (kept by `make clean`), GGUF F32 + Q8_0, logits check;
+# bench/peer/peer.{json,md,png}. Not part of `make test`. PEER_ARGS="--rounds 2 --lengths 512,4096" for less.
+bench-peer: setup
+	$(PY) -m pip install -q sentencepiece
+	$(PY) -m jambatrt.validate.peer --out bench/peer --cache build/peer $(PEER_ARGS)
+
+# Decode per-token time at 1K..64K of context on the bench preset, the contexts interleaved step by step
+# (one engine per context in one process): bench/decode-flat.json. Not part of `make test`.
+bench-flat: setup
+	$(VENV)/bin/jambatrt export --preset bench -o bench/flat-art --force
+	$(VENV)/bin/jambatrt build bench/flat-art --backend ort
+	$(PY) -m jambatrt.validate.decode_flat bench/flat-art --report bench/decode-flat.json
 
 clean:
 	rm -rf out bench .pytest_cache .numba_cache

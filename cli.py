@@ -181,7 +181,8 @@ def cmd_export(a) -> int:
                        source=f"preset {a.preset}" if a.preset else f"{a.checkpoint}/config.json")
     with atomic_dir(a.out, force=a.force) as tmp, _progress_bytes() as prog:     # a refused OUT before any output
         manifest, known = export_stage(tmp, checkpoint=a.checkpoint, preset_name=a.preset, dtype=dtype,
-                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog)
+                                       experts_int8=a.experts_int8, seed=a.seed, max_seq=a.max_seq, progress=prog,
+                                       weights_int8=a.weights_int8)
         prog.step("manifest (sha256 of every file)")
         record_files(tmp, manifest, [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*"))
                                      if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"],
@@ -195,6 +196,8 @@ def cmd_export(a) -> int:
 def cmd_build(a) -> int:
     from jambatrt.engines.base import engine_class
 
+    if a.stages is not None or a.stage_plan is not None:
+        return _build_stages(a)
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
         settings = ({"attention": a.attention} if a.backend == "ort" else
@@ -203,6 +206,32 @@ def cmd_build(a) -> int:
             settings["moe"] = a.moe
         entry = cls.build(a.out, **settings)
     print(f"built {a.backend} engine: {Path(a.out) / entry['path']}")
+    return 0
+
+
+def _gpu_bytes(a):
+    from jambatrt.export.stage_plan import parse_bytes
+    return None if a.gpu_memory is None else parse_bytes(a.gpu_memory)
+
+
+def _build_stages(a) -> int:
+    """build --stages N | --stage-plan auto --gpu-memory SIZE: pipeline-stage engines (engines/staged.py)."""
+    from jambatrt.errors import UsageError
+    from jambatrt.export.stage_plan import describe
+    if a.stages is not None and a.stage_plan is not None:
+        raise UsageError("give --stages N or --stage-plan auto, not both")
+    if a.stage_plan is not None and a.gpu_memory is None:
+        raise UsageError("--stage-plan auto needs --gpu-memory (e.g. 80GB): the plan picks the fewest stages that fit it")
+    if a.backend != "ort":
+        raise UsageError(f"--stages with --backend {a.backend}: stage engines are built for ort here "
+                         "(TensorRT / AOTInductor stages need the GPU toolchains; see docs/multinode.md)")
+    from jambatrt.engines.staged import build_stages
+    with console.status(f"building pipeline-stage {a.backend} engines for {a.out}"):
+        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention)
+    for line in describe(entry["plan"]):
+        print(f"  {line}")
+    print(f"built {len(entry['stages'])} {a.backend} stage engines: "
+          + ", ".join(str(Path(a.out) / s["path"]) for s in entry["stages"]))
     return 0
 
 
@@ -322,7 +351,11 @@ def cmd_generate(a) -> int:
     if len(given) != 1:
         raise UsageError("give exactly one of --prompt TEXT, --chat MESSAGE, --chat-file FILE or --prompt-ids IDS"
                          + (f" (got {', '.join(given)})" if given else ""))
-    engine = engine_class(a.backend).load(a.out)
+    if a.stages:
+        from jambatrt.engines.staged import StagedEngine
+        engine = StagedEngine.load(a.out)          # the stage engines of `build --stages`, run in order
+    else:
+        engine = engine_class(a.backend).load(a.out)
     codec = None
     if a.prompt_ids is not None:
         prompts, eos = a.prompt_ids, a.eos_id
@@ -380,7 +413,8 @@ def cmd_deploy(a) -> int:
     from jambatrt.deploy.repository import RepositorySettings, write_repository
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
-                                  idle_seconds=a.idle_seconds, instances=a.instances,
+                                  idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
+                                  stage_devices=a.stage_devices,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
     verb = "kept (already up to date)" if info["reused"] else "wrote"
@@ -396,6 +430,10 @@ def cmd_deploy(a) -> int:
     from jambatrt.artifact import read_manifest
     aoti_device = read_manifest(a.out).get("engines", {}).get("aoti", {}).get("device")
     gpu_kinds = {"tensorrt"} | ({"aoti"} if aoti_device == "cuda" else set())
+    if a.stages and a.stage_devices == "gpu" and not Path("/dev/nvidiactl").exists():
+        from jambatrt.errors import UsageError
+        raise UsageError("--stage-devices gpu pins stage k to GPU k, and this machine has no GPU: serve with "
+                         "--stage-devices cpu (the repository is written)")
     if not Path("/dev/nvidiactl").exists() and any(k in gpu_kinds for k in info["models"].values()):
         models = [m for m, k in info["models"].items() if k not in gpu_kinds]
         console.print("no GPU here: serving without the TensorRT / CUDA AOTInductor models")
@@ -421,6 +459,10 @@ def cmd_inspect(a) -> int:
     plan = memory_plan(cfg, context=a.context, batch=a.batch)
     from jambatrt.engines.tensorrt import build_host_memory
     plan["tensorrt_build_host_bytes"] = {k: build_host_memory(v)["peak"] for k, v in plan["weight_bytes"].items()}
+    if a.gpu_memory is not None or a.stages is not None:
+        from jambatrt.export.stage_plan import plan_stages
+        plan["stage_plan"] = plan_stages(cfg, stages=a.stages, gpu_bytes=_gpu_bytes(a), context=a.context,
+                                         batch=a.batch)
     if a.json:
         print(json.dumps(plan, indent=2))
     else:
@@ -458,6 +500,15 @@ def cmd_inspect(a) -> int:
                       f"{plan['total_bytes']['bfloat16'] / 1e9:.1f} GB / {plan['total_bytes']['experts_int8'] / 1e9:.1f} GB")
             t.add_row("verdict", plan["verdict"])
         Console().print(t)
+        if "stage_plan" in plan:
+            from jambatrt.export.stage_plan import describe
+            sp = plan["stage_plan"]
+            print(f"pipeline stages: {sp['stages']} (context {sp['context']:,}, batch {sp['batch']}, prefill chunk "
+                  f"{sp['chunk']:,}, weights {sp['weights']}; "
+                  + ("every stage fits" if sp["fits"] else "NOT every stage fits" if sp["fits"] is False else "no device size")
+                  + ")")
+            for line in describe(sp):
+                print(f"  {line}")
     return 0
 
 
@@ -515,6 +566,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16; float16 is refused")
     e.add_argument("--experts-int8", dest="experts_int8", action=argparse.BooleanOptionalAction, default=True,
                    help="ExpertsInt8: int8 expert weights with per-channel scales (default on)")
+    e.add_argument("--weights-int8", action="store_true",
+                   help="int8 weights with per-output-channel scales for every other linear layer too (not the "
+                        "router, not the embedding); the CPU engine's fastest decode")
     e.add_argument("--seed", type=SEED, default=0, help="seed for --preset weights (default 0)")
     e.add_argument("--max-seq", type=TOKENS, default=None, help="largest sequence length (default: max_position_embeddings)")
     e.add_argument("--force", action="store_true", help="replace an existing OUT (only once the new one is complete)")
@@ -534,6 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt only: MoE layers as route + grouped-GEMM plugins (default; reads each expert "
                         "weight tile once per 64 routed tokens) or one fused plugin per layer (recomputes gate/up "
                         "per output block: for decode-only engines)")
+    b.add_argument("--stages", type=_int_option(1, 4096), default=None,
+                   help="split the step graph into N pipeline stages (contiguous layer ranges), one engine each")
+    b.add_argument("--stage-plan", choices=["auto"], default=None,
+                   help="auto: the fewest stages in which every stage fits --gpu-memory")
+    b.add_argument("--gpu-memory", default=None, help="device size for the stage plan, e.g. 80GB")
     b.set_defaults(func=cmd_build)
 
     v = sub.add_parser("validate", help="engine vs eager reference parity; exit 1 when it fails",
@@ -596,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop a sequence at this token (text modes: default the generation config's EOS ids)")
     g.add_argument("--json", action="store_true",
                    help='print {"prompt_ids": [...], "generated_ids": [...], "tokens_per_s": float} (+ "text")')
+    g.add_argument("--stages", action="store_true", help="run the pipeline-stage engines (`build --stages N`)")
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
@@ -616,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--execution-env", default=None,
                    help="write EXECUTION_ENV_PATH=DIR into the Python models (for a server not started by "
                         "jambatrt; DIR: a venv with numpy<2 and jambatrt)")
+    d.add_argument("--stages", action="store_true",
+                   help="serve the pipeline-stage engines (`build --stages N`): one model per stage, each keeping its "
+                        "layers' state per sequence, chained by the ensemble NAME_sequence (same interface as the "
+                        "single-engine sequence model)")
+    d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
+                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
     d.add_argument("--http-port", type=PORT, default=8000)
     d.add_argument("--grpc-port", type=PORT, default=8001)
@@ -629,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--preset", help="a named preset instead of an artifact")
     i.add_argument("--context", type=TOKENS, default=None, help="context length for the KV estimate (default: max)")
     i.add_argument("--batch", type=COUNT, default=1)
+    i.add_argument("--gpu-memory", default=None,
+                   help="device size (e.g. 80GB): add the pipeline-stage plan (fewest stages that fit, or --stages)")
+    i.add_argument("--stages", type=_int_option(1, 4096), default=None, help="stage count for the stage plan")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_inspect)
 

@@ -228,6 +228,13 @@ PRESETS: dict[str, dict] = {
                   num_attention_heads=4, num_key_value_heads=2, attn_layer_period=4, attn_layer_offset=2,
                   expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
                   mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8),
+    # the checkpoint `make bench-peer` runs against llama.cpp (426e6 parameters, 1.7 GB in float32):
+    # big enough that decode reads weights at memory bandwidth, small enough for 16K-token prefills
+    # on 2 cores; 8 heads of 128, llama.cpp's Jamba needs mamba_expand 2
+    "peer": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                 num_attention_heads=8, num_key_value_heads=2, attn_layer_period=8, attn_layer_offset=4,
+                 expert_layer_period=2, expert_layer_offset=1, num_experts=8, num_experts_per_tok=2,
+                 mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=64),
     # Jamba-v0.1: huggingface.co/ai21labs/Jamba-v0.1 config.json, the in-library checkpoint (its PR #43,
     # "Move to in-library checkpoint"); the same fields as the transformers-format conversion
     # huggingface.co/TechxGenus/Jamba-v0.1-hf/config.json (which says torch_dtype float16: AI21 ships bf16).

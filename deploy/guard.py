@@ -120,6 +120,11 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
                     InputSpec("temperature", "FP32", one, 1, True), InputSpec("top_p", "FP32", one, 1, True),
                     InputSpec("seed", "INT64", one, 1, True)), ("token_id", "text_output"), decoupled=True,
                     one_of=("prompt_ids", "text_input"))
+        elif kind == "ensemble":         # the pipeline stages as one sequence model (deploy --stages)
+            b = settings["sequence_batch"]
+            specs[name] = ModelSpec(name, (InputSpec("input_ids", "INT64", ((0, b), (0, T)), b * T),),
+                                    ("logits", "next_token"))
+        # kind "stage": reached only through the ensemble; no spec, so the guard refuses direct requests
         elif kind in ("tensorrt", "aoti"):
             entry = manifest.get("engines", {}).get(kind, {})
             max_batch = int(entry.get("max_batch") or step.get("max_batch") or 1)

@@ -9,6 +9,8 @@ Models (NAME defaults to "jamba"):
                   has an `engines.tensorrt` entry): the stateless step program, inputs/outputs and
                   dynamic dims taken from the manifest's `programs.step`; the state travels in the
                   request (past.*) and the response (present.*).
+  with --stages   NAME_stage{k} per pipeline stage and the ensemble NAME_sequence over them, instead of
+                  the above (deploy/stages_repository.py).
 
 The Python models reference the artifact by absolute path rather than copying it: an artifact can
 be many GB, the models only read it, and each model checks at load time that the manifest is the
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
 from jambatrt.deploy.aoti_model import write_aoti_model
+from jambatrt.deploy.stages_repository import STAGE_MODEL
 from jambatrt.errors import ArtifactError, InputError
 
 REPOSITORY_INFO = "jambatrt-repository.json"
@@ -52,6 +55,8 @@ class RepositorySettings:
     instances: int = 1                   # instances of each Python model
     backend: str = "ort"                 # the engine the Python models run
     execution_env: str | None = None     # EXECUTION_ENV_PATH for the Python models (else: python3 on PATH)
+    stages: bool = False                 # serve the pipeline-stage engines (deploy/stages_repository.py)
+    stage_devices: str = "cpu"           # stage k's instances: "cpu" (KIND_CPU) or "gpu" (KIND_GPU, gpus: [k])
 
     def __post_init__(self):
         if not self.name.replace("_", "").replace("-", "").isalnum():
@@ -251,6 +256,10 @@ def plan_repository(artifact: str | Path, settings: RepositorySettings = Reposit
     manifest = read_manifest(artifact)
     engines = manifest.get("engines", {})
     models: dict[str, dict] = {}
+    if settings.stages:
+        # the stages and their ensemble only: the whole model is what does not fit one device
+        from jambatrt.deploy.stages_repository import stage_models
+        return {"artifact": str(artifact), "manifest": manifest, "models": stage_models(manifest, artifact, settings)}
     if settings.backend in engines:
         for name, text in python_configs(manifest, artifact, settings).items():
             models[name] = {"kind": "python", "config": text}
@@ -284,6 +293,7 @@ def write_repository(artifact: str | Path, repository: str | Path,
     info = {"format_version": INFO_VERSION, "artifact": str(artifact),
             "manifest_sha256": sha256_file(artifact / "manifest.json"),
             "model_py_sha256": sha256_file(PYTHON_MODEL), "aoti_model_py_sha256": sha256_file(AOTI_MODEL),
+            "stage_model_py_sha256": sha256_file(STAGE_MODEL),
             "settings": dataclasses.asdict(settings),
             "models": {k: v["kind"] for k, v in plan["models"].items()},
             # for the user to read: TritonServer derives these from the files, never from here
@@ -302,9 +312,11 @@ def write_repository(artifact: str | Path, repository: str | Path,
     with atomic_dir(repository, force=force) as tmp:
         for name, m in plan["models"].items():
             (tmp / name / "1").mkdir(parents=True)
-            if m["kind"] == "python":
+            if m["kind"] in ("python", "stage"):
                 (tmp / name / "config.pbtxt").write_text(m["config"])
-                shutil.copyfile(PYTHON_MODEL, tmp / name / "1" / "model.py")
+                shutil.copyfile(PYTHON_MODEL if m["kind"] == "python" else STAGE_MODEL, tmp / name / "1" / "model.py")
+            elif m["kind"] == "ensemble":        # Triton wants the version directory, empty
+                (tmp / name / "config.pbtxt").write_text(m["config"])
             elif m["kind"] == "aoti":
                 write_aoti_model(tmp / name, artifact, manifest, name, settings.execution_env, settings.instances)
             else:

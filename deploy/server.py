@@ -484,6 +484,9 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
               f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
               f"  metrics  {server.metrics_url}\n  log      {server.log_path}", file=out)
         for name in server.model_names():
+            if re.fullmatch(r".+_stage[0-9]+", name):      # pipeline stages: reached through NAME_sequence only
+                print(f"  stage    {name} (inside the ensemble; the guard refuses direct requests)", file=out)
+                continue
             route = ("generate_stream  (decoupled: SSE, or gRPC streaming; text_input -> text_output, or "
                      "prompt_ids -> token_id)") if name.endswith("_generate") else "infer"
             print(f"  model    {name}: POST http://{server.http_url}/v2/models/{name}/{route}", file=out)

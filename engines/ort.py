@@ -53,20 +53,30 @@ def _initializer_array(t, weights_dir: Path) -> np.ndarray:
 def map_expert_weights(model, weights_dir: Path) -> tuple:
     """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
     process: every MoEInt8 node whose four weights are initializers becomes MoEInt8Mapped(x,
-    router_logits; top_k, expert_offset, weights=<key>), its weights mapped from the data file and
-    registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those initializers leave the graph.
-    Returns (model, keys); `ort_ops.unmap_expert_weights(keys)` releases them."""
+    router_logits; top_k, expert_offset, weights=<key>), and every LinearInt8 node (--weights-int8)
+    whose weight and scale are initializers becomes LinearInt8Mapped(x; weights=<key>), their weights
+    mapped from the data file and registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those
+    initializers leave the graph. Returns (model, keys); `ort_ops.unmap_expert_weights(keys)`
+    releases them."""
     import onnx.helper
 
     from jambatrt.export.ops import DOMAIN, SPECS
     from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
-    from jambatrt.plugins.cpu.ort_ops import MAPPED_OP, MAPPED_WEIGHTS, unmap_expert_weights
+    from jambatrt.plugins.cpu.ort_ops import (LINEAR_INT8_MAPPED_OP, LINEAR_INT8_OP, MAPPED_OP, MAPPED_WEIGHTS,
+                                              unmap_expert_weights)
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     keys, moved = [], set()
 
     def rewrite(node):
+        if node.domain == DOMAIN and node.op_type == LINEAR_INT8_OP and all(n in inits for n in node.input[1:3]):
+            key = f"{uuid.uuid4().hex}/{node.name}"
+            MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in node.input[1:3])
+            keys.append(key)
+            moved.update(node.input[1:3])
+            return [onnx.helper.make_node(LINEAR_INT8_MAPPED_OP, [node.input[0]], list(node.output), name=node.name,
+                                          domain=DOMAIN, weights=key)]
         names = list(node.input[2:6])
         if node.domain != DOMAIN or node.op_type != SPECS["moe_int8"].onnx_op_type or not all(n in inits for n in names):
             return None
@@ -86,6 +96,55 @@ def map_expert_weights(model, weights_dir: Path) -> tuple:
         raise
     drop_unused_initializers(g, moved)
     return model, keys
+
+
+def map_kv_caches(model) -> tuple:
+    """Rebind `model` for a session in this process: every jamba CausalAttention node whose past
+    KV are graph inputs and present KV graph outputs becomes CausalAttentionCached(q, k, v;
+    cache=<key>) -> o over an in-place ort_ops.KVCache registered under a fresh key; those inputs
+    and outputs leave the graph, so ONNX Runtime and the Python op boundary never copy the cache
+    (decode time then stays flat in the context). Returns (model, {past input name: (key, "k"|"v")})."""
+    import onnx.helper
+
+    from jambatrt.export.ops import DOMAIN, SPECS
+    from jambatrt.graph.passes._build import replace_nodes
+    from jambatrt.plugins.cpu.ort_ops import CACHED_ATTENTION_OP, KV_CACHES, KVCache
+
+    g = model.graph
+    ins, outs = {i.name for i in g.input}, {o.name for o in g.output}
+    cached: dict[str, tuple[str, str]] = {}
+    gone: set[str] = set()
+    others: dict[str, list] = {}         # other readers of a past input (the exporter's Shape for the batch)
+    for n in g.node:
+        if not (n.domain == DOMAIN and n.op_type == SPECS["attention"].onnx_op_type):
+            for i in n.input:
+                others.setdefault(i, []).append(n)
+
+    def batch_shape(n) -> bool:          # Shape(past)[0:1]: the batch, which input_ids [B,L] gives too
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        return n.op_type == "Shape" and a.get("start", 0) == 0 and a.get("end") == 1
+
+    def rewrite(node):
+        if (node.domain != DOMAIN or node.op_type != SPECS["attention"].onnx_op_type or len(node.input) < 5
+                or not {node.input[3], node.input[4]} <= ins or not {node.output[1], node.output[2]} <= outs
+                or not all(batch_shape(n) for i in node.input[3:5] for n in others.get(i, []))):
+            return None
+        for i in node.input[3:5]:
+            for n in others.get(i, []):
+                n.input[0] = "input_ids"
+        key = f"{uuid.uuid4().hex}/{node.name}"
+        KV_CACHES[key] = KVCache()
+        cached[node.input[3]], cached[node.input[4]] = (key, "k"), (key, "v")
+        gone.update([node.input[3], node.input[4], node.output[1], node.output[2]])
+        return [onnx.helper.make_node(CACHED_ATTENTION_OP, list(node.input[:3]), [node.output[0]], name=node.name,
+                                      domain=DOMAIN, cache=key)]
+
+    replace_nodes(g, rewrite)
+    for field in (g.input, g.output):
+        keep = [v for v in field if v.name not in gone]
+        del field[:]
+        field.extend(keep)
+    return model, cached
 
 
 class OrtEngine(Engine):
@@ -156,8 +215,11 @@ class OrtEngine(Engine):
         keys: list[str] = []
         try:
             so = _session_options(threads)
+            self.kv_cached: dict[str, tuple[str, str]] = {}
             if map_weights:
                 model, keys = map_expert_weights(onnx.load(str(path), load_external_data=False), path.parent)
+                if entry["settings"]["attention"] == "kernel":
+                    model, self.kv_cached = map_kv_caches(model)
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
                 source = model.SerializeToString()
             else:
@@ -167,9 +229,12 @@ class OrtEngine(Engine):
             unmap_expert_weights(keys)
             raise ArtifactError(f"{path}: ONNX Runtime cannot load the engine ({type(e).__name__}: {e})") from None
         self.mapped_weights = keys          # MAPPED_WEIGHTS keys of this session's MoE layers
-        self._unmap = weakref.finalize(self, unmap_expert_weights, keys)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        cache_keys = sorted({k for k, _ in self.kv_cached.values()})
+        self._unmap = weakref.finalize(self, _release, keys, cache_keys)
+        self.input_names = [i["name"] for i in self.step_program["inputs"]]      # the full state, in order
+        self.output_names = [o["name"] for o in self.step_program["outputs"]]
+        self.session_inputs = {i.name for i in self.session.get_inputs()}
+        self.session_outputs = [o.name for o in self.session.get_outputs()]
 
     def run_step(self, input_ids, state):
         B, L = input_ids.shape
@@ -183,10 +248,31 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
-        self._unmap()            # the mapped expert weights go with the session
+        self._unmap()            # the mapped weights and KV caches go with the session
 
     def _run(self, input_ids, state):
-        from jambatrt.plugins.cpu.ort_ops import run_checked   # raises OrtKernelError listing kernel failures
+        from jambatrt.plugins.cpu.ort_ops import KV_CACHES, run_checked   # raises OrtKernelError on kernel failures
 
-        outs = run_checked(self.session, self.output_names, dict(zip(self.input_names, [input_ids, *state])))
-        return outs[0], list(outs[1:])
+        feeds = dict(zip(self.input_names, [input_ids, *state]))
+        L = input_ids.shape[1]
+        for name, (key, _) in self.kv_cached.items():        # in-place caches: reuse, or restart from the state
+            if name.endswith(".k"):
+                c, pk, pv = KV_CACHES[key], feeds[name], feeds[name[:-2] + ".v"]
+                if c.k is None or c.views[0] is not pk or c.views[1] is not pv:
+                    c.reset(pk, pv, pk.shape[1] + L)    # a state this engine did not hand out last
+                c.reserve(c.length + L)
+        outs = dict(zip(self.session_outputs, run_checked(self.session, self.session_outputs,
+                                                          {n: feeds[n] for n in self.session_inputs})))
+        for name, (key, part) in self.kv_cached.items():
+            c = KV_CACHES[key]
+            if part == "k":
+                c.views = (c.k[:, :c.length], c.v[:, :c.length])
+            outs[name.replace("past.", "present.", 1)] = c.views[0 if part == "k" else 1]
+        return outs["logits"], [outs[n] for n in self.output_names[1:]]
+
+
+def _release(weight_keys, cache_keys) -> None:
+    from jambatrt.plugins.cpu.ort_ops import KV_CACHES, unmap_expert_weights
+    unmap_expert_weights(weight_keys)
+    for k in cache_keys:
+        KV_CACHES.pop(k, None)

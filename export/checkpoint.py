@@ -3,7 +3,8 @@ model.safetensors.index.json), read tensor by tensor through a mapping, never wh
 
 `model_tensors` is the one place where the checkpoint's layout becomes the model's: per-expert
 gate/up/down become stacked w13 [E,2I,H] / w2 [E,H,I] (int8 + per-row scales with ExpertsInt8,
-quantised a block of rows at a time), everything else is cast to the export dtype. It yields blocks
+quantised a block of rows at a time); with --weights-int8 the other linear weights are quantised the
+same way (int8 `<name>.weight` + fp32 `<name>.weight_scale`); everything else is cast to the export dtype. It yields blocks
 of bounded size in the model's state-dict order, which the artifact's weight store is written in.
 
 Presets are seeded random initialisations written, tensor by tensor, in exactly the format
@@ -24,7 +25,7 @@ import torch
 
 from jambatrt.config import JambaConfig, preset
 from jambatrt.errors import CheckpointError, ConfigError
-from jambatrt.export.quantize import quantize_experts
+from jambatrt.export.quantize import quantize_experts, quantize_linear
 from jambatrt.export.store import MappedStore, iter_blocks, nbytes, read_header, torch_dtype, write_tensors
 
 INDEX = "model.safetensors.index.json"
@@ -236,8 +237,9 @@ def model_tensors(src: TensorSource, entries: list[tuple[str, torch.dtype, tuple
     `export.weights.model_entries`) as (name, block) pairs: consecutive row blocks of at most about
     `block_bytes` of source data, in `entries` order. Expert weights are quantised a block of rows
     at a time (the scale is per row, so this equals quantising the whole stack); their scales
-    follow the stack they belong to. Every source block is checked to be finite (a quantised row
-    through its scale: max|w| is NaN or Inf exactly when the row holds one, so no extra pass)."""
+    follow the stack they belong to. So are the int8 entries of Int8Linear layers (--weights-int8),
+    whose `.weight_scale` follows the weight. Every source block is checked to be finite (a quantised
+    expert row through its scale: max|w| is NaN or Inf exactly when the row holds one, so no extra pass)."""
     shapes = {name: shape for name, _, shape in entries}
     scales: dict[str, torch.Tensor] = {}
     for name, dtype, _ in entries:
@@ -261,6 +263,16 @@ def model_tensors(src: TensorSource, entries: list[tuple[str, torch.dtype, tuple
                             yield name, _finite(src, src_name, block).to(dtype)
         elif leaf in ("w13_scale", "w2_scale"):
             yield name, scales.pop(name.removesuffix("_scale")).view(shapes[name])
+        elif dtype == torch.int8:        # an Int8Linear weight: only the int8 rows and their scales are stored
+            scale = scales[name] = torch.empty(shapes[name + "_scale"])      # preallocated, as the experts'
+            done = 0
+            for block in iter_blocks(src.get(name), block_bytes):
+                q, s = quantize_linear(_finite(src, name, block))
+                scale[done:done + s.shape[0]] = s
+                done += s.shape[0]
+                yield name, q
+        elif name.endswith(".weight_scale") and name.removesuffix("_scale") in scales:
+            yield name, scales.pop(name.removesuffix("_scale"))
         else:
             for block in iter_blocks(src.get(name), block_bytes):
                 yield name, _finite(src, name, block).to(dtype)

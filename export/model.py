@@ -3,7 +3,9 @@
 
 Parameter names follow the Hugging Face checkpoint (`model.layers.{i}.mamba.in_proj.weight`, ...)
 except the experts, which are stacked per layer (`feed_forward.w13 [E,2I,H]`, `feed_forward.w2
-[E,H,I]`, int8 + fp32 scales with ExpertsInt8); `export/checkpoint.py` maps them.
+[E,H,I]`, int8 + fp32 scales with ExpertsInt8); `export/checkpoint.py` maps them. With
+--weights-int8 every other linear layer but the router is an `Int8Linear` (`<name>.weight` int8 +
+`<name>.weight_scale` fp32).
 
 State, one flat list in layer order: Mamba layer -> conv_state [B,D,K-1], ssm_state [B,D,N] fp32;
 attention layer -> k [B,P,Hkv,d], v [B,P,Hkv,d]."""
@@ -39,18 +41,38 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear layer (--weights-int8), gpt-fast style: weight [O,I] int8, symmetric,
+    one fp32 scale per output channel (max|W| / 127 over the input dim, as ExpertsInt8); activations
+    stay in the model's dtype. y = (x @ weight^T) * scale (+ bias): the scale after the K loop."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:       # x [..., I] -> [..., O]
+        y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def linear(in_features: int, out_features: int, bias: bool, int8: bool) -> nn.Module:
+    return Int8Linear(in_features, out_features, bias) if int8 else nn.Linear(in_features, out_features, bias=bias)
+
+
 class MambaMixer(nn.Module):
-    def __init__(self, cfg: JambaConfig):
+    def __init__(self, cfg: JambaConfig, int8: bool = False):
         super().__init__()
         D, N, R, K = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_dt_rank, cfg.mamba_d_conv
         self.dims = (D, N, R)
-        self.in_proj = nn.Linear(cfg.hidden_size, 2 * D, bias=cfg.mamba_proj_bias)
+        self.in_proj = linear(cfg.hidden_size, 2 * D, cfg.mamba_proj_bias, int8)
         self.conv1d = nn.Conv1d(D, D, K, groups=D, bias=cfg.mamba_conv_bias)
-        self.x_proj = nn.Linear(D, R + 2 * N, bias=False)
-        self.dt_proj = nn.Linear(R, D, bias=True)
+        self.x_proj = linear(D, R + 2 * N, False, int8)
+        self.dt_proj = linear(R, D, True, int8)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))
         self.D = nn.Parameter(torch.ones(D))
-        self.out_proj = nn.Linear(D, cfg.hidden_size, bias=cfg.mamba_proj_bias)
+        self.out_proj = linear(D, cfg.hidden_size, cfg.mamba_proj_bias, int8)
         self.dt_layernorm = RMSNorm(R, cfg.rms_norm_eps)
         self.b_layernorm = RMSNorm(N, cfg.rms_norm_eps)
         self.c_layernorm = RMSNorm(N, cfg.rms_norm_eps)
@@ -61,7 +83,7 @@ class MambaMixer(nn.Module):
         bias = self.conv1d.bias if self.conv1d.bias is not None else x.new_zeros(D)
         x, conv_state = ops.causal_conv1d(x, self.conv1d.weight.squeeze(1), bias, conv_state)
         dt, Bm, Cm = torch.split(self.x_proj(x.transpose(1, 2)), [R, N, N], dim=-1)  # [B,L,*]
-        dt = (self.dt_layernorm(dt) @ self.dt_proj.weight.t()).transpose(1, 2)      # [B,D,L]
+        dt = self._dt(self.dt_layernorm(dt)).transpose(1, 2)                         # [B,D,L]
         Bm = self.b_layernorm(Bm).transpose(1, 2)                                   # [B,N,L]
         Cm = self.c_layernorm(Cm).transpose(1, 2)
         A = -torch.exp(self.A_log.float())                                          # [D,N]
@@ -69,15 +91,21 @@ class MambaMixer(nn.Module):
                                           ssm_state)
         return self.out_proj(y.transpose(1, 2)), [conv_state, ssm_state]
 
+    def _dt(self, dt):   # dt_proj without its bias: the scan adds it (delta_bias) before the softplus
+        p = self.dt_proj
+        if isinstance(p, Int8Linear):
+            return F.linear(dt, p.weight.to(dt.dtype)) * p.weight_scale.to(dt.dtype)
+        return dt @ p.weight.t()
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: JambaConfig):
+    def __init__(self, cfg: JambaConfig, int8: bool = False):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.q_proj = linear(cfg.hidden_size, self.nh * self.hd, False, int8)
+        self.k_proj = linear(cfg.hidden_size, self.nkv * self.hd, False, int8)
+        self.v_proj = linear(cfg.hidden_size, self.nkv * self.hd, False, int8)
+        self.o_proj = linear(self.nh * self.hd, cfg.hidden_size, False, int8)
 
     def forward(self, h, ops, past_k=None, past_v=None):   # h [B,L,H]
         B, L, _ = h.shape
@@ -89,11 +117,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: JambaConfig):
+    def __init__(self, cfg: JambaConfig, int8: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, False, int8)
+        self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, False, int8)
+        self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, False, int8)
 
     def forward(self, x, ops):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -136,14 +164,15 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: JambaConfig, i: int, experts_int8: bool, dtype: torch.dtype):
+    def __init__(self, cfg: JambaConfig, i: int, experts_int8: bool, dtype: torch.dtype, weights_int8: bool = False):
         super().__init__()
         self.is_attention = cfg.is_attention(i)
         if self.is_attention:
-            self.self_attn = Attention(cfg)
+            self.self_attn = Attention(cfg, weights_int8)
         else:
-            self.mamba = MambaMixer(cfg)
-        self.feed_forward = MoE(cfg, experts_int8, dtype) if cfg.is_moe(i) else MLP(cfg)
+            self.mamba = MambaMixer(cfg, weights_int8)
+        # the router stays float (as llama.cpp keeps ffn_gate_inp): top-k choices are sensitive and it is small
+        self.feed_forward = MoE(cfg, experts_int8, dtype) if cfg.is_moe(i) else MLP(cfg, weights_int8)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -155,28 +184,33 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: JambaConfig, experts_int8: bool, dtype: torch.dtype):
+    def __init__(self, cfg: JambaConfig, experts_int8: bool, dtype: torch.dtype, weights_int8: bool = False):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts_int8, dtype) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, experts_int8, dtype, weights_int8)
+                                    for i in range(cfg.num_hidden_layers))
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class JambaLM(nn.Module):
-    """forward(input_ids [B,L] int64, state: flat list or None) -> (logits [B,L,V], new state list)."""
+    """forward(input_ids [B,L] int64, state: flat list or None) -> (logits [B,L,V], new state list).
+    weights_int8: every linear layer but the router (and a tied lm_head, which is the embedding) is
+    an Int8Linear; the embedding stays float (decode reads one row of it)."""
 
     def __init__(self, cfg: JambaConfig, experts_int8: bool = True, dtype: torch.dtype = torch.float32,
-                 impl: str = "custom"):
+                 impl: str = "custom", weights_int8: bool = False):
         super().__init__()
-        self.config, self.experts_int8, self.impl = cfg, experts_int8, impl
-        self.model = Backbone(cfg, experts_int8, dtype)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.config, self.experts_int8, self.weights_int8, self.impl = cfg, experts_int8, weights_int8, impl
+        self.model = Backbone(cfg, experts_int8, dtype, weights_int8)
+        self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, weights_int8 and not cfg.tie_word_embeddings)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.to(dtype)   # int8 buffers keep their dtype; scales are restored to fp32 below
         for m in self.modules():
             if isinstance(m, MoE) and m.int8:
                 m.w13_scale.data, m.w2_scale.data = m.w13_scale.float(), m.w2_scale.float()
+            if isinstance(m, Int8Linear):
+                m.weight_scale.data = m.weight_scale.float()
         for m in self.modules():    # A_log, D, dt bias are used in fp32 by the scan
             if isinstance(m, MambaMixer):
                 m.A_log.data = m.A_log.float()

@@ -1,4 +1,4 @@
-"""ExpertsInt8: int8 symmetric weights, one fp32 scale per output channel per expert."""
+"""ExpertsInt8 and --weights-int8: int8 symmetric weights, one fp32 scale per output channel (per expert)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_experts(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def quantize_linear(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer's w [O,I] (or a block of its rows) -> (q [O,I] int8, scale [O] fp32): the
+    ExpertsInt8 rule per output channel."""
+    q, s = quantize_experts(w[None])
+    return q[0], s[0]
+
+
+def dequantize_linear(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize_experts(q[None], scale[None], dtype)[0]

@@ -43,7 +43,7 @@ class Progress:
 def export_stage(out_tmp: Path, checkpoint: str | Path | None = None, preset_name: str | None = None,
                  dtype: torch.dtype = torch.float32, experts_int8: bool = True, seed: int = 0,
                  max_seq: int | None = None, progress: Progress | None = None,
-                 onnx: bool = True) -> tuple[dict, dict[str, str]]:
+                 onnx: bool = True, weights_int8: bool = False) -> tuple[dict, dict[str, str]]:
     """Write the artifact into `out_tmp` (the caller renames it into place); `onnx=False` leaves out
     model.onnx (for machines without ONNX tooling: the aoti engine needs step.pt2 only). Returns the manifest
     without `files` and the digests already computed while writing ({relative path: sha256}), so
@@ -56,13 +56,14 @@ def export_stage(out_tmp: Path, checkpoint: str | Path | None = None, preset_nam
             progress.step(f"writing preset {preset_name!r} (seed {seed}) as a HF checkpoint")
             ckpt = write_preset(preset_name, Path(d) / "checkpoint", seed=seed)
             return _export(out_tmp, ckpt, {"preset": preset_name, "seed": seed}, dtype, experts_int8, max_seq,
-                           progress, onnx)
+                           progress, onnx, weights_int8)
     ckpt = Path(checkpoint).resolve()
-    return _export(out_tmp, ckpt, {"checkpoint": str(ckpt)}, dtype, experts_int8, max_seq, progress, onnx)
+    return _export(out_tmp, ckpt, {"checkpoint": str(ckpt)}, dtype, experts_int8, max_seq, progress, onnx,
+                   weights_int8)
 
 
 def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_seq,
-            progress: Progress, onnx: bool) -> tuple[dict, dict[str, str]]:
+            progress: Progress, onnx: bool, weights_int8: bool = False) -> tuple[dict, dict[str, str]]:
     t0 = time.perf_counter()
     progress.step(f"reading {ckpt} (headers)")
     src = Checkpoint(ckpt)
@@ -71,22 +72,22 @@ def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_se
 
     progress.step("weights -> weights.safetensors")
     from jambatrt.export.weights import model_entries, store_bytes
-    need = store_bytes(cfg, dtype, experts_int8)
+    need = store_bytes(cfg, dtype, experts_int8, weights_int8)
     free = shutil.disk_usage(out_tmp).free
     if need > free:       # refuse before writing, not at 95% of a 100 GB store
         raise ArtifactError(f"{out_tmp.parent}: the artifact's weights need {need / 1e9:.2f} GB, the filesystem has "
                             f"{free / 1e9:.2f} GB free")
-    progress.start_bytes("weights", need, len(model_entries(cfg, dtype, experts_int8)))
+    progress.start_bytes("weights", need, len(model_entries(cfg, dtype, experts_int8, weights_int8)))
     weights = write_weights(src, cfg, dtype, experts_int8, out_tmp / WEIGHTS, on_bytes=progress.advance,
-                            on_tensor=progress.tensor_done)
+                            on_tensor=progress.tensor_done, weights_int8=weights_int8)
     t_weights = time.perf_counter() - t0
 
     progress.step("torch.export (fake weights; dynamic batch and sequence)")
-    model = fake_model(cfg, dtype, experts_int8)
+    model = fake_model(cfg, dtype, experts_int8, weights_int8)
     save_weightless(export_prefill(model, max_seq=max_seq), out_tmp / "program.pt2")
     step_ep = export_step(model, max_seq=max_seq)
     cfg.save(out_tmp / "config.json")
-    manifest = _manifest(cfg, source, dtype, experts_int8, max_seq, weights)
+    manifest = _manifest(cfg, source, dtype, experts_int8, max_seq, weights, weights_int8)
     from jambatrt.text import copy_text_files
     manifest["text"] = copy_text_files(ckpt, out_tmp, cfg.to_hf_dict())
 
@@ -102,7 +103,7 @@ def _export(out_tmp: Path, ckpt: Path, source: dict, dtype, experts_int8, max_se
 
 
 def _manifest(cfg: JambaConfig, source: dict, dtype: torch.dtype, experts_int8: bool, max_seq: int | None,
-              weights: dict) -> dict:
+              weights: dict, weights_int8: bool = False) -> dict:
     dname = str(dtype).removeprefix("torch.")
 
     def state_io(prefix: str, kv_len: str) -> list[dict]:
@@ -123,7 +124,9 @@ def _manifest(cfg: JambaConfig, source: dict, dtype: torch.dtype, experts_int8: 
         "source": source,
         "config": cfg.to_hf_dict(),
         "dtype": dname,
-        "quantization": {"experts": "int8-symmetric-per-output-channel" if experts_int8 else "none"},
+        "quantization": {"experts": "int8-symmetric-per-output-channel" if experts_int8 else "none",
+                         # --weights-int8: every other linear layer but the router (the embedding stays float)
+                         "weights": "int8-symmetric-per-output-channel" if weights_int8 else "none"},
         "weights": {"path": WEIGHTS, "bytes": weights["bytes"], "tensors": weights["tensors"],
                     "layout": "safetensors, JambaLM state dict (experts stacked per layer), tensors page-aligned"},
         "ops": {name: {"qualname": s.qualname, "onnx": f"{jops.DOMAIN}::{s.onnx_op_type}", "version": s.version}

@@ -22,14 +22,15 @@ from jambatrt.export.model import JambaLM, state_shapes
 MAX_BATCH = 64
 
 
-def fake_model(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True) -> JambaLM:
+def fake_model(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True,
+               weights_int8: bool = False) -> JambaLM:
     """JambaLM whose parameters and buffers are FakeTensors on the CPU: what torch.export needs to
     trace (shapes, dtypes, devices), none of the memory. Shared weights stay shared."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from jambatrt.export.weights import meta_model
 
-    model = meta_model(cfg, dtype, experts_int8)
+    model = meta_model(cfg, dtype, experts_int8, weights_int8=weights_int8)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes: dict[int, torch.Tensor] = {}
 

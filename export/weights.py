@@ -28,17 +28,18 @@ PROGRAM_PREFIX = "model."        # PrefillProgram / StepProgram hold the JambaLM
 
 
 def meta_model(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True,
-               impl: str = "custom") -> JambaLM:
+               impl: str = "custom", weights_int8: bool = False) -> JambaLM:
     with torch.device("meta"):
-        return JambaLM(cfg, experts_int8=experts_int8, dtype=dtype, impl=impl).eval().requires_grad_(False)
+        return JambaLM(cfg, experts_int8=experts_int8, dtype=dtype, impl=impl,
+                       weights_int8=weights_int8).eval().requires_grad_(False)
 
 
-def model_entries(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True
-                  ) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def model_entries(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_int8: bool = True,
+                  weights_int8: bool = False) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """[(name, dtype, shape)] of every weight the model holds, in state-dict order, each shared
     tensor once (a tied lm_head is the embedding)."""
     seen, out = set(), []
-    for name, t in meta_model(cfg, dtype, experts_int8).state_dict(keep_vars=True).items():
+    for name, t in meta_model(cfg, dtype, experts_int8, weights_int8=weights_int8).state_dict(keep_vars=True).items():
         if id(t) not in seen:
             seen.add(id(t))
             out.append((name, t.dtype, tuple(t.shape)))
@@ -47,7 +48,8 @@ def model_entries(cfg: JambaConfig, dtype: torch.dtype = torch.float32, experts_
 
 def assign_weights(model: JambaLM, get: Callable[[str], torch.Tensor]) -> JambaLM:
     """Give a (meta) model its weights without copying: every parameter/buffer becomes `get(name)`."""
-    names = [n for n, _, _ in model_entries(model.config, next(model.parameters()).dtype, model.experts_int8)]
+    names = [n for n, _, _ in model_entries(model.config, next(model.parameters()).dtype, model.experts_int8,
+                                            model.weights_int8)]
     sd = {n: get(n) for n in names}
     if model.config.tie_word_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
@@ -58,33 +60,35 @@ def assign_weights(model: JambaLM, get: Callable[[str], torch.Tensor]) -> JambaL
 
 
 def build_model(cfg: JambaConfig, tensors: dict[str, torch.Tensor] | TensorSource,
-                dtype: torch.dtype = torch.float32, experts_int8: bool = True, impl: str = "custom") -> JambaLM:
+                dtype: torch.dtype = torch.float32, experts_int8: bool = True, impl: str = "custom",
+                weights_int8: bool = False) -> JambaLM:
     """An in-memory JambaLM from HF-layout tensors (a dict or a `Checkpoint`), through the same
     `model_tensors` transform the export writes the store with. Holds the whole model: for small
     models (tests); artifacts are mapped instead (`load_artifact_model`)."""
     src = DictSource(tensors) if isinstance(tensors, dict) else tensors
     check_tensors(src, cfg, getattr(src, "path", "tensors"))
-    entries = model_entries(cfg, dtype, experts_int8)
+    entries = model_entries(cfg, dtype, experts_int8, weights_int8)
     blocks: dict[str, list[torch.Tensor]] = {}
     for name, block in model_tensors(src, entries, cfg, experts_int8):
         blocks.setdefault(name, []).append(block)
     shapes = {n: s for n, _, s in entries}
-    return assign_weights(meta_model(cfg, dtype, experts_int8, impl),   # torch.cat copies: nothing stays mapped
+    return assign_weights(meta_model(cfg, dtype, experts_int8, impl, weights_int8),   # torch.cat copies
                           lambda n: torch.cat([b.reshape(-1) for b in blocks[n]]).reshape(shapes[n]))
 
 
 def load_model(ckpt: str | Path, dtype: torch.dtype = torch.float32, experts_int8: bool = True,
-               impl: str = "custom") -> JambaLM:
+               impl: str = "custom", weights_int8: bool = False) -> JambaLM:
     """A HF-format checkpoint directory as an in-memory JambaLM (see `build_model`)."""
     c = Checkpoint(ckpt)
-    return build_model(c.config, c, dtype, experts_int8, impl)
+    return build_model(c.config, c, dtype, experts_int8, impl, weights_int8)
 
 
 def write_weights(src: TensorSource, cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool, path: Path,
-                  on_bytes: Callable[[int], None] | None = None, on_tensor: Callable[[], None] | None = None) -> dict:
+                  on_bytes: Callable[[int], None] | None = None, on_tensor: Callable[[], None] | None = None,
+                  weights_int8: bool = False) -> dict:
     """Stream the model's weights from `src` into `path` (page-aligned safetensors) -> {"sha256",
     "bytes", "tensors"}. Memory: a few blocks of `checkpoint.BLOCK_BYTES`, whatever the model size."""
-    entries = model_entries(cfg, dtype, experts_int8)
+    entries = model_entries(cfg, dtype, experts_int8, weights_int8)
     with StoreWriter(path, entries, align=PAGE, metadata={"format": "pt", "producer": "jambatrt"},
                      on_bytes=on_bytes, on_tensor=on_tensor) as w:
         for name, block in model_tensors(src, entries, cfg, experts_int8):
@@ -93,16 +97,22 @@ def write_weights(src: TensorSource, cfg: JambaConfig, dtype: torch.dtype, exper
     return {"sha256": digest, "bytes": w.total, "tensors": len(entries)}
 
 
-def store_bytes(cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool) -> int:
+def store_bytes(cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool, weights_int8: bool = False) -> int:
     """The size `write_weights` will give the store, from the plan alone (padding included); the
     file is created and removed again, nothing is written to it."""
     import os
     import tempfile
     with tempfile.TemporaryDirectory() as d:
-        w = StoreWriter(Path(d) / "plan", model_entries(cfg, dtype, experts_int8), align=PAGE)
+        w = StoreWriter(Path(d) / "plan", model_entries(cfg, dtype, experts_int8, weights_int8), align=PAGE)
         w.abort()
         os.unlink(Path(d) / "plan")
     return w.total
+
+
+def quantization_flags(manifest: dict) -> tuple[bool, bool]:
+    """(experts_int8, weights_int8) of an artifact; artifacts from before --weights-int8 have no "weights" key."""
+    q = manifest["quantization"]
+    return q["experts"] != "none", q.get("weights", "none") != "none"
 
 
 def open_store(artifact: str | Path) -> MappedStore:
@@ -117,10 +127,11 @@ def load_artifact_model(artifact: str | Path, manifest: dict, impl: str = "custo
     from jambatrt.export.checkpoint import DTYPES
 
     cfg = JambaConfig.from_hf_dict(manifest["config"], source=f"{artifact}/manifest.json")
-    experts_int8 = manifest["quantization"]["experts"] != "none"
+    experts_int8, weights_int8 = quantization_flags(manifest)
     store = open_store(artifact)
-    model = meta_model(cfg, DTYPES[manifest["dtype"]], experts_int8, impl)
-    missing = [n for n, _, _ in model_entries(cfg, DTYPES[manifest["dtype"]], experts_int8) if n not in store]
+    model = meta_model(cfg, DTYPES[manifest["dtype"]], experts_int8, impl, weights_int8)
+    missing = [n for n, _, _ in model_entries(cfg, DTYPES[manifest["dtype"]], experts_int8, weights_int8)
+               if n not in store]
     if missing:
         raise ArtifactError(f"{store.path}: missing weight(s) {', '.join(missing[:5])} (re-run `jambatrt export`)")
     model.store = store              # keeps the mapping alive as long as the model

@@ -88,8 +88,28 @@ def build_schema(name: str) -> defs.OpSchema:
     return schema
 
 
+def _linear_int8_schema() -> defs.OpSchema:
+    """jamba::LinearInt8(x [..., K], w [N,K] int8, scale [N] fp32) -> y [..., N]: not an exported op but
+    the ORT pass list's lowering of --weights-int8 linear layers (graph/passes/lower_linear_int8.py)."""
+    P = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema("LinearInt8", DOMAIN, DOMAIN_VERSION, doc="(x @ w^T) * scale, w int8 per output channel",
+                           inputs=[P("x", "T"), P("w", I8), P("scale", F32)], outputs=[P("y", "T")],
+                           type_constraints=[("T", FLOAT_T, "activations")])
+
+    def infer(ctx) -> None:
+        tx, tw = ctx.get_input_type(0), ctx.get_input_type(1)
+        dx, dw = _dims(tx), _dims(tw)
+        n = dw[0] if dw else None
+        ctx.set_output_type(0, _tensor_type(tx.tensor_type.elem_type, None if dx is None else [*dx[:-1], n]))
+
+    schema.set_type_and_shape_inference_function(infer)
+    return schema
+
+
 def register_schemas() -> None:
-    """Idempotent: registers every jamba op schema with onnx.defs."""
+    """Idempotent: registers every jamba op schema with onnx.defs (and the ORT lowering's LinearInt8)."""
     for name, spec in SPECS.items():
         if not defs.has(spec.onnx_op_type, DOMAIN):
             defs.register_schema(build_schema(name))
+    if not defs.has("LinearInt8", DOMAIN):
+        defs.register_schema(_linear_int8_schema())

@@ -93,7 +93,8 @@ def test_decode_after_prefill_equals_longer_prefill(engine):
 def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
     """The default session runs MoE as MoEInt8Mapped (expert weights mapped from the engine's data
     file, not copied in on every call); a session of the engine file as written gives the same
-    logits and state bit for bit, and closing an engine releases its mapped weights."""
+    logits and state bit for bit (decode: to fp32 rounding, see below), and closing an engine releases
+    its mapped weights."""
     from jambatrt.plugins.cpu import ort_ops
     cfg = engine.config
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
@@ -111,8 +112,12 @@ def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
             step_b, _ = plain.decode(ids[:, 0], b_state)
         finally:
             plain.close()
-        assert np.array_equal(a_logits, b_logits) and np.array_equal(step_a, step_b)
+        assert np.array_equal(a_logits, b_logits)
         assert all(np.array_equal(x, y) for x, y in zip(a_state, b_state))
+        # the mapped session also keeps the KV cache in place, whose decode reads it through batch-strided
+        # views: the attention kernel's sums may then round differently (fp32, not the weights)
+        tol = 16 * np.finfo(np.float32).eps * np.abs(step_b).max() * cfg.num_hidden_layers
+        assert np.abs(step_a - step_b).max() <= tol
     assert keys and not any(k in ort_ops.MAPPED_WEIGHTS for k in keys)
 
 

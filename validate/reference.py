@@ -40,7 +40,7 @@ from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
 from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
 from jambatrt.export.model import state_shapes
-from jambatrt.export.quantize import dequantize_experts
+from jambatrt.export.quantize import dequantize_experts, dequantize_linear
 from jambatrt.export.weights import load_artifact_model, open_store
 
 REFERENCES = ("eager", "hf")
@@ -362,7 +362,10 @@ def hf_tensors(artifact: Path, cfg: JambaConfig, experts_int8: bool):
     I = cfg.intermediate_size
     for name in hf_tensor_shapes(cfg):
         if ".experts." not in name:
-            yield name, store.tensor(name)
+            t = store.tensor(name)
+            if t.dtype == torch.int8:        # --weights-int8: an Int8Linear's weight, dequantised likewise
+                t = dequantize_linear(t, store.tensor(name + "_scale"))
+            yield name, t
             continue
         layer, rest = name.split(".experts.")
         e, part = int(rest.split(".")[0]), rest.split(".")[1]

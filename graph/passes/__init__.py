@@ -13,6 +13,7 @@ from jambatrt.graph.passes.check_memory_flat import check_memory_flat
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
 from jambatrt.graph.passes.lower_conv_native import lower_conv_native
+from jambatrt.graph.passes.lower_linear_int8 import lower_linear_int8
 from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
 from jambatrt.graph.passes.set_plugin_namespace import set_plugin_namespace
@@ -46,7 +47,8 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     passes.append(materialize_optional_inputs)
     if settings.conv == "native":
         passes.append(lower_conv_native)
-    return passes + [infer_shapes, check_memory_flat]
+    # --weights-int8 artifacts: int8 weights read as int8 by our kernel, not dequantised per call
+    return passes + [lower_linear_int8, infer_shapes, check_memory_flat]
 
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
@@ -66,5 +68,5 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "infer_shapes",
-           "lower_attention_gqa", "lower_conv_native", "lower_moe_grouped", "materialize_optional_inputs", "set_plugin_namespace",
+           "lower_attention_gqa", "lower_conv_native", "lower_linear_int8", "lower_moe_grouped", "materialize_optional_inputs", "set_plugin_namespace",
            "split_expert_groups"]

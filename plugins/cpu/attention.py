@@ -190,7 +190,8 @@ _decode_kernel_serial = njit(cache=True, fastmath={"reassoc", "contract"})(_deco
 
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """One query per sequence over all S keys (no mask): q [B,1,Hq,d]; k, v [B,S,Hkv,d] with S >= 1,
-    float32 C-contiguous (k, v are read in place). Returns o [B,1,Hq,d] float32 (fresh)."""
+    float32, each sequence's [S,Hkv,d] contiguous (k, v are read in place: C-contiguous arrays, or
+    the batch-strided views of the ORT engine's in-place cache). Returns o [B,1,Hq,d] float32 (fresh)."""
     B, L, Hq, d = q.shape
     S = k.shape[1]
     if L != 1 or S < 1:
@@ -261,3 +262,12 @@ def attention(q, k, v, past_k=None, past_v=None, *, scratch_inputs: bool = False
         present_k, present_v = k.copy(), v.copy()
     o = _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P)
     return o.numpy(), present_k, present_v
+
+
+def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray, P: int) -> np.ndarray:
+    """o [B,L,Hq,d] float32 for q at positions P..P+L-1 over a cache that already holds them:
+    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (ort_ops.KVCache), never copied."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
+        return decode_attention(q, present_k, present_v)
+    return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()

@@ -7,8 +7,8 @@ Built on torch's CPU kernels (zero-copy from numpy): at T=4096, H=128, I=256, E=
 and ~2x faster than ONNX Runtime's QMoE (bench/kernels.json). Per expert and token group, one of:
 - dequantise the int8 matrix to float32 (no scale: scales multiply the outputs) and run a GEMM:
   fastest for prefill-sized groups, and for small matrices at any group size;
-- `_int8_linear` (numba), which reads the int8 weights directly (4x less memory traffic than a
-  dequantised copy): faster for decode-sized groups of large experts (~3x at 1 token, 4096 x 28672).
+- `linear_int8` (numba GEMV, plugins/cpu/linear_int8.py), which reads the int8 weights directly (4x
+  less memory traffic than a dequantised copy): faster for decode-sized groups of large experts.
 A decode step of small experts (a few tokens, under ~1M weights per expert) runs whole in one
 serial numba call (`_moe_small`) after the routing: the ~25 small torch calls of the general path
 cost ~300 us there, against ~20 us of arithmetic (bench preset, 1 token)."""
@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit
 
 from jambatrt.export.ops.moe_int8 import routing_weights
+from jambatrt.plugins.cpu.linear_int8 import linear_int8
 
-_LANES = 16                        # independent partial sums: a vectorisable reduction, no reassociation
 _INT8_PATH_MAX_TOKENS = 4          # crossover measured at 4..8 tokens for 4096 x 8192 .. 4096 x 28672
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than waking numba's threads
 
@@ -60,32 +60,12 @@ def _moe_small(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
                 y[t, o] += acc * s2[e, o] * wt
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def _int8_linear(x, w, scale, out):
-    """out[i, o] = scale[o] * sum_h x[i, h] * w[o, h]; x [n,H] float32, w [O,H] int8, scale [O] float32."""
-    n, H = x.shape
-    O = w.shape[0]
-    Hv = H - H % _LANES
-    for o in prange(O):
-        for i in range(n):
-            acc = np.zeros(_LANES, np.float32)
-            for h0 in range(0, Hv, _LANES):
-                for j in range(_LANES):
-                    acc[j] += x[i, h0 + j] * np.float32(w[o, h0 + j])
-            s = np.float32(0.0)
-            for j in range(_LANES):
-                s += acc[j]
-            for h in range(Hv, H):
-                s += x[i, h] * np.float32(w[o, h])
-            out[i, o] = s * scale[o]
-
-
 def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [n,H] float32 @ (int8 w [O,H]).T, then * scale [O] per output channel -> [n,O] float32."""
     if x.shape[0] <= _INT8_PATH_MAX_TOKENS and w.numel() >= _INT8_PATH_MIN_WEIGHTS:
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
-        _int8_linear(x.contiguous().numpy(), w.contiguous().numpy(), scale.contiguous().numpy(), out)
-        return torch.from_numpy(out)
+        # the --weights-int8 GEMV (fp32 lanes, reassociated): 2x the former lane-wise kernel at 2 x 2816 x 1024
+        return torch.from_numpy(linear_int8(x.contiguous().numpy(), w.contiguous().numpy(),
+                                            scale.contiguous().numpy()))
     return F.linear(x, w.float()) * scale
 
 

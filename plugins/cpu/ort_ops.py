@@ -47,8 +47,40 @@ from jambatrt.errors import JambaTRTError
 from jambatrt.export.ops import DOMAIN, SPECS
 
 ERRORS: list[str] = []
-MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale), see engines/ort.py
+MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale) or (w, scale), see engines/ort.py
 MAPPED_OP = "MoEInt8Mapped"
+LINEAR_INT8_OP = "LinearInt8"           # graph/passes/lower_linear_int8.py (--weights-int8)
+LINEAR_INT8_MAPPED_OP = "LinearInt8Mapped"
+CACHED_ATTENTION_OP = "CausalAttentionCached"
+KV_CACHES: dict[str, "KVCache"] = {}   # key -> the KV cache one session's attention layer appends to
+
+
+class KVCache:
+    """Preallocated, in-place KV cache of one attention layer (engines/ort.py `map_kv_caches`):
+    k, v [B, capacity, Hkv, d] float32 buffers whose first `length` positions hold the past. The
+    engine sizes them before a run; the op appends the step's keys and values and attends over
+    the first length + L positions, so no step copies the cache (ONNX Runtime never sees it)."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+        self.views = (None, None)       # the (k, v) state arrays the engine last handed out
+
+    def reset(self, past_k: np.ndarray, past_v: np.ndarray, need: int) -> None:
+        B, P, Hkv, d = past_k.shape
+        cap = max(need, 2 * P, 256)
+        k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+        k[:, :P], v[:, :P] = past_k, past_v
+        self.k, self.v, self.length = k, v, P
+
+    def reserve(self, need: int) -> None:
+        """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
+        if need > self.k.shape[1]:
+            B, _, Hkv, d = self.k.shape
+            P, cap = self.length, max(need, 2 * self.k.shape[1])
+            k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+            k[:, :P], v[:, :P] = self.k[:, :P], self.v[:, :P]
+            self.k, self.v = k, v
 _declared = False
 _malloc_tuned = False
 
@@ -84,19 +116,20 @@ def run_checked(session, output_names, feeds: dict) -> list:
 
 def _guarded(name: str, out_shapes):
     """Wrap the body of op `name` so that no exception reaches ONNX Runtime (see the module
-    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs."""
-    spec = SPECS[name]
+    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs.
+    `name`: a jamba op, or the ONNX op type of a lowering target with one output (LinearInt8)."""
+    op_type, n_out = (SPECS[name].onnx_op_type, len(SPECS[name].outputs)) if name in SPECS else (name, 1)
 
     def wrap(body):
         def op(*inputs, **attrs):
             try:
                 return body(*inputs, **attrs)
             except BaseException as exc:         # noqa: BLE001 -- anything escaping kills the process
-                ERRORS.append(f"{DOMAIN}::{spec.onnx_op_type}: {type(exc).__name__}: {exc}")
+                ERRORS.append(f"{DOMAIN}::{op_type}: {type(exc).__name__}: {exc}")
                 try:
                     shapes = out_shapes(*inputs)
                 except BaseException:            # noqa: BLE001
-                    shapes = [(0,)] * len(spec.outputs)
+                    shapes = [(0,)] * n_out
                 return tuple(np.full(s, np.nan, np.float32) for s in shapes)
         op.__name__ = body.__name__
         return op
@@ -121,8 +154,9 @@ def _invoke(op_id, feed, attributes):
 def _declare() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    from jambatrt.plugins.cpu.attention import attention
+    from jambatrt.plugins.cpu.attention import attention, attention_cached
     from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d
+    from jambatrt.plugins.cpu.linear_int8 import linear_int8
     from jambatrt.plugins.cpu.moe_int8 import moe_int8
     from jambatrt.plugins.cpu.selective_scan import selective_scan
 
@@ -163,6 +197,40 @@ def _declare() -> None:
             raise KeyError(f"expert weights {weights!r} are not mapped in this process (sessions of "
                            "MoEInt8Mapped graphs come from engines/ort.py map_expert_weights)") from None
         return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
+
+    @onnx_op(op_type=f"{DOMAIN}::{CACHED_ATTENTION_OP}", inputs=[F, F, F], outputs=[F],
+             attrs={"cache": PyCustomOpDef.dt_string})
+    @_guarded(CACHED_ATTENTION_OP, lambda q, *_: [q.shape])
+    def attention_cached_op(q, k, v, cache):
+        c = KV_CACHES[cache]
+        P, L = c.length, k.shape[1]
+        if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
+            raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
+                             f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
+                             f"{k.shape[0]} (the engine reserves room before every run)")
+        c.k[:, P:P + L], c.v[:, P:P + L] = k, v
+        o = attention_cached(q, c.k[:, :P + L], c.v[:, :P + L], P)
+        c.length = P + L
+        return o
+
+    def linear_shape(x, w, *_):
+        return [(*x.shape[:-1], w.shape[0])]
+
+    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_OP}", inputs=[F, I8, F], outputs=[F])
+    @_guarded(LINEAR_INT8_OP, linear_shape)
+    def linear_int8_op(x, w, scale):
+        return linear_int8(x, w, scale)
+
+    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_MAPPED_OP}", inputs=[F], outputs=[F],
+             attrs={"weights": PyCustomOpDef.dt_string})
+    @_guarded(LINEAR_INT8_MAPPED_OP, lambda x, *_: [(*x.shape[:-1], 0)])
+    def linear_int8_mapped_op(x, weights):
+        try:
+            w, scale = MAPPED_WEIGHTS[weights]
+        except KeyError:
+            raise KeyError(f"linear weights {weights!r} are not mapped in this process (sessions of "
+                           "LinearInt8Mapped graphs come from engines/ort.py map_weights)") from None
+        return linear_int8(x, w, scale)
 
     @declare("attention", attention_shapes)
     def attention_op(q, k, v, past_k, past_v):

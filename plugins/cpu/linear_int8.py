@@ -1,0 +1,87 @@
+"""CPU kernel for a weight-only int8 linear layer (--weights-int8; `export.model.Int8Linear`):
+y = (x @ w^T) * scale, w [N,K] int8, one fp32 scale per output channel, fp32 activations and
+accumulation. The ORT pass list lowers Cast(int8) -> Transpose -> MatMul -> Mul(scale) to it
+(graph/passes/lower_linear_int8.py); the ORT engine then hands it the weights mapped from the store.
+
+Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GEMM for many):
+- decode (a few rows): `_gemv_int8` (numba) reads the int8 weights once (a quarter of the bytes of
+  the float32 layer), widens 8 at a time to float32 and accumulates in fp32 lanes; output channels
+  are split over the threads. Decode is bound by the bytes read, so this is where int8 pays;
+- prefill (many rows): the rows of w are dequantised a block at a time (no scale: it multiplies the
+  outputs) and multiplied by torch's fp32 GEMM, which runs at the machine's GEMM rate; a block is
+  read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
+_GEMM_BLOCK_WEIGHTS = 1 << 21  # weights dequantised at a time for the GEMM path (8 MB of float32)
+_SERIAL_MAX_WEIGHTS = 1 << 23  # below this one thread: one core nearly saturates the memory bus here, and a
+                               # parallel region inside an ORT step waits for its slowest thread (shared cores)
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"}, parallel=True)
+def _gemv_int8(x, w, scale, out):
+    """out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M,K] float32, w [N,K] int8, scale [N] float32.
+    fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout)."""
+    M, K = x.shape
+    N = w.shape[0]
+    for n in prange(N):
+        for m in range(M):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * np.float32(w[n, k])
+            out[m, n] = acc * scale[n]
+
+
+@njit(cache=True, fastmath={"reassoc", "contract"})
+def _gemv_int8_serial(x, w, scale, out):
+    M, K = x.shape
+    N = w.shape[0]
+    for n in range(N):
+        for m in range(M):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * np.float32(w[n, k])
+            out[m, n] = acc * scale[n]
+
+
+@njit(cache=True, parallel=True)
+def _dequant_rows(w, out):
+    """out[n, k] = float32(w[n, k]) (no scale: it multiplies the GEMM's outputs)."""
+    for n in prange(w.shape[0]):
+        for k in range(w.shape[1]):
+            out[n, k] = np.float32(w[n, k])
+
+
+def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """x [..., K] float32; w [N,K] int8; scale [N] float32 -> y [..., N] float32 (a new array)."""
+    if w.ndim != 2 or w.dtype != np.int8 or scale.shape != (w.shape[0],) or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear_int8: x {list(x.shape)}, w {list(w.shape)} {w.dtype}, scale {list(scale.shape)} "
+                         "(expected x [..., K], w [N, K] int8, scale [N])")
+    N, K = w.shape
+    x2 = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, K)
+    M = x2.shape[0]
+    s = np.ascontiguousarray(scale, dtype=np.float32)
+    out = np.empty((M, N), np.float32)
+    if M <= GEMV_MAX_ROWS:
+        (_gemv_int8_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_int8)(x2, w, s, out)
+    else:
+        step = max(1, min(N, _GEMM_BLOCK_WEIGHTS // K))
+        buf = np.empty((step, K), np.float32)           # torch's int8 -> float cast is single-threaded
+        xt, ot, bt = torch.from_numpy(x2), torch.from_numpy(out), torch.from_numpy(buf)
+        for r in range(0, N, step):
+            n = min(step, N - r)
+            _dequant_rows(w[r:r + n], buf[:n])
+            ot[:, r:r + n] = xt @ bt[:n].t()
+        ot.mul_(torch.from_numpy(s))
+    return out.reshape(*x.shape[:-1], N)
+
+
+def linear_int8_torch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Tensor-level twin (float32 or bfloat16 x, computed in float32, returned in x.dtype)."""
+    y = linear_int8(x.detach().float().contiguous().numpy(), w.contiguous().numpy(), scale.float().contiguous().numpy())
+    return torch.from_numpy(y).to(x.dtype)

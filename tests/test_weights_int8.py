@@ -1,0 +1,135 @@
+"""Issue 18: --weights-int8 (every linear layer but the router int8, per output channel), its ORT
+lowering to jamba::LinearInt8, and the ORT engine's in-place KV cache."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_cli
+from jambatrt.engines.ort import OrtEngine
+from jambatrt.export.checkpoint import Checkpoint
+from jambatrt.export.quantize import dequantize_linear, quantize_linear
+from jambatrt.export.store import MappedStore
+from jambatrt.export.weights import build_model
+from jambatrt.plugins.cpu.linear_int8 import GEMV_MAX_ROWS, linear_int8
+from jambatrt.validate.reference import EagerReference
+
+EPS = float(np.finfo(np.float32).eps)
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory, tiny_ckpt):
+    art = tmp_path_factory.mktemp("w8") / "tiny-w8"
+    run_cli("export", tiny_ckpt, "-o", art, "--weights-int8", check=True)
+    run_cli("build", art, "--backend", "ort", check=True)
+    return art
+
+
+def _dot_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """fp32 rounding bound of x @ w.T: a few eps times the sum of |terms| (grows with K and magnitude)."""
+    return 4 * x.shape[-1] * EPS * (np.abs(x) @ np.abs(w).T) + 1e-30
+
+
+@pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 3, 300])
+def test_linear_int8_kernel_matches_dequantised_matmul(M):
+    rng = np.random.default_rng(M)
+    K, N = 1037, 45                                              # K % 8 != 0: vector tails
+    x = rng.standard_normal((M, K)).astype(np.float32) * 50
+    w = rng.integers(-127, 128, (N, K), dtype=np.int8)
+    scale = rng.random(N).astype(np.float32)
+    got = linear_int8(x, w, scale)
+    want = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
+    assert got.shape == (M, N) and got.dtype == np.float32
+    assert (np.abs(got - want) <= _dot_bound(x, w.astype(np.float32)) * scale).all()
+
+
+def test_linear_int8_kernel_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="linear_int8"):
+        linear_int8(np.zeros((1, 8), np.float32), np.zeros((4, 9), np.int8), np.ones(4, np.float32))
+
+
+def test_quantize_linear_per_output_channel():
+    w = torch.randn(6, 33)
+    w[2] = 0
+    q, s = quantize_linear(w)
+    assert q.dtype == torch.int8 and s.shape == (6,) and torch.equal(s, w.abs().amax(-1) / 127)
+    assert (q[2] == 0).all() and ((dequantize_linear(q, s) - w).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_store_holds_int8_weights_once(int8_artifact):
+    """Every linear weight but the router's is int8 with an fp32 scale per row; no float copy; the
+    embedding and the router stay float."""
+    store = MappedStore(int8_artifact / "weights.safetensors")
+    names = set(store.names())
+    int8 = sorted(n for n in names if store.tensor(n).dtype == torch.int8 and n.endswith(".weight"))
+    assert any("mamba.in_proj" in n for n in int8) and any("self_attn.q_proj" in n for n in int8)
+    assert "lm_head.weight" in int8
+    for n in int8:
+        assert store.tensor(n + "_scale").shape == (store.tensor(n).shape[0],)
+        assert store.tensor(n + "_scale").dtype == torch.float32
+    assert store.tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert all(store.tensor(n).dtype == torch.float32 for n in names if n.endswith("router.weight"))
+
+
+def test_weights_int8_equals_dequantised_model(tiny_ckpt):
+    """The int8 model equals the float model whose linear weights are the dequantised int8 ones (to
+    fp32 rounding, bounded by the logits' magnitude and the layer widths); the gap to the
+    unquantised model is reported."""
+    ck = Checkpoint(tiny_ckpt)
+    cfg, tensors = ck.config, {n: ck.get(n) for n in ck.names()}
+    int8 = build_model(cfg, tensors, weights_int8=True)
+    deq = dict(tensors)
+    for n, b in int8.named_buffers():
+        if b.dtype == torch.int8 and n.endswith(".weight"):
+            deq[n] = dequantize_linear(b, int8.get_buffer(n + "_scale"))
+    dq, full = build_model(cfg, deq), build_model(cfg, tensors)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b, c = int8(ids)[0], dq(ids)[0], full(ids)[0]
+    tol = 64 * EPS * cfg.num_hidden_layers * max(cfg.hidden_size, cfg.intermediate_size) * b.abs().max().item()
+    assert (a - b).abs().max().item() <= tol
+    gap = (a - c).abs().max().item()
+    print(f"\nweights-int8 vs dequantised: {(a - b).abs().max().item():.2e} (bound {tol:.2e}); "
+          f"vs unquantised model: {gap:.3e} (max |logit| {c.abs().max().item():.2f})")
+    assert gap > 0     # quantisation is really applied
+
+
+def test_ort_lowers_int8_linears_and_matches_eager(int8_artifact):
+    m = onnx.load(str(int8_artifact / "model.ort.onnx"), load_external_data=False)
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("LinearInt8") >= 20
+    assert not any(n.op_type == "Cast" and n.input[0].endswith("proj.weight") for n in m.graph.node)
+    ids = np.random.default_rng(1).integers(0, 512, (2, 37))
+    with OrtEngine.load(int8_artifact) as e:
+        got, _ = e.prefill(ids)
+    want = EagerReference(int8_artifact).prefill(ids)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_in_place_kv_cache_equals_copied_state(tiny_artifact):
+    """Decode through the in-place KV cache (the default session) equals the session that passes
+    the cache through ONNX Runtime, including a branch from an older state (which must not see
+    the newer tokens) and a state the caller cut."""
+    run_cli("build", tiny_artifact, "--backend", "ort", check=True)
+    ids = np.random.default_rng(2).integers(0, 512, (1, 40))
+    with OrtEngine.load(tiny_artifact) as fast, OrtEngine(tiny_artifact, map_weights=False) as plain:
+        assert fast.kv_cached and not plain.kv_cached
+        lf, sf = fast.prefill(ids)
+        lp, sp = plain.prefill(ids)
+        states_f, states_p = [sf], [sp]
+        for t in range(5):
+            lf, sf = fast.decode([t + 3], sf)
+            lp, sp = plain.decode([t + 3], sp)
+            states_f.append(sf)
+            states_p.append(sp)
+            np.testing.assert_allclose(lf, lp, rtol=0, atol=1e-5 * max(1.0, np.abs(lp).max()))
+        for a, b in zip(sf, sp):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1.0, np.abs(b).max()))
+        branch_f, _ = fast.decode([7], states_f[2])            # an older state: its cache was advanced since
+        branch_p, _ = plain.decode([7], states_p[2])
+        np.testing.assert_allclose(branch_f, branch_p, rtol=0, atol=1e-5 * max(1.0, np.abs(branch_p).max()))
+        again, _ = fast.decode([8], sf)                        # the latest state is intact after the branch
+        again_p, _ = plain.decode([8], sp)
+        np.testing.assert_allclose(again, again_p, rtol=0, atol=1e-5 * max(1.0, np.abs(again_p).max()))
