@@ -6,7 +6,7 @@ pins numpy < 2. The main environment runs numpy 2, so serving uses its own envir
 the interpreter the stub runs our models in all come from there. The stub finds its packages
 through the `python3` first on PATH, so that env's `bin/` goes first on the server's PATH.
 
-The server runs in its own process group (one signal reaches it and every backend stub) and gets
+The server runs in its own process group (one SIGKILL reaches it and every backend stub) and gets
 SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so it never outlives us."""
 
 from __future__ import annotations
@@ -433,12 +433,15 @@ class TritonServer:
             self.guard_proc.stdout.close()
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server's process group (server + backend stubs), SIGKILL after `timeout`; the guard first."""
+        """SIGTERM the server (the guard first), which unloads its models and ends their backend stubs
+        itself; SIGKILL to its whole process group after `timeout`, and to stubs left behind. (SIGTERM
+        to the group killed the stubs under the server's feet: it then waited its exit timeout for
+        models that could no longer unload and exited 1.)"""
         self._stop_guard()
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -191,10 +191,11 @@ class TritonPythonModel:
                     self.codec = TextCodec(artifact, self.engine.manifest)
                 except JambaTRTError as e:     # the id interface still serves; text requests say why not
                     self.codec_error = str(e)
-        # warm up (first run compiles the CPU kernels) so the first request is not the slow one; a
-        # decode step too (one token on a carried state takes other kernel paths than a prefill)
+        # warm up (first run compiles the CPU kernels) so the first request is not the slow one; the
+        # decoding models a decode step too (one token on a carried state takes other kernel paths)
         _, state = self.engine.prefill(np.array([[0]], dtype=np.int64))
-        self.engine.decode(np.array([0], dtype=np.int64), state)
+        if self.mode in ("generate", "sequence"):
+            self.engine.decode(np.array([0], dtype=np.int64), state)
 
     def finalize(self):
         if self.mode == "generate":

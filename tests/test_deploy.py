@@ -482,7 +482,8 @@ def test_bad_requests_get_errors_and_server_stays_ready(client, server):
 
 
 # ---- text in, text out (issue 17): the generate extension's text_input -> text_output ----------------
-TEXT_A, TEXT_B = "Once upon a time", "Hello there, kato mira?"      # no EOS within 64 tokens (tiny preset)
+TEXT_A, TEXT_B = "The quick brown fox", "Hello there, kato mira?"   # no EOS within 256 / 16 tokens (tiny preset)
+N_A, N_B = 256, 16
 
 
 def _cli_text(capsys, artifact, *args) -> dict:
@@ -522,16 +523,17 @@ def test_guard_text_checks(repository):
 
 
 def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifact, capsys):
-    """Two text requests on generate_stream at once -- a plain prompt (64 tokens) and a chat message
-    (16 tokens, sent once the first has streamed its first piece): each streams the text the CLI
+    """Two text requests on generate_stream at once -- a plain prompt (256 tokens: long enough that
+    the second arrives while it runs, even on a busy machine) and a chat message (16 tokens, sent once
+    the first has streamed its first piece): each streams the text the CLI
     prints for the same input, and the second is served while the first is still streaming (it does
     not wait for it: the first's pieces arrive before and after all of the second's). The model takes
     the two in turns one engine step each; in which order the pieces of two connections arrive is up
     to the schedulers, so the arrival order is printed, not asserted beyond that."""
     from jambatrt.deploy.client import JambaClient
-    want_a = _cli_text(capsys, artifact, "--prompt", TEXT_A, "--max-new-tokens", 64)
-    want_b = _cli_text(capsys, artifact, "--chat", TEXT_B, "--max-new-tokens", 16)
-    assert len(want_a["generated_ids"]) == 64 and len(want_b["generated_ids"]) == 16    # no early EOS here
+    want_a = _cli_text(capsys, artifact, "--prompt", TEXT_A, "--max-new-tokens", N_A)
+    want_b = _cli_text(capsys, artifact, "--chat", TEXT_B, "--max-new-tokens", N_B)
+    assert len(want_a["generated_ids"]) == N_A and len(want_b["generated_ids"]) == N_B  # no early EOS here
     arrivals, lock, started = [], threading.Lock(), threading.Event()
 
     def run(tag, text, n, chat):
@@ -542,21 +544,23 @@ def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifac
                 started.set()
 
     with ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(run, "a", TEXT_A, 64, False)
+        fa = pool.submit(run, "a", TEXT_A, N_A, False)
         assert started.wait(120), server.log_tail()
-        fb = pool.submit(run, "b", TEXT_B, 16, True)
+        fb = pool.submit(run, "b", TEXT_B, N_B, True)
         fa.result(timeout=300)
         fb.result(timeout=300)
     got_a = "".join(p for t, p in arrivals if t == "a")
     got_b = "".join(p for t, p in arrivals if t == "b")
     tags = [t for t, _ in arrivals]
-    print(f"\n[served text] a: {got_a!r} ({tags.count('a')} pieces)\n              b: {got_b!r} "
-          f"({tags.count('b')} pieces); arrival order {''.join(tags)}")
+    import itertools
+    runs = " ".join(f"{t}{len(list(g))}" for t, g in itertools.groupby(tags))
+    print(f"\n[served text] a: {got_a[:40]!r}... ({tags.count('a')} pieces)\n              b: {got_b!r} "
+          f"({tags.count('b')} pieces); arrival order (runs) {runs}")
     assert got_a == want_a["text"] and got_b == want_b["text"]
-    assert tags.count("a") >= 64 and tags.count("b") >= 16                  # one piece per token (+ a held-back tail)
+    assert tags.count("a") >= N_A and tags.count("b") >= N_B                  # one piece per token (+ a held-back tail)
     assert tags[0] == "a" and tags[-1] == "a", "".join(tags)                 # b overlapped a, did not queue behind it
     # POST .../generate: one response, the whole text; the id interface is unchanged beside it
-    assert client.generate_text(TEXT_B, 16, chat=True) == want_b["text"]
+    assert client.generate_text(TEXT_B, N_B, chat=True) == want_b["text"]
     assert client.generate(want_a["prompt_ids"], 8) == want_a["generated_ids"][:8]
     assert server.is_ready()
 
