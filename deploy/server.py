@@ -196,7 +196,9 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     verbose: int = 0
-    exit_timeout: int = 10       # seconds a stopping server waits for open connections / requests
+    # seconds a stopping server waits for open requests and for its models to unload (Triton's default;
+    # a Python-backend stub can take several seconds to finalize on a busy 2-core machine)
+    exit_timeout: int = 30
     env_on_path: bool = True     # the serve env's python3 first on PATH (off: models carry EXECUTION_ENV_PATH)
     extra_env: dict = field(default_factory=dict)
     guard: bool = True           # the request guard (deploy/guard.py) on the public ports, tritonserver behind it
@@ -432,7 +434,7 @@ class TritonServer:
         if self.guard_proc is not None and self.guard_proc.stdout:
             self.guard_proc.stdout.close()
 
-    def stop(self, timeout: float = 30.0) -> int | None:
+    def stop(self, timeout: float = 45.0) -> int | None:
         """SIGTERM the server (the guard first), which unloads its models and ends their backend stubs
         itself; SIGKILL to its whole process group after `timeout`, and to stubs left behind. (SIGTERM
         to the group killed the stubs under the server's feet: it then waited its exit timeout for

@@ -880,7 +880,7 @@ def test_cli_deploy_serve_stops_on_ctrl_c(artifact, serve_env, tmp_path):
         with JambaClient(f"127.0.0.1:{ports[0]}") as c:
             assert c.ready() and c.generate([1, 2, 3], 2) and c.logits([[1]]).shape == (1, 1, V)
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        proc.wait(90)
         reader.join(10)
         rest = "".join(lines)
         assert proc.returncode == 0, rest
@@ -937,7 +937,7 @@ def test_deploy_serve_reports_a_crash_and_exits_nonzero(artifact, serve_env, tmp
             pid = int(next(x for x in lines if "tritonserver ready (pid" in x).split("pid ")[1].split(")")[0])
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
-        proc.wait(60)
+        proc.wait(90)
         waited = time.monotonic() - t0
         err = proc.stderr.read()
         assert proc.returncode == 2, (proc.returncode, err)
