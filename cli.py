@@ -430,6 +430,10 @@ def cmd_deploy(a) -> int:
     from jambatrt.artifact import read_manifest
     aoti_device = read_manifest(a.out).get("engines", {}).get("aoti", {}).get("device")
     gpu_kinds = {"tensorrt"} | ({"aoti"} if aoti_device == "cuda" else set())
+    if a.stages and a.stage_devices == "gpu" and not Path("/dev/nvidiactl").exists():
+        from jambatrt.errors import UsageError
+        raise UsageError("--stage-devices gpu pins stage k to GPU k, and this machine has no GPU: serve with "
+                         "--stage-devices cpu (the repository is written)")
     if not Path("/dev/nvidiactl").exists() and any(k in gpu_kinds for k in info["models"].values()):
         models = [m for m, k in info["models"].items() if k not in gpu_kinds]
         console.print("no GPU here: serving without the TensorRT / CUDA AOTInductor models")
@@ -657,7 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("deploy", help="write a Triton Inference Server model repository; --serve runs it",
                        description="Write a Triton model repository from an artifact (Python-backend models "
                                    "NAME_prefill, NAME_sequence, NAME_generate running the ONNX Runtime engine; "
-                                   "NAME_tensorrt / NAME_aoti when a TensorRT engine / AOTInductor package is built), atomically; with --serve start "
+                                   "NAME_tensorrt / NAME_aoti when a TensorRT engine / AOTInductor package is built: sequence models "
+                                   "keeping the state on the server), atomically; with --serve start "
                                    "tritonserver on 127.0.0.1 until Ctrl-C / SIGTERM.")
     d.add_argument("out", help="artifact directory with a built engine")
     d.add_argument("--repository", required=True, help="model repository directory to write")

@@ -3,7 +3,7 @@
     c = JambaClient("127.0.0.1:8000")
     c.logits([[1, 2, 3]])                       # [1, 3, V] from NAME_prefill
     list(c.generate_stream([1, 2, 3], 8))      # tokens streamed from NAME_generate (SSE)
-    c.generate_steps([1, 2, 3], 8, sequence_id=7)   # step by step through NAME_sequence
+    c.generate_steps([1, 2, 3], 8, sequence_id=7)   # step by step through NAME_sequence (or model="aoti")
     "".join(c.generate_text_stream("Once upon", 32))  # text in, text streamed out (generate extension)
     c.generate_text("Hello", 32, chat=True)          # one response: the whole text
 
@@ -71,7 +71,7 @@ class JambaClient:
         return self._quiet(self.client.is_server_ready)
 
     def model_ready(self, kind: str) -> bool:
-        """kind: prefill | sequence | generate | tensorrt (or a full model name)."""
+        """kind: prefill | sequence | generate | aoti | tensorrt (or a full model name)."""
         return self._quiet(self.client.is_model_ready, self._model(kind))
 
     def wait_ready(self, timeout: float = 60.0) -> None:
@@ -109,26 +109,28 @@ class JambaClient:
         a = a[None] if a.ndim == 1 else a
         return self._infer(self._model("prefill"), {"input_ids": a}, ["logits"])[0]
 
-    def step(self, sequence_id: int, ids, start: bool = False, end: bool = False) -> tuple[np.ndarray, int]:
+    def step(self, sequence_id: int, ids, start: bool = False, end: bool = False,
+             model: str = "sequence") -> tuple[np.ndarray, int]:
         """Feed ids (the prompt after start, then one token at a time) to sequence `sequence_id`;
-        returns (logits [V] of the last token, the greedy next token)."""
+        returns (logits [V] of the last token, the greedy next token). model: any model with the
+        sequence interface -- sequence (NAME_sequence, the stage ensemble too), aoti, tensorrt."""
         a = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        logits, nxt = self._infer(self._model("sequence"), {"input_ids": a}, ["logits", "next_token"],
+        logits, nxt = self._infer(self._model(model), {"input_ids": a}, ["logits", "next_token"],
                                   sequence_id=int(sequence_id), sequence_start=start, sequence_end=end)
         return logits[0], int(nxt.reshape(-1)[0])
 
     def generate_steps(self, prompt: list[int], max_new_tokens: int, sequence_id: int,
-                       eos_id: int | None = None) -> list[int]:
-        """Greedy generation, one request per token on the sequence model; ends the sequence."""
+                       eos_id: int | None = None, model: str = "sequence") -> list[int]:
+        """Greedy generation, one request per token on a sequence model (see step); ends the sequence."""
         out: list[int] = []
         if max_new_tokens <= 0:
             return out
-        _, tok = self.step(sequence_id, prompt, start=True, end=max_new_tokens == 1)
+        _, tok = self.step(sequence_id, prompt, start=True, end=max_new_tokens == 1, model=model)
         out.append(tok)
         while len(out) < max_new_tokens:
             done = eos_id is not None and tok == eos_id
             last = done or len(out) == max_new_tokens - 1
-            _, nxt = self.step(sequence_id, [tok], end=last)
+            _, nxt = self.step(sequence_id, [tok], end=last, model=model)
             if done:
                 break
             tok = nxt

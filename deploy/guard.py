@@ -98,7 +98,6 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
     info = verify_repository(Path(repository))
     manifest = read_manifest(info["artifact"])
     settings = info["settings"]
-    step = manifest["programs"]["step"]
     T = served_max_tokens(manifest, settings.get("max_tokens"))
     prefix = settings["name"]
     specs = {}
@@ -120,21 +119,13 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
                     InputSpec("temperature", "FP32", one, 1, True), InputSpec("top_p", "FP32", one, 1, True),
                     InputSpec("seed", "INT64", one, 1, True)), ("token_id", "text_output"), decoupled=True,
                     one_of=("prompt_ids", "text_input"))
-        elif kind == "ensemble":         # the pipeline stages as one sequence model (deploy --stages)
+        elif kind in ("ensemble", "tensorrt", "aoti"):
+            # the sequence model's interface: the pipeline stages as one model (deploy --stages), the
+            # single-engine GPU models (state kept on the server); max_batch_size = sequence_batch
             b = settings["sequence_batch"]
             specs[name] = ModelSpec(name, (InputSpec("input_ids", "INT64", ((0, b), (0, T)), b * T),),
                                     ("logits", "next_token"))
         # kind "stage": reached only through the ensemble; no spec, so the guard refuses direct requests
-        elif kind in ("tensorrt", "aoti"):
-            entry = manifest.get("engines", {}).get(kind, {})
-            max_batch = int(entry.get("max_batch") or step.get("max_batch") or 1)
-            max_seq = int(entry.get("max_seq") or step.get("max_seq") or T)
-            inputs = []
-            for s in step["inputs"]:
-                dims = tuple((d, d) if isinstance(d, int) else (0, max_batch if d == "batch" else max_seq)
-                             for d in s["shape"])
-                inputs.append(InputSpec(s["name"], KSERVE_DTYPES[s["dtype"]], dims, math.prod(hi for _, hi in dims)))
-            specs[name] = ModelSpec(name, tuple(inputs), tuple(o["name"] for o in step["outputs"]))
     return specs
 
 

@@ -1,6 +1,6 @@
 """config.pbtxt, the model configuration Triton Inference Server reads (protobuf text format),
 written from plain dicts: the repository's models (deploy/repository.py) and NAME_aoti
-(deploy/aoti_model.py) both use it."""
+(deploy/engine_model.py) both use it."""
 
 from __future__ import annotations
 

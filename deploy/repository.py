@@ -5,17 +5,16 @@ Models (NAME defaults to "jamba"):
   NAME_sequence   Python backend with sequence batching (START/END/READY/CORRID): step-by-step
                   decode, the engine state kept per correlation id inside the model.
   NAME_generate   Python backend, decoupled: streams one response per generated token.
-  NAME_tensorrt   `tensorrt_plan` running the artifact's TensorRT engine (only when the manifest
-                  has an `engines.tensorrt` entry): the stateless step program, inputs/outputs and
-                  dynamic dims taken from the manifest's `programs.step`; the state travels in the
-                  request (past.*) and the response (present.*).
+  NAME_aoti       Python backend with sequence batching, the sequence model's interface, running the
+  NAME_tensorrt   artifact's AOTInductor package / TensorRT engine (when the manifest has that engine;
+                  deploy/engine_model.py): the KV and Mamba state stays on the model's device per
+                  correlation id, never travels through the client.
   with --stages   NAME_stage{k} per pipeline stage and the ensemble NAME_sequence over them, instead of
                   the above (deploy/stages_repository.py).
 
 The Python models reference the artifact by absolute path rather than copying it: an artifact can
 be many GB, the models only read it, and each model checks at load time that the manifest is the
 one deployed and that every file matches its sha256 (a changed artifact is refused, never served).
-A TensorRT plan is copied (Triton wants it inside the version directory) and hash-checked.
 The repository is written atomically (temp dir + rename) and records the sha256 of each of its
 files in jambatrt-repository.json (Triton ignores plain files at the repository root)."""
 
@@ -29,15 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
-from jambatrt.deploy.aoti_model import write_aoti_model
-from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
+from jambatrt.deploy.engine_model import write_engine_model
+from jambatrt.deploy.pbtxt import Enum, parameters, pbtxt, tensor
+from jambatrt.deploy.sequence_state import sequence_batching
 from jambatrt.deploy.stages_repository import STAGE_MODEL
 from jambatrt.errors import ArtifactError, InputError
 
 REPOSITORY_INFO = "jambatrt-repository.json"
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
-AOTI_MODEL = Path(__file__).with_name("aoti_model.py")
-PLAN_FILE = "model.plan"
+ENGINE_MODEL = Path(__file__).with_name("engine_model.py")
 INFO_VERSION = 1
 
 
@@ -66,43 +65,6 @@ class RepositorySettings:
             raise InputError(f"idle_seconds={self.idle_seconds} (accepted: > 0)")
 
 
-# ---- TensorRT ------------------------------------------------------------------------------------
-def tensorrt_config(manifest: dict, entry: dict, model_name: str, plugin_paths: list[str] = ()) -> str:
-    """config.pbtxt for the artifact's TensorRT engine (entry = manifest["engines"]["tensorrt"], as
-    engines/tensorrt.py writes it): the stateless step program, one GPU instance that may use every
-    optimisation profile (Triton picks the one that fits each request's shapes). `plugin_paths`:
-    plugin libraries as the server will see them, only for plugins that are not AOT."""
-    step = manifest["programs"]["step"]
-    gpu = entry.get("gpu", {})
-    chunk = entry.get("chunk_plan", {}).get("chunk")
-    notes = [f"TensorRT engine of a jambatrt artifact (dtype {manifest.get('dtype')}), TensorRT "
-             f"{entry.get('tensorrt', '?')}, built for {gpu.get('arch', '?')} ({gpu.get('name', '?')}): serve it "
-             "with the same TensorRT version on the same GPU architecture.",
-             "Stateless step program: send input_ids [B,L] with the past.* state (P past tokens; an empty state "
-             "has P = 0), read logits [B,L,V] and the present.* state to send with the next call."
-             + (f" Send prompts in chunks of at most {chunk} tokens (the prefill profile)." if chunk else "")]
-    if plugin_paths:
-        notes.append("Plugins that are not AOT: start tritonserver with "
-                     f"--backend-config=tensorrt,plugins=\"{';'.join(plugin_paths)}\"")
-    else:
-        notes.append("Plugins: the jamba:: kernels are AOT TensorRT plugins (QDP aot_impl: their PTX is inside the "
-                     "plan" + (f"; {', '.join(entry['plugins'])}" if entry.get("plugins") else "") + "), so the "
-                     "TensorRT backend needs no plugin library and no Python at run time. (Plugins built as "
-                     "libraries would be loaded with --backend-config=tensorrt,plugins=\"a.so;b.so\".)")
-    instance = {"kind": Enum("KIND_GPU"), "count": 1}
-    if entry.get("profiles"):
-        notes.append("Optimisation profiles: " + ", ".join(f"{i} = {p}" for i, p in enumerate(entry["profiles"])))
-        instance["profile"] = [str(i) for i in range(len(entry["profiles"]))]
-    cfg = {
-        "name": model_name,
-        "platform": "tensorrt_plan",
-        "max_batch_size": 0,            # explicit-batch engine: the batch dim is part of dims
-        "default_model_filename": PLAN_FILE,
-        "input": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["inputs"]],
-        "output": [tensor(s["name"], s["dtype"], s["shape"]) for s in step["outputs"]],
-        "instance_group": [instance],
-    }
-    return comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 
 
 # ---- Python-backend models -------------------------------------------------------------------------
@@ -139,19 +101,7 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
         max_batch_size=settings.sequence_batch,           # the batch dim is implicit: input_ids [1, L]
         input=[tensor("input_ids", "int64", ["seq"])],
         output=[tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])],
-        sequence_batching={
-            # Triton forgets a sequence idle this long; the model drops its state on the same clock
-            "max_sequence_idle_microseconds": int(settings.idle_seconds * 1e6),
-            # "oldest": any number of live sequences (up to max_candidate_sequences) share the instance;
-            # "direct" would give each sequence a batch slot and make further sequences wait
-            "oldest": {"max_candidate_sequences": settings.max_sequences, "max_queue_delay_microseconds": 0},
-            "control_input": [
-                {"name": "START", "control": [{"kind": Enum("CONTROL_SEQUENCE_START"), "int32_false_true": [0, 1]}]},
-                {"name": "END", "control": [{"kind": Enum("CONTROL_SEQUENCE_END"), "int32_false_true": [0, 1]}]},
-                {"name": "READY", "control": [{"kind": Enum("CONTROL_SEQUENCE_READY"), "int32_false_true": [0, 1]}]},
-                {"name": "CORRID", "control": [{"kind": Enum("CONTROL_SEQUENCE_CORRID"),
-                                                "data_type": Enum("TYPE_UINT64")}]},
-            ]})
+        sequence_batching=sequence_batching(settings))
     optional = [("max_new_tokens", "int32"), ("eos_id", "int64"), ("temperature", "float32"), ("top_p", "float32"),
                 ("seed", "int64")]
     generate = _python_model(
@@ -181,11 +131,9 @@ def plan_repository(artifact: str | Path, settings: RepositorySettings = Reposit
         for name, text in python_configs(manifest, artifact, settings).items():
             models[name] = {"kind": "python", "config": text}
     if "tensorrt" in engines:
-        entry = engines["tensorrt"]
-        libs = entry.get("plugin_libraries", [])
-        models[f"{settings.name}_tensorrt"] = {"kind": "tensorrt", "entry": entry, "plugin_libraries": libs}
+        models[f"{settings.name}_tensorrt"] = {"kind": "tensorrt"}
     if "aoti" in engines:
-        models[f"{settings.name}_aoti"] = {"kind": "aoti", "entry": engines["aoti"]}
+        models[f"{settings.name}_aoti"] = {"kind": "aoti"}
     if not models:
         raise ArtifactError(f"{artifact}: no engine to deploy (built: {', '.join(engines) or 'none'}); run "
                             f"`jambatrt build {artifact} --backend {settings.backend}` (or --backend tensorrt|aoti)")
@@ -209,12 +157,12 @@ def write_repository(artifact: str | Path, repository: str | Path,
     manifest = plan["manifest"]
     info = {"format_version": INFO_VERSION, "artifact": str(artifact),
             "manifest_sha256": sha256_file(artifact / "manifest.json"),
-            "model_py_sha256": sha256_file(PYTHON_MODEL), "aoti_model_py_sha256": sha256_file(AOTI_MODEL),
+            "model_py_sha256": sha256_file(PYTHON_MODEL), "engine_model_py_sha256": sha256_file(ENGINE_MODEL),
             "stage_model_py_sha256": sha256_file(STAGE_MODEL),
             "settings": dataclasses.asdict(settings),
             "models": {k: v["kind"] for k, v in plan["models"].items()},
             # for the user to read: TritonServer derives these from the files, never from here
-            "server_args": _planned_server_args(plan, repository)}
+            "server_args": []}
     if repository.exists() and not force:
         old = _read_info(repository)
         if old is not None and all(old.get(k) == info[k] for k in info):
@@ -234,28 +182,12 @@ def write_repository(artifact: str | Path, repository: str | Path,
                 shutil.copyfile(PYTHON_MODEL if m["kind"] == "python" else STAGE_MODEL, tmp / name / "1" / "model.py")
             elif m["kind"] == "ensemble":        # Triton wants the version directory, empty
                 (tmp / name / "config.pbtxt").write_text(m["config"])
-            elif m["kind"] == "aoti":
-                write_aoti_model(tmp / name, artifact, manifest, name, settings.execution_env, settings.instances)
-            else:
-                plugins = _copy_plugins(artifact, manifest, m["plugin_libraries"], tmp / name / "plugins",
-                                        repository / name / "plugins")
-                _copy_checked(artifact, manifest, m["entry"]["path"], tmp / name / "1" / PLAN_FILE)
-                (tmp / name / "config.pbtxt").write_text(tensorrt_config(manifest, m["entry"], name, plugins))
+            else:                                # aoti, tensorrt: the engine runs inside a Python model
+                write_engine_model(tmp / name, artifact, manifest, name, m["kind"], settings)
         info["files"] = hash_tree(tmp, skip=(REPOSITORY_INFO,))
         info["info_sha256"] = info_digest(info)
         write_json_atomic(tmp / REPOSITORY_INFO, info)
     return {**info, "reused": False}
-
-
-def _plugin_args(plugin_libs: list[str]) -> list[str]:
-    """tritonserver arguments for TensorRT plugin libraries (absolute paths in the repository)."""
-    return [f"--backend-config=tensorrt,plugins={';'.join(plugin_libs)}"] if plugin_libs else []
-
-
-def _planned_server_args(plan: dict, repository: Path) -> list[str]:
-    libs = [str(repository / name / "plugins" / Path(rel).name) for name, m in plan["models"].items()
-            if m["kind"] == "tensorrt" for rel in m["plugin_libraries"]]
-    return _plugin_args(libs)
 
 
 def info_digest(info: dict) -> str:
@@ -266,33 +198,11 @@ def info_digest(info: dict) -> str:
 
 
 def server_args(repository: str | Path) -> list[str]:
-    """The tritonserver arguments a verified repository needs (its TensorRT plugin libraries), derived
-    from its files -- never read as argument strings from a file, so nothing on disk can add flags
-    (a bind address, a port) to the server."""
-    repository = Path(repository).absolute()
-    info = verify_repository(repository)
-    libs = sorted(str(repository / rel) for rel in info.get("files", {})
-                  if len(Path(rel).parts) == 3 and Path(rel).parts[1] == "plugins"
-                  and info.get("models", {}).get(Path(rel).parts[0]) == "tensorrt")
-    return _plugin_args(libs)
-
-
-def _copy_checked(artifact: Path, manifest: dict, rel: str, dest: Path) -> None:
-    want = manifest.get("files", {}).get(rel)
-    if want is None:
-        raise ArtifactError(f"{artifact}: {rel} is not recorded in manifest.json (re-run `jambatrt build`)")
-    shutil.copyfile(artifact / rel, dest)
-    if sha256_file(dest) != want["sha256"]:
-        raise ArtifactError(f"{artifact / rel}: does not match its sha256 in manifest.json (changed while copying?)")
-
-
-def _copy_plugins(artifact: Path, manifest: dict, libs: list[str], tmp_dir: Path, final_dir: Path) -> list[str]:
-    out = []
-    for rel in libs:
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        _copy_checked(artifact, manifest, rel, tmp_dir / Path(rel).name)
-        out.append(str(final_dir / Path(rel).name))
-    return out
+    """The tritonserver arguments a verified repository needs: none. (The TensorRT engine runs inside
+    a Python-backend model that loads its plugins itself, so no --backend-config is needed; nothing
+    read from a file ever becomes a server flag -- a bind address, a port.)"""
+    verify_repository(Path(repository).absolute())
+    return []
 
 
 def _read_info(repository: Path) -> dict | None:

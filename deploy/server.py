@@ -6,7 +6,7 @@ pins numpy < 2. The main environment runs numpy 2, so serving uses its own envir
 the interpreter the stub runs our models in all come from there. The stub finds its packages
 through the `python3` first on PATH, so that env's `bin/` goes first on the server's PATH.
 
-The server runs in its own process group (one signal reaches it and every backend stub) and gets
+The server runs in its own process group (one SIGKILL reaches it and every backend stub) and gets
 SIGTERM when the process that started it dies (PR_SET_PDEATHSIG), so it never outlives us."""
 
 from __future__ import annotations
@@ -189,7 +189,9 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     verbose: int = 0
-    exit_timeout: int = 10       # seconds a stopping server waits for open connections / requests
+    # seconds a stopping server waits for open requests and for its models to unload (Triton's default;
+    # a Python-backend stub can take several seconds to finalize on a busy 2-core machine)
+    exit_timeout: int = 30
     env_on_path: bool = True     # the serve env's python3 first on PATH (off: models carry EXECUTION_ENV_PATH)
     extra_env: dict = field(default_factory=dict)
     guard: bool = True           # the request guard (deploy/guard.py) on the public ports, tritonserver behind it
@@ -425,13 +427,16 @@ class TritonServer:
         if self.guard_proc is not None and self.guard_proc.stdout:
             self.guard_proc.stdout.close()
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM the server's process group (server + backend stubs), SIGKILL after `timeout`; the guard first."""
+    def stop(self, timeout: float = 45.0) -> int | None:
+        """SIGTERM the server (the guard first), which unloads its models and ends their backend stubs
+        itself; SIGKILL to its whole process group after `timeout`, and to stubs left behind. (SIGTERM
+        to the group killed the stubs under the server's feet: it then waited its exit timeout for
+        models that could no longer unload and exited 1.)"""
         self._stop_guard()
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -474,6 +479,9 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
               f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
               f"  metrics  {server.metrics_url}\n  log      {server.log_path}", file=out)
         for name in server.model_names():
+            if re.fullmatch(r".+_stage[0-9]+", name):      # pipeline stages: reached through NAME_sequence only
+                print(f"  stage    {name} (inside the ensemble; the guard refuses direct requests)", file=out)
+                continue
             route = ("generate_stream  (decoupled: SSE, or gRPC streaming; text_input -> text_output, or "
                      "prompt_ids -> token_id)") if name.endswith("_generate") else "infer"
             print(f"  model    {name}: POST http://{server.http_url}/v2/models/{name}/{route}", file=out)

@@ -22,8 +22,6 @@ execute(); a request that fails leaves this stage's state of that sequence as it
 
 import json
 import os
-import time
-from collections import OrderedDict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -45,6 +43,7 @@ def _error(msg, invalid_arg=True):
 class TritonPythonModel:
     def initialize(self, args):
         from jambatrt.artifact import check_deployed_manifest, read_manifest, verify_files
+        from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
         from jambatrt.engines.staged import KEY, StageSession
         from jambatrt.errors import InputError
 
@@ -62,11 +61,11 @@ class TritonPythonModel:
         self.first, self.last = self.index == 0, self.index == len(stages) - 1
         self.vocab = int(manifest["config"]["vocab_size"])
         self.session = StageSession(artifact, manifest, self.stage)
-        self.max_tokens = int(params["max_tokens"])
-        self.idle_seconds = float(params.get("idle_seconds", "60"))
-        self.max_sequences = int(params.get("max_sequences", "64"))
         self.past_specs = self.stage["inputs"][1:]
-        self.states = OrderedDict()      # correlation id -> (this stage's state {past name: array}, past tokens, last use)
+        # correlation id -> this stage's state {past name: array}
+        self.states = SequenceStates(float(params.get("idle_seconds", "60")), int(params.get("max_sequences", "64")),
+                                     int(params["max_tokens"]))
+        self.sequence_controls = sequence_controls
         # warm up (the first run compiles the CPU kernels) so the first request is not the slow one
         self._run(self._zero_state(), np.zeros((1, 1), np.int64) if self.first else
                   np.zeros((1, 1, self.stage["inputs"][0]["shape"][-1]), np.float32))
@@ -105,18 +104,8 @@ class TritonPythonModel:
                 out.append(pb_utils.InferenceResponse(error=_error(f"{self.name}: {type(e).__name__}: {e}", False)))
         return out
 
-    def _control(self, request, name):
-        t = pb_utils.get_input_tensor_by_name(request, name)
-        return None if t is None else t.as_numpy().reshape(-1)[0].item()
-
     def _step(self, request):
-        now = time.monotonic()
-        for cid in [c for c, (_, _, t) in self.states.items() if now - t > self.idle_seconds]:
-            del self.states[cid]
-        corrid = self._control(request, "CORRID")
-        if corrid is None:
-            corrid = request.correlation_id()
-        start, end = bool(self._control(request, "START")), bool(self._control(request, "END"))
+        corrid, start, end = self.sequence_controls(request, pb_utils)
         name = self.stage["inputs"][0]["name"]
         t = pb_utils.get_input_tensor_by_name(request, name)
         if t is None:
@@ -131,26 +120,7 @@ class TritonPythonModel:
                                   f"(accepted: 0 .. {self.vocab - 1})")
         elif x.ndim != 3 or x.shape[0] != 1 or x.shape[1] < 1:
             raise _BadRequest(f"{name} has shape {list(x.shape)}; expected [1, L, H]")
-        try:
-            if start:
-                self.states.pop(corrid, None)
-                state, past = self._zero_state(), 0
-            elif corrid in self.states:
-                state, past, _ = self.states[corrid]
-            else:
-                raise _BadRequest(f"unknown sequence id {corrid} (its state expired after {self.idle_seconds:g} s "
-                                  "idle, was evicted, or it never started): send START first")
-            if past + x.shape[1] > self.max_tokens:
-                raise _BadRequest(f"sequence {corrid}: {past} + {x.shape[1]} tokens exceed max_tokens {self.max_tokens}")
-            y, state = self._run(state, x)
-            if not end:
-                self.states[corrid] = (state, past + x.shape[1], now)
-                self.states.move_to_end(corrid)
-                while len(self.states) > self.max_sequences:
-                    self.states.popitem(last=False)
-        finally:
-            if end:
-                self.states.pop(corrid, None)
+        y = self.states.step(corrid, start, end, x.shape[1], self._zero_state, lambda state: self._run(state, x))
         if not self.last:
             return pb_utils.InferenceResponse([pb_utils.Tensor("hidden_out", np.ascontiguousarray(y, np.float32))])
         logits = np.ascontiguousarray(y, np.float32)                                     # [1, V]

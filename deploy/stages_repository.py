@@ -18,22 +18,11 @@ from pathlib import Path
 
 from jambatrt.artifact import sha256_file
 from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
+from jambatrt.deploy.sequence_state import sequence_batching
 from jambatrt.errors import ArtifactError, InputError
 
 STAGE_MODEL = Path(__file__).with_name("stage_model.py")
 STAGES_KEY = "ort-stages"
-
-
-def _sequence_batching(settings) -> dict:
-    return {
-        "max_sequence_idle_microseconds": int(settings.idle_seconds * 1e6),
-        "oldest": {"max_candidate_sequences": settings.max_sequences, "max_queue_delay_microseconds": 0},
-        "control_input": [
-            {"name": "START", "control": [{"kind": Enum("CONTROL_SEQUENCE_START"), "int32_false_true": [0, 1]}]},
-            {"name": "END", "control": [{"kind": Enum("CONTROL_SEQUENCE_END"), "int32_false_true": [0, 1]}]},
-            {"name": "READY", "control": [{"kind": Enum("CONTROL_SEQUENCE_READY"), "int32_false_true": [0, 1]}]},
-            {"name": "CORRID", "control": [{"kind": Enum("CONTROL_SEQUENCE_CORRID"), "data_type": Enum("TYPE_UINT64")}]},
-        ]}
 
 
 def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
@@ -68,7 +57,7 @@ def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
             params["EXECUTION_ENV_PATH"] = settings.execution_env
         a, b = s["layers"]
         body = {"name": name, "backend": "python", "max_batch_size": settings.sequence_batch, "input": [inp],
-                "output": out, "sequence_batching": _sequence_batching(settings), "instance_group": [group],
+                "output": out, "sequence_batching": sequence_batching(settings), "instance_group": [group],
                 "parameters": parameters(params)}
         note = (f"Pipeline stage {k} of {len(stages)}: layers {a}-{b - 1}"
                 + (" + embedding" if first else "") + (" + final norm and lm_head" if last else "")

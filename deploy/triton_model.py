@@ -29,8 +29,7 @@ import json
 import os
 import sys
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -155,6 +154,7 @@ class _Cancelled(Exception):
 class TritonPythonModel:
     def initialize(self, args):
         from jambatrt.artifact import check_deployed_manifest
+        from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
         from jambatrt.engines import engine_class
         from jambatrt.errors import ArtifactError, InputError, JambaTRTError
 
@@ -174,9 +174,10 @@ class TritonPythonModel:
         # verify=True: every artifact file is checked against its sha256 before serving it
         self.engine = engine_class(params.get("backend", "ort")).load(artifact, verify=True)
         self.max_tokens = min(int(params.get("max_tokens") or self.engine.max_seq), self.engine.max_seq)
-        self.idle_seconds = float(params.get("idle_seconds", "60"))
-        self.max_sequences = int(params.get("max_sequences", "64"))
-        self.states = OrderedDict()     # correlation id -> (engine state, past tokens, last use)
+        # correlation id -> engine state (sequence mode)
+        self.states = SequenceStates(float(params.get("idle_seconds", "60")), int(params.get("max_sequences", "64")),
+                                     self.max_tokens)
+        self.sequence_controls = sequence_controls
         self.codec = None
         if self.mode == "generate":
             self.turns = _TakingTurns(self.engine, FairLock())
@@ -190,10 +191,11 @@ class TritonPythonModel:
                     self.codec = TextCodec(artifact, self.engine.manifest)
                 except JambaTRTError as e:     # the id interface still serves; text requests say why not
                     self.codec_error = str(e)
-        # warm up (first run compiles the CPU kernels) so the first request is not the slow one; a
-        # decode step too (one token on a carried state takes other kernel paths than a prefill)
+        # warm up (first run compiles the CPU kernels) so the first request is not the slow one; the
+        # decoding models a decode step too (one token on a carried state takes other kernel paths)
         _, state = self.engine.prefill(np.array([[0]], dtype=np.int64))
-        self.engine.decode(np.array([0], dtype=np.int64), state)
+        if self.mode in ("generate", "sequence"):
+            self.engine.decode(np.array([0], dtype=np.int64), state)
 
     def finalize(self):
         if self.mode == "generate":
@@ -233,40 +235,11 @@ class TritonPythonModel:
         return pb_utils.InferenceResponse([pb_utils.Tensor("logits", np.ascontiguousarray(logits, np.float32))])
 
     # ---- sequence: per-correlation-id state ------------------------------------------------------
-    def _control(self, request, name):
-        a = _input(request, name, required=False)
-        return None if a is None else a.reshape(-1)[0].item()
-
     def _sequence(self, request):
-        now = time.monotonic()
-        for cid in [c for c, (_, _, t) in self.states.items() if now - t > self.idle_seconds]:
-            del self.states[cid]
-        corrid = self._control(request, "CORRID")
-        if corrid is None:
-            corrid = request.correlation_id()
-        start, end = bool(self._control(request, "START")), bool(self._control(request, "END"))
-        try:
-            ids = self._ids(request, "input_ids", 2)      # [1, L]: the batch dim is the sequence's own
-            if start:
-                self.states.pop(corrid, None)
-                state, past = None, 0
-            elif corrid in self.states:
-                state, past, _ = self.states[corrid]
-            else:
-                raise _BadRequest(f"unknown sequence id {corrid} (its state expired after {self.idle_seconds:g} s "
-                                  "idle, was evicted, or it never started): send START first")
-            if past + ids.shape[1] > self.max_tokens:
-                raise _BadRequest(f"sequence {corrid}: {past} + {ids.shape[1]} tokens exceed max_tokens "
-                                  f"{self.max_tokens}")
-            logits, state = self.engine.prefill(ids, state, last_only=True)        # [1, V]
-            if not end:
-                self.states[corrid] = (state, past + ids.shape[1], now)
-                self.states.move_to_end(corrid)
-                while len(self.states) > self.max_sequences:
-                    self.states.popitem(last=False)
-        finally:
-            if end:
-                self.states.pop(corrid, None)
+        corrid, start, end = self.sequence_controls(request, pb_utils)
+        ids = self._ids(request, "input_ids", 2)      # [1, L]: the batch dim is the sequence's own
+        logits = self.states.step(corrid, start, end, ids.shape[1], lambda: None,      # None: the engine's zero state
+                                  lambda state: self.engine.prefill(ids, state, last_only=True))   # [1, V]
         logits = np.ascontiguousarray(logits, np.float32)
         return pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits),
                                            pb_utils.Tensor("next_token", logits.argmax(-1).astype(np.int64)[:, None])])

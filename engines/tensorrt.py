@@ -256,6 +256,13 @@ class TensorRTEngine(Engine):
         return int(self.entry["chunk_plan"]["chunk"])
 
     def run_step(self, input_ids, state):
+        logits, new_state = self.run_step_torch(to_torch(np.asarray(input_ids, dtype=np.int64), "cuda"),
+                                                [to_torch(a, "cuda") for a in state])
+        return to_numpy(logits), [to_numpy(t) for t in new_state]
+
+    def run_step_torch(self, input_ids, state: list) -> tuple:
+        """run_step on torch tensors on the GPU: ids [B,L] int64 and the state -> (logits, new state) as
+        GPU tensors (no host copies: the Triton model keeps the state on the device between requests)."""
         torch, trt = self.torch, self.trt
         B, L = input_ids.shape
         if B > self.entry["settings"]["max_batch"]:
@@ -263,13 +270,11 @@ class TensorRTEngine(Engine):
                              "(rebuild with a larger max_batch)")
         ctx = self.contexts["decode" if L == 1 else "prefill"]
         keep = []   # device buffers stay alive until the step has run
-        for name, arr in zip(self.input_names, [input_ids, *state]):
-            t = to_torch(arr, "cuda")
+        for name, t in zip(self.input_names, [input_ids, *state]):
+            t = t.to("cuda").contiguous()
+            ctx.set_input_shape(name, tuple(t.shape))
             if t.numel() == 0:   # an empty past: give TensorRT a valid address anyway
                 t = torch.empty(1, dtype=t.dtype, device="cuda")
-                ctx.set_input_shape(name, tuple(arr.shape))
-            else:
-                ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
             keep.append(t)
         outs = []
@@ -280,11 +285,13 @@ class TensorRTEngine(Engine):
             t = torch.empty(shape if all(d > 0 for d in shape) else (1,), dtype=dtype, device="cuda")
             ctx.set_tensor_address(name, t.data_ptr())
             outs.append((t, shape))
+        # the step runs on self.stream: wait for the copies made on the current stream first
+        self.stream.wait_stream(torch.cuda.current_stream())
         if not ctx.execute_async_v3(self.stream.cuda_stream):
             raise BackendUnavailable("TensorRT failed to run the step (see the TensorRT log)")
         self.stream.synchronize()
-        host = [to_numpy(t).reshape(-1)[:int(np.prod(shape))].reshape(shape) for t, shape in outs]
-        return host[0], host[1:]
+        got = [t.reshape(-1)[:int(np.prod(shape))].reshape(shape) for t, shape in outs]
+        return got[0], got[1:]
 
     def close(self) -> None:
         self.contexts = {}

@@ -171,7 +171,12 @@ def describe(plan: dict) -> list[str]:
         fits = "" if s["fits"] is None else (
             f" (+ {plan['reserve_bytes'] / gb:.0f} reserved: {'fits' if s['fits'] else 'DOES NOT FIT'} "
             f"{plan['gpu_bytes'] / gb:.0f} GB)")
-        lines.append(f"stage {k}: layers {a}-{b - 1}{also}: weights {s['weights'] / gb:.1f} GB, KV "
-                     f"{s['kv'] / gb:.2f} GB, Mamba state {s['mamba_state'] / gb:.3f} GB, activations "
-                     f"{s['activations'] / gb:.2f} GB = {s['total'] / gb:.1f} GB{fits}")
+        lines.append(f"stage {k}: layers {a}-{b - 1}{also}: weights {_size(s['weights'], 1)}, KV "
+                     f"{_size(s['kv'], 2)}, Mamba state {_size(s['mamba_state'], 3)}, activations "
+                     f"{_size(s['activations'], 2)} = {_size(s['total'], 1)}{fits}")
     return lines
+
+
+def _size(n: int, digits: int) -> str:
+    """GB (decimal) with `digits` decimals; MB below 1 GB, so a small model does not print as 0.0 GB."""
+    return f"{n / 1e9:.{digits}f} GB" if n >= 1e9 or n == 0 else f"{n / 1e6:.{max(1, digits - 1)}f} MB"

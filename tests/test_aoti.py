@@ -352,68 +352,75 @@ def test_cli_validate_generate_profile(artifact, tmp_path):
 
 # ---- Triton Inference Server ------------------------------------------------------------------------
 def test_aoti_model_config(artifact, tmp_path):
-    from jambatrt.deploy.aoti_model import aoti_config, write_aoti_model
+    from jambatrt.deploy.engine_model import engine_config, write_engine_model
+    from jambatrt.deploy.repository import RepositorySettings
 
     m = read_manifest(artifact)
-    d = write_aoti_model(tmp_path / "jamba_aoti", artifact, m, "jamba_aoti")
+    d = write_engine_model(tmp_path / "jamba_aoti", artifact, m, "jamba_aoti", "aoti",
+                           RepositorySettings(max_tokens=300, sequence_batch=4))
     cfg = (d / "config.pbtxt").read_text()
-    assert 'backend: "python"' in cfg and "max_batch_size: 0" in cfg and "KIND_CPU" in cfg
-    assert '{ name: "past.layer1.k" data_type: TYPE_FP32 dims: [ -1, -1, 2, 16 ] }' in cfg
-    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1, 512 ] }' in cfg
-    step = m["programs"]["step"]
-    assert cfg.count("data_type:") == len(step["inputs"]) + len(step["outputs"])
+    assert 'backend: "python"' in cfg and "max_batch_size: 4" in cfg and "KIND_CPU" in cfg
+    # the sequence model's interface: ids in, the last token's logits out; no state through the client
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }' in cfg
+    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ 512 ] }' in cfg and "next_token" in cfg
+    assert "past." not in cfg and "present." not in cfg and cfg.count("data_type: TYPE_") == 4    # + CORRID
+    assert "CONTROL_SEQUENCE_START" in cfg and "CONTROL_SEQUENCE_CORRID" in cfg
+    assert 'key: "backend" value { string_value: "aoti" }' in cfg and 'string_value: "300"' in cfg
     assert f'string_value: "{artifact.resolve()}"' in cfg and sha256_file(artifact / "manifest.json") in cfg
-    assert (d / "1" / "model.py").read_text() == (ROOT / "deploy" / "aoti_model.py").read_text()
+    assert (d / "1" / "model.py").read_text() == (ROOT / "deploy" / "engine_model.py").read_text()
     m["engines"]["aoti"] = {**m["engines"]["aoti"], "device": "cuda", "gpu": {"name": "NVIDIA H100", "arch": "sm_90"}}
-    assert "KIND_GPU" in aoti_config(m, artifact, "x") and "sm_90" in aoti_config(m, artifact, "x")
+    assert "KIND_GPU" in engine_config(m, artifact, "x", "aoti") and "sm_90" in engine_config(m, artifact, "x", "aoti")
     del m["engines"]["aoti"]
     with pytest.raises(ArtifactError, match="no aoti engine built"):
-        aoti_config(m, artifact, "x")
+        write_engine_model(tmp_path / "none", artifact, m, "x", "aoti")
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(InputError, match="accepted: aoti, tensorrt"):
+        engine_config(m, artifact, "x", "ort")
 
 
-def test_served_step_and_prefill_models_equal_the_engine(artifact, engine, serve_env, tmp_path):
-    """tritonserver on 127.0.0.1 serving NAME_aoti (the step program, state in and out) and the
-    generic NAME_prefill model running the aoti engine (RepositorySettings(backend="aoti"))."""
-    import tritonclient.http as httpclient
+def _greedy(engine, prompt, n):
+    from jambatrt.engines.generate import generate
+    return generate(engine, [prompt], n)[0][0].generated_ids
 
-    from jambatrt.deploy.client import JambaClient
+
+def test_served_aoti_keeps_sequence_state_on_the_server(artifact, engine, serve_env, tmp_path):
+    """tritonserver on 127.0.0.1 serving NAME_aoti (a sequence model: the state stays in the model,
+    per correlation id) and the generic NAME_prefill model running the aoti engine."""
+    from jambatrt.deploy.client import InferenceError, JambaClient
     from jambatrt.deploy.repository import RepositorySettings, write_repository
     from jambatrt.deploy.server import TritonServer
 
     repo = tmp_path / "repo"
     info = write_repository(artifact, repo, RepositorySettings(backend="aoti", max_tokens=512))
     assert info["models"]["jamba_aoti"] == "aoti"        # written by the repository writer itself
-    step = engine.step_program
+    V = engine.config.vocab_size
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(0, V, 7).tolist(), rng.integers(0, V, 40).tolist()
+    want_a, want_b = _greedy(engine, a, 6), _greedy(engine, b, 6)
     srv = TritonServer(repo, serve_env, models=["jamba_aoti", "jamba_prefill"], log_path=tmp_path / "server.log")
-    with srv.start(timeout=240):
-        c = httpclient.InferenceServerClient(srv.http_url, network_timeout=120)
-        rng = np.random.default_rng(5)
-
-        def request(ids, state):
-            inputs = []
-            for spec, a in zip(step["inputs"], [ids, *state]):
-                t = httpclient.InferInput(spec["name"], list(a.shape), "INT64" if a.dtype == np.int64 else "FP32")
-                t.set_data_from_numpy(np.ascontiguousarray(a))
-                inputs.append(t)
-            return c.infer("jamba_aoti", inputs, outputs=[httpclient.InferRequestedOutput(o["name"])
-                                                          for o in step["outputs"]])
-
-        state = engine.zero_state(2)
-        for L in (7, 1):          # a prompt chunk from an empty state, then a decode step with its state
-            ids = rng.integers(0, engine.config.vocab_size, (2, L)).astype(np.int64)
-            res = request(ids, state)
-            want_logits, want_state = engine.run_step(ids, state)
-            np.testing.assert_allclose(res.as_numpy("logits"), want_logits, rtol=0, atol=1e-6)
-            got_state = [res.as_numpy(o["name"]) for o in step["outputs"][1:]]
-            for g, w in zip(got_state, want_state):
-                np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
-            state = got_state
-        with pytest.raises(Exception, match="out of range"):      # an error response; the server stays up
-            request(np.array([[1, 10 ** 6]], dtype=np.int64), engine.zero_state(1))
-        torn = [s[:1, :3] if spec["name"].endswith(".v") else s[:1] for spec, s in zip(step["inputs"][1:], state)]
-        with pytest.raises(Exception, match="holds 3 past tokens, others 8"):
-            request(np.array([[1]], dtype=np.int64), torn)
-        with JambaClient(srv.http_url, timeout=120) as jc:
-            ids = rng.integers(0, engine.config.vocab_size, (1, 33))
-            np.testing.assert_allclose(jc.logits(ids), engine.prefill(ids)[0], rtol=0, atol=1e-5)
-        assert c.is_server_ready()
+    with srv.start(timeout=240), JambaClient(srv.http_url, timeout=120) as jc:
+        # greedy generation through the served model equals the engine's (what `jambatrt generate` runs)
+        assert jc.generate_steps(a, 6, sequence_id=11, model="aoti") == want_a
+        # two sequences interleaved token by token keep separate state
+        la, ta = jc.step(21, a, start=True, model="aoti")
+        lb, tb = jc.step(22, b, start=True, model="aoti")
+        np.testing.assert_allclose(la, engine.prefill(np.array([a]))[0][0, -1], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(lb, engine.prefill(np.array([b]))[0][0, -1], rtol=0, atol=1e-5)
+        got_a, got_b = [ta], [tb]
+        for i in range(5):
+            end = i == 4
+            got_a.append(jc.step(21, [got_a[-1]], end=end, model="aoti")[1])
+            got_b.append(jc.step(22, [got_b[-1]], end=end, model="aoti")[1])
+        assert got_a == want_a and got_b == want_b
+        # refusals are error responses; the server stays up
+        with pytest.raises(InferenceError, match="sequence (id )?21"):       # ended above: refused (by Triton or the model)
+            jc.step(21, [1], model="aoti")
+        with pytest.raises(InferenceError, match="out of range"):
+            jc.step(23, [1, 10 ** 6], start=True, model="aoti")
+        jc.step(24, rng.integers(0, V, 500), start=True, model="aoti")
+        with pytest.raises(InferenceError, match="500 \\+ 13 tokens exceed max_tokens 512"):
+            jc.step(24, rng.integers(0, V, 13), model="aoti")
+        jc.step(24, rng.integers(0, V, 12), end=True, model="aoti")     # the refusal left the state as it was
+        ids = rng.integers(0, V, (1, 33))
+        np.testing.assert_allclose(jc.logits(ids), engine.prefill(ids)[0], rtol=0, atol=1e-5)
+        assert jc.ready() and jc.model_ready("aoti")

@@ -1,5 +1,5 @@
 """Deploy to Triton Inference Server (issue 8): the model repository (Python-backend models over the
-ONNX Runtime engine, a tensorrt_plan model from the manifest), a real tritonserver on 127.0.0.1
+ONNX Runtime engine, a TensorRT engine model from the manifest), a real tritonserver on 127.0.0.1
 behind the request guard (started and stopped by these tests), the client, bounded load, bad
 requests, requests that used to kill the server, a seeded fuzz, a crash mid-request.
 
@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, run_cli
 from jambatrt.artifact import add_files, read_manifest, sha256_file
 from jambatrt.deploy.pbtxt import Enum, pbtxt
-from jambatrt.deploy.repository import RepositorySettings, tensorrt_config, verify_repository, write_repository
+from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.deploy.server import TritonServer, find_serve_env, free_port
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
@@ -56,6 +56,39 @@ def test_pbtxt_writer():
                                  '  { name: "x" data_type: TYPE_INT64 dims: [ -1, 3 ] }', "]",
                                  "model_transaction_policy { decoupled: true }"]
     assert 'string_value: "a\\"b"' in pbtxt({"p": {"string_value": 'a"b'}})
+
+
+def test_sequence_state_store(monkeypatch):
+    """The per-correlation-id store every stateful served model uses (deploy/sequence_state.py)."""
+    from jambatrt.deploy import sequence_state
+    from jambatrt.deploy.sequence_state import SequenceStates
+
+    clock = [0.0]
+    monkeypatch.setattr(sequence_state.time, "monotonic", lambda: clock[0])
+    st = SequenceStates(idle_seconds=10, max_sequences=2, max_tokens=8)
+
+    def add(tokens):            # the state is the list of tokens seen; the output is its length
+        return lambda state: (len(state) + len(tokens), state + tokens)
+
+    assert st.step(1, True, False, 3, list, add([1, 2, 3])) == 3
+    assert st.step(2, True, False, 1, list, add([9])) == 1
+    assert st.step(1, False, False, 1, list, add([4])) == 4          # sequence 1 carries its own state
+    with pytest.raises(InputError, match="sequence 1: 4 \\+ 6 tokens exceed max_tokens 8"):
+        st.step(1, False, False, 6, list, add([0] * 6))
+    with pytest.raises(RuntimeError):                                  # a failing run keeps the state as it was
+        st.step(1, False, False, 1, list, lambda state: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert st.step(1, False, False, 1, list, add([5])) == 5
+    assert st.step(1, True, False, 1, list, add([7])) == 1             # START again: from the zero state
+    assert st.step(1, False, True, 1, list, add([8])) == 2 and 1 not in st     # END drops it
+    with pytest.raises(InputError, match="unknown sequence id 1 .*send START first"):
+        st.step(1, False, False, 1, list, add([1]))
+    st.step(3, True, False, 1, list, add([1]))
+    st.step(4, True, False, 1, list, add([1]))                         # max_sequences 2: the oldest (2) goes
+    assert 2 not in st and 3 in st and 4 in st
+    clock[0] = 11.0                                                    # idle past idle_seconds: expired
+    with pytest.raises(InputError, match="unknown sequence id 3"):
+        st.step(3, False, False, 1, list, add([1]))
+    assert len(st) == 0
 
 
 def test_repository_layout_and_atomic_rules(artifact, tmp_path):
@@ -153,8 +186,6 @@ def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
     shutil.copytree(artifact, dst)
     (dst / "engines" / "tensorrt").mkdir(parents=True)
     (dst / "engines" / "tensorrt" / "model.plan").write_bytes(b"not a real plan: config writer test")
-    for lib in extra.get("plugin_libraries", []):
-        (dst / lib).write_bytes(b"\x7fELF fake")
     m = read_manifest(dst)
     m["engines"]["tensorrt"] = {"path": "engines/tensorrt/model.plan", "tensorrt": "10.14.1",
                                 "gpu": {"name": "NVIDIA H200", "arch": "sm_90"}, "chunk_plan": {"chunk": 4096},
@@ -165,32 +196,29 @@ def _with_tensorrt_entry(artifact: Path, dst: Path, **extra) -> Path:
 
 
 def test_tensorrt_model_from_manifest(artifact, tmp_path):
+    """NAME_tensorrt: the engine-model code path NAME_aoti uses (deploy/engine_model.py), on the GPU;
+    the state stays on the server. (Running it needs TensorRT and a GPU: not on this host.)"""
     art = _with_tensorrt_entry(artifact, tmp_path / "art")
-    info = write_repository(art, tmp_path / "repo")
+    info = write_repository(art, tmp_path / "repo", RepositorySettings(sequence_batch=4))
     assert info["models"]["jamba_tensorrt"] == "tensorrt" and info["server_args"] == []
     d = tmp_path / "repo" / "jamba_tensorrt"
-    assert sha256_file(d / "1" / "model.plan") == read_manifest(art)["files"]["engines/tensorrt/model.plan"]["sha256"]
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()) == ["1/model.py", "config.pbtxt"]
+    assert (d / "1" / "model.py").read_bytes() == (ROOT / "deploy" / "engine_model.py").read_bytes()
     cfg = (d / "config.pbtxt").read_text()
-    step = read_manifest(art)["programs"]["step"]
-    assert 'platform: "tensorrt_plan"' in cfg and "max_batch_size: 0" in cfg and "KIND_GPU" in cfg
-    assert 'profile: [ "0", "1" ]' in cfg
-    # every step input/output with its dtype and dims (symbolic dims -> -1)
-    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1, -1 ] }' in cfg
-    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ -1, -1, 512 ] }' in cfg
-    assert '{ name: "past.layer1.k" data_type: TYPE_FP32 dims: [ -1, -1, 2, 16 ] }' in cfg
-    assert '{ name: "present.layer0.ssm_state" data_type: TYPE_FP32 dims: [ -1, 128, 8 ] }' in cfg
-    assert cfg.count("data_type:") == len(step["inputs"]) + len(step["outputs"])
-    assert "AOT" in cfg and "no plugin library" in cfg and "jamba::SelectiveScan::1" in cfg
-    # plugins shipped as libraries: copied into the model dir and passed to the server
-    art2 = _with_tensorrt_entry(artifact, tmp_path / "art2", plugin_libraries=["engines/tensorrt/libjamba_plugins.so"])
-    info2 = write_repository(art2, tmp_path / "repo2")
-    lib = tmp_path / "repo2" / "jamba_tensorrt" / "plugins" / "libjamba_plugins.so"
-    assert lib.is_file()
-    assert info2["server_args"] == [f"--backend-config=tensorrt,plugins={lib}"]
-    assert f'--backend-config=tensorrt,plugins="{lib}"' in (tmp_path / "repo2" / "jamba_tensorrt" / "config.pbtxt").read_text()
-    # the TensorRT model alone, without an ORT engine
-    cfg_only = tensorrt_config(read_manifest(art), read_manifest(art)["engines"]["tensorrt"], "x")
-    assert cfg_only.startswith("#") and 'name: "x"' in cfg_only
+    assert 'backend: "python"' in cfg and "max_batch_size: 4" in cfg and "KIND_GPU" in cfg
+    assert 'key: "backend" value { string_value: "tensorrt" }' in cfg and "TensorRT 10.14.1" in cfg and "sm_90" in cfg
+    # the sequence model's interface; the state never travels through the client
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }' in cfg
+    assert '{ name: "logits" data_type: TYPE_FP32 dims: [ 512 ] }' in cfg and "next_token" in cfg
+    assert "past." not in cfg and "present." not in cfg
+    assert cfg.count("CONTROL_SEQUENCE_") == 4 and "max_candidate_sequences: 64" in cfg
+    assert "Prompts run in chunks of 4096 tokens" in cfg
+    # the request guard in front of the server accepts exactly that interface
+    from jambatrt.deploy.guard import BadRequest, check_inputs, repository_specs
+    spec = repository_specs(tmp_path / "repo")["jamba_tensorrt"]
+    assert check_inputs(spec, [("input_ids", "INT64", [1, 7])])[0][1] == 7
+    with pytest.raises(BadRequest, match="unknown input 'past.layer0.conv_state'"):
+        check_inputs(spec, [("input_ids", "INT64", [1, 7]), ("past.layer0.conv_state", "FP32", [1, 128, 4])])
 
 
 # ---- the serve env ----------------------------------------------------------------------------------
@@ -265,8 +293,7 @@ def test_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_path):
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 0, p.stderr
     got = json.loads(p.stdout)
-    n_in = len(read_manifest(art)["programs"]["step"]["inputs"])
-    assert got["jamba_tensorrt"] == ["tensorrt_plan", n_in, n_in, 0]
+    assert got["jamba_tensorrt"] == ["python", 1, 2, 8]        # input_ids -> logits, next_token; state on the server
     assert got["jamba_prefill"] == ["python", 1, 1, 0]
     assert got["jamba_sequence"][:3] == ["python", 1, 2]
     assert got["jamba_generate"] == ["python", 7, 2, 0]       # prompt_ids or text_input; token_id, text_output
@@ -455,7 +482,8 @@ def test_bad_requests_get_errors_and_server_stays_ready(client, server):
 
 
 # ---- text in, text out (issue 17): the generate extension's text_input -> text_output ----------------
-TEXT_A, TEXT_B = "Once upon a time", "Hello there, kato mira?"      # no EOS within 64 tokens (tiny preset)
+TEXT_A, TEXT_B = "The quick brown fox", "Hello there, kato mira?"   # no EOS within 256 / 16 tokens (tiny preset)
+N_A, N_B = 256, 16
 
 
 def _cli_text(capsys, artifact, *args) -> dict:
@@ -495,16 +523,17 @@ def test_guard_text_checks(repository):
 
 
 def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifact, capsys):
-    """Two text requests on generate_stream at once -- a plain prompt (64 tokens) and a chat message
-    (16 tokens, sent once the first has streamed its first piece): each streams the text the CLI
+    """Two text requests on generate_stream at once -- a plain prompt (256 tokens: long enough that
+    the second arrives while it runs, even on a busy machine) and a chat message (16 tokens, sent once
+    the first has streamed its first piece): each streams the text the CLI
     prints for the same input, and the second is served while the first is still streaming (it does
     not wait for it: the first's pieces arrive before and after all of the second's). The model takes
     the two in turns one engine step each; in which order the pieces of two connections arrive is up
     to the schedulers, so the arrival order is printed, not asserted beyond that."""
     from jambatrt.deploy.client import JambaClient
-    want_a = _cli_text(capsys, artifact, "--prompt", TEXT_A, "--max-new-tokens", 64)
-    want_b = _cli_text(capsys, artifact, "--chat", TEXT_B, "--max-new-tokens", 16)
-    assert len(want_a["generated_ids"]) == 64 and len(want_b["generated_ids"]) == 16    # no early EOS here
+    want_a = _cli_text(capsys, artifact, "--prompt", TEXT_A, "--max-new-tokens", N_A)
+    want_b = _cli_text(capsys, artifact, "--chat", TEXT_B, "--max-new-tokens", N_B)
+    assert len(want_a["generated_ids"]) == N_A and len(want_b["generated_ids"]) == N_B  # no early EOS here
     arrivals, lock, started = [], threading.Lock(), threading.Event()
 
     def run(tag, text, n, chat):
@@ -515,21 +544,23 @@ def test_served_text_equals_cli_streamed_and_interleaved(client, server, artifac
                 started.set()
 
     with ThreadPoolExecutor(2) as pool:
-        fa = pool.submit(run, "a", TEXT_A, 64, False)
+        fa = pool.submit(run, "a", TEXT_A, N_A, False)
         assert started.wait(120), server.log_tail()
-        fb = pool.submit(run, "b", TEXT_B, 16, True)
+        fb = pool.submit(run, "b", TEXT_B, N_B, True)
         fa.result(timeout=300)
         fb.result(timeout=300)
     got_a = "".join(p for t, p in arrivals if t == "a")
     got_b = "".join(p for t, p in arrivals if t == "b")
     tags = [t for t, _ in arrivals]
-    print(f"\n[served text] a: {got_a!r} ({tags.count('a')} pieces)\n              b: {got_b!r} "
-          f"({tags.count('b')} pieces); arrival order {''.join(tags)}")
+    import itertools
+    runs = " ".join(f"{t}{len(list(g))}" for t, g in itertools.groupby(tags))
+    print(f"\n[served text] a: {got_a[:40]!r}... ({tags.count('a')} pieces)\n              b: {got_b!r} "
+          f"({tags.count('b')} pieces); arrival order (runs) {runs}")
     assert got_a == want_a["text"] and got_b == want_b["text"]
-    assert tags.count("a") >= 64 and tags.count("b") >= 16                  # one piece per token (+ a held-back tail)
+    assert tags.count("a") >= N_A and tags.count("b") >= N_B                  # one piece per token (+ a held-back tail)
     assert tags[0] == "a" and tags[-1] == "a", "".join(tags)                 # b overlapped a, did not queue behind it
     # POST .../generate: one response, the whole text; the id interface is unchanged beside it
-    assert client.generate_text(TEXT_B, 16, chat=True) == want_b["text"]
+    assert client.generate_text(TEXT_B, N_B, chat=True) == want_b["text"]
     assert client.generate(want_a["prompt_ids"], 8) == want_a["generated_ids"][:8]
     assert server.is_ready()
 
@@ -849,7 +880,7 @@ def test_cli_deploy_serve_stops_on_ctrl_c(artifact, serve_env, tmp_path):
         with JambaClient(f"127.0.0.1:{ports[0]}") as c:
             assert c.ready() and c.generate([1, 2, 3], 2) and c.logits([[1]]).shape == (1, 1, V)
         proc.send_signal(signal.SIGINT)
-        proc.wait(60)
+        proc.wait(90)
         reader.join(10)
         rest = "".join(lines)
         assert proc.returncode == 0, rest
@@ -906,7 +937,7 @@ def test_deploy_serve_reports_a_crash_and_exits_nonzero(artifact, serve_env, tmp
             pid = int(next(x for x in lines if "tritonserver ready (pid" in x).split("pid ")[1].split(")")[0])
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
-        proc.wait(60)
+        proc.wait(90)
         waited = time.monotonic() - t0
         err = proc.stderr.read()
         assert proc.returncode == 2, (proc.returncode, err)

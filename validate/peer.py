@@ -11,8 +11,9 @@
 3. Two jambatrt artifacts of the same checkpoint, ORT engines built: the default export (float32
    weights, ExpertsInt8) and --weights-int8 (every linear layer but the router int8).
 4. Rounds: in each, every (engine, precision) runs prefill at each length and decode after each
-   length, the engines interleaved (this machine's memory bandwidth drifts by 2x within minutes,
-   so only ratios measured side by side mean anything); a ratio per round, then their median.
+   length, the engines paired length by length and taking turns to go first (this machine's
+   memory bandwidth and CPU share drift by 2-4x within minutes, so only ratios measured side by
+   side mean anything); a ratio per round, then their median.
    llama.cpp: `llama-bench -p L -n 0` (prefill) and `-p 0 -n T -d L` (T tokens after L of
    context), one process per test so each has its own peak RSS (wait4). jambatrt: `jambatrt
    profile` (a fresh child per length: prefill L, then T decode steps from that state).
@@ -163,25 +164,42 @@ def jambatrt_profile(art: Path, lengths: list[int], decode_tokens: int, report: 
 
 def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: Path,
                prefill_lengths=None) -> list[dict]:
-    """prefill_lengths: the lengths whose prefill is compared (default: all of `lengths`; jambatrt
+    """Pairs measured back to back: for each precision and length, jambatrt's child (prefill L, then
+    decode after L) and llama-bench's tests at L run one right after the other, in turn first (odd
+    rounds jambatrt first, even rounds llama.cpp first), so that a pair spans minutes, not a round.
+    prefill_lengths: the lengths whose prefill is compared (default: all of `lengths`; jambatrt
     prefills every length anyway before it decodes, llama-bench only for a prefill test)."""
     rows = []
-    tests = {"prefill": lengths if prefill_lengths is None else prefill_lengths, "decode": lengths}
+    prefill_at = set(lengths if prefill_lengths is None else prefill_lengths)
     for r in range(rounds):
         for prec in ("float32", "int8"):
-            _log(f"round {r + 1}/{rounds}, {prec}: jambatrt")
-            ours = jambatrt_profile(arts[prec], lengths, decode_tokens, out / f"profile-{prec}-round{r + 1}.json")
-            for mode in ("prefill", "decode"):
-                for L in tests[mode]:
-                    _log(f"round {r + 1}/{rounds}, {prec}: llama.cpp {mode} {L}")
-                    peer = llama_bench(bins, ggufs[prec], mode, L, decode_tokens, threads)
-                    j = ours[(mode, L)]
+            for L in lengths:
+                modes = [m for m in ("prefill", "decode") if m == "decode" or L in prefill_at]
+
+                def theirs():
+                    res = {}
+                    for mode in modes:
+                        _log(f"round {r + 1}/{rounds}, {prec}: llama.cpp {mode} {L}")
+                        res[mode] = llama_bench(bins, ggufs[prec], mode, L, decode_tokens, threads)
+                    return res
+
+                def ours():
+                    _log(f"round {r + 1}/{rounds}, {prec}: jambatrt {L}")
+                    return jambatrt_profile(arts[prec], [L], decode_tokens, out / f"profile-{prec}-round{r + 1}-{L}.json")
+
+                if r % 2 == 0:
+                    j_all, peer_all = ours(), theirs()
+                else:
+                    peer_all = theirs()
+                    j_all = ours()
+                for mode in modes:
+                    j, peer = j_all[(mode, L)], peer_all[mode]
                     rows.append({"round": r + 1, "precision": prec, "mode": mode, "length": L,
                                  "jambatrt_tokens_per_s": j["tokens_per_s"], "jambatrt_peak_rss_bytes": j["peak_rss_bytes"],
                                  "llama_cpp_tokens_per_s": peer["tokens_per_s"],
                                  "llama_cpp_peak_rss_bytes": peer["peak_rss_bytes"], "llama_cpp_settings": peer["settings"],
                                  "ratio": j["tokens_per_s"] / peer["tokens_per_s"]})
-            (out / "peer-rows.json").write_text(json.dumps(rows, indent=1))   # partial results survive a stop
+                (out / "peer-rows.json").write_text(json.dumps(rows, indent=1))   # partial results survive a stop
     return rows
 
 

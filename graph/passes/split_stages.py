@@ -14,7 +14,11 @@ layers (torch.export computes [B, L, H] once and reuses it) is copied into every
 it, and a Shape of an input the stage does not have (input_ids, another layer's past) reads the
 same symbolic dim from one it has (batch and seq from hidden_in, past from its own KV).
 Initializers keep pointing into weights.safetensors: a stage holds only its layers' weights, and
-nothing is copied. Anything that does not fit this picture raises ArtifactError naming the node."""
+nothing is copied. Anything that does not fit this picture raises ArtifactError naming the node.
+
+Unlike the passes of the per-backend lists (`(model, settings) -> model`), this one makes N graphs
+of one, so it runs first, on model.onnx; each stage graph then goes through the backend's own list
+(engines/staged.py)."""
 
 from __future__ import annotations
 
