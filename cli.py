@@ -194,7 +194,7 @@ def cmd_export(a) -> int:
 
 # ---- build / validate ------------------------------------------------------------------------
 def cmd_build(a) -> int:
-    from jambatrt.engines.base import engine_class
+    from jambatrt.engines import engine_class
 
     if a.stages is not None or a.stage_plan is not None:
         return _build_stages(a)
@@ -236,7 +236,7 @@ def _build_stages(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    from jambatrt.engines.base import engine_class
+    from jambatrt.engines import engine_class
     from jambatrt.validate.parity import run_parity
     from jambatrt.validate.reference import make_reference
     from jambatrt.validate.report import check_report_paths, parity_plot_paths, parity_report_paths, write_parity
@@ -306,7 +306,7 @@ def _check_run_size(engine, lengths: list[int], batch: int, command: str, copies
 # ---- profile ---------------------------------------------------------------------------------
 def cmd_profile(a) -> int:
     from jambatrt.artifact import read_manifest
-    from jambatrt.engines.base import engine_class
+    from jambatrt.engines import engine_class
     from jambatrt.validate.profile import run_profile
     from jambatrt.validate.report import check_report_paths, profile_report_paths, write_profile
 
@@ -342,7 +342,7 @@ def cmd_profile(a) -> int:
 
 # ---- generate --------------------------------------------------------------------------------
 def cmd_generate(a) -> int:
-    from jambatrt.engines.base import engine_class
+    from jambatrt.engines import engine_class
     from jambatrt.engines.generate import Sampling, generate
     from jambatrt.errors import UsageError
 

@@ -285,7 +285,6 @@ PRESET_GENERATION: dict[str, dict] = {
 # checked against them (tests/test_text.py).
 PUBLISHED_PARAMS: dict[str, tuple[float, float]] = {
     "jamba-v0.1": (52e9, 12e9), "jamba-1.5-mini": (52e9, 12e9), "jamba-1.5-large": (398e9, 94e9)}
-DEFAULT_PRESET = "tiny"
 
 
 def preset(name: str, **overrides) -> JambaConfig:

@@ -38,7 +38,8 @@ def engine_config(manifest: dict, artifact: str | Path, model_name: str, backend
     """config.pbtxt of NAME_aoti / NAME_tensorrt for the artifact's `engines[backend]` entry;
     settings: a RepositorySettings (token budget, idle time, live sequences, instances, execution env)."""
     from jambatrt.artifact import sha256_file
-    from jambatrt.deploy.repository import Enum, RepositorySettings, _comment, _params, _tensor, pbtxt, served_max_tokens
+    from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
+    from jambatrt.deploy.repository import RepositorySettings, served_max_tokens
     from jambatrt.deploy.sequence_state import sequence_batching
     from jambatrt.errors import ArtifactError, InputError
 
@@ -76,13 +77,13 @@ def engine_config(manifest: dict, artifact: str | Path, model_name: str, backend
         "name": model_name,
         "backend": "python",
         "max_batch_size": settings.sequence_batch,       # the batch dim is implicit: input_ids [1, L]
-        "input": [_tensor("input_ids", "int64", ["seq"])],
-        "output": [_tensor("logits", "float32", [vocab]), _tensor("next_token", "int64", [1])],
+        "input": [tensor("input_ids", "int64", ["seq"])],
+        "output": [tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])],
         "sequence_batching": sequence_batching(settings),
         "instance_group": [{"kind": Enum("KIND_GPU" if device == "cuda" else "KIND_CPU"), "count": settings.instances}],
-        "parameters": _params(params),
+        "parameters": parameters(params),
     }
-    return _comment("\n".join(notes)) + pbtxt(cfg) + "\n"
+    return comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 
 
 def write_engine_model(model_dir: str | Path, artifact: str | Path, manifest: dict, model_name: str, backend: str,

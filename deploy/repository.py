@@ -24,12 +24,12 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
 from jambatrt.deploy.engine_model import write_engine_model
+from jambatrt.deploy.pbtxt import Enum, parameters, pbtxt, tensor
 from jambatrt.deploy.sequence_state import sequence_batching
 from jambatrt.deploy.stages_repository import STAGE_MODEL
 from jambatrt.errors import ArtifactError, InputError
@@ -38,10 +38,6 @@ REPOSITORY_INFO = "jambatrt-repository.json"
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
 ENGINE_MODEL = Path(__file__).with_name("engine_model.py")
 INFO_VERSION = 1
-
-TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                 "int32": "TYPE_INT32", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8", "bool": "TYPE_BOOL",
-                 "string": "TYPE_STRING"}
 
 
 @dataclass(frozen=True)
@@ -69,83 +65,6 @@ class RepositorySettings:
             raise InputError(f"idle_seconds={self.idle_seconds} (accepted: > 0)")
 
 
-# ---- protobuf text format (config.pbtxt) ----------------------------------------------------------
-class Enum(str):
-    """An enum value: written bare (KIND_CPU), not quoted."""
-
-
-def _scalar(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, Enum):
-        return str(v)
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))      # JSON string escapes are valid protobuf text-format escapes
-
-
-def _inline(msg: dict) -> str | None:
-    """A small message on one line ({ kind: KIND_CPU count: 1 }), or None when it has repeated messages."""
-    parts = []
-    for key, v in msg.items():
-        if isinstance(v, dict):
-            inner = _inline(v)
-            if inner is None:
-                return None
-            parts.append(f"{key} {inner}")
-        elif isinstance(v, list) and v and any(isinstance(x, dict) for x in v):
-            return None
-        elif isinstance(v, list):
-            parts.append(f"{key}: [ {', '.join(_scalar(x) for x in v)} ]")
-        else:
-            parts.append(f"{key}: {_scalar(v)}")
-    return "{ " + " ".join(parts) + " }"
-
-
-def pbtxt(msg: dict, indent: int = 0, width: int = 110) -> str:
-    """A dict as protobuf text format: dict -> message, list of dicts -> repeated message, list of
-    scalars -> repeated scalar, Enum -> bare enum value. Small messages go on one line."""
-    pad = "  " * indent
-    lines = []
-    for key, v in msg.items():
-        if isinstance(v, dict):
-            inner = _inline(v)
-            if inner is not None and len(pad) + len(key) + len(inner) < width:
-                lines.append(f"{pad}{key} {inner}")
-            else:
-                lines += [f"{pad}{key} {{", pbtxt(v, indent + 1, width), f"{pad}}}"]
-        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-            lines.append(f"{pad}{key} [")
-            for i, x in enumerate(v):
-                comma = "," if i < len(v) - 1 else ""
-                inner = _inline(x)
-                if inner is not None and len(pad) + 2 + len(inner) < width:
-                    lines.append(f"{pad}  {inner}{comma}")
-                else:
-                    lines += [f"{pad}  {{", pbtxt(x, indent + 2, width), f"{pad}  }}{comma}"]
-            lines.append(f"{pad}]")
-        elif isinstance(v, list):
-            lines.append(f"{pad}{key}: [ {', '.join(_scalar(x) for x in v)} ]")
-        else:
-            lines.append(f"{pad}{key}: {_scalar(v)}")
-    return "\n".join(line for line in lines if line)
-
-
-def _comment(text: str, width: int = 100) -> str:
-    return "".join(f"# {line}".rstrip() + "\n" for para in text.strip().splitlines()
-                   for line in textwrap.wrap(para, width - 2, break_on_hyphens=False, break_long_words=False,
-                                                 subsequent_indent="  "))
-
-
-def _params(d: dict) -> list[dict]:
-    return [{"key": k, "value": {"string_value": str(v)}} for k, v in d.items() if v is not None]
-
-
-def _tensor(name: str, dtype: str, dims: list) -> dict:
-    if dtype not in TRITON_DTYPES:
-        raise ArtifactError(f"tensor {name}: dtype {dtype!r} has no Triton type (known: {', '.join(TRITON_DTYPES)})")
-    return {"name": name, "data_type": Enum(TRITON_DTYPES[dtype]),
-            "dims": [d if isinstance(d, int) else -1 for d in dims]}      # symbolic dims (batch, seq, past+seq) -> -1
 
 
 # ---- Python-backend models -------------------------------------------------------------------------
@@ -155,7 +74,7 @@ def _python_model(name: str, mode: str, common: dict, settings: RepositorySettin
         params["EXECUTION_ENV_PATH"] = settings.execution_env
     body = {"name": name, "backend": "python", **cfg,
             "instance_group": [{"kind": Enum("KIND_CPU"), "count": settings.instances}],
-            "parameters": _params(params)}
+            "parameters": parameters(params)}
     return pbtxt(body) + "\n"
 
 
@@ -174,14 +93,14 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
     n = settings.name
     prefill = _python_model(
         f"{n}_prefill", "prefill", common, settings, max_batch_size=0,
-        input=[_tensor("input_ids", "int64", ["batch", "seq"])],
-        output=[_tensor("logits", "float32", ["batch", "seq", vocab])])
+        input=[tensor("input_ids", "int64", ["batch", "seq"])],
+        output=[tensor("logits", "float32", ["batch", "seq", vocab])])
     sequence = _python_model(
         f"{n}_sequence", "sequence",
         {**common, "idle_seconds": settings.idle_seconds, "max_sequences": settings.max_sequences}, settings,
         max_batch_size=settings.sequence_batch,           # the batch dim is implicit: input_ids [1, L]
-        input=[_tensor("input_ids", "int64", ["seq"])],
-        output=[_tensor("logits", "float32", [vocab]), _tensor("next_token", "int64", [1])],
+        input=[tensor("input_ids", "int64", ["seq"])],
+        output=[tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])],
         sequence_batching=sequence_batching(settings))
     optional = [("max_new_tokens", "int32"), ("eos_id", "int64"), ("temperature", "float32"), ("top_p", "float32"),
                 ("seed", "int64")]
@@ -190,10 +109,10 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
         model_transaction_policy={"decoupled": True},
         # either prompt_ids (token ids) or text_input (the generate extension's text; parameters in the
         # request's "parameters"), so both are optional; the guard and the model refuse neither or both
-        input=[{**_tensor("prompt_ids", "int64", ["seq"]), "optional": True},
-               {**_tensor("text_input", "string", [1]), "optional": True}]
-              + [{**_tensor(k, t, [1]), "optional": True} for k, t in optional],
-        output=[_tensor("token_id", "int64", [1]), _tensor("text_output", "string", [1])])
+        input=[{**tensor("prompt_ids", "int64", ["seq"]), "optional": True},
+               {**tensor("text_input", "string", [1]), "optional": True}]
+              + [{**tensor(k, t, [1]), "optional": True} for k, t in optional],
+        output=[tensor("token_id", "int64", [1]), tensor("text_output", "string", [1])])
     return {f"{n}_prefill": prefill, f"{n}_sequence": sequence, f"{n}_generate": generate}
 
 

@@ -26,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jambatrt.artifact import atomic_file
 from jambatrt.deploy.repository import REPOSITORY_INFO, server_args
 from jambatrt.errors import BackendUnavailable, JambaTRTError
 
@@ -144,16 +145,8 @@ def prepare_serve_env(env: ServeEnv) -> Path:
 
 
 def _write_atomic(dest: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(dest, mode) as tmp:
+        tmp.write_bytes(data)
 
 
 def free_port() -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jambatrt.artifact import sha256_file
+from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
 from jambatrt.deploy.sequence_state import sequence_batching
 from jambatrt.errors import ArtifactError, InputError
 
@@ -26,7 +27,7 @@ STAGES_KEY = "ort-stages"
 
 def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
     """{model name: {"kind": "stage" | "ensemble", "config": config.pbtxt text}} for `deploy --stages`."""
-    from jambatrt.deploy.repository import Enum, _comment, _params, _tensor, pbtxt, served_max_tokens
+    from jambatrt.deploy.repository import served_max_tokens
 
     entry = manifest.get("engines", {}).get(STAGES_KEY)
     if entry is None:
@@ -46,9 +47,9 @@ def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
         first, last = k == 0, k == len(stages) - 1
         name = f"{n}_stage{k}"
         # the batch dim is implicit (max_batch_size > 0): a request's input_ids [1, L] has dims [-1]
-        inp = _tensor("input_ids", "int64", ["seq"]) if first else _tensor("hidden_in", "float32", ["seq", H])
-        out = ([_tensor("logits", "float32", [vocab]), _tensor("next_token", "int64", [1])] if last
-               else [_tensor("hidden_out", "float32", ["seq", H])])
+        inp = tensor("input_ids", "int64", ["seq"]) if first else tensor("hidden_in", "float32", ["seq", H])
+        out = ([tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])] if last
+               else [tensor("hidden_out", "float32", ["seq", H])])
         group = ({"kind": Enum("KIND_GPU"), "count": settings.instances, "gpus": [k]} if settings.stage_devices == "gpu"
                  else {"kind": Enum("KIND_CPU"), "count": settings.instances})
         params = {**common, "stage": k}
@@ -57,22 +58,22 @@ def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
         a, b = s["layers"]
         body = {"name": name, "backend": "python", "max_batch_size": settings.sequence_batch, "input": [inp],
                 "output": out, "sequence_batching": sequence_batching(settings), "instance_group": [group],
-                "parameters": _params(params)}
+                "parameters": parameters(params)}
         note = (f"Pipeline stage {k} of {len(stages)}: layers {a}-{b - 1}"
                 + (" + embedding" if first else "") + (" + final norm and lm_head" if last else "")
                 + f". Keeps those layers' state per correlation id; called by the ensemble {n}_sequence.")
-        models[name] = {"kind": "stage", "config": _comment(note) + pbtxt(body) + "\n"}
+        models[name] = {"kind": "stage", "config": comment(note) + pbtxt(body) + "\n"}
         steps.append({"model_name": name, "model_version": -1,
                       "input_map": {"key": "input_ids" if first else "hidden_in",
                                     "value": "input_ids" if first else f"hidden_{k - 1}"},
                       "output_map": ([{"key": "logits", "value": "logits"}, {"key": "next_token", "value": "next_token"}]
                                      if last else {"key": "hidden_out", "value": f"hidden_{k}"})})
     ensemble = {"name": f"{n}_sequence", "platform": "ensemble", "max_batch_size": settings.sequence_batch,
-                "input": [_tensor("input_ids", "int64", ["seq"])],
-                "output": [_tensor("logits", "float32", [vocab]), _tensor("next_token", "int64", [1])],
+                "input": [tensor("input_ids", "int64", ["seq"])],
+                "output": [tensor("logits", "float32", [vocab]), tensor("next_token", "int64", [1])],
                 "ensemble_scheduling": {"step": steps}}
     note = (f"The {len(stages)} pipeline stages as one model, with the interface of the single-engine sequence "
             "model: send input_ids [1, L] with a sequence id (START on the first request, END on the last); "
             "every stage gets the sequence id and flags and keeps its own layers' state.")
-    models[f"{n}_sequence"] = {"kind": "ensemble", "config": _comment(note) + pbtxt(ensemble) + "\n"}
+    models[f"{n}_sequence"] = {"kind": "ensemble", "config": comment(note) + pbtxt(ensemble) + "\n"}
     return models

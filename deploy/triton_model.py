@@ -155,7 +155,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from jambatrt.artifact import check_deployed_manifest
         from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
-        from jambatrt.engines.base import engine_class
+        from jambatrt.engines import engine_class
         from jambatrt.errors import ArtifactError, InputError, JambaTRTError
 
         # the caller's errors (answered INVALID_ARG): a flat tuple -- `except` refuses a nested one

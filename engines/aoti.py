@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
-from jambatrt.engines.base import Engine, _np_dtype, settings_from_kwargs
+from jambatrt.engines.base import Engine, settings_from_kwargs, to_numpy, to_torch
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
 SUBDIR = "engines/aoti"
@@ -150,7 +149,7 @@ def to_boundary_ops(ep):
 def package_contents(path: str | Path) -> dict:
     """What an AOTInductor package holds: the ops it calls back through the proxy executor (in
     order of the calls), which of our Triton kernels it compiled in, and its build metadata."""
-    from jambatrt.plugins.gpu.torch_ops import KERNELS
+    from jambatrt.plugins.gpu.torch_ops import traced_kernels
 
     fallback, meta = [], {}
     with zipfile.ZipFile(path) as z:
@@ -162,7 +161,7 @@ def package_contents(path: str | Path) -> dict:
                 sources += z.read(name).decode("utf-8", "replace")
             elif name.endswith("wrapper_metadata.json"):
                 meta = json.loads(z.read(name))
-    kernels = sorted({k for ks in KERNELS.values() for k in ks if k in sources})
+    kernels = sorted({k for ks in traced_kernels().values() for k in ks if k in sources})
     return {"fallback_ops": fallback, "triton_kernels": kernels, "metadata": meta}
 
 
@@ -224,14 +223,17 @@ def _versions() -> dict:
 class AotiEngine(Engine):
     backend = "aoti"
 
+    Settings = AotiSettings
+    output = SUBDIR
+    reads_onnx = False               # the step program step.pt2
+
     @classmethod
-    def build(cls, artifact: str | Path, **settings) -> dict:
-        artifact = Path(artifact)
-        manifest = read_manifest(artifact)
-        verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
-        s = AotiSettings.from_kwargs(**settings)
-        planned = plan(manifest, s)
-        device = resolve_device(s.device)
+    def _prepare(cls, artifact: Path, manifest: dict, s: AotiSettings) -> tuple:
+        return plan(manifest, s), resolve_device(s.device)
+
+    @classmethod
+    def _build(cls, artifact: Path, manifest: dict, s: AotiSettings, prepared: tuple, tmp: Path) -> dict:
+        planned, device = prepared
         torch = _torch()
         t0 = time.perf_counter()
         with warnings.catch_warnings():     # torch's own pytree deprecation noise
@@ -239,22 +241,18 @@ class AotiEngine(Engine):
             # the program admits batch 1..64 and the artifact's max_seq; run_step enforces max_batch
             ep = load_step_program(artifact, manifest)
         t_export = time.perf_counter() - t0
-        with atomic_dir(artifact / SUBDIR, force=True) as tmp:   # the old engine stays whole until this one is in
-            info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
+        info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
         entry = {"path": f"{SUBDIR}/{PACKAGE}", "device": device, **_versions(),
                  "settings": {**dataclasses.asdict(s), "device": device}, "max_seq": planned["max_seq"],
                  "max_batch": s.max_batch, "chunk_plan": planned["chunk_plan"],
                  # cuda: the Triton kernels inside the package; cpu: the ops called back through Python
                  "triton_kernels": info["triton_kernels"], "python_ops": info["fallback_ops"],
                  "cpu_isa": info["metadata"].get("AOTI_CPU_ISA") if device == "cpu" else None,
-                 "export_seconds": round(t_export, 3), "build_seconds": round(time.perf_counter() - t0, 3)}
+                 "export_seconds": round(t_export, 3)}
         if device == "cuda":
             major, minor = torch.cuda.get_device_capability()
             entry["gpu"] = {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}",
                             "cuda": torch.version.cuda}
-        manifest = read_manifest(artifact)   # another build may have recorded its engine meanwhile
-        manifest.setdefault("engines", {})["aoti"] = entry
-        add_files(artifact, manifest, SUBDIR)
         return entry
 
     # ---- running -------------------------------------------------------------------------------
@@ -295,31 +293,15 @@ class AotiEngine(Engine):
     def default_chunk(self, batch: int) -> int:
         return int(self.entry["chunk_plan"]["chunk"])
 
-    def _to_device(self, a: np.ndarray):
-        torch = self.torch
-        a = np.ascontiguousarray(a)
-        if not a.flags.writeable:       # torch.from_numpy warns on read-only arrays (a server's buffers)
-            a = a.copy()
-        t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == _np_dtype("bfloat16") \
-            else torch.from_numpy(a)
-        return t.to(self.device) if self.device != "cpu" else t
-
-    def _to_host(self, t) -> np.ndarray:
-        torch = self.torch
-        t = t.detach().contiguous()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).cpu().numpy().view(_np_dtype("bfloat16"))
-        return t.cpu().numpy()
-
     def run_step(self, input_ids, state):
         B = input_ids.shape[0]
         if B > self.entry["max_batch"]:
             raise InputError(f"batch {B} exceeds the aoti engine's max_batch {self.entry['max_batch']} "
                              "(rebuild with a larger max_batch)")
         with self.torch.inference_mode():
-            logits, new_state = self.run_step_torch(self._to_device(np.asarray(input_ids, dtype=np.int64)),
-                                                    [self._to_device(s) for s in state])
-            return self._to_host(logits), [self._to_host(t) for t in new_state]
+            logits, new_state = self.run_step_torch(to_torch(np.asarray(input_ids, dtype=np.int64), self.device),
+                                                    [to_torch(s, self.device) for s in state])
+            return to_numpy(logits), [to_numpy(t) for t in new_state]
 
     def run_step_torch(self, input_ids, state: list) -> tuple:
         """run_step on torch tensors (already checked): ids [B,L] int64 and the state on the engine's

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 
-from jambatrt.artifact import read_manifest, verify_files
+from jambatrt.artifact import add_files, atomic_dir, atomic_file, read_manifest, record_files, verify_files
 from jambatrt.config import JambaConfig
 from jambatrt.errors import ArtifactError, InputError
 
@@ -29,10 +31,53 @@ class Engine(abc.ABC):
                                 f"(run `jambatrt build {self.artifact} --backend {self.backend}`)")
 
     # ---- building ------------------------------------------------------------------------------
+    Settings: ClassVar[type]       # the build settings: a frozen dataclass with `from_kwargs(**kw)`
+    output: ClassVar[str]          # what the build writes, relative to the artifact: a file or a folder
+    reads_onnx: ClassVar[bool] = True   # the build reads model.onnx (else the step program step.pt2)
+
     @classmethod
-    @abc.abstractmethod
     def build(cls, artifact: str | Path, **settings) -> dict:
-        """Write engines/<backend>/ into the artifact and record it in the manifest; returns the entry."""
+        """Write the engine into the artifact and record it in the manifest; returns its entry.
+        The start and end every backend shares: settings checked (an unknown one is refused), the
+        step program the backend reads present, the artifact's files verified before any work;
+        `_prepare` then refuses what the backend cannot build (before anything is written) and
+        `_build` writes into a temp file or folder that replaces `output` only once whole (the old
+        engine stays until then); the entry (with build_seconds) and the written files are
+        recorded in the manifest as it is then (another build may have recorded its engine
+        meanwhile)."""
+        s = cls.Settings.from_kwargs(**settings)
+        artifact = Path(artifact)
+        manifest = read_manifest(artifact)
+        if cls.reads_onnx and "onnx" not in manifest["programs"]["step"]:
+            raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
+        verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
+        t0 = time.perf_counter()
+        prepared = cls._prepare(artifact, manifest, s)
+        out = artifact / cls.output
+        # a folder (atomic_dir) or a file (atomic_file) that becomes `output` once whole
+        with (atomic_file(out) if Path(cls.output).suffix else atomic_dir(out, force=True)) as tmp:
+            entry = cls._build(artifact, manifest, s, prepared, tmp)
+        entry["build_seconds"] = round(time.perf_counter() - t0, 3)
+        manifest = read_manifest(artifact)
+        manifest.setdefault("engines", {})[cls.backend] = entry
+        if out.is_dir():
+            add_files(artifact, manifest, cls.output)
+        else:
+            record_files(artifact, manifest, [cls.output])
+        return entry
+
+    @classmethod
+    def _prepare(cls, artifact: Path, manifest: dict, settings: Any) -> Any:
+        """The checks and plans that need nothing written (InputError / BackendUnavailable for what
+        this backend cannot build); what it returns goes to `_build`."""
+        return None
+
+    @classmethod
+    def _build(cls, artifact: Path, manifest: dict, settings: Any, prepared: Any, out: Path) -> dict:
+        """Write the engine into `out` (a temp file or folder standing for `output`); returns the
+        manifest entry, its paths as they will be once `out` is `output`. (engines/staged.py, which
+        writes one file per stage, overrides `build` itself.)"""
+        raise NotImplementedError(f"{cls.__name__} builds through its own `build`")
 
     @classmethod
     def load(cls, artifact: str | Path, verify: bool = True) -> "Engine":
@@ -62,8 +107,9 @@ class Engine(abc.ABC):
             out.append(np.zeros(shape, dtype=_np_dtype(spec["dtype"])))
         return out
 
-    def check_state(self, state: list[np.ndarray], batch: int) -> int:
-        """Returns the number of past tokens P; InputError when the state is not this model's."""
+    def check_state(self, state: list, batch: int) -> int:
+        """Returns the number of past tokens P; InputError when the state is not this model's.
+        numpy arrays or torch tensors (deploy/aoti_model.py checks the server's tensors here)."""
         specs = self.step_program["inputs"][1:]
         if not isinstance(state, (list, tuple)) or len(state) != len(specs):
             raise InputError(f"state has {len(state) if isinstance(state, (list, tuple)) else type(state).__name__} "
@@ -77,7 +123,7 @@ class Engine(abc.ABC):
                 raise InputError(f"state tensor {spec['name']} has shape {list(t.shape)}, expected "
                                  f"{[batch if w == 'batch' else w for w in want]}: a state from another model, "
                                  "config or batch?")
-            if t.dtype != _np_dtype(spec["dtype"]):
+            if dtype_name(t) != spec["dtype"]:
                 raise InputError(f"state tensor {spec['name']} has dtype {t.dtype}, expected {spec['dtype']}")
             if "past" in want:
                 p = t.shape[want.index("past")]
@@ -102,6 +148,13 @@ class Engine(abc.ABC):
             logits, state = self.run_step(ids[:, s:s + chunk], state)
             outs.append(logits[:, -1] if last_only else logits)
         return (outs[-1] if last_only else np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), state
+
+    def prefill_with_state(self, input_ids) -> tuple[np.ndarray, dict, list]:
+        """The reference interface (validate/reference.py `Reference.prefill_with_state`), so one
+        runner compares engines and references: -> (logits [B,L,V], {step output name: final
+        state}, no per-layer health)."""
+        logits, state = self.prefill(input_ids)
+        return logits, dict(zip((o["name"] for o in self.step_program["outputs"][1:]), state)), []
 
     def decode(self, token_ids, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """token_ids [B] + state -> (logits [B,V], new state)."""
@@ -150,22 +203,35 @@ def settings_from_kwargs(cls, backend: str, kw: dict):
     return cls(**{k: v for k, v in kw.items() if v is not None})
 
 
+def dtype_name(t) -> str:
+    """A numpy array's or torch tensor's dtype as the step program names it ("bfloat16", "int64")."""
+    return str(t.dtype).removeprefix("torch.")
+
+
+def to_torch(a: np.ndarray, device: str = "cpu"):
+    """numpy -> a torch tensor on `device` (bfloat16 through its int16 bits; read-only arrays, such
+    as a server's buffers, copied: torch.from_numpy warns on them)."""
+    import torch
+    a = np.ascontiguousarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if a.dtype == _np_dtype("bfloat16") \
+        else torch.from_numpy(a)
+    return t.to(device) if device != "cpu" else t
+
+
+def to_numpy(t) -> np.ndarray:
+    """A torch tensor (any device) -> numpy on the host (bfloat16 as ml_dtypes.bfloat16)."""
+    import torch
+    t = t.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).cpu().numpy().view(_np_dtype("bfloat16"))
+    return t.cpu().numpy()
+
+
 def _np_dtype(name: str):
     if name == "bfloat16":
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
-
-def engine_class(backend: str) -> type[Engine]:
-    """The Engine subclass for a backend name (imports lazily: heavy libraries load on demand)."""
-    if backend == "ort":
-        from jambatrt.engines.ort import OrtEngine
-        return OrtEngine
-    if backend == "tensorrt":
-        from jambatrt.engines.tensorrt import TensorRTEngine
-        return TensorRTEngine
-    if backend == "aoti":
-        from jambatrt.engines.aoti import AotiEngine
-        return AotiEngine
-    raise InputError(f"unknown backend {backend!r} (accepted: ort, tensorrt, aoti)")

@@ -4,19 +4,32 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 from __future__ import annotations
 
 import os
-import tempfile
-import time
 import uuid
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import artifact_file, read_manifest, record_files, verify_files
-from jambatrt.engines.base import Engine
+from jambatrt.artifact import artifact_file
+from jambatrt.engines.base import Engine, settings_from_kwargs
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
 ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
+
+
+@dataclass(frozen=True)
+class OrtSettings:
+    """Every build setting, with its default, in one place."""
+
+    attention: str = "kernel"          # "kernel": the jamba Attention op; "gqa": ONNX Runtime's GroupQueryAttention
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "OrtSettings":
+        s = settings_from_kwargs(cls, "ort", kw)
+        if s.attention not in ("kernel", "gqa"):
+            raise InputError(f"attention={s.attention!r} (accepted: kernel, gqa)")
+        return s
 
 
 def _session_options(threads: int | None = None):
@@ -52,49 +65,31 @@ def _initializer_array(t, weights_dir: Path) -> np.ndarray:
 
 def map_expert_weights(model, weights_dir: Path) -> tuple:
     """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
-    process: every MoEInt8 node whose four weights are initializers becomes MoEInt8Mapped(x,
-    router_logits; top_k, expert_offset, weights=<key>), and every LinearInt8 node (--weights-int8)
-    whose weight and scale are initializers becomes LinearInt8Mapped(x; weights=<key>), their weights
-    mapped from the data file and registered in ort_ops.MAPPED_WEIGHTS under a fresh key; those
-    initializers leave the graph. Returns (model, keys); `ort_ops.unmap_expert_weights(keys)`
-    releases them."""
-    import onnx.helper
-
-    from jambatrt.export.ops import DOMAIN, SPECS
-    from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
+    process (graph/passes/bind_weights.py): every MoEInt8 node whose four weights are initializers
+    becomes MoEInt8Mapped(x, router_logits; top_k, expert_offset, weights=<key>), and every
+    LinearInt8 node (--weights-int8) whose weight and scale are initializers becomes
+    LinearInt8Mapped(x; weights=<key>), their weights mapped from the data file and registered in
+    ort_ops.MAPPED_WEIGHTS under a fresh key. Returns (model, keys);
+    `ort_ops.unmap_expert_weights(keys)` releases them."""
+    from jambatrt.export.ops import SPECS
+    from jambatrt.graph.passes.bind_weights import bind_weights
     from jambatrt.plugins.cpu.ort_ops import (LINEAR_INT8_MAPPED_OP, LINEAR_INT8_OP, MAPPED_OP, MAPPED_WEIGHTS,
                                               unmap_expert_weights)
 
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    keys, moved = [], set()
+    keys: list[str] = []
 
-    def rewrite(node):
-        if node.domain == DOMAIN and node.op_type == LINEAR_INT8_OP and all(n in inits for n in node.input[1:3]):
-            key = f"{uuid.uuid4().hex}/{node.name}"
-            MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in node.input[1:3])
-            keys.append(key)
-            moved.update(node.input[1:3])
-            return [onnx.helper.make_node(LINEAR_INT8_MAPPED_OP, [node.input[0]], list(node.output), name=node.name,
-                                          domain=DOMAIN, weights=key)]
-        names = list(node.input[2:6])
-        if node.domain != DOMAIN or node.op_type != SPECS["moe_int8"].onnx_op_type or not all(n in inits for n in names):
-            return None
+    def bind(node, tensors) -> str:
         key = f"{uuid.uuid4().hex}/{node.name}"
-        MAPPED_WEIGHTS[key] = tuple(_initializer_array(inits[n], weights_dir) for n in names)
+        MAPPED_WEIGHTS[key] = tuple(_initializer_array(t, weights_dir) for t in tensors)
         keys.append(key)
-        moved.update(names)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        return [onnx.helper.make_node(MAPPED_OP, list(node.input[:2]), list(node.output), name=node.name,
-                                      domain=DOMAIN, top_k=attrs["top_k"],
-                                      expert_offset=attrs.get("expert_offset", 0), weights=key)]
+        return key
 
     try:
-        replace_nodes(g, rewrite)
+        model = bind_weights(model, {SPECS["moe_int8"].onnx_op_type: MAPPED_OP, LINEAR_INT8_OP: LINEAR_INT8_MAPPED_OP},
+                             bind)
     except BaseException:
         unmap_expert_weights(keys)          # nothing stays registered for a session that never came
         raise
-    drop_unused_initializers(g, moved)
     return model, keys
 
 
@@ -150,53 +145,38 @@ def map_kv_caches(model) -> tuple:
 class OrtEngine(Engine):
     backend = "ort"
 
+    Settings = OrtSettings
+    # at the artifact's root, not under engines/: ONNX Runtime and onnx.checker refuse external
+    # data outside the model's own directory, symlinks included
+    output = ENGINE
+
     @classmethod
-    def build(cls, artifact: str | Path, attention: str = "kernel", **unknown) -> dict:
+    def _prepare(cls, artifact: Path, manifest: dict, s: OrtSettings) -> None:
+        if manifest["dtype"] != "float32":
+            # ORT's CPU provider has no bfloat16 MatMul/Gemm kernels; bf16 artifacts are for TensorRT.
+            raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
+                             f"{manifest['dtype']} (re-export with --dtype float32, or build --backend tensorrt)")
+
+    @classmethod
+    def _build(cls, artifact: Path, manifest: dict, s: OrtSettings, prepared: None, out: Path) -> dict:
         """Lower model.onnx with the ORT pass list into ENGINE beside it. The lowered graph's
         initializers keep pointing into the artifact's weights.safetensors: nothing is read or
-        copied (ONNX Runtime and onnx.checker refuse external data outside the model's own
-        directory, symlinks included, so the graph lives at the artifact's root, not under engines/)."""
+        copied."""
         import onnx
         import onnxruntime
 
         from jambatrt.graph.onnx_export import check, load_onnx
         from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
 
-        if unknown:
-            raise InputError(f"the ort engine has no setting(s) {', '.join(sorted(unknown))} (accepted: attention)")
-        artifact = Path(artifact)
-        manifest = read_manifest(artifact)
+        settings = PassSettings(attention=s.attention, dtype=manifest["dtype"])
         step = manifest["programs"]["step"]
-        if "onnx" not in step:
-            raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
-        verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
-        if manifest["dtype"] != "float32":
-            # ORT's CPU provider has no bfloat16 MatMul/Gemm kernels; bf16 artifacts are for TensorRT.
-            raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
-                             f"{manifest['dtype']} (re-export with --dtype float32, or build --backend tensorrt)")
-        if attention not in ("kernel", "gqa"):
-            raise InputError(f"attention={attention!r} (accepted: kernel, gqa)")
-        settings = PassSettings(attention=attention, dtype=manifest["dtype"])
-        t0 = time.perf_counter()
         model = load_onnx(artifact_file(artifact, manifest, step["onnx"]), load_external_data=False)
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
-        fd, tmp = tempfile.mkstemp(prefix=f".{ENGINE}.", suffix=".tmp", dir=artifact)
-        os.close(fd)
-        try:   # the old engine stays until this one is whole and checked
-            onnx.save_model(model, tmp)
-            check(Path(tmp))
-            os.chmod(tmp, (artifact / step["onnx"]).stat().st_mode & 0o777)
-            os.replace(tmp, artifact / ENGINE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        entry = {"path": ENGINE, "onnxruntime": onnxruntime.__version__,
-                 "passes": [p.__name__ for p in passes], "settings": {"attention": attention},
-                 "weights": manifest["weights"]["path"], "build_seconds": round(time.perf_counter() - t0, 3)}
-        manifest.setdefault("engines", {})["ort"] = entry
-        record_files(artifact, manifest, [ENGINE])
-        return entry
+        onnx.save_model(model, out)
+        check(out)
+        return {"path": ENGINE, "onnxruntime": onnxruntime.__version__, "passes": [p.__name__ for p in passes],
+                "settings": {"attention": s.attention}, "weights": manifest["weights"]["path"]}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
         """map_weights: run MoE layers with their expert weights mapped from the engine's data file

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import add_files, atomic_dir, read_manifest, verify_files
-from jambatrt.engines.base import Engine, _np_dtype, settings_from_kwargs
+from jambatrt.engines.base import Engine, settings_from_kwargs, to_numpy, to_torch
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 
 SUBDIR = "engines/tensorrt"
@@ -150,76 +148,71 @@ def _lowered_onnx(artifact: Path, step: dict, dtype: str, moe: str) -> tuple[byt
 class TensorRTEngine(Engine):
     backend = "tensorrt"
 
+    Settings = TensorRTSettings
+    output = SUBDIR
+
     @classmethod
-    def build(cls, artifact: str | Path, **settings) -> dict:
+    def _prepare(cls, artifact: Path, manifest: dict, s: TensorRTSettings) -> tuple:
         from jambatrt.plugins.tensorrt import register_all, require_tensorrt
 
-        artifact = Path(artifact)
-        manifest = read_manifest(artifact)
-        step = manifest["programs"]["step"]
-        if "onnx" not in step:
-            raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
-        verify_files(artifact, manifest)
-        s = TensorRTSettings.from_kwargs(**settings)
         planned = plan_build(manifest, s)
         trt, _ = require_tensorrt()
         torch = _require_gpu()
-        plugin_ids = register_all()
-        t0 = time.perf_counter()
-        dest = artifact / SUBDIR
-        with atomic_dir(dest, force=True) as tmp:   # the old engine (and its timing cache) stay until this one is whole
-            model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"], s.moe)
-            logger = _logger(trt)
-            builder = trt.Builder(logger)
-            flags = 0
-            if s.strongly_typed:
-                flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-            network = builder.create_network(flags)
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's weights.safetensors
-                errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-                raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
-            config = builder.create_builder_config()
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_bytes)
-            config.builder_optimization_level = s.optimization_level
-            if not s.strongly_typed and s.bf16:
-                config.set_flag(trt.BuilderFlag.BF16)
-            cache_path = dest / TIMING_CACHE
-            if s.timing_cache:
-                blob = cache_path.read_bytes() if cache_path.is_file() else b""
-                config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
-            for prof in planned["profiles"]:
-                p = builder.create_optimization_profile()
-                for name, r in prof["shapes"].items():
-                    p.set_shape(name, r["min"], r["opt"], r["max"])
-                config.add_optimization_profile(p)
-            # Host memory (build_host_memory): the parser holds every weight it read from the data
-            # file (~60 GB for Mini) until the engine is built. Build the engine (its weights on the
-            # GPU), free parser and network, and only then serialise: the host never holds the
-            # parsed weights and the plan at once. The plan is written from TensorRT's buffer
-            # (bytes(plan) would copy it again).
-            engine = builder.build_engine_with_config(network, config)
-            if engine is None:
-                raise BackendUnavailable("TensorRT could not build the engine (see the TensorRT log above)")
-            cache = config.get_timing_cache().serialize() if s.timing_cache else None
-            del parser, network, config, builder
-            gc.collect()
-            serialized = engine.serialize()
-            del engine
-            write_buffer(tmp / ENGINE_FILE, serialized)
-            del serialized
-            if cache is not None:
-                write_buffer(tmp / TIMING_CACHE, cache)
+        return planned, trt, torch, register_all()
+
+    @classmethod
+    def _build(cls, artifact: Path, manifest: dict, s: TensorRTSettings, prepared: tuple, tmp: Path) -> dict:
+        planned, trt, torch, plugin_ids = prepared
+        step = manifest["programs"]["step"]
+        dest = artifact / SUBDIR      # the old engine (and its timing cache) stay until this one is whole
+        model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"], s.moe)
+        logger = _logger(trt)
+        builder = trt.Builder(logger)
+        flags = 0
+        if s.strongly_typed:
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's weights.safetensors
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+            raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_bytes)
+        config.builder_optimization_level = s.optimization_level
+        if not s.strongly_typed and s.bf16:
+            config.set_flag(trt.BuilderFlag.BF16)
+        cache_path = dest / TIMING_CACHE
+        if s.timing_cache:
+            blob = cache_path.read_bytes() if cache_path.is_file() else b""
+            config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False)
+        for prof in planned["profiles"]:
+            p = builder.create_optimization_profile()
+            for name, r in prof["shapes"].items():
+                p.set_shape(name, r["min"], r["opt"], r["max"])
+            config.add_optimization_profile(p)
+        # Host memory (build_host_memory): the parser holds every weight it read from the data
+        # file (~60 GB for Mini) until the engine is built. Build the engine (its weights on the
+        # GPU), free parser and network, and only then serialise: the host never holds the
+        # parsed weights and the plan at once. The plan is written from TensorRT's buffer
+        # (bytes(plan) would copy it again).
+        engine = builder.build_engine_with_config(network, config)
+        if engine is None:
+            raise BackendUnavailable("TensorRT could not build the engine (see the TensorRT log above)")
+        cache = config.get_timing_cache().serialize() if s.timing_cache else None
+        del parser, network, config, builder
+        gc.collect()
+        serialized = engine.serialize()
+        del engine
+        write_buffer(tmp / ENGINE_FILE, serialized)
+        del serialized
+        if cache is not None:
+            write_buffer(tmp / TIMING_CACHE, cache)
         major, minor = torch.cuda.get_device_capability()
-        entry = {"path": f"{SUBDIR}/{ENGINE_FILE}", "tensorrt": trt.__version__,
-                 "gpu": {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}"},
-                 "settings": dataclasses.asdict(s), "max_seq": planned["max_seq"],
-                 "chunk_plan": planned["chunk_plan"], "expert_groups": planned["expert_groups"],
-                 "passes": pass_names, "profiles": [p["name"] for p in planned["profiles"]],
-                 "plugins": plugin_ids, "build_seconds": round(time.perf_counter() - t0, 3)}
-        manifest.setdefault("engines", {})["tensorrt"] = entry
-        add_files(artifact, manifest, SUBDIR)
-        return entry
+        return {"path": f"{SUBDIR}/{ENGINE_FILE}", "tensorrt": trt.__version__,
+                "gpu": {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}"},
+                "settings": dataclasses.asdict(s), "max_seq": planned["max_seq"],
+                "chunk_plan": planned["chunk_plan"], "expert_groups": planned["expert_groups"],
+                "passes": pass_names, "profiles": [p["name"] for p in planned["profiles"]], "plugins": plugin_ids}
 
     # ---- running -------------------------------------------------------------------------------
     def __init__(self, artifact, manifest=None):
@@ -262,24 +255,10 @@ class TensorRTEngine(Engine):
     def default_chunk(self, batch: int) -> int:
         return int(self.entry["chunk_plan"]["chunk"])
 
-    def _to_device(self, a: np.ndarray):
-        torch = self.torch
-        if a.dtype == _np_dtype("bfloat16"):
-            t = torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-        else:
-            t = torch.from_numpy(np.ascontiguousarray(a))
-        return t.to("cuda", non_blocking=False)
-
-    def _to_host(self, t) -> np.ndarray:
-        torch = self.torch
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).cpu().numpy().view(_np_dtype("bfloat16"))
-        return t.cpu().numpy()
-
     def run_step(self, input_ids, state):
-        logits, new_state = self.run_step_torch(self._to_device(np.asarray(input_ids, dtype=np.int64)),
-                                                [self._to_device(a) for a in state])
-        return self._to_host(logits), [self._to_host(t) for t in new_state]
+        logits, new_state = self.run_step_torch(to_torch(np.asarray(input_ids, dtype=np.int64), "cuda"),
+                                                [to_torch(a, "cuda") for a in state])
+        return to_numpy(logits), [to_numpy(t) for t in new_state]
 
     def run_step_torch(self, input_ids, state: list) -> tuple:
         """run_step on torch tensors on the GPU: ids [B,L] int64 and the state -> (logits, new state) as

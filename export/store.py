@@ -45,10 +45,6 @@ _NP = {"F32": np.float32, "BF16": np.int16, "F16": np.float16, "I8": np.int8, "U
        "I32": np.int32, "F64": np.float64, "I16": np.int16, "BOOL": np.bool_}
 
 
-def st_dtype(dtype: torch.dtype) -> str:
-    return _ST[dtype]
-
-
 def torch_dtype(st: str) -> torch.dtype:
     return _TORCH[st]
 

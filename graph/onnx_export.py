@@ -3,6 +3,7 @@ graph/schemas.py); everything else is translated by torch's dynamo exporter (onn
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from pathlib import Path
@@ -11,32 +12,45 @@ import onnx
 import torch
 
 from jambatrt.errors import ArtifactError
+from jambatrt.export.ops import DOMAIN, DOMAIN_VERSION, SPECS
 from jambatrt.graph.schemas import register_schemas
 
 OPSET = 18
 
 
 def _translation_table() -> dict:
+    """torch.ops.jamba.<op> -> its translation: the `jamba` node SPEC.onnx_op_type with the op's
+    tensors as inputs (SPEC.inputs order) and SPEC.attributes as attributes."""
     register_schemas()   # must precede Opset("jamba", 1): onnxscript reads the schemas then
     from onnxscript.values import Opset
 
-    jamba = Opset("jamba", 1)
+    jamba = Opset(DOMAIN, DOMAIN_VERSION)
+    return {getattr(torch.ops.jamba, name).default: translation(spec, getattr(jamba, spec.onnx_op_type))
+            for name, spec in SPECS.items()}
 
-    def causal_conv1d(x, weight, bias, state=None):
-        return jamba.CausalConv1d(x, weight, bias, state)
 
-    def selective_scan(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
-        return jamba.SelectiveScan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
+def translation(spec, onnx_op):
+    """A translation function for the exporter, derived from SPEC and the torch op's schema: the
+    exporter reads its signature (argument names and order of the torch op; attributes annotated
+    int/float, inputs unannotated, optional ones defaulting to None) to bind the op's arguments."""
+    args = getattr(torch.ops.jamba, spec.name).default._schema.arguments
+    inputs = [a.name for a in args if a.name not in spec.attributes]
+    if len(inputs) != len(spec.inputs):
+        raise ValueError(f"{spec.qualname}: {len(inputs)} tensor arguments, SPEC.inputs has {len(spec.inputs)}")
+    params = [inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=a.default_value if a.has_default_value() else inspect.Parameter.empty,
+                                annotation=spec.attributes.get(a.name, inspect.Parameter.empty)) for a in args]
 
-    def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0):
-        return jamba.MoEInt8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k=top_k, expert_offset=expert_offset)
+    def translate(*values, **named):
+        bound = sig.bind(*values, **named)
+        bound.apply_defaults()
+        return onnx_op(*(bound.arguments[n] for n in inputs), **{a: bound.arguments[a] for a in spec.attributes})
 
-    def attention(q, k, v, past_k=None, past_v=None):
-        return jamba.CausalAttention(q, k, v, past_k, past_v)
-
-    ops = torch.ops.jamba
-    return {ops.causal_conv1d.default: causal_conv1d, ops.selective_scan.default: selective_scan,
-            ops.moe_int8.default: moe_int8, ops.attention.default: attention}
+    sig = inspect.Signature(params)
+    translate.__signature__ = sig
+    translate.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
+    translate.__name__ = translate.__qualname__ = spec.name
+    return translate
 
 
 def to_onnx(ep: torch.export.ExportedProgram, input_names: list[str], output_names: list[str],
@@ -150,5 +164,5 @@ def write_onnx(ep: torch.export.ExportedProgram, out_dir: Path, manifest: dict, 
     ir.save(model, path)        # external tensors are saved as references, not rewritten
     check(path)
     step["onnx"] = "model.onnx"
-    step["onnx_opset"] = {"": OPSET, "jamba": 1}
+    step["onnx_opset"] = {"": OPSET, DOMAIN: DOMAIN_VERSION}
     return path

@@ -1,29 +1,39 @@
-"""ONNX schemas for the `jamba` domain, built from each op's SPEC, with type-and-shape inference.
-Registered once per process, before any onnxscript Opset("jamba", 1) is created."""
+"""ONNX schemas for the `jamba` domain, each built from its op's SPEC (export/ops/<op>.py: input and
+output types, shape rules), with type-and-shape inference. Registered once per process, before any
+onnxscript Opset("jamba", 1) is created."""
 
 from __future__ import annotations
 
 import onnx
 from onnx import TensorProto, defs
 
-from jambatrt.export.ops import DOMAIN, DOMAIN_VERSION, SPECS
+from jambatrt.export.ops import ACTIVATION, DOMAIN, DOMAIN_VERSION, SPECS
 
 FLOAT_T = ["tensor(float)", "tensor(bfloat16)", "tensor(float16)"]
-F32 = "tensor(float)"
-I8 = "tensor(int8)"
 
-# Per op: input/output type strings ("T" = the activation type) and output shape rules
-# (output index -> (input index, dims to take from it, or None for "same as that input")).
-_TYPES = {
-    "causal_conv1d": (["T", "T", "T", "T"], ["T", "T"]),
-    "selective_scan": (["T", "T", F32, "T", "T", F32, "T", F32, F32], ["T", F32]),
-    "moe_int8": (["T", "T", I8, F32, I8, F32], ["T"]),
-    "attention": (["T", "T", "T", "T", "T"], ["T", "T", "T"]),
-}
+
+# dtype name -> (ONNX element type, schema type string)
+_ONNX_TYPES = {"float32": (TensorProto.FLOAT, "tensor(float)"), "bfloat16": (TensorProto.BFLOAT16, "tensor(bfloat16)"),
+               "float16": (TensorProto.FLOAT16, "tensor(float16)"), "int8": (TensorProto.INT8, "tensor(int8)"),
+               "int32": (TensorProto.INT32, "tensor(int32)"), "int64": (TensorProto.INT64, "tensor(int64)")}
+
+
+def _type_string(t: str) -> str:
+    """A SPEC type (ACTIVATION or a dtype name) as a schema type: the constraint "T" or "tensor(int8)"..."""
+    return t if t == ACTIVATION else _ONNX_TYPES[t][1]
+
+
+def _elem(t: str, activation: int) -> int:
+    return activation if t == ACTIVATION else _ONNX_TYPES[t][0]
 
 
 def _dims(t: onnx.TypeProto):
-    return list(t.tensor_type.shape.dim) if t.tensor_type.HasField("shape") else None
+    """A shape as the SPEC's shape rules take it: a list of int (known), the Dimension proto itself
+    (symbolic: passed through) or None (unknown); None when the rank is unknown."""
+    if not t.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else d if d.HasField("dim_param") else None
+            for d in t.tensor_type.shape.dim]
 
 
 def _tensor_type(elem: int, dims) -> onnx.TypeProto:
@@ -42,49 +52,32 @@ def _tensor_type(elem: int, dims) -> onnx.TypeProto:
     return tp
 
 
-def _infer(name: str):
+def _infer(spec):
     def infer(ctx) -> None:
-        t_in = [ctx.get_input_type(i) if ctx.has_input(i) else None for i in range(ctx.get_num_inputs())]
-        t0 = t_in[0]
+        present = {n: ctx.get_input_type(i) for i, n in enumerate(spec.inputs[:ctx.get_num_inputs()])
+                   if ctx.has_input(i)}
+        t0 = present.get(spec.inputs[0])
         if t0 is None:
             return
-        elem = t0.tensor_type.elem_type
-        d0 = _dims(t0)
-        if name == "causal_conv1d":
-            ks = _dims(t_in[1]) if t_in[1] is not None else None
-            k = ks[1].dim_value - 1 if ks and ks[1].HasField("dim_value") else None
-            ctx.set_output_type(0, _tensor_type(elem, d0))
-            ctx.set_output_type(1, _tensor_type(elem, None if d0 is None else [d0[0], d0[1], k]))
-        elif name == "selective_scan":
-            a = _dims(t_in[2])
-            ctx.set_output_type(0, _tensor_type(elem, d0))
-            ctx.set_output_type(1, _tensor_type(TensorProto.FLOAT, None if d0 is None or a is None
-                                                else [d0[0], d0[1], a[1]]))
-        elif name == "moe_int8":
-            ctx.set_output_type(0, _tensor_type(elem, d0))
-        elif name == "attention":
-            ctx.set_output_type(0, _tensor_type(elem, d0))
-            dk = _dims(t_in[1])
-            has_past = len(t_in) > 3 and t_in[3] is not None
-            kv = None if dk is None else [dk[0], None if has_past else dk[1], dk[2], dk[3]]
-            ctx.set_output_type(1, _tensor_type(elem, kv))
-            ctx.set_output_type(2, _tensor_type(elem, kv))
+        shapes = spec.output_shapes({n: _dims(t) for n, t in present.items()})
+        for i, (t, dims) in enumerate(zip(spec.output_types, shapes)):
+            ctx.set_output_type(i, _tensor_type(_elem(t, t0.tensor_type.elem_type), dims))
     return infer
 
 
 def build_schema(name: str) -> defs.OpSchema:
     spec = SPECS[name]
-    tin, tout = _TYPES[name]
     opt = defs.OpSchema.FormalParameterOption
-    inputs = [defs.OpSchema.FormalParameter(n, t, param_option=opt.Optional if n in spec.optional_inputs
-                                            else opt.Single) for n, t in zip(spec.inputs, tin)]
-    outputs = [defs.OpSchema.FormalParameter(n, t) for n, t in zip(spec.outputs, tout)]
+    inputs = [defs.OpSchema.FormalParameter(n, _type_string(t), param_option=opt.Optional
+                                            if n in spec.optional_inputs else opt.Single)
+              for n, t in zip(spec.inputs, spec.input_types)]
+    outputs = [defs.OpSchema.FormalParameter(n, _type_string(t)) for n, t in zip(spec.outputs, spec.output_types)]
     attrs = [defs.OpSchema.Attribute(a, defs.OpSchema.AttrType.INT if t is int else defs.OpSchema.AttrType.FLOAT,
                                      "", required=True) for a, t in spec.attributes.items()]
     schema = defs.OpSchema(spec.onnx_op_type, DOMAIN, DOMAIN_VERSION, doc=f"{spec.qualname} (see jambatrt.export.ops)",
-                           inputs=inputs, outputs=outputs, type_constraints=[("T", FLOAT_T, "activations")],
+                           inputs=inputs, outputs=outputs, type_constraints=[(ACTIVATION, FLOAT_T, "activations")],
                            attributes=attrs)
-    schema.set_type_and_shape_inference_function(_infer(name))
+    schema.set_type_and_shape_inference_function(_infer(spec))
     return schema
 
 
@@ -93,7 +86,8 @@ def _linear_int8_schema() -> defs.OpSchema:
     the ORT pass list's lowering of --weights-int8 linear layers (graph/passes/lower_linear_int8.py)."""
     P = defs.OpSchema.FormalParameter
     schema = defs.OpSchema("LinearInt8", DOMAIN, DOMAIN_VERSION, doc="(x @ w^T) * scale, w int8 per output channel",
-                           inputs=[P("x", "T"), P("w", I8), P("scale", F32)], outputs=[P("y", "T")],
+                           inputs=[P("x", "T"), P("w", _ONNX_TYPES["int8"][1]), P("scale", _ONNX_TYPES["float32"][1])],
+                           outputs=[P("y", "T")],
                            type_constraints=[("T", FLOAT_T, "activations")])
 
     def infer(ctx) -> None:

@@ -7,7 +7,7 @@ generate, profile) and a Triton Inference Server model for it are checked. The C
 checked as far as a CPU-only host goes: the whole step program traces into the Triton kernels
 (what Inductor compiles into a cuda package), the traceable kernel launches match `<op>_ref`
 under Triton's interpreter, and building a cuda package says clearly that there is no GPU.
-The GPU run itself is scripts/aoti_gpu_check.py."""
+The GPU run itself is `python -m jambatrt.validate.aoti_gpu_check`."""
 
 import json
 import os
@@ -63,7 +63,7 @@ def test_step_program_traces_into_triton_kernels(tiny_ckpt):
     from jambatrt.config import JambaConfig
     from jambatrt.export.trace import export_step
     from jambatrt.export.weights import load_model
-    from jambatrt.plugins.gpu.torch_ops import KERNELS, register_cuda_kernels, trace_cpu_ops_too
+    from jambatrt.plugins.gpu.torch_ops import register_cuda_kernels, trace_cpu_ops_too, traced_kernels
 
     # no GPU: triton cannot analyse which kernel arguments are written and says so at length
     logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
@@ -76,6 +76,7 @@ def test_step_program_traces_into_triton_kernels(tiny_ckpt):
     code = traced.graph_module.code
     assert "torch.ops.jamba." not in code
     cfg = JambaConfig.load(tiny_ckpt)
+    KERNELS = traced_kernels()
     want = []
     for i in range(cfg.num_hidden_layers):
         mixer = KERNELS["attention"] if cfg.is_attention(i) else KERNELS["causal_conv1d"] + KERNELS["selective_scan"]
@@ -98,7 +99,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import jambatrt
 from jambatrt.export import ops as jops
-from jambatrt.plugins.gpu import torch_ops as T
+from jambatrt.plugins.gpu import attention, causal_conv1d, moe_int8, selective_scan
 torch.manual_seed(0)
 out = []
 def grade(case, dtype, got, want):
@@ -121,18 +122,18 @@ for dt in (torch.float32, torch.bfloat16):
                        ("selective_scan:bare", (u, delta, A, Bm, Cm, Dk, None, None, None)),
                        ("selective_scan:L1", (u[..., :1], delta[..., :1], A, Bm[..., :1], Cm[..., :1], Dk,
                                               z[..., :1], bias, st))]:
-        grade(case, dt, T.selective_scan_traceable(*args), jops.reference("selective_scan")(*args))
+        grade(case, dt, selective_scan.selective_scan_traceable(*args), jops.reference("selective_scan")(*args))
     x, w, b, s = r(B, D, L), r(D, 4, scale=0.5), r(D), r(B, D, 3)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     for case, args in [("causal_conv1d:state", (xt, w, b, s)), ("causal_conv1d:none", (x, w, b, None)),
                        ("causal_conv1d:L1", (x[..., :1], w, b, s))]:
-        grade(case, dt, T.causal_conv1d_traceable(*args), jops.reference("causal_conv1d")(*args))
+        grade(case, dt, causal_conv1d.causal_conv1d_traceable(*args), jops.reference("causal_conv1d")(*args))
     q, k, v = r(2, 9, 4, 16), r(2, 9, 2, 16), r(2, 9, 2, 16)
     pk, pv = r(2, 5, 2, 16), r(2, 5, 2, 16)
     for case, args in [("attention:past", (q, k, v, pk, pv)), ("attention:none", (q, k, v, None, None)),
                        ("attention:P0", (q, k, v, pk[:, :0], pv[:, :0])),
                        ("attention:decode", (q[:, :1], k[:, :1], v[:, :1], pk, pv))]:
-        grade(case, dt, T.attention_traceable(*args), jops.reference("attention")(*args))
+        grade(case, dt, attention.attention_traceable(*args), jops.reference("attention")(*args))
     E, H, I, Tn = 4, 32, 24, 10
     q8 = lambda w: (torch.round(w / (w.abs().amax(-1, keepdim=True) / 127)).clamp(-127, 127).to(torch.int8),
                     (w.abs().amax(-1) / 127).float())
@@ -140,7 +141,7 @@ for dt in (torch.float32, torch.bfloat16):
     w2, s2 = q8(torch.randn(E, H, I) * I ** -0.5)
     for case, (xx, lg, kk) in [("moe_int8:k2", (r(Tn, H), r(Tn, E), 2)), ("moe_int8:k1", (r(3, H), r(3, E), 1))]:
         args = (xx, lg, w13, s13, w2, s2, kk)
-        grade(case, dt, T.moe_int8_traceable(*args), jops.reference("moe_int8")(*args))
+        grade(case, dt, moe_int8.moe_int8_traceable(*args), jops.reference("moe_int8")(*args))
 print(json.dumps(out))
 """
 

@@ -11,108 +11,20 @@ from torch.testing import assert_close
 
 from conftest import assert_sums_close
 from jambatrt.export.ops import DOMAIN, SPECS, reference
-from jambatrt.plugins.cpu import TORCH_KERNELS, register_torch_kernels
+from jambatrt.plugins.cpu import register_torch_kernels
 from jambatrt.plugins.cpu.attention import attention
 from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d, causal_conv1d_update
 from jambatrt.plugins.cpu.moe_int8 import moe_int8
 from jambatrt.plugins.cpu.selective_scan import selective_scan, selective_state_update
+from jambatrt.plugins.registry import implementations
+from op_test_data import BF16, F32, ROWS, attn_args, inputs_and_attributes, make, zero_filled
+from op_test_data import check_outputs as _check
 
-F32, BF16 = torch.float32, torch.bfloat16
-
-
-# ---- inputs ----------------------------------------------------------------------------------------
-# Each maker returns the op's positional arguments (torch, float32 activations); `_cast` then moves
-# the activations to the dtype under test, leaving what the model keeps in fp32 (A, D, delta_bias,
-# the scan state, the expert scales) and the int8 weights alone.
-
-def _randn(g, *shape):
-    return torch.randn(*shape, generator=g)
-
-
-def scan_args(g, B, D, N, L, z=True, bias=True, state=True):
-    return [_randn(g, B, D, L), _randn(g, B, D, L), -torch.exp(_randn(g, D, N)), _randn(g, B, N, L),
-            _randn(g, B, N, L), _randn(g, D), _randn(g, B, D, L) if z else None,
-            _randn(g, D) if bias else None, _randn(g, B, D, N) if state else None]
-
-
-def conv_args(g, B, D, K, L, state=True):
-    return [_randn(g, B, D, L), _randn(g, D, K) * K ** -0.5, _randn(g, D), _randn(g, B, D, K - 1) if state else None]
-
-
-def moe_args(g, T, H, I, E, k, group=None):
-    """group=(a, b): the weights of experts a..b-1 only, expert_offset a (an expert group)."""
-    w13 = torch.randint(-127, 128, (E, 2 * I, H), dtype=torch.int8, generator=g)
-    w2 = torch.randint(-127, 128, (E, H, I), dtype=torch.int8, generator=g)
-    s13 = (torch.rand(E, 2 * I, generator=g) + 0.5) / (127 * H ** 0.5)     # unit-scale outputs
-    s2 = (torch.rand(E, H, generator=g) + 0.5) / (127 * I ** 0.5)
-    a, b = group or (0, E)
-    return [_randn(g, T, H), _randn(g, T, E), w13[a:b], s13[a:b], w2[a:b], s2[a:b], k, a]
-
-
-def attn_args(g, B, L, P, Hq, Hkv, d):
-    past = [_randn(g, B, P, Hkv, d), _randn(g, B, P, Hkv, d)] if P else [None, None]
-    return [_randn(g, B, L, Hq, d), _randn(g, B, L, Hkv, d), _randn(g, B, L, Hkv, d), *past]
-
-
-ACTIVATIONS = {"selective_scan": (0, 1, 3, 4, 6), "causal_conv1d": (0, 1, 2, 3), "moe_int8": (0, 1),
-               "attention": (0, 1, 2, 3, 4)}
-
-
-def _cast(op, args, dtype):
-    return [a.to(dtype) if i in ACTIVATIONS[op] and a is not None else a for i, a in enumerate(args)]
-
-
-CASES = {   # op -> {case id: (maker, kwargs)}
-    "selective_scan": {
-        "L1": (scan_args, dict(B=1, D=3, N=2, L=1, state=False)),
-        "odd_state": (scan_args, dict(B=2, D=37, N=5, L=130)),          # D % 16 != 0, L % 64 != 0
-        "no_z_no_bias": (scan_args, dict(B=1, D=16, N=16, L=64, z=False, bias=False)),
-        "L0": (scan_args, dict(B=2, D=5, N=3, L=0)),
-        "threaded": (scan_args, dict(B=2, D=40, N=16, L=300)),        # > _SERIAL_MAX_UPDATES: numba's threads
-    },
-    "causal_conv1d": {
-        "L1": (conv_args, dict(B=1, D=4, K=4, L=1, state=False)),
-        "odd_state": (conv_args, dict(B=2, D=37, K=4, L=130)),
-        "shorter_than_kernel": (conv_args, dict(B=3, D=5, K=3, L=1)),
-        "K1": (conv_args, dict(B=1, D=8, K=1, L=5)),
-    },
-    "moe_int8": {
-        "one_token": (moe_args, dict(T=1, H=16, I=24, E=4, k=2)),
-        "odd": (moe_args, dict(T=37, H=48, I=72, E=5, k=1)),
-        "top3": (moe_args, dict(T=64, H=40, I=56, E=6, k=3)),
-        "int8_path": (moe_args, dict(T=3, H=1024, I=512, E=2, k=1)),      # w13[e] has 2^20 weights
-        "expert_group": (moe_args, dict(T=29, H=32, I=40, E=7, k=2, group=(3, 6))),
-        "few_tokens_group": (moe_args, dict(T=3, H=40, I=24, E=6, k=2, group=(1, 4))),   # the small-T path
-    },
-    "attention": {
-        "prefill_L1": (attn_args, dict(B=1, L=1, P=0, Hq=4, Hkv=2, d=8)),
-        "prefill": (attn_args, dict(B=2, L=37, P=0, Hq=6, Hkv=3, d=16)),
-        "decode": (attn_args, dict(B=2, L=1, P=9, Hq=4, Hkv=2, d=8)),
-        "chunk_after_past": (attn_args, dict(B=2, L=17, P=23, Hq=4, Hkv=1, d=8)),
-        "mha_chunk": (attn_args, dict(B=1, L=130, P=70, Hq=4, Hkv=4, d=32)),
-    },
-}
-
-
-def make(op, case, dtype=F32, seed=0):
-    maker, kw = CASES[op][case]
-    return _cast(op, maker(torch.Generator().manual_seed(seed), **kw), dtype)
-
-
-def _check(op, actual, expected, dtype):
-    atol, rtol = SPECS[op].tolerances[dtype]
-    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
-    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
-    assert len(actual) == len(expected) == len(SPECS[op].outputs)
-    for name, a, e in zip(SPECS[op].outputs, actual, expected):
-        a = torch.as_tensor(a)
-        assert a.shape == e.shape, f"{op}.{name}: shape {list(a.shape)} != {list(e.shape)}"
-        assert_close(a.float(), e.float(), atol=atol, rtol=rtol, msg=lambda m: f"{op}.{name} ({dtype}): {m}")
-
-
-NUMPY_KERNELS = {"selective_scan": selective_scan, "causal_conv1d": causal_conv1d, "moe_int8": moe_int8,
-                 "attention": attention}
-ALL_CASES = [(op, case) for op in CASES for case in CASES[op]]
+# the registered implementations (plugins/registry.py), each run at every case of its op's row
+CPU = implementations("cpu")
+ORT = implementations("ort")
+ALL_CASES = [(op, case) for op in CPU for case in ROWS[op].cases]
+ORT_CASES = [(op, case) for op in ORT for case in ROWS[op].ort]
 
 
 def _np(a):
@@ -126,15 +38,11 @@ def registered():
 
 
 # ---- numpy kernels and torch registration vs the oracle ------------------------------------------
-def test_every_op_has_a_cpu_kernel():
-    assert set(NUMPY_KERNELS) == set(TORCH_KERNELS) == set(SPECS)
-    assert set(CASES) == set(SPECS)
-
-
 @pytest.mark.parametrize("op,case", ALL_CASES)
 def test_numpy_kernel_matches_ref(op, case):
+    """The ONNX Runtime op bodies (numpy in/out) on their own, absent inputs as None."""
     args = make(op, case)
-    out = NUMPY_KERNELS[op](*map(_np, args))
+    out = ORT[op][0].fn(*map(_np, args))
     for o in out if isinstance(out, tuple) else (out,):
         assert o.dtype == np.float32 and o.flags.c_contiguous
     _check(op, tuple(map(torch.from_numpy, out if isinstance(out, tuple) else (out,))),
@@ -253,7 +161,7 @@ def test_int8_linear_matches_dequantised_matmul():
     few fp32 eps times the sum of |terms| of each dot product."""
     from jambatrt.plugins.cpu.linear_int8 import linear_int8
     g = torch.Generator().manual_seed(3)
-    x = _randn(g, 3, 1037)                                   # H % 8 != 0: exercises the vector tail
+    x = torch.randn(3, 1037, generator=g)                    # H % 8 != 0: exercises the vector tail
     w = torch.randint(-127, 128, (45, 1037), dtype=torch.int8, generator=g)
     scale = torch.rand(45, generator=g)
     out = linear_int8(x.numpy(), w.numpy(), scale.numpy())
@@ -284,35 +192,24 @@ def test_kernels_reject_bad_shapes():
 
 
 # ---- ONNX Runtime --------------------------------------------------------------------------------
-ORT_CASES = [("selective_scan", "L1"), ("selective_scan", "odd_state"), ("causal_conv1d", "L1"),
-             ("causal_conv1d", "odd_state"), ("moe_int8", "odd"), ("moe_int8", "top3"), ("moe_int8", "expert_group"),
-             ("moe_int8", "one_token"),
-             ("attention", "prefill"), ("attention", "decode"), ("attention", "chunk_after_past")]
-
-
 def one_node_model(op: str, **attrs):
     """A model with one jamba::<SPEC.onnx_op_type> node whose inputs/outputs are the graph's."""
     from onnx import TensorProto, helper
     spec = SPECS[op]
-    elem = {"w13": TensorProto.INT8, "w2": TensorProto.INT8}
+    elem = {"int8": TensorProto.INT8}                     # else float32 (activations on ONNX Runtime)
     node = helper.make_node(spec.onnx_op_type, list(spec.inputs), list(spec.outputs), domain=DOMAIN,
                             **attrs)
     graph = helper.make_graph(
-        [node], op, [helper.make_tensor_value_info(n, elem.get(n, TensorProto.FLOAT), None) for n in spec.inputs],
+        [node], op, [helper.make_tensor_value_info(n, elem.get(t, TensorProto.FLOAT), None)
+                     for n, t in zip(spec.inputs, spec.input_types)],
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in spec.outputs])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
 
 
 def ort_feeds(op, args):
     """The op's arguments as the graph passes them: every input present (module docstring of ort_ops)."""
-    args = list(args)[:len(SPECS[op].inputs)]
-    if op == "selective_scan" and args[8] is None:
-        args[8] = torch.zeros(args[0].shape[0], args[0].shape[1], args[2].shape[1])
-    if op == "causal_conv1d" and args[3] is None:
-        args[3] = torch.zeros(args[0].shape[0], args[0].shape[1], args[1].shape[1] - 1)
-    if op == "attention" and args[3] is None:
-        args[3] = args[4] = torch.zeros(args[1].shape[0], 0, *args[1].shape[2:])
-    return {n: a.numpy() for n, a in zip(SPECS[op].inputs, args)}
+    inputs, _ = inputs_and_attributes(op, args)
+    return {n: a.numpy() for n, a in zip(SPECS[op].inputs, zero_filled(op, inputs))}
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +235,7 @@ def ort_sessions():
 def test_ort_op_matches_ref(ort_sessions, op, case):
     from jambatrt.plugins.cpu.ort_ops import run_checked
     args = make(op, case)
-    attrs = {"top_k": args[6], "expert_offset": args[7]} if op == "moe_int8" else {}
-    out = run_checked(ort_sessions(op, **attrs), None, ort_feeds(op, args))
+    out = run_checked(ort_sessions(op, **inputs_and_attributes(op, args)[1]), None, ort_feeds(op, args))
     _check(op, tuple(map(torch.from_numpy, out)), reference(op)(*args), F32)
 
 

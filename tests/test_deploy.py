@@ -24,8 +24,8 @@ import pytest
 
 from conftest import ROOT, run_cli
 from jambatrt.artifact import add_files, read_manifest, sha256_file
-from jambatrt.deploy.repository import (Enum, RepositorySettings, pbtxt, verify_repository,
-                                        write_repository)
+from jambatrt.deploy.pbtxt import Enum, pbtxt
+from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.deploy.server import TritonServer, find_serve_env, free_port
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 

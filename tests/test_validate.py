@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cli
+from jambatrt.engines.base import Engine
 from jambatrt.export import ops as jops
 from jambatrt.validate.health import check_health
 from jambatrt.validate.reference import EagerReference, HFReference, attention_flash, selective_scan_chunked
@@ -302,8 +303,8 @@ def test_bench_preset_262k_prefill_parity(tmp_path):
 
 
 # ---- tokens with an undecided MoE top-k ------------------------------------------------------------------
-class _FlipAt:
-    """Engine wrapper whose logits at one token differ as after the other expert choice."""
+class _EditedLogits:
+    """Engine wrapper whose prefill logits at one token are edited by `edit(logits)`."""
 
     def __init__(self, engine, token):
         self.engine, self.token = engine, token
@@ -311,11 +312,20 @@ class _FlipAt:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
+    prefill_with_state = Engine.prefill_with_state    # what the parity runner calls, through prefill below
+
     def prefill(self, ids):
         logits, state = self.engine.prefill(ids)
         logits = logits.copy()
-        logits[0, self.token] += 0.05
+        self.edit(logits)
         return logits, state
+
+
+class _FlipAt(_EditedLogits):
+    """Logits at one token differ as after the other expert choice."""
+
+    def edit(self, logits):
+        logits[0, self.token] += 0.05
 
 
 class _TieAt(EagerReference):
@@ -379,20 +389,15 @@ class _RefTop2(EagerReference):
         return logits, states, layers
 
 
-class _EngineTop2:
-    """Engine wrapper that, at one token, makes its top-two logits `margin` apart and shifts them."""
+class _EngineTop2(_EditedLogits):
+    """At one token, the top-two logits are `margin` apart and shifted by `shift`."""
 
     def __init__(self, engine, token, margin, shift=0.0):
-        self.engine, self.token, self.margin, self.shift = engine, token, margin, shift
+        super().__init__(engine, token)
+        self.margin, self.shift = margin, shift
 
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def prefill(self, ids):
-        logits, state = self.engine.prefill(ids)
-        logits = logits.copy()
+    def edit(self, logits):
         _set_top2(logits, self.token, self.margin, self.shift)
-        return logits, state
 
 
 def test_argmax_ties_are_graded_apart_and_not_blamed_on_a_layer(built):

@@ -28,7 +28,7 @@ import numpy as np
 
 
 def measure(artifact: Path, contexts: list[int], steps: int, seed: int = 0) -> dict:
-    from jambatrt.engines.base import engine_class
+    from jambatrt.engines import engine_class
 
     cls = engine_class("ort")
     rng = np.random.default_rng(seed)

@@ -68,9 +68,10 @@ class ParityReport:
         return d
 
 
-def _runner(name: str, prefill):
-    """A Polygraphy runner around `prefill(ids) -> (logits, {state name: array} | None, extras)`;
-    the last call's extras stay on `runner.extras`."""
+def _runner(name: str, source, with_state: bool = True):
+    """A Polygraphy runner around an engine or a reference: both have `prefill_with_state(ids) ->
+    (logits, {state name: array} | None, extras)`; the last call's extras stay on `runner.extras`;
+    without `with_state` the states are not compared."""
     from polygraphy.backend.base import BaseRunner
     from polygraphy.common import TensorMetadata
 
@@ -90,32 +91,14 @@ def _runner(name: str, prefill):
 
         def infer_impl(self, feed_dict):
             t0 = time.perf_counter()
-            logits, states, self.extras = prefill(feed_dict["input_ids"])
+            logits, states, self.extras = source.prefill_with_state(feed_dict["input_ids"])
             self.seconds = self.inference_time = time.perf_counter() - t0
             out = OrderedDict(logits=np.asarray(logits, dtype=np.float32))
-            for k, v in (states or {}).items():   # bf16 states compare as fp32 (no bf16 in Polygraphy)
+            for k, v in ((states or {}) if with_state else {}).items():   # bf16 states compare as fp32 (no bf16 in Polygraphy)
                 out[k] = v.astype(np.float32) if v.dtype.name == "bfloat16" else v
             return out
 
     return PrefillRunner()
-
-
-def _engine_prefill(engine):
-    names = [o["name"] for o in engine.step_program["outputs"][1:]]
-
-    def prefill(ids):
-        logits, state = engine.prefill(ids)
-        return logits, dict(zip(names, state)), None
-    return prefill
-
-
-def _reference_prefill(reference, with_state: bool):
-    def prefill(ids):
-        if hasattr(reference, "prefill_with_state"):
-            logits, states, layers = reference.prefill_with_state(ids)
-            return logits, states if with_state else None, layers
-        return reference.prefill(ids), None, []
-    return prefill
 
 
 def _per_token(name: str) -> bool:
@@ -200,8 +183,8 @@ def compare_logits(a: np.ndarray, b: np.ndarray, tol: dict) -> dict:
 
 def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1, seed: int = 0,
                vocab: int | None = None, on_length=None, check_state: bool = True) -> ParityReport:
-    """engine: an `engines.base.Engine` (prefill(ids) -> logits, state list); reference: a
-    `validate.reference.Reference` (prefill_with_state, else prefill(ids) -> logits). Every length
+    """engine: an `engines.base.Engine`; reference: a `validate.reference.Reference`; both run
+    through one runner by their `prefill_with_state(ids)`. Every length
     is run and compared (logits, and the final states when `check_state` and the reference keeps
     them); `on_length(i, L)` reports progress. Returns the report; it never raises on mismatch."""
     from polygraphy.comparator import Comparator
@@ -211,8 +194,8 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
     tol, stol = TOLERANCES[dtype], STATE_TOLERANCES[dtype]
     vocab = vocab or engine.config.vocab_size
     rng = np.random.default_rng(seed)
-    eng = _runner(f"engine-{engine.backend}", _engine_prefill(engine))
-    ref = _runner(f"reference-{reference.name}", _reference_prefill(reference, check_state))
+    eng = _runner(f"engine-{engine.backend}", engine)
+    ref = _runner(f"reference-{reference.name}", reference, with_state=check_state)
     results, mismatches = [], []
     for i, L in enumerate(lengths):
         if on_length:

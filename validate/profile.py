@@ -70,7 +70,7 @@ def _custom_op_kernels() -> dict[str, str]:
 
 class _EngineSide:
     def __init__(self, spec):
-        from jambatrt.engines.base import engine_class
+        from jambatrt.engines import engine_class
         self.engine = engine_class(spec["backend"]).load(spec["artifact"])
         self.vocab = self.engine.config.vocab_size
         self.max_seq = self.engine.max_seq

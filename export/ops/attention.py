@@ -7,7 +7,16 @@ from typing import Optional
 
 import torch
 
+from jambatrt.export.ops.spec import ACTIVATION as T
 from jambatrt.export.ops.spec import OpSpec
+
+
+def _output_shapes(s):
+    """o like q; present_k/v [B,P+L,Hkv,d]: the length is L without a past, unknown with one."""
+    k = s.get("k")
+    kv = None if k is None else [k[0], None if "past_k" in s else k[1], k[2], k[3]]
+    return [s["q"], kv, kv]
+
 
 SPEC = OpSpec(
     name="attention",
@@ -15,6 +24,11 @@ SPEC = OpSpec(
     inputs=("q", "k", "v", "past_k", "past_v"),
     optional_inputs=frozenset({"past_k", "past_v"}),
     outputs=("o", "present_k", "present_v"),
+    input_types=(T, T, T, T, T),
+    output_types=(T, T, T),
+    output_shapes=_output_shapes,
+    zero_inputs={"past_k": (("k", 0), 0, ("k", 2), ("k", 3)),             # an empty past [B,0,Hkv,d]
+                 "past_v": (("k", 0), 0, ("k", 2), ("k", 3))},
     tolerances={torch.float32: (2e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)},
 )
 

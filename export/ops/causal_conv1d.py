@@ -7,7 +7,16 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from jambatrt.export.ops.spec import ACTIVATION as T
 from jambatrt.export.ops.spec import OpSpec
+
+
+def _output_shapes(s):
+    """y like x [B,D,L]; state_out [B,D,K-1] (K from weight [D,K])."""
+    x, w = s["x"], s.get("weight")
+    k = w[1] - 1 if w and isinstance(w[1], int) else None
+    return [x, None if x is None else [x[0], x[1], k]]
+
 
 SPEC = OpSpec(
     name="causal_conv1d",
@@ -15,6 +24,10 @@ SPEC = OpSpec(
     inputs=("x", "weight", "bias", "state"),
     optional_inputs=frozenset({"state"}),
     outputs=("y", "state_out"),
+    input_types=(T, T, T, T),
+    output_types=(T, T),
+    output_shapes=_output_shapes,
+    zero_inputs={"state": (("x", 0), ("x", 1), ("weight", 1, -1))},      # no inputs before x: [B,D,K-1]
     tolerances={torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)},
 )
 

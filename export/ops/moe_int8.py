@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from jambatrt.export.ops.spec import ACTIVATION as T
 from jambatrt.export.ops.spec import OpSpec
 
 SPEC = OpSpec(
@@ -20,6 +21,9 @@ SPEC = OpSpec(
     inputs=("x", "router_logits", "w13", "w13_scale", "w2", "w2_scale"),
     optional_inputs=frozenset(),
     outputs=("y",),
+    input_types=(T, T, "int8", "float32", "int8", "float32"),
+    output_types=(T,),
+    output_shapes=lambda s: [s["x"]],                                    # y like x [T,H]
     attributes={"top_k": int, "expert_offset": int},
     tolerances={torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 2e-2)},
 )

@@ -8,7 +8,17 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from jambatrt.export.ops.spec import ACTIVATION as T
 from jambatrt.export.ops.spec import OpSpec
+
+F32 = "float32"
+
+
+def _output_shapes(s):
+    """y like u [B,D,L]; state_out [B,D,N] (N from A [D,N])."""
+    u, A = s["u"], s.get("A")
+    return [u, None if u is None or A is None else [u[0], u[1], A[1]]]
+
 
 SPEC = OpSpec(
     name="selective_scan",
@@ -16,6 +26,10 @@ SPEC = OpSpec(
     inputs=("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state"),
     optional_inputs=frozenset({"z", "delta_bias", "state"}),
     outputs=("y", "state_out"),
+    input_types=(T, T, F32, T, T, F32, T, F32, F32),
+    output_types=(T, F32),
+    output_shapes=_output_shapes,
+    zero_inputs={"state": (("u", 0), ("u", 1), ("B", 1))},               # h_0 = 0: [B,D,N] fp32
     tolerances={torch.float32: (5e-5, 1e-4), torch.bfloat16: (3e-2, 3e-2)},
 )
 

@@ -1,5 +1,6 @@
 """Graph passes, one per file, each `(model: onnx.ModelProto, settings: PassSettings) -> ModelProto`,
-run from one explicit ordered list per backend."""
+run from one explicit ordered list per backend. One rewrite is not a build pass:
+`bind_weights.py`, which the ONNX Runtime engine runs on the graph it hands a session."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from jambatrt.plugins.cpu.selective_scan import exp32
+from jambatrt.plugins.registry import implements
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu   # -> (out, logsumexp)
 
@@ -271,3 +272,19 @@ def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray
     if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
         return decode_attention(q, present_k, present_v)
     return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+def attention_ort(q, k, v, past_k, past_v):
+    """The ONNX Runtime op: its inputs are copies made for this call (onnxruntime-extensions'
+    PyCustomOpKernel::Compute), so present grows from past in place (`scratch_inputs`)."""
+    return attention(q, k, v, past_k, past_v, scratch_inputs=True)
+
+
+def _attention_shapes(q, k, v, past_k, *_):
+    kv = (k.shape[0], past_k.shape[1] + k.shape[1], k.shape[2], k.shape[3])
+    return [q.shape, kv, kv]
+
+
+implements("attention", "cpu")(attention_torch)
+implements("attention", "ort", out_shapes=_attention_shapes)(attention_ort)

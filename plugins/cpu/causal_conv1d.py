@@ -4,9 +4,12 @@ last K-1 inputs as state. One parallel job per (batch, channel) row; the row is 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, prange
 
+from jambatrt.plugins.cpu import np32
 from jambatrt.plugins.cpu.selective_scan import silu32
+from jambatrt.plugins.registry import implements
 
 
 @njit(parallel=True, cache=True, fastmath=False)
@@ -64,3 +67,17 @@ def causal_conv1d_update(x, weight, bias, state) -> tuple[np.ndarray, np.ndarray
     """One decode step: x [B,D], state [B,D,K-1] -> (y [B,D], new_state [B,D,K-1]), float32."""
     y, state_out = causal_conv1d(np.asarray(x)[:, :, None], weight, bias, state)
     return y[:, :, 0], state_out
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+def causal_conv1d_torch(x, weight, bias, state=None):
+    """torch.ops.jamba.causal_conv1d on CPU: `causal_conv1d` in float32, y and the state in x.dtype."""
+    if state is not None:
+        state = state.to(x.dtype)          # as the ref: the carried inputs live in x's dtype
+    y, s = causal_conv1d(np32(x), np32(weight), np32(bias), np32(state))
+    return torch.from_numpy(y).to(x.dtype), torch.from_numpy(s).to(x.dtype)
+
+
+implements("causal_conv1d", "cpu")(causal_conv1d_torch)
+implements("causal_conv1d", "ort", out_shapes=lambda x, weight, *_: [x.shape, (x.shape[0], x.shape[1], weight.shape[1] - 1)]
+           )(causal_conv1d)

@@ -22,6 +22,7 @@ from numba import njit
 
 from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
+from jambatrt.plugins.registry import implements
 
 _INT8_PATH_MAX_TOKENS = 4          # crossover measured at 4..8 tokens for 4096 x 8192 .. 4096 x 28672
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than waking numba's threads
@@ -129,3 +130,8 @@ def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offse
            for a in (x, router_logits, w13_scale, w2_scale)]
     w13, w2 = (torch.from_numpy(np.ascontiguousarray(w)) for w in (w13, w2))
     return moe_int8_torch(f32[0], f32[1], w13, f32[2], w2, f32[3], int(top_k), int(expert_offset)).numpy()
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+implements("moe_int8", "cpu")(moe_int8_torch)
+implements("moe_int8", "ort", out_shapes=lambda x, *_: [x.shape])(moe_int8)

@@ -1,5 +1,6 @@
 """The CPU kernels as ONNX Runtime custom ops (onnxruntime-extensions Python ops), one per jamba op:
-`jamba::<SPEC.onnx_op_type>`, inputs in SPEC.inputs order, float32 activations.
+`jamba::<SPEC.onnx_op_type>`, inputs in SPEC.inputs order, float32 activations; the op bodies are
+those plugins/cpu/<op>.py registers for target "ort" (plugins/registry.py).
 
     so = onnxruntime.SessionOptions()
     so.register_custom_ops_library(custom_ops_library())
@@ -44,7 +45,7 @@ import sys
 import numpy as np
 
 from jambatrt.errors import JambaTRTError
-from jambatrt.export.ops import DOMAIN, SPECS
+from jambatrt.export.ops import ACTIVATION, DOMAIN, SPECS
 
 ERRORS: list[str] = []
 MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale) or (w, scale), see engines/ort.py
@@ -152,40 +153,26 @@ def _invoke(op_id, feed, attributes):
 
 
 def _declare() -> None:
+    """Declare every op's registered ONNX Runtime body (plugins/registry.py, target "ort") as
+    `jamba::<SPEC.onnx_op_type>`: input/output types and attributes from its SPEC. Then the forms
+    only the ONNX Runtime engine's session graphs and lowering have (not exported ops, so not in
+    the registry yet): MoEInt8Mapped, CausalAttentionCached, LinearInt8 and LinearInt8Mapped."""
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    from jambatrt.plugins.cpu.attention import attention, attention_cached
-    from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d
+    from jambatrt.plugins.cpu.attention import attention_cached
     from jambatrt.plugins.cpu.linear_int8 import linear_int8
     from jambatrt.plugins.cpu.moe_int8 import moe_int8
-    from jambatrt.plugins.cpu.selective_scan import selective_scan
+    from jambatrt.plugins.registry import implementations
 
     F, I8, I64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int64
-
-    def declare(name: str, out_shapes, input_types=None, attrs=None):
-        """@onnx_op for jamba op `name`, its body guarded by _guarded."""
+    types = {ACTIVATION: F, "float32": F, "int8": I8}     # float32 activations on ONNX Runtime's CPU provider
+    attr_types = {int: I64, float: F}
+    for name, (impl, *_) in implementations("ort").items():
         spec = SPECS[name]
-        types_in = input_types or [F] * len(spec.inputs)
-        assert len(types_in) == len(spec.inputs)
-        as_ort_op = onnx_op(op_type=f"{DOMAIN}::{spec.onnx_op_type}", inputs=types_in,
-                            outputs=[F] * len(spec.outputs), attrs=attrs or {})
-        return lambda body: as_ort_op(_guarded(name, out_shapes)(body))
-
-    @declare("selective_scan", lambda u, delta, A, *_: [u.shape, (u.shape[0], u.shape[1], A.shape[1])])
-    def selective_scan_op(u, delta, A, B, C, D, z, delta_bias, state):
-        return selective_scan(u, delta, A, B, C, D, z, delta_bias, state)
-
-    @declare("causal_conv1d", lambda x, weight, *_: [x.shape, (x.shape[0], x.shape[1], weight.shape[1] - 1)])
-    def causal_conv1d_op(x, weight, bias, state):
-        return causal_conv1d(x, weight, bias, state)
-
-    @declare("moe_int8", lambda x, *_: [x.shape], [F, F, I8, F, I8, F], {"top_k": I64, "expert_offset": I64})
-    def moe_int8_op(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset):
-        return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
-
-    def attention_shapes(q, k, v, past_k, *_):
-        kv = (k.shape[0], past_k.shape[1] + k.shape[1], k.shape[2], k.shape[3])
-        return [q.shape, kv, kv]
+        onnx_op(op_type=f"{DOMAIN}::{spec.onnx_op_type}", inputs=[types[t] for t in spec.input_types],
+                outputs=[types[t] for t in spec.output_types],
+                attrs={a: attr_types[t] for a, t in spec.attributes.items()}
+                )(_guarded(name, impl.extra["out_shapes"])(impl.fn))
 
     @onnx_op(op_type=f"{DOMAIN}::{MAPPED_OP}", inputs=[F, F], outputs=[F],
              attrs={"top_k": I64, "expert_offset": I64, "weights": PyCustomOpDef.dt_string})
@@ -231,11 +218,6 @@ def _declare() -> None:
             raise KeyError(f"linear weights {weights!r} are not mapped in this process (sessions of "
                            "LinearInt8Mapped graphs come from engines/ort.py map_weights)") from None
         return linear_int8(x, w, scale)
-
-    @declare("attention", attention_shapes)
-    def attention_op(q, k, v, past_k, past_v):
-        # the inputs are copies made for this call (PyCustomOpKernel::Compute): present grows from past in place
-        return attention(q, k, v, past_k, past_v, scratch_inputs=True)
 
 
 def unmap_expert_weights(keys) -> None:

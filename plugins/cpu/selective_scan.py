@@ -14,10 +14,14 @@ The float math helpers (`exp32`, `softplus32`, `silu32`) are shared with causal_
 from __future__ import annotations
 
 import numpy as np
+import torch
 from llvmlite import ir
 from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
+
+from jambatrt.plugins.cpu import np32
+from jambatrt.plugins.registry import implements
 
 _W = 16      # channels per job = vector lanes of the inner loop (two AVX2 / one AVX-512 register)
 _TT = 64     # time steps per tile: inputs are transposed tile by tile into [t, channel] order
@@ -203,3 +207,15 @@ def selective_state_update(state, u, delta, A, B, C, D, z=None, delta_bias=None)
     y, h = selective_scan(np.asarray(u)[:, :, None], np.asarray(delta)[:, :, None], A, np.asarray(B)[:, :, None],
                           np.asarray(C)[:, :, None], D, z, delta_bias, state)
     return y[:, :, 0], h
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+def selective_scan_torch(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
+    """torch.ops.jamba.selective_scan on CPU: `selective_scan` in float32, y back in u.dtype."""
+    y, h = selective_scan(*map(np32, (u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)))
+    return torch.from_numpy(y).to(u.dtype), torch.from_numpy(h)
+
+
+implements("selective_scan", "cpu")(selective_scan_torch)
+implements("selective_scan", "ort", out_shapes=lambda u, delta, A, *_: [u.shape, (u.shape[0], u.shape[1], A.shape[1])]
+           )(selective_scan)

@@ -1,7 +1,10 @@
 """GPU kernels (Triton) behind the jamba:: ops, one module per op: `selective_scan`, `causal_conv1d`,
-`moe_int8`, `attention`. Each module holds the Triton kernels, a launcher with the signature of
-`<op>_ref` (torch tensors on CUDA, or on CPU under TRITON_INTERPRET=1) and `aot_kernels()`, the
-description `aot.py` compiles ahead of time and the TensorRT plugins launch.
+`moe_int8`, `attention`. Each module holds the Triton kernels and, per kernel, one `<kernel>_launch`
+function computing its `Launch` (grid, int32 arguments, constexprs) from sizes, which everything
+that launches the kernel uses: the eager launcher with the signature of `<op>_ref` (torch tensors
+on CUDA, or on CPU under TRITON_INTERPRET=1), its wrap_triton twin `<op>_traceable` (torch_ops.py)
+and the TensorRT plugin's aot_impl (over shape expressions). `kernel_spec(launch, dtype)` is the
+AOT variant of a launch and `aot_kernels()` every variant `aot.py` compiles ahead of time.
 
 Conventions every kernel keeps, so that TensorRT's AOT plugins can launch it without Python:
 - parameter order (input pointers, int32 extras, output pointers), then constexprs;
@@ -16,10 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-OPS = ("selective_scan", "causal_conv1d", "moe_int8", "attention")
-
-# torch dtype name -> Triton pointer element type
-TRITON_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32"}
+# torch dtype name -> Triton language element type (pointer signatures "*bf16"); not the server's
+# model-config types (deploy/pbtxt.py)
+TL_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int8": "i8", "int32": "i32"}
 
 
 @dataclass(frozen=True)
@@ -49,9 +51,42 @@ class KernelSpec:
         return self.fn.__name__ if hasattr(self.fn, "__name__") else self.fn.fn.__name__
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One launch of one kernel, computed once by its `<kernel>_launch` function and used by the
+    eager launcher, its wrap_triton twin (torch_ops.py) and the TensorRT plugin's aot_impl (sizes
+    are ints there, TensorRT shape expressions here): grid, int32 arguments (in parameter order,
+    after the input pointers), constexprs, num_warps and num_stages (None: Triton's default)."""
+
+    kernel: str                # the triton.jit function's name in its module
+    grid: tuple                # (x, y, z)
+    extras: tuple
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `kernel[grid](...)`."""
+        out = {**self.constexprs, "num_warps": self.num_warps}
+        if self.num_stages is not None:
+            out["num_stages"] = self.num_stages
+        return out
+
+
+def direct(kernel):
+    """Launch a kernel as it is (the eager launchers' default); torch.library.wrap_triton is the other
+    way, for the traceable twins Inductor compiles."""
+    return kernel
+
+
+def cdiv(a, b):
+    """ceil(a / b) for ints and for anything with + and // (TensorRT shape expressions have their own)."""
+    return (a + b - 1) // b
+
+
 def pointer_types(names, dtypes: dict[str, str]) -> list[str]:
     """["*bf16", ...] for pointer parameters; dtypes maps name -> torch dtype name."""
-    return ["*" + TRITON_DTYPES[dtypes[n]] for n in names]
+    return ["*" + TL_TYPES[dtypes[n]] for n in names]
 
 
 def named_signature(fn, types: list[str]) -> dict[str, str]:

@@ -14,7 +14,6 @@ rejected by older drivers ("PTX was compiled with an unsupported toolchain")."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -112,20 +111,17 @@ def resource_problems(entry: dict) -> list[str]:
 
 def kernels_for_config(cfg, dtypes=("bfloat16", "float32")) -> list:
     """The kernel variants a model launches: the constexprs that come from its dims (d_state, conv
-    width, top-k of n experts, head_dim); hidden and expert sizes are run-time arguments."""
-    from jambatrt.plugins.gpu import attention, causal_conv1d, moe_int8, selective_scan
-    return (selective_scan.aot_kernels(dtypes, dstate=cfg.mamba_d_state)
-            + causal_conv1d.aot_kernels(dtypes, width=cfg.mamba_d_conv)
-            + moe_int8.aot_kernels(dtypes, top_k=cfg.num_experts_per_tok, n_experts=cfg.num_experts)
-            + attention.aot_kernels(dtypes, head_dim=cfg.head_dim))
+    width, top-k of n experts, head_dim); hidden and expert sizes are run-time arguments. Each op's
+    variants come from its registered GPU implementation (`aot=`, plugins/registry.py); cfg None:
+    Jamba's dims."""
+    from jambatrt.plugins.registry import implementations
+    return [k for impls in implementations("gpu").values() for k in impls[0].extra["aot"](dtypes, cfg)]
 
 
 def all_kernels(dtypes=("bfloat16", "float32")) -> list:
     """Every kernel variant of every op, with the default tile sizes and Jamba's dims where a
     constexpr needs one (d_state 16, d_conv 4, top-2 of 16 experts, head_dim 128)."""
-    from jambatrt.plugins.gpu import attention, causal_conv1d, moe_int8, selective_scan
-    return (selective_scan.aot_kernels(dtypes) + causal_conv1d.aot_kernels(dtypes) + moe_int8.aot_kernels(dtypes)
-            + attention.aot_kernels(dtypes))
+    return kernels_for_config(None, dtypes)
 
 
 def compile_kernel(spec, cc: int):
@@ -239,12 +235,4 @@ def write_plugins(out: str | Path, archs: list[str], dtypes=("bfloat16", "float3
                  "kernels": entries}
         write_json_atomic(tmp / "index.json", index)
     return index
-
-
-def read_index(out: str | Path) -> dict:
-    path = Path(out) / "index.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no index (run `jambatrt plugins --arch sm_90 -o {out}`)") from None
 

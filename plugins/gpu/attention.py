@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import (KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2,
-                                  pointer_types)
+from jambatrt.plugins.gpu import (KernelSpec, Launch, cdiv, check_device, direct, fix_interpreter, interpreting,
+                                  named_signature, next_pow2, pointer_types)
+from jambatrt.plugins.registry import implements
 
 if interpreting():
     fix_interpreter()
@@ -147,49 +148,73 @@ def attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr,
 
 
 # ---- launcher ----------------------------------------------------------------------------------
+def attention_launch(B, L, Hq, Hkv, d: int, P, *, dtype: str, block_m: int | None = None, block_n: int | None = None,
+                     num_warps: int | None = None, cdiv=cdiv) -> Launch:
+    """The launch of `attention_fwd_kernel` for q [B,L,Hq,d], k/v [B,L,Hkv,d] after P past tokens, in
+    `dtype` (head_dim d sets constexprs: an int; the others may be shape expressions)."""
+    cfg = DEFAULTS_FP32 if dtype == "float32" else DEFAULTS
+    bm, bn = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
+    return Launch("attention_fwd_kernel", (cdiv(L, bm), B * Hq, 1), (L, P, Hq, Hkv),
+                  dict(HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn, IEEE=dtype == "float32"),
+                  num_warps or cfg["num_warps"], cfg["num_stages"])
+
+
+def _attention(q, k, v, past_k=None, past_v=None, *, block_m=None, block_n=None, num_warps=None, launch=direct):
+    """The one launcher: `launch` is `direct` (eager) or wrap_triton (traceable)."""
+    B, L, Hq, d = q.shape
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if past_k is None:
+        past_k, past_v = k.new_empty((B, 0, Hkv, d)), v.new_empty((B, 0, Hkv, d))
+    past_k, past_v = past_k.to(k.dtype).contiguous(), past_v.to(v.dtype).contiguous()
+    P = past_k.shape[1]
+    o = torch.empty((B, L, Hq, d), dtype=q.dtype, device=q.device)
+    present_k = torch.empty((B, P + L, Hkv, d), dtype=k.dtype, device=k.device)
+    present_v = torch.empty((B, P + L, Hkv, d), dtype=v.dtype, device=v.device)
+    plan = attention_launch(B, L, Hq, Hkv, d, P, dtype=str(q.dtype).removeprefix("torch."), block_m=block_m,
+                            block_n=block_n, num_warps=num_warps)
+    launch(attention_fwd_kernel)[plan.grid](q, k, v, past_k, past_v, *plan.extras, o, present_k, present_v,
+                                            **plan.options())
+    return o, present_k, present_v
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: Optional[torch.Tensor] = None,
               past_v: Optional[torch.Tensor] = None, *, block_m: int | None = None, block_n: int | None = None,
               num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same signature and result as `attention_ref`: q [B,L,Hq,d]; k, v [B,L,Hkv,d]; past_k, past_v
     [B,P,Hkv,d] or None -> (o [B,L,Hq,d] q.dtype, present_k, present_v [B,P+L,Hkv,d])."""
     check_device(q, k, v, past_k, past_v)
-    B, L, Hq, d = q.shape
-    Hkv = k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads {Hq} not a multiple of KV heads {Hkv}")
-    if past_k is None:
-        past_k = k.new_empty(B, 0, Hkv, d)
-        past_v = v.new_empty(B, 0, Hkv, d)
-    P = past_k.shape[1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    past_k, past_v = past_k.to(k.dtype).contiguous(), past_v.to(v.dtype).contiguous()
-    o = torch.empty_like(q)
-    present_k = k.new_empty(B, P + L, Hkv, d)
-    present_v = v.new_empty(B, P + L, Hkv, d)
-    cfg = DEFAULTS_FP32 if q.dtype == torch.float32 else DEFAULTS
-    bm, bn = block_m or cfg["BLOCK_M"], block_n or cfg["BLOCK_N"]
-    grid = (triton.cdiv(L, bm), B * Hq)
-    attention_fwd_kernel[grid](q, k, v, past_k, past_v, L, P, Hq, Hkv, o, present_k, present_v,
-                               HEAD_DIM=d, D_PAD=max(16, next_pow2(d)), BLOCK_M=bm, BLOCK_N=bn,
-                               IEEE=q.dtype == torch.float32, num_warps=num_warps or cfg["num_warps"],
-                               num_stages=cfg["num_stages"])
-    return o, present_k, present_v
+    return _attention(q, k, v, past_k, past_v, block_m=block_m, block_n=block_n, num_warps=num_warps)
+
+
+def attention_traceable(q, k, v, past_k=None, past_v=None):
+    """`attention` for the compiler, through wrap_triton; no device check (no guard on a symbolic
+    size). Also writes present = cat(past, new)."""
+    from torch.library import wrap_triton
+    return _attention(q, k, v, past_k, past_v, launch=wrap_triton)
 
 
 # ---- ahead-of-time description ---------------------------------------------------------------------
-def signature(dtype: str) -> dict[str, str]:
+def kernel_spec(plan: Launch, dtype: str) -> KernelSpec:
+    """The AOT variant of one launch, every I/O in `dtype`."""
     types = (pointer_types(INPUTS, {n: dtype for n in INPUTS}) + ["i32"] * len(EXTRAS)
-             + pointer_types(OUTPUTS, {n: dtype for n in OUTPUTS}) + ["constexpr"] * 5)
-    return named_signature(attention_fwd_kernel, types)
-
-
-def aot_kernels(dtypes=("bfloat16", "float32"), head_dim: int = 128) -> list[KernelSpec]:
-    cfg = lambda dtype: DEFAULTS_FP32 if dtype == "float32" else DEFAULTS   # noqa: E731
-    return [KernelSpec(
-        name=f"attention_fwd.{dtype}", op="attention", fn=attention_fwd_kernel, signature=signature(dtype),
-        constexprs=dict(HEAD_DIM=head_dim, D_PAD=max(16, next_pow2(head_dim)), BLOCK_M=cfg(dtype)["BLOCK_M"],
-                        BLOCK_N=cfg(dtype)["BLOCK_N"], IEEE=dtype == "float32"),
-        num_warps=cfg(dtype)["num_warps"], num_stages=cfg(dtype)["num_stages"],
-        grid="(cdiv(seqlen, BLOCK_M), batch * n_heads, 1)", inputs=INPUTS, extras=EXTRAS, outputs=OUTPUTS,
+             + pointer_types(OUTPUTS, {n: dtype for n in OUTPUTS}) + ["constexpr"] * len(plan.constexprs))
+    return KernelSpec(
+        name=f"attention_fwd.{dtype}", op="attention", fn=attention_fwd_kernel,
+        signature=named_signature(attention_fwd_kernel, types), constexprs=plan.constexprs,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, grid="(cdiv(seqlen, BLOCK_M), batch * n_heads, 1)",
+        inputs=INPUTS, extras=EXTRAS, outputs=OUTPUTS,
         notes="causal GQA flash attention, past KV offset; also writes present = cat(past, new)")
-        for dtype in dtypes]
+
+
+def aot_kernels(dtypes=("bfloat16", "float32"), cfg=None) -> list[KernelSpec]:
+    """One variant per dtype at the config's head_dim (Jamba's 128 without one)."""
+    head_dim = cfg.head_dim if cfg is not None else 128
+    return [kernel_spec(attention_launch(1, 1, 1, 1, head_dim, 0, dtype=dtype), dtype) for dtype in dtypes]
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+implements("attention", "gpu", traceable=attention_traceable, kernels=("attention_fwd_kernel",),
+           aot=aot_kernels)(attention)

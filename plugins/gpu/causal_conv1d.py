@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import (KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2,
-                                  pointer_types)
+from jambatrt.plugins.gpu import (KernelSpec, Launch, cdiv, check_device, direct, fix_interpreter, interpreting,
+                                  named_signature, next_pow2, pointer_types)
+from jambatrt.plugins.registry import implements
 
 if interpreting():
     fix_interpreter()
@@ -101,26 +102,57 @@ def causal_conv1d_update_kernel(x_ptr, w_ptr, bias_ptr, state_ptr,
 
 
 # ---- launchers ---------------------------------------------------------------------------------
+def causal_conv1d_launch(B, D, L, K: int, *, has_state: bool = True, block_d: int | None = None,
+                         block_l: int | None = None, num_warps: int | None = None, cdiv=cdiv) -> Launch:
+    """The launch of `causal_conv1d_kernel` for x [B,D,L], weight [D,K] (K sets constexprs: an int;
+    B, D, L may be shape expressions with their `cdiv`)."""
+    cfg = DEFAULTS["prefill"]
+    block_d, block_l = block_d or cfg["BLOCK_D"], block_l or cfg["BLOCK_L"]
+    return Launch("causal_conv1d_kernel", (cdiv(L, block_l), cdiv(D, block_d), B), (D, L),
+                  dict(K=K, S_PAD=next_pow2(K - 1), BLOCK_D=block_d, BLOCK_L=block_l, HAS_STATE=has_state),
+                  num_warps or cfg["num_warps"])
+
+
+def causal_conv1d_update_launch(B, D, K: int, *, block_d: int | None = None, num_warps: int | None = None,
+                                cdiv=cdiv) -> Launch:
+    """The launch of `causal_conv1d_update_kernel` for x [B,D] (one token), weight [D,K]."""
+    cfg = DEFAULTS["update"]
+    block_d = block_d or cfg["BLOCK_D"]
+    return Launch("causal_conv1d_update_kernel", (cdiv(D, block_d), B, 1), (D,),
+                  dict(K=K, S_PAD=next_pow2(K - 1), BLOCK_D=block_d), num_warps or cfg["num_warps"])
+
+
+def _causal_conv1d(x, weight, bias, state=None, *, block_d=None, block_l=None, num_warps=None, launch=direct):
+    """The one launcher of the prefill kernel: `launch` is `direct` (eager) or wrap_triton (traceable)."""
+    B, D, L = x.shape
+    K = weight.shape[1]
+    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
+    y = torch.empty((B, D, L), dtype=x.dtype, device=x.device)
+    state_out = torch.empty((B, D, K - 1), dtype=x.dtype, device=x.device)
+    if K == 1:   # static: a per-channel scale, no state to carry
+        return _width_one(x, weight, bias), state_out
+    plan = causal_conv1d_launch(B, D, L, K, has_state=state is not None, block_d=block_d, block_l=block_l,
+                                num_warps=num_warps)
+    # an absent state gets a never-read stand-in (HAS_STATE is False) that is never an output
+    launch(causal_conv1d_kernel)[plan.grid](x, weight, bias, weight if state is None else state.contiguous(),
+                                            *plan.extras, y, state_out, **plan.options())
+    return y, state_out
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, state: Optional[torch.Tensor] = None,
                   *, block_d: int | None = None, block_l: int | None = None, num_warps: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and result as `causal_conv1d_ref`: x [B,D,L], weight [D,K], bias [D],
     state [B,D,K-1] or None -> (y [B,D,L], state [B,D,K-1]), both x.dtype."""
     check_device(x, weight, bias, state)
-    B, D, L = x.shape
-    K = weight.shape[1]
-    x, weight, bias = x.contiguous(), weight.contiguous(), bias.contiguous()
-    y = torch.empty_like(x)
-    state_out = x.new_empty(B, D, K - 1)
-    cfg = DEFAULTS["prefill"]
-    block_d, block_l = block_d or cfg["BLOCK_D"], block_l or cfg["BLOCK_L"]
-    if K == 1:   # no state to carry
-        return _width_one(x, weight, bias), state_out
-    grid = (triton.cdiv(L, block_l), triton.cdiv(D, block_d), B)
-    causal_conv1d_kernel[grid](x, weight, bias, state_out if state is None else state.contiguous(), D, L,
-                               y, state_out, K=K, S_PAD=next_pow2(K - 1), BLOCK_D=block_d, BLOCK_L=block_l,
-                               HAS_STATE=state is not None, num_warps=num_warps or cfg["num_warps"])
-    return y, state_out
+    return _causal_conv1d(x, weight, bias, state, block_d=block_d, block_l=block_l, num_warps=num_warps)
+
+
+def causal_conv1d_traceable(x, weight, bias, state=None):
+    """`causal_conv1d` for the compiler: the prefill kernel (every length, K static) through
+    wrap_triton; no device check (no guard on a symbolic size)."""
+    from torch.library import wrap_triton
+    return _causal_conv1d(x, weight, bias, state, launch=wrap_triton)
 
 
 def _width_one(x, weight, bias):
@@ -139,43 +171,40 @@ def causal_conv1d_update(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     K = weight.shape[1]
     if K < 2:
         raise ValueError("causal_conv1d_update needs a kernel width K >= 2 (a state to carry)")
-    cfg = DEFAULTS["update"]
-    block_d = block_d or cfg["BLOCK_D"]
+    plan = causal_conv1d_update_launch(B, D, K, block_d=block_d, num_warps=num_warps)
     y = torch.empty_like(x)
     state_out = x.new_empty(B, D, K - 1)
-    causal_conv1d_update_kernel[(triton.cdiv(D, block_d), B)](
-        x.contiguous(), weight.contiguous(), bias.contiguous(), state.contiguous(), D, y, state_out,
-        K=K, S_PAD=next_pow2(K - 1), BLOCK_D=block_d, num_warps=num_warps or cfg["num_warps"])
+    causal_conv1d_update_kernel[plan.grid](x.contiguous(), weight.contiguous(), bias.contiguous(), state.contiguous(),
+                                           *plan.extras, y, state_out, **plan.options())
     return y, state_out
 
 
 # ---- ahead-of-time description ---------------------------------------------------------------------
-def signature(dtype: str, weight_dtype: str | None = None, kernel: str = "prefill") -> dict[str, str]:
+def kernel_spec(plan: Launch, dtype: str, weight_dtype: str | None = None) -> KernelSpec:
+    """The AOT variant of one launch (every I/O in `dtype`; weight and bias in `weight_dtype`)."""
     dt = {n: dtype for n in ("x", "state", "y", "state_out")}
     dt.update({"weight": weight_dtype or dtype, "bias": weight_dtype or dtype})
-    if kernel == "prefill":
-        types = pointer_types(INPUTS, dt) + ["i32"] * 2 + pointer_types(OUTPUTS, dt) + ["constexpr"] * 5
-        return named_signature(causal_conv1d_kernel, types)
-    types = pointer_types(INPUTS, dt) + ["i32"] + pointer_types(OUTPUTS, dt) + ["constexpr"] * 3
-    return named_signature(causal_conv1d_update_kernel, types)
+    if plan.kernel == "causal_conv1d_kernel":
+        fn, name, extras = causal_conv1d_kernel, f"causal_conv1d.{dtype}", EXTRAS
+        grid, notes = "(cdiv(seqlen, BLOCK_L), cdiv(dim, BLOCK_D), batch)", "the programs of the first L-block also write state_out"
+    else:
+        fn, name, extras = causal_conv1d_update_kernel, f"causal_conv1d_update.{dtype}", ("dim",)
+        grid, notes = "(cdiv(dim, BLOCK_D), batch, 1)", "decode: one token, x [B,D]"
+    types = (pointer_types(INPUTS, dt) + ["i32"] * len(extras) + pointer_types(OUTPUTS, dt)
+             + ["constexpr"] * len(plan.constexprs))
+    return KernelSpec(name=name, op="causal_conv1d", fn=fn, signature=named_signature(fn, types),
+                      constexprs=plan.constexprs, num_warps=plan.num_warps, grid=grid, inputs=INPUTS, extras=extras,
+                      outputs=OUTPUTS, notes=notes)
 
 
-def aot_kernels(dtypes=("bfloat16", "float32"), width: int = 4) -> list[KernelSpec]:
-    out = []
-    for dtype in dtypes:
-        cfg = DEFAULTS["prefill"]
-        out.append(KernelSpec(
-            name=f"causal_conv1d.{dtype}", op="causal_conv1d", fn=causal_conv1d_kernel,
-            signature=signature(dtype), num_warps=cfg["num_warps"],
-            constexprs=dict(K=width, S_PAD=next_pow2(width - 1), BLOCK_D=cfg["BLOCK_D"], BLOCK_L=cfg["BLOCK_L"],
-                            HAS_STATE=True),
-            grid="(cdiv(seqlen, BLOCK_L), cdiv(dim, BLOCK_D), batch)", inputs=INPUTS, extras=EXTRAS,
-            outputs=OUTPUTS, notes="the programs of the first L-block also write state_out"))
-        cfg = DEFAULTS["update"]
-        out.append(KernelSpec(
-            name=f"causal_conv1d_update.{dtype}", op="causal_conv1d", fn=causal_conv1d_update_kernel,
-            signature=signature(dtype, kernel="update"), num_warps=cfg["num_warps"],
-            constexprs=dict(K=width, S_PAD=next_pow2(width - 1), BLOCK_D=cfg["BLOCK_D"]),
-            grid="(cdiv(dim, BLOCK_D), batch, 1)", inputs=INPUTS, extras=("dim",), outputs=OUTPUTS,
-            notes="decode: one token, x [B,D]"))
-    return out
+def aot_kernels(dtypes=("bfloat16", "float32"), cfg=None) -> list[KernelSpec]:
+    """Prefill and decode variants at the config's conv width (Jamba's 4 without one)."""
+    width = cfg.mamba_d_conv if cfg is not None else 4
+    return [kernel_spec(plan, dtype) for dtype in dtypes
+            for plan in (causal_conv1d_launch(1, 1, 1, width), causal_conv1d_update_launch(1, 1, width))]
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+implements("causal_conv1d", "gpu", traceable=causal_conv1d_traceable, kernels=("causal_conv1d_kernel",),
+           aot=aot_kernels)(causal_conv1d)
+implements("causal_conv1d", "gpu", variant=True)(causal_conv1d_update)

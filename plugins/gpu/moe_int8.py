@@ -31,7 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import KernelSpec, check_device, fix_interpreter, interpreting, next_pow2
+from jambatrt.plugins.gpu import (TL_TYPES, KernelSpec, Launch, cdiv, check_device, direct, fix_interpreter,
+                                  interpreting, next_pow2)
+from jambatrt.plugins.registry import implements
 
 if interpreting():
     fix_interpreter()
@@ -40,8 +42,8 @@ if interpreting():
 # gate/up (two accumulators) and fused kernels hit the 255-register cap and spilled 100-1600 bytes
 # per thread at Jamba's sizes (sm_80 and sm_90, bf16 and fp32). These tiles keep every variant under
 # the cap with no stack (`tests/test_kernel_resources.py` compiles and checks them); one set serves
-# both activation types. BLOCK_M of gemm1/gemm2 is the route kernel's alignment and the TensorRT
-# split plugins' (plugins/tensorrt/moe_int8.py BLOCK_M).
+# both activation types. BLOCK_M of gemm1/gemm2 is the route kernel's alignment, which the TensorRT
+# split plugins read from here.
 DEFAULTS = {
     "route_align": dict(BLOCK_T=128, BLOCK_A=256, num_warps=4),
     "gemm1": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
@@ -280,67 +282,109 @@ def moe_int8_fused_kernel(x_ptr, logits_ptr, w13_ptr, s13_ptr, w2_ptr, s2_ptr,
 
 
 # ---- launchers ---------------------------------------------------------------------------------
-def n_blocks(n_tokens: int, top_k: int, n_experts: int, block_m: int) -> int:
+def n_blocks(n_tokens, top_k: int, n_experts: int, block_m: int, cdiv=cdiv):
     """Upper bound on the BLOCK_M blocks of the expert-grouped assignments (no data needed)."""
-    return triton.cdiv(n_tokens * top_k + n_experts * (block_m - 1), block_m)
+    return cdiv(n_tokens * top_k + n_experts * (block_m - 1), block_m)
 
 
-def _direct(kernel):
-    return kernel
+def route_align_launch(T, E: int, top_k: int, block_m: int | None = None) -> Launch:
+    """The launch of `moe_route_align_kernel` for router_logits [T,E] (E and top_k set constexprs)."""
+    cfg = DEFAULTS["route_align"]
+    return Launch("moe_route_align_kernel", (1, 1, 1), (T, E),
+                  dict(TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_M=block_m or DEFAULTS["gemm1"]["BLOCK_M"],
+                       BLOCK_T=cfg["BLOCK_T"], BLOCK_A=cfg["BLOCK_A"]), cfg["num_warps"])
 
 
-# Every launcher below takes `launch`: how to launch a kernel -- directly (the default), or
-# torch.library.wrap_triton for the traceable twins Inductor compiles (plugins/gpu/torch_ops.py).
-def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = None, *, launch=_direct):
+def grouped_up_launch(n_blocks, n_assign, H, I, expert_offset, G, *, top_k: int, dtype: str,
+                      block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
+                      cdiv=cdiv) -> Launch:
+    """The launch of `moe_gemm1_kernel`: n_blocks BLOCK_M blocks of the n_assign = T*k assignments,
+    x [T,H], w13 [G,2I,H] of experts expert_offset.. (top_k and the activation dtype set constexprs)."""
+    c = DEFAULTS["gemm1"]
+    bn = block_n or c["BLOCK_N"]
+    return Launch("moe_gemm1_kernel", (n_blocks, cdiv(I, bn), 1), (n_assign, H, I, expert_offset, G),
+                  dict(TOP_K=top_k, BLOCK_M=block_m or c["BLOCK_M"], BLOCK_N=bn, BLOCK_K=block_k or c["BLOCK_K"],
+                       IEEE=dtype == "float32"), c["num_warps"], _stages("gemm1", dtype))
+
+
+def grouped_down_launch(n_blocks, n_assign, H, I, expert_offset, G, *, dtype: str, block_m: int | None = None,
+                        block_n: int | None = None, block_k: int | None = None, cdiv=cdiv) -> Launch:
+    """The launch of `moe_gemm2_kernel`: act [n_assign, I], w2 [G,H,I] of experts expert_offset.."""
+    c = DEFAULTS["gemm2"]
+    bn = block_n or c["BLOCK_N"]
+    return Launch("moe_gemm2_kernel", (n_blocks, cdiv(H, bn), 1), (n_assign, H, I, expert_offset, G),
+                  dict(BLOCK_M=block_m or c["BLOCK_M"], BLOCK_N=bn, BLOCK_K=block_k or c["BLOCK_K"],
+                       IEEE=dtype == "float32"), c["num_warps"], _stages("gemm2", dtype))
+
+
+def combine_launch(T, H, *, top_k: int, cdiv=cdiv) -> Launch:
+    """The launch of `moe_combine_kernel`: out [T*k, H] fp32 -> y [T,H]."""
+    c = DEFAULTS["combine"]
+    return Launch("moe_combine_kernel", (T, cdiv(H, c["BLOCK_H"]), 1), (T, H),
+                  dict(TOP_K=top_k, BLOCK_H=c["BLOCK_H"]), c["num_warps"])
+
+
+def fused_launch(T, H, I, E: int, expert_offset, G, *, top_k: int, dtype: str, block_t: int | None = None,
+                 block_n: int | None = None, block_i: int | None = None, block_k: int | None = None,
+                 cdiv=cdiv) -> Launch:
+    """The launch of `moe_int8_fused_kernel`: x [T,H], router_logits [T,E], w13 [G,2I,H], w2 [G,H,I]."""
+    c = DEFAULTS["fused"]
+    bt, bn = block_t or c["BLOCK_T"], block_n or c["BLOCK_N"]
+    return Launch("moe_int8_fused_kernel", (cdiv(T, bt), cdiv(H, bn), 1), (T, H, I, E, expert_offset, G),
+                  dict(TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_T=bt, BLOCK_N=bn, BLOCK_I=block_i or c["BLOCK_I"],
+                       BLOCK_K=block_k or c["BLOCK_K"], IEEE=dtype == "float32"),
+                  c["num_warps"], _stages("fused", dtype))
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+# Every launcher below takes `launch`: how to launch a kernel -- `direct` (the default), or
+# torch.library.wrap_triton for the traceable twin Inductor compiles.
+def route_align(router_logits: torch.Tensor, top_k: int, block_m: int | None = None, *, launch=direct):
     """-> (topk_weights [T,k] fp32, topk_ids [T,k] int32, sorted_ids [n_blocks*BM] int32, block_expert [n_blocks])."""
     T, E = router_logits.shape
-    cfg = DEFAULTS["route_align"]
-    block_m = block_m or DEFAULTS["gemm1"]["BLOCK_M"]
-    nb = n_blocks(T, top_k, E, block_m)
+    plan = route_align_launch(T, E, top_k, block_m)
+    bm = plan.constexprs["BLOCK_M"]
+    nb = n_blocks(T, top_k, E, bm)
     dev = router_logits.device
     topk_w = torch.empty(T, top_k, dtype=torch.float32, device=dev)
     topk_ids = torch.empty(T, top_k, dtype=torch.int32, device=dev)
-    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    sorted_ids = torch.empty(nb * bm, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb, dtype=torch.int32, device=dev)
-    launch(moe_route_align_kernel)[(1, 1, 1)](router_logits.contiguous(), T, E, topk_w, topk_ids, sorted_ids, block_expert,
-                                 TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_M=block_m, BLOCK_T=cfg["BLOCK_T"],
-                                 BLOCK_A=cfg["BLOCK_A"], num_warps=cfg["num_warps"])
+    launch(moe_route_align_kernel)[plan.grid](router_logits.contiguous(), *plan.extras, topk_w, topk_ids, sorted_ids,
+                                              block_expert, **plan.options())
     return topk_w, topk_ids, sorted_ids, block_expert
 
 
 def grouped_up(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, sorted_ids: torch.Tensor,
                block_expert: torch.Tensor, top_k: int, expert_offset: int = 0, *, block_m: int | None = None,
-               block_n: int | None = None, block_k: int | None = None, launch=_direct) -> torch.Tensor:
+               block_n: int | None = None, block_k: int | None = None, launch=direct) -> torch.Tensor:
     """Gate/up grouped GEMM + SwiGLU (TensorRT plugin MoEInt8GroupedUp): act [T*k, I] in x.dtype;
     rows of experts outside [expert_offset, expert_offset + w13.shape[0]) are left unwritten."""
-    c = DEFAULTS["gemm1"]
     T, H = x.shape
     G, I2, _ = w13.shape
+    plan = grouped_up_launch(block_expert.numel(), T * top_k, H, I2 // 2, expert_offset, G, top_k=top_k,
+                             dtype=_dtype(x), block_m=block_m, block_n=block_n, block_k=block_k)
     act = x.new_empty(T * top_k, I2 // 2)
-    bn = block_n or c["BLOCK_N"]
-    launch(moe_gemm1_kernel)[(block_expert.numel(), triton.cdiv(I2 // 2, bn), 1)](
-        x.contiguous(), w13.contiguous(), w13_scale.float().contiguous(), sorted_ids, block_expert, T * top_k, H,
-        I2 // 2, expert_offset, G, act, TOP_K=top_k, BLOCK_M=block_m or c["BLOCK_M"], BLOCK_N=bn,
-        BLOCK_K=block_k or c["BLOCK_K"], IEEE=x.dtype == torch.float32, num_warps=c["num_warps"],
-        num_stages=_stages("gemm1", x.dtype))
+    launch(moe_gemm1_kernel)[plan.grid](x.contiguous(), w13.contiguous(), w13_scale.float().contiguous(), sorted_ids,
+                                        block_expert, *plan.extras, act, **plan.options())
     return act
 
 
 def grouped_down(act: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, sorted_ids: torch.Tensor,
                  block_expert: torch.Tensor, topk_weights: torch.Tensor, expert_offset: int = 0, *,
                  block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                 launch=_direct) -> torch.Tensor:
+                 launch=direct) -> torch.Tensor:
     """Down grouped GEMM x routing weight (TensorRT plugin MoEInt8GroupedDown): out [T*k, H] fp32
     in assignment order, zero in the rows of experts outside this group."""
-    c = DEFAULTS["gemm2"]
     G, H, I = w2.shape
+    plan = grouped_down_launch(block_expert.numel(), act.shape[0], H, I, expert_offset, G, dtype=_dtype(act),
+                               block_m=block_m, block_n=block_n, block_k=block_k)
     out = torch.empty(act.shape[0], H, dtype=torch.float32, device=act.device)
-    bn = block_n or c["BLOCK_N"]
-    launch(moe_gemm2_kernel)[(block_expert.numel(), triton.cdiv(H, bn), 1)](
-        act.contiguous(), w2.contiguous(), w2_scale.float().contiguous(), sorted_ids, block_expert,
-        topk_weights.contiguous(), act.shape[0], H, I, expert_offset, G, out, BLOCK_M=block_m or c["BLOCK_M"],
-        BLOCK_N=bn, BLOCK_K=block_k or c["BLOCK_K"], IEEE=act.dtype == torch.float32, num_warps=c["num_warps"],
-        num_stages=_stages("gemm2", act.dtype))
+    launch(moe_gemm2_kernel)[plan.grid](act.contiguous(), w2.contiguous(), w2_scale.float().contiguous(), sorted_ids,
+                                        block_expert, topk_weights.contiguous(), *plan.extras, out, **plan.options())
     return out
 
 
@@ -355,21 +399,28 @@ def moe_int8(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w1
                             block_m=block_m, block_n=block_n, block_k=block_k)
 
 
+def moe_int8_traceable(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0):
+    """`moe_int8` for the compiler: the grouped pipeline, its kernels launched through wrap_triton;
+    no device check (no guard on a symbolic size)."""
+    from torch.library import wrap_triton
+    return grouped_pipeline(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset),
+                            launch=wrap_triton)
+
+
 def grouped_pipeline(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, expert_offset: int = 0, *,
                      block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                     launch=_direct) -> torch.Tensor:
+                     launch=direct) -> torch.Tensor:
     """route/align -> gate-up GEMM -> down GEMM -> combine; the buffers between the kernels are sized
     by bounds that need no data (so the traceable twin compiles with dynamic T)."""
     T, H = x.shape
-    cc = DEFAULTS["combine"]
     bm = block_m or DEFAULTS["gemm1"]["BLOCK_M"]
     tiles = dict(block_m=bm, block_n=block_n, block_k=block_k, launch=launch)
     topk_w, _, sorted_ids, block_expert = route_align(router_logits, top_k, bm, launch=launch)
     act = grouped_up(x, w13, w13_scale, sorted_ids, block_expert, top_k, expert_offset, **tiles)
     out = grouped_down(act, w2, w2_scale, sorted_ids, block_expert, topk_w, expert_offset, **tiles)
     y = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    launch(moe_combine_kernel)[(T, triton.cdiv(H, cc["BLOCK_H"]), 1)](out, T, H, y, TOP_K=top_k,
-                                                                      BLOCK_H=cc["BLOCK_H"], num_warps=cc["num_warps"])
+    plan = combine_launch(T, H, top_k=top_k)
+    launch(moe_combine_kernel)[plan.grid](out, *plan.extras, y, **plan.options())
     return y
 
 
@@ -380,87 +431,76 @@ def moe_int8_fused(x, router_logits, w13, w13_scale, w2, w2_scale, top_k: int, e
     check_device(x, router_logits, w13, w13_scale, w2, w2_scale)
     T, H = x.shape
     G, I2, _ = w13.shape
-    E = router_logits.shape[1]
-    cfg = DEFAULTS["fused"]
-    bt, bn = block_t or cfg["BLOCK_T"], block_n or cfg["BLOCK_N"]
+    plan = fused_launch(T, H, I2 // 2, router_logits.shape[1], expert_offset, G, top_k=top_k, dtype=_dtype(x),
+                        block_t=block_t, block_n=block_n, block_i=block_i, block_k=block_k)
     y = torch.empty_like(x)
-    moe_int8_fused_kernel[(triton.cdiv(T, bt), triton.cdiv(H, bn))](
+    moe_int8_fused_kernel[plan.grid](
         x.contiguous(), router_logits.contiguous(), w13.contiguous(), w13_scale.float().contiguous(),
-        w2.contiguous(), w2_scale.float().contiguous(), T, H, I2 // 2, E, expert_offset, G, y,
-        TOP_K=top_k, E_PAD=next_pow2(E), BLOCK_T=bt, BLOCK_N=bn, BLOCK_I=block_i or cfg["BLOCK_I"],
-        BLOCK_K=block_k or cfg["BLOCK_K"], IEEE=x.dtype == torch.float32, num_warps=cfg["num_warps"],
-        num_stages=_stages("fused", x.dtype))
+        w2.contiguous(), w2_scale.float().contiguous(), *plan.extras, y, **plan.options())
     return y
 
 
 # ---- ahead-of-time description ---------------------------------------------------------------------
-def aot_kernels(dtypes=("bfloat16", "float32"), top_k: int = 2, n_experts: int = 16,
-                logits_dtype: str | None = None) -> list[KernelSpec]:
-    out = []
-    f32, i8, i32 = "*fp32", "*i8", "*i32"
-    for dtype in dtypes:
-        act = "*" + {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}[dtype]
-        lg = "*" + {"bfloat16": "bf16", "float32": "fp32"}[logits_dtype or dtype]
-        ieee = dtype == "float32"
-        c = DEFAULTS["route_align"]
-        bm = DEFAULTS["gemm1"]["BLOCK_M"]
-        out.append(KernelSpec(
-            name=f"moe_route_align.{dtype}", op="moe_int8", fn=moe_route_align_kernel,
-            signature={"logits_ptr": lg, "n_tokens": "i32", "n_experts": "i32", "topk_w_ptr": f32,
-                       "topk_ids_ptr": i32, "sorted_ids_ptr": i32, "block_expert_ptr": i32,
-                       **{k: "constexpr" for k in ("TOP_K", "E_PAD", "BLOCK_M", "BLOCK_T", "BLOCK_A")}},
-            constexprs=dict(TOP_K=top_k, E_PAD=next_pow2(n_experts), BLOCK_M=bm, BLOCK_T=c["BLOCK_T"],
-                            BLOCK_A=c["BLOCK_A"]),
-            num_warps=c["num_warps"], grid="(1, 1, 1)", inputs=("router_logits",), extras=("n_tokens", "n_experts"),
-            outputs=("topk_weights", "topk_ids", "sorted_ids", "block_expert"),
-            notes="one program; sorted_ids has cdiv(T*k + E*(BLOCK_M-1), BLOCK_M)*BLOCK_M entries"))
-        c = DEFAULTS["gemm1"]
-        out.append(KernelSpec(
-            name=f"moe_gemm1.{dtype}", op="moe_int8", fn=moe_gemm1_kernel,
-            signature={"x_ptr": act, "w13_ptr": i8, "s13_ptr": f32, "sorted_ids_ptr": i32, "block_expert_ptr": i32,
-                       "n_assign": "i32", "hidden": "i32", "inter": "i32", "expert_offset": "i32", "n_local": "i32",
-                       "act_ptr": act,
-                       **{k: "constexpr" for k in ("TOP_K", "BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}},
-            constexprs=dict(TOP_K=top_k, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], IEEE=ieee),
-            num_warps=c["num_warps"], num_stages=_stages("gemm1", dtype),
-            grid="(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(inter, BLOCK_N), 1)",
-            inputs=("x", "w13", "w13_scale", "sorted_ids", "block_expert"),
-            extras=("n_assign", "hidden", "inter", "expert_offset", "n_local"),
-            outputs=("act",), notes="gate+up grouped GEMM, int8 dequantised in registers, SwiGLU"))
-        c = DEFAULTS["gemm2"]
-        out.append(KernelSpec(
-            name=f"moe_gemm2.{dtype}", op="moe_int8", fn=moe_gemm2_kernel,
-            signature={"act_ptr": act, "w2_ptr": i8, "s2_ptr": f32, "sorted_ids_ptr": i32, "block_expert_ptr": i32,
-                       "topk_w_ptr": f32, "n_assign": "i32", "hidden": "i32", "inter": "i32", "expert_offset": "i32",
-                       "n_local": "i32", "out_ptr": f32,
-                       **{k: "constexpr" for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "IEEE")}},
-            constexprs=dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], IEEE=ieee),
-            num_warps=c["num_warps"], num_stages=_stages("gemm2", dtype),
-            grid="(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(hidden, BLOCK_N), 1)",
-            inputs=("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"),
-            extras=("n_assign", "hidden", "inter", "expert_offset", "n_local"), outputs=("out",),
-            notes="down grouped GEMM x routing weight, fp32 rows in assignment order"))
-        c = DEFAULTS["combine"]
-        out.append(KernelSpec(
-            name=f"moe_combine.{dtype}", op="moe_int8", fn=moe_combine_kernel,
-            signature={"out_ptr": f32, "n_tokens": "i32", "hidden": "i32", "y_ptr": act,
-                       "TOP_K": "constexpr", "BLOCK_H": "constexpr"},
-            constexprs=dict(TOP_K=top_k, BLOCK_H=c["BLOCK_H"]), num_warps=c["num_warps"],
-            grid="(n_tokens, cdiv(hidden, BLOCK_H), 1)", inputs=("out",), extras=("n_tokens", "hidden"),
-            outputs=("y",), notes="sum over the k slots of each token"))
-        c = DEFAULTS["fused"]
-        out.append(KernelSpec(
-            name=f"moe_int8_fused.{dtype}", op="moe_int8", fn=moe_int8_fused_kernel,
-            signature={"x_ptr": act, "logits_ptr": lg, "w13_ptr": i8, "s13_ptr": f32, "w2_ptr": i8, "s2_ptr": f32,
-                       "n_tokens": "i32", "hidden": "i32", "inter": "i32", "n_experts": "i32", "expert_offset": "i32",
-                       "n_local": "i32", "y_ptr": act,
-                       **{k: "constexpr" for k in ("TOP_K", "E_PAD", "BLOCK_T", "BLOCK_N", "BLOCK_I", "BLOCK_K",
-                                                   "IEEE")}},
-            constexprs=dict(TOP_K=top_k, E_PAD=next_pow2(n_experts), BLOCK_T=c["BLOCK_T"], BLOCK_N=c["BLOCK_N"],
-                            BLOCK_I=c["BLOCK_I"], BLOCK_K=c["BLOCK_K"], IEEE=ieee),
-            num_warps=c["num_warps"], num_stages=_stages("fused", dtype),
-            grid="(cdiv(n_tokens, BLOCK_T), cdiv(hidden, BLOCK_N), 1)",
-            inputs=("x", "router_logits", "w13", "w13_scale", "w2", "w2_scale"),
-            extras=("n_tokens", "hidden", "inter", "n_experts", "expert_offset", "n_local"), outputs=("y",),
-            notes="single launch (TensorRT MoEInt8 plugin); gate/up recomputed per output block"))
-    return out
+_KERNELS = {   # kernel -> (variant name, inputs, extras, outputs, grid, notes)
+    "moe_route_align_kernel": (
+        "moe_route_align", ("router_logits",), ("n_tokens", "n_experts"),
+        ("topk_weights", "topk_ids", "sorted_ids", "block_expert"), "(1, 1, 1)",
+        "one program; sorted_ids has cdiv(T*k + E*(BLOCK_M-1), BLOCK_M)*BLOCK_M entries"),
+    "moe_gemm1_kernel": (
+        "moe_gemm1", ("x", "w13", "w13_scale", "sorted_ids", "block_expert"),
+        ("n_assign", "hidden", "inter", "expert_offset", "n_local"), ("act",),
+        "(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(inter, BLOCK_N), 1)",
+        "gate+up grouped GEMM, int8 dequantised in registers, SwiGLU"),
+    "moe_gemm2_kernel": (
+        "moe_gemm2", ("act", "w2", "w2_scale", "sorted_ids", "block_expert", "topk_weights"),
+        ("n_assign", "hidden", "inter", "expert_offset", "n_local"), ("out",),
+        "(cdiv(n_assign + E*(BLOCK_M-1), BLOCK_M), cdiv(hidden, BLOCK_N), 1)",
+        "down grouped GEMM x routing weight, fp32 rows in assignment order"),
+    "moe_combine_kernel": (
+        "moe_combine", ("out",), ("n_tokens", "hidden"), ("y",), "(n_tokens, cdiv(hidden, BLOCK_H), 1)",
+        "sum over the k slots of each token"),
+    "moe_int8_fused_kernel": (
+        "moe_int8_fused", ("x", "router_logits", "w13", "w13_scale", "w2", "w2_scale"),
+        ("n_tokens", "hidden", "inter", "n_experts", "expert_offset", "n_local"), ("y",),
+        "(cdiv(n_tokens, BLOCK_T), cdiv(hidden, BLOCK_N), 1)",
+        "single launch (TensorRT MoEInt8 plugin); gate/up recomputed per output block"),
+}
+# pointer parameter -> its dtype: "act" the activation dtype, "logits" the router logits' dtype
+_POINTERS = {"x_ptr": "act", "act_ptr": "act", "y_ptr": "act", "logits_ptr": "logits", "w13_ptr": "int8",
+             "w2_ptr": "int8", "s13_ptr": "float32", "s2_ptr": "float32", "topk_w_ptr": "float32",
+             "out_ptr": "float32", "topk_ids_ptr": "int32", "sorted_ids_ptr": "int32", "block_expert_ptr": "int32"}
+
+
+def kernel_spec(plan: Launch, dtype: str, logits_dtype: str | None = None) -> KernelSpec:
+    """The AOT variant of one launch: activations in `dtype`, router logits in `logits_dtype`
+    (default: `dtype`); int8 weights, fp32 scales and routing weights, int32 ids."""
+    name, inputs, extras, outputs, grid, notes = _KERNELS[plan.kernel]
+    fn = globals()[plan.kernel]
+    kinds = {"act": dtype, "logits": logits_dtype or dtype}
+    signature = {}
+    for p in fn.arg_names:
+        if p in plan.constexprs:
+            signature[p] = "constexpr"
+        elif p in _POINTERS:
+            signature[p] = "*" + TL_TYPES[kinds.get(_POINTERS[p], _POINTERS[p])]
+        else:
+            signature[p] = "i32"
+    return KernelSpec(name=f"{name}.{dtype}", op="moe_int8", fn=fn, signature=signature, constexprs=plan.constexprs,
+                      num_warps=plan.num_warps, num_stages=plan.num_stages or 1, grid=grid, inputs=inputs,
+                      extras=extras, outputs=outputs, notes=notes)
+
+
+def aot_kernels(dtypes=("bfloat16", "float32"), cfg=None, logits_dtype: str | None = None) -> list[KernelSpec]:
+    """Every MoE kernel per dtype at the config's top-k of n experts (Jamba's top-2 of 16 without one)."""
+    top_k, E = (cfg.num_experts_per_tok, cfg.num_experts) if cfg is not None else (2, 16)
+    return [kernel_spec(plan, dtype, logits_dtype) for dtype in dtypes for plan in (
+        route_align_launch(1, E, top_k), grouped_up_launch(1, 1, 1, 1, 0, 1, top_k=top_k, dtype=dtype),
+        grouped_down_launch(1, 1, 1, 1, 0, 1, dtype=dtype), combine_launch(1, 1, top_k=top_k),
+        fused_launch(1, 1, 1, E, 0, 1, top_k=top_k, dtype=dtype))]
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+implements("moe_int8", "gpu", traceable=moe_int8_traceable,
+           kernels=("moe_route_align_kernel", "moe_gemm1_kernel", "moe_gemm2_kernel", "moe_combine_kernel"),
+           aot=aot_kernels)(moe_int8)
+implements("moe_int8", "gpu", variant=True)(moe_int8_fused)

@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from jambatrt.plugins.gpu import (KernelSpec, check_device, fix_interpreter, interpreting, named_signature, next_pow2,
-                                  pointer_types)
+from jambatrt.plugins.gpu import (KernelSpec, Launch, cdiv, check_device, direct, fix_interpreter, interpreting,
+                                  named_signature, next_pow2, pointer_types)
+from jambatrt.plugins.registry import implements
 
 if interpreting():
     fix_interpreter()
@@ -32,7 +33,7 @@ EXTRAS = ("dim", "seqlen", "dstate")
 OUTPUTS = ("y", "state_out")
 # Tiles: a chunk step holds BLOCK_D x N x CHUNK fp32 pairs in registers. At N = 16, 16 x 16 x 16
 # with 4 warps compiles to ~168 registers/thread on sm_90 (no spills); 16 x 32 x 16 hits 255.
-# scripts/gpu_check.py times alternatives on a GPU.
+# validate/gpu_check.py times alternatives on a GPU.
 DEFAULTS = {"chunked": dict(BLOCK_D=16, CHUNK=16, num_warps=4), "seq": dict(BLOCK_D=64, num_warps=4)}
 
 
@@ -147,27 +148,38 @@ def selective_scan_seq_kernel(
 
 
 # ---- launchers ---------------------------------------------------------------------------------
-def _launch(kernel: str, u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, block_d=None, chunk=None,
-            num_warps=None):
-    check_device(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
+def selective_scan_launch(B, D, L, N: int, *, kind: str = "chunked", has_z: bool = True, has_bias: bool = True,
+                          has_state: bool = True, block_d: int | None = None, chunk: int | None = None,
+                          num_warps: int | None = None, cdiv=cdiv) -> Launch:
+    """The launch of `selective_scan_<kind>_kernel` for u [B,D,L], A [D,N] (the d_state N sets a
+    constexpr: an int; B, D, L may be shape expressions with their `cdiv`)."""
+    cfg = DEFAULTS[kind]
+    block_d = block_d or cfg["BLOCK_D"]
+    constexprs = dict(N_PAD=next_pow2(N), BLOCK_D=block_d)
+    if kind == "chunked":
+        constexprs["CHUNK"] = chunk or cfg["CHUNK"]
+    constexprs.update(HAS_Z=has_z, HAS_BIAS=has_bias, HAS_STATE=has_state)
+    return Launch(f"selective_scan_{kind}_kernel", (cdiv(D, block_d), B, 1), (D, L, N), constexprs,
+                  num_warps or cfg["num_warps"])
+
+
+def _selective_scan(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None, *, kind: str = "chunked",
+                    block_d=None, chunk=None, num_warps=None, launch=direct):
+    """The one launcher of both scan kernels: `launch` is `direct` (eager) or wrap_triton (traceable)."""
     Bsz, D, L = u.shape
     N = A.shape[1]
     c = lambda t: None if t is None else t.contiguous()          # noqa: E731
     u, delta, A, Bm, Cm, Dskip, z, delta_bias, state = map(c, (u, delta, A, Bm, Cm, Dskip, z, delta_bias, state))
-    y = torch.empty_like(u)
-    state_out = torch.empty(Bsz, D, N, dtype=torch.float32, device=u.device)
-    cfg = DEFAULTS[kernel]
-    block_d = block_d or cfg["BLOCK_D"]
-    num_warps = num_warps or cfg["num_warps"]
-    grid = (triton.cdiv(D, block_d), Bsz)
-    common = dict(N_PAD=next_pow2(N), BLOCK_D=block_d, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                  HAS_STATE=state is not None, num_warps=num_warps)
-    args = (u, delta, A, Bm, Cm, Dskip, u if z is None else z, Dskip if delta_bias is None else delta_bias,
-            state_out if state is None else state, D, L, N, y, state_out)
-    if kernel == "chunked":
-        selective_scan_chunked_kernel[grid](*args, CHUNK=chunk or cfg["CHUNK"], **common)
-    else:
-        selective_scan_seq_kernel[grid](*args, **common)
+    y = torch.empty((Bsz, D, L), dtype=u.dtype, device=u.device)
+    state_out = torch.empty((Bsz, D, N), dtype=torch.float32, device=u.device)
+    plan = selective_scan_launch(Bsz, D, L, N, kind=kind, has_z=z is not None, has_bias=delta_bias is not None,
+                                 has_state=state is not None, block_d=block_d, chunk=chunk, num_warps=num_warps)
+    kernel = selective_scan_chunked_kernel if kind == "chunked" else selective_scan_seq_kernel
+    # absent optional inputs get a never-read stand-in (HAS_* is False) that is never an output, so
+    # the functionalised kernel call has no input aliasing an output
+    launch(kernel)[plan.grid](u, delta, A, Bm, Cm, Dskip, u if z is None else z,
+                              Dskip if delta_bias is None else delta_bias, A if state is None else state,
+                              *plan.extras, y, state_out, **plan.options())
     return y, state_out
 
 
@@ -177,13 +189,24 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, Bm: to
                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Same signature and result as `selective_scan_ref`: u, delta, z [B,D,L]; A [D,N]; Bm, Cm [B,N,L];
     Dskip, delta_bias [D]; state [B,D,N] fp32 or None -> (y [B,D,L] u.dtype, state [B,D,N] fp32)."""
-    return _launch("chunked", u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, block_d, chunk, num_warps)
+    check_device(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
+    return _selective_scan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, block_d=block_d, chunk=chunk,
+                           num_warps=num_warps)
+
+
+def selective_scan_traceable(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None):
+    """`selective_scan` for the compiler: the chunked kernel (every length) through wrap_triton; no
+    device check (no guard on a symbolic size)."""
+    from torch.library import wrap_triton
+    return _selective_scan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, launch=wrap_triton)
 
 
 def selective_scan_sequential(u, delta, A, Bm, Cm, Dskip, z=None, delta_bias=None, state=None, *,
                               block_d: int | None = None, num_warps: int | None = None):
     """`selective_scan` through the one-step-per-iteration kernel (TensorRT's second tactic)."""
-    return _launch("seq", u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, block_d, None, num_warps)
+    check_device(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state)
+    return _selective_scan(u, delta, A, Bm, Cm, Dskip, z, delta_bias, state, kind="seq", block_d=block_d,
+                           num_warps=num_warps)
 
 
 def selective_state_update(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
@@ -192,35 +215,39 @@ def selective_state_update(state: torch.Tensor, u: torch.Tensor, delta: torch.Te
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode: one token. state [B,D,N] fp32; u, delta, z [B,D]; A [D,N]; Bm, Cm [B,N]; Dskip,
     delta_bias [D] -> (y [B,D] u.dtype, new state [B,D,N] fp32). Equals selective_scan_ref at L = 1."""
-    y, h = _launch("seq", u[..., None], delta[..., None], A, Bm[..., None], Cm[..., None], Dskip,
-                   None if z is None else z[..., None], delta_bias, state)
+    y, h = selective_scan_sequential(u[..., None], delta[..., None], A, Bm[..., None], Cm[..., None], Dskip,
+                                     None if z is None else z[..., None], delta_bias, state)
     return y[..., 0], h
 
 
 # ---- ahead-of-time description ---------------------------------------------------------------------
-def signature(act_dtype: str, kernel: str = "chunked") -> dict[str, str]:
-    """Parameter types for one activation dtype (u, delta, z, B, C, y); A, D, delta_bias, state fp32."""
+def kernel_spec(plan: Launch, act_dtype: str) -> KernelSpec:
+    """The AOT variant of one launch (what TensorRT's SelectiveScan plugin compiles): activations
+    (u, delta, z, B, C, y) in act_dtype; A, D, delta_bias, state fp32."""
+    kind = "chunked" if plan.kernel == "selective_scan_chunked_kernel" else "seq"
+    fn = selective_scan_chunked_kernel if kind == "chunked" else selective_scan_seq_kernel
     dt = {n: act_dtype for n in ("u", "delta", "B", "C", "z", "y")}
     dt.update({n: "float32" for n in ("A", "D", "delta_bias", "state", "state_out")})
-    n_const = 6 if kernel == "chunked" else 5
-    types = pointer_types(INPUTS, dt) + ["i32"] * len(EXTRAS) + pointer_types(OUTPUTS, dt) + ["constexpr"] * n_const
-    return named_signature(selective_scan_chunked_kernel if kernel == "chunked" else selective_scan_seq_kernel, types)
+    types = (pointer_types(INPUTS, dt) + ["i32"] * len(EXTRAS) + pointer_types(OUTPUTS, dt)
+             + ["constexpr"] * len(plan.constexprs))
+    return KernelSpec(
+        name=f"selective_scan_{kind}.{act_dtype}", op="selective_scan", fn=fn, signature=named_signature(fn, types),
+        constexprs=plan.constexprs, num_warps=plan.num_warps, grid="(cdiv(dim, BLOCK_D), batch, 1)",
+        inputs=INPUTS, extras=EXTRAS, outputs=OUTPUTS,
+        notes="chunked: parallel scan inside CHUNK-step chunks, state carried across chunks"
+              if kind == "chunked" else "sequential over L; L = 1 is the decode state update")
 
 
-def aot_kernels(act_dtypes=("bfloat16", "float32"), dstate: int = 16, chunked: dict | None = None,
-                seq: dict | None = None) -> list[KernelSpec]:
-    """The variants TensorRT's SelectiveScan plugin launches (every input present)."""
-    out = []
-    for dtype in act_dtypes:
-        for kind, fn in (("chunked", selective_scan_chunked_kernel), ("seq", selective_scan_seq_kernel)):
-            cfg = {**DEFAULTS[kind], **((chunked if kind == "chunked" else seq) or {})}
-            consts = dict(N_PAD=next_pow2(dstate), BLOCK_D=cfg["BLOCK_D"], HAS_Z=True, HAS_BIAS=True, HAS_STATE=True)
-            if kind == "chunked":
-                consts["CHUNK"] = cfg["CHUNK"]
-            out.append(KernelSpec(
-                name=f"selective_scan_{kind}.{dtype}", op="selective_scan", fn=fn, signature=signature(dtype, kind),
-                constexprs=consts, num_warps=cfg["num_warps"], grid="(cdiv(dim, BLOCK_D), batch, 1)",
-                inputs=INPUTS, extras=EXTRAS, outputs=OUTPUTS,
-                notes="chunked: parallel scan inside CHUNK-step chunks, state carried across chunks"
-                      if kind == "chunked" else "sequential over L; L = 1 is the decode state update"))
-    return out
+def aot_kernels(act_dtypes=("bfloat16", "float32"), cfg=None) -> list[KernelSpec]:
+    """The variants TensorRT's SelectiveScan plugin launches (every input present), at the config's
+    d_state (Jamba's 16 without one)."""
+    dstate = cfg.mamba_d_state if cfg is not None else 16
+    return [kernel_spec(selective_scan_launch(1, 1, 1, dstate, kind=kind), dtype)
+            for dtype in act_dtypes for kind in ("chunked", "seq")]
+
+
+# ---- registered implementations (plugins/registry.py) ------------------------------------------------
+implements("selective_scan", "gpu", traceable=selective_scan_traceable, kernels=("selective_scan_chunked_kernel",),
+           aot=aot_kernels)(selective_scan)
+implements("selective_scan", "gpu", variant=True)(selective_scan_sequential)
+implements("selective_scan", "gpu", variant=True)(selective_state_update)

@@ -7,7 +7,8 @@ backend can serve it).
 One module per op (`causal_conv1d`, `selective_scan`, `moe_int8`, `attention`). Each exposes
 `DESCRIPTORS` (pure Python, importable without TensorRT: name, namespace, version, attributes,
 inputs, outputs — what the ONNX parser matches against the node) and `register()`, which needs
-TensorRT.
+TensorRT; `register` is the op's "tensorrt" implementation in plugins/registry.py, its
+`descriptors=` the DESCRIPTORS, so this package lists no ops.
 
 How TensorRT's ONNX parser finds and creates a plugin (onnx-tensorrt's FallbackPluginImporter):
 the creator registered under (op_type, node attribute `plugin_version` — default "1",
@@ -43,7 +44,6 @@ NAMESPACE = "jamba"
 QDP_VERSION = "1"                    # tensorrt.plugin registers every creator as version "1"
 # beyond 48 KiB a kernel must opt in (cuFuncSetAttribute); TensorRT's AOT launch does not
 MAX_STATIC_SHARED = NO_OPT_IN_SHARED
-OPS = ("causal_conv1d", "selective_scan", "moe_int8", "attention")
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,8 @@ def descriptor_from_spec(spec, kernels, launchers, tactics=None, notes: str = ""
 
 def descriptors() -> dict[str, PluginDescriptor]:
     """Every plugin this package defines, by plugin name (no TensorRT needed)."""
-    import importlib
-    out = {}
-    for op in OPS:
-        for d in importlib.import_module(f"jambatrt.plugins.tensorrt.{op}").DESCRIPTORS:
-            out[d.name] = d
-    return out
+    from jambatrt.plugins.registry import implementations
+    return {d.name: d for impls in implementations("tensorrt").values() for d in impls[0].extra["descriptors"]}
 
 
 # ---- TensorRT side (lazy) --------------------------------------------------------------------------
@@ -147,11 +143,19 @@ def qdp_function(name: str, params: list[tuple[str, typing.Any]], returns, body,
     return fn
 
 
-def define_plugin(trtp, desc: PluginDescriptor, describe, autotune, aot_impl) -> None:
+ACTIVATIONS = ("bfloat16", "float32")    # the activation dtypes every plugin accepts
+
+
+def define_plugin(trtp, desc: PluginDescriptor, describe, io_types, aot_impl) -> None:
     """Register one QDP plugin with tensorrt.plugin: its shape/type function, autotune and AOT
     implementation, each with the exact signature QDP validates — the inputs by name, then the
     attributes (describe, aot_impl), then `outputs` (autotune, aot_impl) and `tactic` (aot_impl).
-    Each body receives the bound arguments as a dict."""
+    describe and aot_impl receive the bound arguments as a dict; io_types(activation dtype) -> the
+    plugin's I/O dtypes: autotune offers one combination per activation dtype, with the
+    descriptor's tactics."""
+    def autotune(a):
+        return [combination(trtp, io_types(act), desc.tactics) for act in ACTIVATIONS]
+
     ins = tensor_params(trtp, desc.inputs)
     attrs = [(a, ATTR_ARRAYS[t][0]) for a, t in desc.attributes.items()]
     empty = inspect.Parameter.empty
@@ -224,6 +228,14 @@ def compile_for_trt(spec):
     return compiled.metadata.name, ptx.encode() if isinstance(ptx, str) else ptx, compiled
 
 
+def aot_launch(trtp, spec, plan):
+    """What an aot_impl returns for one launch: (kernel name, PTX, launch parameters, int32
+    arguments). `plan` is the kernel's own Launch (plugins/gpu `<kernel>_launch`, computed over
+    shape expressions): the grid and arguments the eager launcher uses for the same shapes."""
+    name, ptx, compiled = compile_for_trt(spec)
+    return name, ptx, launch(trtp, compiled, *plan.grid), sym_extras(trtp, plan.extras)
+
+
 def launch(trtp, compiled, grid_x, grid_y=1, grid_z=1):
     return trtp.KernelLaunchParams(grid_x=grid_x, grid_y=grid_y, grid_z=grid_z,
                                    block_x=compiled.metadata.num_warps * 32, shared_mem=compiled.metadata.shared)
@@ -256,10 +268,10 @@ _REGISTERED: set[str] = set()
 def register_all() -> list[str]:
     """Register every plugin with TensorRT's registry (idempotent); returns the plugin ids.
     Must run in the process that parses the ONNX model and builds the engine."""
-    import importlib
+    from jambatrt.plugins.registry import implementations
     require_tensorrt()
-    for op in OPS:
+    for op, (impl, *_) in implementations("tensorrt").items():
         if op not in _REGISTERED:
-            importlib.import_module(f"jambatrt.plugins.tensorrt.{op}").register()
+            impl.fn()
             _REGISTERED.add(op)
     return [d.plugin_id for d in descriptors().values()]

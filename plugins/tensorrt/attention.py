@@ -13,16 +13,13 @@ from __future__ import annotations
 
 from jambatrt.export.ops.attention import SPEC
 from jambatrt.plugins import tensorrt as P
+from jambatrt.plugins.registry import implements
 
 DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("attention_fwd",), launchers={0: "attention:attention"},
                                       notes="past_k/past_v required (an empty [B,0,Hkv,d] past when there is none)")]
 
 
-def kernel_spec(act: str, head_dim: int):
-    from jambatrt.plugins.gpu import attention as gpu
-    return gpu.aot_kernels((act,), head_dim=head_dim)[0]
-
-
+@implements("attention", "tensorrt", descriptors=DESCRIPTORS)
 def register() -> None:
     trt, trtp = P.require_tensorrt()
 
@@ -32,18 +29,12 @@ def register() -> None:
         return (a["q"].like(), trtp.from_shape_expr(present, dtype=k.dtype),
                 trtp.from_shape_expr(present, dtype=a["v"].dtype))
 
-    def autotune(a):
-        n = len(SPEC.inputs) + len(SPEC.outputs)
-        return [P.combination(trtp, [act] * n) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
-        q, k, pk = a["q"], a["k"], a["past_k"]
-        act = P.dtype_name(trt, q.dtype)
-        spec = kernel_spec(act, P.constant(q.shape_expr[3], "head_dim (q [B,L,H,d])"))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        grid = P.launch(trtp, compiled, trtp.cdiv(q.shape_expr[1], spec.constexprs["BLOCK_M"]),
-                        q.shape_expr[0] * q.shape_expr[2])
-        extras = P.sym_extras(trtp, [q.shape_expr[1], pk.shape_expr[1], q.shape_expr[2], k.shape_expr[2]])
-        return name, ptx, grid, extras
+        from jambatrt.plugins.gpu import attention as gpu
+        q, k, pk = a["q"].shape_expr, a["k"].shape_expr, a["past_k"].shape_expr
+        act = P.dtype_name(trt, a["q"].dtype)
+        plan = gpu.attention_launch(q[0], q[1], q[2], k[2], P.constant(q[3], "head_dim (q [B,L,H,d])"), pk[1],
+                                    dtype=act, cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)

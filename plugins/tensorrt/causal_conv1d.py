@@ -7,34 +7,25 @@ from __future__ import annotations
 
 from jambatrt.export.ops.causal_conv1d import SPEC
 from jambatrt.plugins import tensorrt as P
+from jambatrt.plugins.registry import implements
 
 DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=("causal_conv1d",), launchers={0: "causal_conv1d:causal_conv1d"},
                                       notes="every I/O in the activation type")]
 
 
-def kernel_spec(act: str, width: int):
-    from jambatrt.plugins.gpu import causal_conv1d as gpu
-    return next(k for k in gpu.aot_kernels((act,), width=width) if k.name == f"causal_conv1d.{act}")
-
-
+@implements("causal_conv1d", "tensorrt", descriptors=DESCRIPTORS)
 def register() -> None:
     trt, trtp = P.require_tensorrt()
 
     def describe(a):
         return a["x"].like(), a["state"].like()
 
-    def autotune(a):
-        n = len(SPEC.inputs) + len(SPEC.outputs)
-        return [P.combination(trtp, [act] * n) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
-        x, w = a["x"], a["weight"]
-        act = P.dtype_name(trt, x.dtype)
-        spec = kernel_spec(act, P.constant(w.shape_expr[1], "conv width K (weight [D,K])"))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        c = spec.constexprs
-        grid = P.launch(trtp, compiled, trtp.cdiv(x.shape_expr[2], c["BLOCK_L"]),
-                        trtp.cdiv(x.shape_expr[1], c["BLOCK_D"]), x.shape_expr[0])
-        return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[1], x.shape_expr[2]])
+        from jambatrt.plugins.gpu import causal_conv1d as gpu
+        x = a["x"].shape_expr
+        act = P.dtype_name(trt, a["x"].dtype)
+        plan = gpu.causal_conv1d_launch(x[0], x[1], x[2], P.constant(a["weight"].shape_expr[1],
+                                                                     "conv width K (weight [D,K])"), cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)

@@ -23,11 +23,12 @@ block of BM tokens routed to its expert (a grouped GEMM), not once per output bl
 
 from __future__ import annotations
 
+import functools
+
 from jambatrt.export.ops.moe_int8 import SPEC
 from jambatrt.plugins import tensorrt as P
+from jambatrt.plugins.registry import implements
 from jambatrt.plugins.tensorrt import PluginDescriptor
-
-BLOCK_M = 64   # = plugins.gpu.moe_int8.DEFAULTS["gemm1"]["BLOCK_M"]; the split plugins agree on it
 
 
 def _split(name, inputs, outputs, kernel, launcher, attrs=("top_k",), notes=""):
@@ -50,55 +51,40 @@ DESCRIPTORS = [
 ]
 
 
-def kernel_spec(kernel: str, act: str, top_k: int, n_experts: int, logits_dtype: str | None = None):
-    from jambatrt.plugins.gpu import moe_int8 as gpu
-    return next(k for k in gpu.aot_kernels((act,), top_k=top_k, n_experts=n_experts, logits_dtype=logits_dtype)
-                if k.name == f"{kernel}.{act}")
-
-
+@implements("moe_int8", "tensorrt", descriptors=DESCRIPTORS)
 def register() -> None:
+    from jambatrt.plugins.gpu import moe_int8 as gpu
     trt, trtp = P.require_tensorrt()
     main, route, up, down = DESCRIPTORS
+    BLOCK_M = gpu.DEFAULTS["gemm1"]["BLOCK_M"]       # the route kernel's alignment, which the GEMMs read
 
-    def define(desc, describe, types, aot_impl):
-        """types(activation dtype) -> the I/O dtypes; one combination per activation dtype."""
-        P.define_plugin(trtp, desc, describe,
-                        lambda a: [P.combination(trtp, types(t)) for t in ("bfloat16", "float32")], aot_impl)
+    define = functools.partial(P.define_plugin, trtp)     # (desc, describe, io_types, aot_impl)
 
     # ---- MoEInt8: the fused kernel ----
     def main_aot(a):
-        x, w13, lg = a["x"], a["w13"], a["router_logits"]
-        act = P.dtype_name(trt, x.dtype)
+        x, w13, lg = a["x"].shape_expr, a["w13"].shape_expr, a["router_logits"]
+        act = P.dtype_name(trt, a["x"].dtype)
         E = P.constant(lg.shape_expr[1], "number of experts (router_logits [T,E])")
-        spec = kernel_spec("moe_int8_fused", act, a["top_k"], E, P.dtype_name(trt, lg.dtype))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        c = spec.constexprs
-        grid = P.launch(trtp, compiled, trtp.cdiv(x.shape_expr[0], c["BLOCK_T"]),
-                        trtp.cdiv(x.shape_expr[1], c["BLOCK_N"]))
-        extras = P.sym_extras(trtp, [x.shape_expr[0], x.shape_expr[1], w13.shape_expr[1] // 2, lg.shape_expr[1],
-                                     a["expert_offset"], w13.shape_expr[0]])
-        return name, ptx, grid, extras
+        plan = gpu.fused_launch(x[0], x[1], w13[1] // 2, E, a["expert_offset"], w13[0], top_k=a["top_k"], dtype=act,
+                                cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act, P.dtype_name(trt, lg.dtype)), plan)
 
     define(main, lambda a: a["x"].like(),
-           lambda act: [act, act, "int8", "float32", "int8", "float32", act], main_aot)
+           SPEC.io_types, main_aot)
 
     # ---- split lowering ----
-    def n_blocks(T, top_k, E):
-        return trtp.cdiv(T * top_k + E * (BLOCK_M - 1), BLOCK_M)
-
     def route_describe(a):
         lg, k = a["router_logits"], a["top_k"]
         T, E = lg.shape_expr[0], lg.shape_expr[1]
-        nb = n_blocks(T, k, E)
+        nb = gpu.n_blocks(T, k, E, BLOCK_M, cdiv=trtp.cdiv)
         return (trtp.from_shape_expr((T, k), dtype=trt.float32), trtp.from_shape_expr((T, k), dtype=trt.int32),
                 trtp.from_shape_expr((nb * BLOCK_M,), dtype=trt.int32), trtp.from_shape_expr((nb,), dtype=trt.int32))
 
     def route_aot(a):
         lg = a["router_logits"]
         act = P.dtype_name(trt, lg.dtype)
-        spec = kernel_spec("moe_route_align", act, a["top_k"], P.constant(lg.shape_expr[1], "number of experts"))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        return name, ptx, P.launch(trtp, compiled, 1), P.sym_extras(trtp, [lg.shape_expr[0], lg.shape_expr[1]])
+        plan = gpu.route_align_launch(lg.shape_expr[0], P.constant(lg.shape_expr[1], "number of experts"), a["top_k"])
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
     define(route, route_describe, lambda act: [act, "float32", "int32", "int32", "int32"], route_aot)
 
@@ -107,14 +93,11 @@ def register() -> None:
         return trtp.from_shape_expr((x.shape_expr[0] * a["top_k"], w13.shape_expr[1] // 2), dtype=x.dtype)
 
     def up_aot(a):
-        x, w13, be = a["x"], a["w13"], a["block_expert"]
-        act = P.dtype_name(trt, x.dtype)
-        spec = kernel_spec("moe_gemm1", act, a["top_k"], P.constant(w13.shape_expr[0], "number of experts"))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        inter = w13.shape_expr[1] // 2
-        grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(inter, spec.constexprs["BLOCK_N"]))
-        return name, ptx, grid, P.sym_extras(trtp, [x.shape_expr[0] * a["top_k"], x.shape_expr[1], inter,
-                                                    a["expert_offset"], w13.shape_expr[0]])
+        x, w13 = a["x"].shape_expr, a["w13"].shape_expr
+        act = P.dtype_name(trt, a["x"].dtype)
+        plan = gpu.grouped_up_launch(a["block_expert"].shape_expr[0], x[0] * a["top_k"], x[1], w13[1] // 2,
+                                     a["expert_offset"], w13[0], top_k=a["top_k"], dtype=act, cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
     define(up, up_describe, lambda act: [act, "int8", "float32", "int32", "int32", act], up_aot)
 
@@ -123,12 +106,10 @@ def register() -> None:
         return trtp.from_shape_expr((act.shape_expr[0], w2.shape_expr[1]), dtype=trt.float32)
 
     def down_aot(a):
-        act_t, w2, be = a["act"], a["w2"], a["block_expert"]
-        act = P.dtype_name(trt, act_t.dtype)
-        spec = kernel_spec("moe_gemm2", act, 1, P.constant(w2.shape_expr[0], "number of experts"))
-        name, ptx, compiled = P.compile_for_trt(spec)
-        grid = P.launch(trtp, compiled, be.shape_expr[0], trtp.cdiv(w2.shape_expr[1], spec.constexprs["BLOCK_N"]))
-        return name, ptx, grid, P.sym_extras(trtp, [act_t.shape_expr[0], w2.shape_expr[1], act_t.shape_expr[1],
-                                                    a["expert_offset"], w2.shape_expr[0]])
+        act_t, w2 = a["act"].shape_expr, a["w2"].shape_expr
+        act = P.dtype_name(trt, a["act"].dtype)
+        plan = gpu.grouped_down_launch(a["block_expert"].shape_expr[0], act_t[0], w2[1], act_t[1], a["expert_offset"],
+                                       w2[0], dtype=act, cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
     define(down, down_describe, lambda act: [act, "int8", "float32", "int32", "int32", "float32", "float32"], down_aot)

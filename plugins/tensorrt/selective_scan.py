@@ -7,24 +7,15 @@ from __future__ import annotations
 
 from jambatrt.export.ops.selective_scan import SPEC
 from jambatrt.plugins import tensorrt as P
+from jambatrt.plugins.registry import implements
 
 TACTICS = {1: "selective_scan_chunked", 2: "selective_scan_seq"}
 LAUNCHERS = {1: "selective_scan:selective_scan", 2: "selective_scan:selective_scan_sequential"}
 DESCRIPTORS = [P.descriptor_from_spec(SPEC, kernels=tuple(TACTICS.values()), tactics=TACTICS, launchers=LAUNCHERS,
                                       notes="u/delta/z/B/C/y in the activation type; A, D, delta_bias, state fp32")]
-_ACT = {"u", "delta", "B", "C", "z", "y"}
 
 
-def io_types(act: str) -> list[str]:
-    return [act if n in _ACT else "float32" for n in (*SPEC.inputs, "y", "state_out")]
-
-
-def kernel_spec(act: str, dstate: int, tactic: int):
-    from jambatrt.plugins.gpu import selective_scan as gpu
-    kind = "seq" if tactic == 2 else "chunked"
-    return next(k for k in gpu.aot_kernels((act,), dstate=dstate) if k.name == f"selective_scan_{kind}.{act}")
-
-
+@implements("selective_scan", "tensorrt", descriptors=DESCRIPTORS)
 def register() -> None:
     trt, trtp = P.require_tensorrt()
 
@@ -32,16 +23,12 @@ def register() -> None:
         u, A = a["u"], a["A"]
         return u.like(), trtp.from_shape_expr((u.shape_expr[0], u.shape_expr[1], A.shape_expr[1]), dtype=trt.float32)
 
-    def autotune(a):
-        return [P.combination(trtp, io_types(act), TACTICS) for act in ("bfloat16", "float32")]
-
     def aot_impl(a):
-        u, A = a["u"], a["A"]
-        act = P.dtype_name(trt, u.dtype)
-        spec = kernel_spec(act, P.constant(A.shape_expr[1], "d_state (A [D,N])"), a["tactic"])
-        name, ptx, compiled = P.compile_for_trt(spec)
-        grid = P.launch(trtp, compiled, trtp.cdiv(u.shape_expr[1], spec.constexprs["BLOCK_D"]), u.shape_expr[0])
-        extras = P.sym_extras(trtp, [u.shape_expr[1], u.shape_expr[2], A.shape_expr[1]])
-        return name, ptx, grid, extras
+        from jambatrt.plugins.gpu import selective_scan as gpu
+        u = a["u"].shape_expr
+        act = P.dtype_name(trt, a["u"].dtype)
+        plan = gpu.selective_scan_launch(u[0], u[1], u[2], P.constant(a["A"].shape_expr[1], "d_state (A [D,N])"),
+                                         kind="seq" if a["tactic"] == 2 else "chunked", cdiv=trtp.cdiv)
+        return P.aot_launch(trtp, gpu.kernel_spec(plan, act), plan)
 
-    P.define_plugin(trtp, DESCRIPTORS[0], describe, autotune, aot_impl)
+    P.define_plugin(trtp, DESCRIPTORS[0], describe, SPEC.io_types, aot_impl)

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """GPU check of the Triton kernels (plugins/gpu) on a CUDA machine — one prepared run, < 8 minutes.
 
-    python scripts/gpu_check.py [--quick]          # from the repository root; prints a JSON summary
+    python -m jambatrt.validate.gpu_check [--quick]     # prints a JSON summary
 
 1. parity: every kernel launcher against its op's `<op>_ref` at small shapes and at
    Jamba-1.5-Mini sizes (d_inner 8192, d_state 16, hidden 4096, 16 experts x 14336, 32/8 heads
@@ -14,9 +13,9 @@
    must move / time, next to a measured device-to-device copy); plus the grouped MoE and
    attention for scale.
 
-Needs only the repository, torch with CUDA and triton (3.6 or newer); no network, no TensorRT.
-The repository root is the package `jambatrt` whatever its folder is called: a temporary
-`jambatrt` symlink to it is put on sys.path. Exit status 1 when a parity check fails."""
+Needs the package installed (`pip install -e .` from the repository root: `make setup` does),
+torch with CUDA and triton (3.6 or newer); no network, no TensorRT. Exit status 1 when a parity
+check fails."""
 
 from __future__ import annotations
 
@@ -25,15 +24,10 @@ import ctypes
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-_LINK_DIR = tempfile.mkdtemp(prefix="jambatrt-path-")
-os.symlink(REPO, os.path.join(_LINK_DIR, "jambatrt"))
-sys.path.insert(0, _LINK_DIR)
 # --cpu-interpret: a dry run of the parity checks on CPU through Triton's interpreter (to test
 # this script without a GPU); it must be decided before the kernels are imported
 CPU = "--cpu-interpret" in sys.argv
@@ -167,12 +161,13 @@ def check_aot_driver_launch():
     from jambatrt.plugins.gpu import selective_scan as k
     major, minor = torch.cuda.get_device_capability()
     cc = major * 10 + minor
-    spec = next(s for s in k.aot_kernels(("bfloat16",), dstate=16) if s.name == "selective_scan_chunked.bfloat16")
+    B, D, L, N = 2, 512, 333, 16
+    plan = k.selective_scan_launch(B, D, L, N)           # grid and int32 arguments, as the plugin's aot_impl
+    spec = k.kernel_spec(plan, "bfloat16")
     compiled = aot.compile_kernel(spec, cc)
     scratch = aot.check_scratch(spec, compiled)
     ptx = compiled.asm["ptx"]
     ptx = (ptx if isinstance(ptx, str) else ptx.decode()).encode() + b"\0"
-    B, D, L, N = 2, 512, 333, 16
     dt = torch.bfloat16
     u, delta, z = rn(B, D, L, dtype=dt), rn(B, D, L, dtype=dt, scale=0.5), rn(B, D, L, dtype=dt)
     A = -(torch.rand(D, N, device="cuda") * 2 + 0.1)
@@ -188,10 +183,10 @@ def check_aot_driver_launch():
     assert r == 0, f"cuModuleGetFunction -> {r}"
     # TensorRT's order: inputs, int32 extras, outputs; then Triton's two hidden scratch pointers, NULL
     vals = [ctypes.c_void_p(t.data_ptr()) for t in (u, delta, A, Bm, Cm, Dk, z, bias, state)]
-    vals += [ctypes.c_int32(D), ctypes.c_int32(L), ctypes.c_int32(N)]
+    vals += [ctypes.c_int32(v) for v in plan.extras]
     vals += [ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(h.data_ptr()), ctypes.c_void_p(0), ctypes.c_void_p(0)]
     params = (ctypes.c_void_p * len(vals))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in vals])
-    grid = (-(-D // spec.constexprs["BLOCK_D"]), B, 1)
+    grid = plan.grid
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
     r = cuda.cuLaunchKernel(fn, *[ctypes.c_uint(g) for g in grid], ctypes.c_uint(compiled.metadata.num_warps * 32),
                             ctypes.c_uint(1), ctypes.c_uint(1), ctypes.c_uint(compiled.metadata.shared), stream,
@@ -381,8 +376,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    finally:
-        os.unlink(os.path.join(_LINK_DIR, "jambatrt"))
-        os.rmdir(_LINK_DIR)
+    sys.exit(main())

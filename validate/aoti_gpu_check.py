@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """GPU check of the AOTInductor engine (engines/aoti.py, issue 9) on a CUDA machine — one prepared
 run, < 8 minutes on an H100/H200.
 
-    python scripts/aoti_gpu_check.py [--budget-s 430] [--mini-layers 3] [--skip-hf] [--skip-mini]
+    python -m jambatrt.validate.aoti_gpu_check [--budget-s 430] [--mini-layers 3] [--skip-hf] [--skip-mini]
 
 1. tiny preset artifact (float32) -> `AotiEngine.build(device="cuda")`: the manifest entry (GPU
    arch, torch/triton versions, our Triton kernels compiled into the package, no jamba op left
@@ -21,8 +20,7 @@ run, < 8 minutes on an H100/H200.
 Prints one JSON summary (and writes $OUT/aoti_gpu_check.json when OUT is set). Exit status 1 when
 a parity check fails or a section raises; sections past the time budget are skipped and listed.
 Needs the repository, torch with CUDA and triton (Python 3.11/3.12, torch 2.11+, triton 3.6+); no
-network, no TensorRT, no polygraphy. The repository root is the package `jambatrt` whatever its
-folder is called: a temporary `jambatrt` symlink to it is put on sys.path."""
+network, no TensorRT, no polygraphy; the package installed (`pip install -e .`: `make setup`)."""
 
 from __future__ import annotations
 
@@ -36,10 +34,6 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-_LINK_DIR = tempfile.mkdtemp(prefix="jambatrt-path-")
-os.symlink(REPO, os.path.join(_LINK_DIR, "jambatrt"))
-sys.path.insert(0, _LINK_DIR)
 os.environ.pop("TRITON_INTERPRET", None)          # the kernels must be compiled, not interpreted
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -140,8 +134,8 @@ def check_tiny(lengths: list[int]) -> None:
     out["entry"] = {k: entry.get(k) for k in ("device", "gpu", "torch", "triton", "python", "triton_kernels",
                                               "python_ops", "max_batch", "max_seq")}
     out["entry"]["chunk"] = entry["chunk_plan"]["chunk"]
-    from jambatrt.plugins.gpu.torch_ops import KERNELS
-    want_kernels = sorted({k for ks in KERNELS.values() for k in ks})
+    from jambatrt.plugins.gpu.torch_ops import traced_kernels
+    want_kernels = sorted({k for ks in traced_kernels().values() for k in ks})
     python_ops = [o for o in entry["python_ops"] if o.startswith(("jamba::", "jamba_aoti::"))]
     if DEV == "cuda":     # no jamba op called back through Python (the build refuses that too)
         out["package_ok"] = not python_ops
@@ -214,6 +208,7 @@ def _time(fn, reps: int) -> float:
 
 def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
     from jambatrt.engines.aoti import AotiEngine
+    from jambatrt.engines.base import to_torch
     from jambatrt.artifact import read_manifest
     from jambatrt.export.weights import load_artifact_model
     from jambatrt.validate.reference import hf_checkpoint
@@ -236,8 +231,8 @@ def bench(L: int, decode_steps: int, skip_hf: bool) -> None:
         for _ in range(decode_steps):
             _, s = engine.decode(np.array([1]), s)
     t_dec = _time(decode_loop, 1)
-    tok = engine._to_device(np.array([[1]], dtype=np.int64))
-    dev_state = [engine._to_device(a) for a in state]
+    tok = to_torch(np.array([[1]], dtype=np.int64), engine.device)
+    dev_state = [to_torch(a, engine.device) for a in state]
 
     def decode_loop_device():       # the serving path (run_step_torch): the state stays on the device
         s = dev_state
@@ -452,5 +447,3 @@ if __name__ == "__main__":
     finally:
         import shutil
         shutil.rmtree(WORK, ignore_errors=True)
-        os.unlink(os.path.join(_LINK_DIR, "jambatrt"))
-        os.rmdir(_LINK_DIR)

@@ -1,0 +1,200 @@
+"""The test row of every jamba op (onnxscript's ops_test_data.py style): how to make its arguments,
+the cases every implementation of the CPU folder runs, the cases each Triton launcher runs under
+the interpreter, and one node of it at a model's sizes for the TensorRT plugin harness.
+
+tests/test_registry.py checks the rows against plugins/registry.py: an implementation without a
+row (or a launcher without interpreter cases), or a row without an implementation, fails. Adding
+an op adds one row here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.testing import assert_close
+
+from jambatrt.export.ops import SPECS
+
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+@dataclass(frozen=True)
+class OpRow:
+    # (torch.Generator, **params) -> the op's positional arguments: torch, float32 activations
+    make: Callable
+    # the argument indices cast to the dtype under test (what the model keeps in fp32 -- A, D,
+    # delta_bias, the scan state, the expert scales -- and the int8 weights stay)
+    activations: tuple[int, ...]
+    # case id -> params: the numpy kernel, the torch op ("cpu") and, for `ort`, ONNX Runtime run them
+    cases: dict[str, dict]
+    ort: tuple[str, ...]
+    # gpu implementation (launcher) name -> case id -> params, at interpreter sizes (tests/test_gpu_kernels.py)
+    interpreter: dict[str, dict[str, dict]]
+    # JambaConfig -> ({input: dims}, attributes): one node at that config's sizes ("batch", "seq",
+    # "past" symbolic; inputs whose dims are all fixed are weights) for the TensorRT plugin harness
+    graph: Callable
+    attributes: Callable = field(default=lambda args: {})       # args -> the node's attributes
+
+
+# ---- argument makers --------------------------------------------------------------------------------
+def _randn(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def scan_args(g, B, D, N, L, z=True, bias=True, state=True):
+    return [_randn(g, B, D, L), _randn(g, B, D, L), -torch.exp(_randn(g, D, N)), _randn(g, B, N, L),
+            _randn(g, B, N, L), _randn(g, D), _randn(g, B, D, L) if z else None,
+            _randn(g, D) if bias else None, _randn(g, B, D, N) if state else None]
+
+
+def conv_args(g, B, D, K, L, state=True):
+    return [_randn(g, B, D, L), _randn(g, D, K) * K ** -0.5, _randn(g, D), _randn(g, B, D, K - 1) if state else None]
+
+
+def moe_args(g, T, H, I, E, k, group=None):
+    """group=(a, b): the weights of experts a..b-1 only, expert_offset a (an expert group)."""
+    w13 = torch.randint(-127, 128, (E, 2 * I, H), dtype=torch.int8, generator=g)
+    w2 = torch.randint(-127, 128, (E, H, I), dtype=torch.int8, generator=g)
+    s13 = (torch.rand(E, 2 * I, generator=g) + 0.5) / (127 * H ** 0.5)     # unit-scale outputs
+    s2 = (torch.rand(E, H, generator=g) + 0.5) / (127 * I ** 0.5)
+    a, b = group or (0, E)
+    return [_randn(g, T, H), _randn(g, T, E), w13[a:b], s13[a:b], w2[a:b], s2[a:b], k, a]
+
+
+def attn_args(g, B, L, P, Hq, Hkv, d):
+    past = [_randn(g, B, P, Hkv, d), _randn(g, B, P, Hkv, d)] if P else [None, None]
+    return [_randn(g, B, L, Hq, d), _randn(g, B, L, Hkv, d), _randn(g, B, L, Hkv, d), *past]
+
+
+# ---- the rows ---------------------------------------------------------------------------------------
+ROWS = {
+    "selective_scan": OpRow(
+        make=scan_args, activations=(0, 1, 3, 4, 6),
+        cases={
+            "L1": dict(B=1, D=3, N=2, L=1, state=False),
+            "odd_state": dict(B=2, D=37, N=5, L=130),          # D % 16 != 0, L % 64 != 0
+            "no_z_no_bias": dict(B=1, D=16, N=16, L=64, z=False, bias=False),
+            "L0": dict(B=2, D=5, N=3, L=0),
+            "threaded": dict(B=2, D=40, N=16, L=300),         # > _SERIAL_MAX_UPDATES: numba's threads
+        },
+        ort=("L1", "odd_state"),
+        interpreter={
+            "selective_scan": {"chunked_full": dict(B=2, D=20, L=37, N=8),
+                               "chunked_bare": dict(B=1, D=16, L=19, N=5, z=False, bias=False, state=False),
+                               "chunked_L1": dict(B=2, D=8, L=1, N=16)},
+            "selective_scan_sequential": {"sequential": dict(B=2, D=20, L=13, N=8)},
+            "selective_state_update": {"state_update": dict(B=3, D=24, L=1, N=16)},
+        },
+        graph=lambda c: ({"u": ["batch", c.d_inner, "seq"], "delta": ["batch", c.d_inner, "seq"],
+                          "A": [c.d_inner, c.mamba_d_state], "B": ["batch", c.mamba_d_state, "seq"],
+                          "C": ["batch", c.mamba_d_state, "seq"], "D": [c.d_inner], "z": ["batch", c.d_inner, "seq"],
+                          "delta_bias": [c.d_inner], "state": ["batch", c.d_inner, c.mamba_d_state]}, {})),
+    "causal_conv1d": OpRow(
+        make=conv_args, activations=(0, 1, 2, 3),
+        cases={
+            "L1": dict(B=1, D=4, K=4, L=1, state=False),
+            "odd_state": dict(B=2, D=37, K=4, L=130),
+            "shorter_than_kernel": dict(B=3, D=5, K=3, L=1),
+            "K1": dict(B=1, D=8, K=1, L=5),
+        },
+        ort=("L1", "odd_state"),
+        interpreter={
+            "causal_conv1d": {"state": dict(B=2, D=40, L=70, K=4), "no_state": dict(B=1, D=16, L=2, K=4, state=False),
+                              "k3_L1": dict(B=2, D=8, L=1, K=3)},
+            "causal_conv1d_update": {"update": dict(B=2, D=40, L=1, K=4)},
+        },
+        graph=lambda c: ({"x": ["batch", c.d_inner, "seq"], "weight": [c.d_inner, c.mamba_d_conv], "bias": [c.d_inner],
+                          "state": ["batch", c.d_inner, c.mamba_d_conv - 1]}, {})),
+    "moe_int8": OpRow(
+        make=moe_args, activations=(0, 1),
+        cases={
+            "one_token": dict(T=1, H=16, I=24, E=4, k=2),
+            "odd": dict(T=37, H=48, I=72, E=5, k=1),
+            "top3": dict(T=64, H=40, I=56, E=6, k=3),
+            "int8_path": dict(T=3, H=1024, I=512, E=2, k=1),     # w13[e] has 2^20 weights
+            "expert_group": dict(T=29, H=32, I=40, E=7, k=2, group=(3, 6)),
+            "few_tokens_group": dict(T=3, H=40, I=24, E=6, k=2, group=(1, 4)),   # the small-T path
+        },
+        ort=("odd", "top3", "expert_group", "one_token"),
+        interpreter={
+            # the last ones at the launchers' own tiles (DEFAULTS: compiled for TensorRT, checked for spills)
+            "moe_int8": {"grouped": dict(T=10, H=32, I=24, E=4, k=2), "grouped_k3": dict(T=7, H=40, I=20, E=6, k=3),
+                         "grouped_group": dict(T=9, H=32, I=24, E=6, k=2, group=(2, 5)),
+                         "grouped_default_tiles": dict(T=11, H=64, I=96, E=4, k=2, tiles="default")},
+            "moe_int8_fused": {"fused": dict(T=10, H=32, I=24, E=4, k=2), "fused_k1": dict(T=3, H=16, I=16, E=5, k=1),
+                               "fused_group": dict(T=9, H=32, I=24, E=6, k=2, group=(2, 5)),
+                               "fused_default_tiles": dict(T=11, H=64, I=96, E=4, k=2, tiles="default")},
+        },
+        graph=lambda c: ({"x": ["batch*seq", c.hidden_size], "router_logits": ["batch*seq", c.num_experts],
+                          "w13": [c.num_experts, 2 * c.intermediate_size, c.hidden_size],
+                          "w13_scale": [c.num_experts, 2 * c.intermediate_size],
+                          "w2": [c.num_experts, c.hidden_size, c.intermediate_size],
+                          "w2_scale": [c.num_experts, c.hidden_size]},
+                         {"top_k": c.num_experts_per_tok, "expert_offset": 0}),
+        attributes=lambda args: {"top_k": args[6], "expert_offset": args[7]}),
+    "attention": OpRow(
+        make=attn_args, activations=(0, 1, 2, 3, 4),
+        cases={
+            "prefill_L1": dict(B=1, L=1, P=0, Hq=4, Hkv=2, d=8),
+            "prefill": dict(B=2, L=37, P=0, Hq=6, Hkv=3, d=16),
+            "decode": dict(B=2, L=1, P=9, Hq=4, Hkv=2, d=8),
+            "chunk_after_past": dict(B=2, L=17, P=23, Hq=4, Hkv=1, d=8),
+            "mha_chunk": dict(B=1, L=130, P=70, Hq=4, Hkv=4, d=32),
+        },
+        ort=("prefill", "decode", "chunk_after_past"),
+        interpreter={
+            "attention": {"prefill": dict(B=2, L=9, P=0, Hq=4, Hkv=2, d=16),
+                          "past_mqa": dict(B=1, L=20, P=7, Hq=4, Hkv=1, d=8),
+                          "decode": dict(B=1, L=1, P=30, Hq=2, Hkv=2, d=16),
+                          # Jamba's head_dim 128 at the launcher's own tiles
+                          "head128_default_tiles": dict(B=1, L=37, P=21, Hq=4, Hkv=2, d=128, tiles="default")},
+        },
+        graph=lambda c: ({"q": ["batch", "seq", c.num_attention_heads, c.head_dim],
+                          "k": ["batch", "seq", c.num_key_value_heads, c.head_dim],
+                          "v": ["batch", "seq", c.num_key_value_heads, c.head_dim],
+                          "past_k": ["batch", "past", c.num_key_value_heads, c.head_dim],
+                          "past_v": ["batch", "past", c.num_key_value_heads, c.head_dim]}, {})),
+}
+TEST_ONLY = {"tiles"}      # params read by the tests, not by the makers
+
+
+# ---- using the rows ---------------------------------------------------------------------------------
+def make(op: str, params: dict | str, dtype=F32, seed: int = 0) -> list:
+    """The op's arguments for a case (an id of ROWS[op].cases, or params), activations in `dtype`."""
+    row = ROWS[op]
+    params = row.cases[params] if isinstance(params, str) else params
+    args = row.make(torch.Generator().manual_seed(seed), **{k: v for k, v in params.items() if k not in TEST_ONLY})
+    return [a.to(dtype) if i in row.activations and a is not None else a for i, a in enumerate(args)]
+
+
+def inputs_and_attributes(op: str, args: list) -> tuple[list, dict]:
+    """Split the op's arguments into its tensor inputs (SPEC.inputs order) and its attributes."""
+    n = len(SPECS[op].inputs)
+    return list(args[:n]), ROWS[op].attributes(args)
+
+
+def zero_filled(op: str, inputs: list) -> list:
+    """Absent optional inputs as the zeros SPEC.zero_inputs says they stand for (what the graph
+    passes to kernels that take every input)."""
+    spec = SPECS[op]
+    named = dict(zip(spec.inputs, inputs))
+    out = list(inputs)
+    for i, name in enumerate(spec.inputs):
+        if out[i] is None and name in spec.zero_inputs:
+            dims = [d if isinstance(d, int) else named[d[0]].shape[d[1]] + (d[2] if len(d) > 2 else 0)
+                    for d in spec.zero_inputs[name]]
+            out[i] = torch.zeros(dims)
+    return out
+
+
+def check_outputs(op, actual, expected, dtype):
+    """Every output within SPEC.tolerances[dtype] of the oracle's, same shapes."""
+    atol, rtol = SPECS[op].tolerances[dtype]
+    actual = actual if isinstance(actual, (tuple, list)) else (actual,)
+    expected = expected if isinstance(expected, (tuple, list)) else (expected,)
+    assert len(actual) == len(expected) == len(SPECS[op].outputs)
+    for name, a, e in zip(SPECS[op].outputs, actual, expected):
+        a = torch.as_tensor(a)
+        assert a.shape == e.shape, f"{op}.{name}: shape {list(a.shape)} != {list(e.shape)}"
+        assert_close(a.float(), e.float(), atol=atol, rtol=rtol, msg=lambda m: f"{op}.{name} ({dtype}): {m}")
