@@ -115,7 +115,7 @@ class TritonPythonModel:
 
         from jambatrt.artifact import check_deployed_manifest
         from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
-        from jambatrt.engines.base import engine_class
+        from jambatrt.engines import engine_class
         from jambatrt.errors import InputError
 
         self.np, self.torch, self.InputError, self.sequence_controls = np, torch, InputError, sequence_controls
