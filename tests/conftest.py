@@ -74,6 +74,28 @@ def tiny_ckpt(make_checkpoint):
     return make_checkpoint("tiny")
 
 
+def step_two_sequences(client, engine, ids: tuple[int, int], vocab: int, n: int = 10):
+    """Two sequences interleaved request by request on a served sequence model (client.step with
+    START/END): each must get what offline generate() gives it alone. Returns sequence a's prompt,
+    its generated ids and the logits of its last step, for the caller's own checks."""
+    from jambatrt.engines.generate import generate
+    pa, pb = [5, 6, 7, 8], np.random.default_rng(2).integers(0, vocab, 23).tolist()
+    want_a = generate(engine, [pa], n)[0][0].generated_ids
+    want_b = generate(engine, [pb], n)[0][0].generated_ids
+    ida, idb = ids
+    _, ta = client.step(ida, pa, start=True)
+    _, tb = client.step(idb, pb, start=True)
+    got_a, got_b, la = [ta], [tb], None
+    for i in range(n - 1):
+        last = i == n - 2
+        la, ta = client.step(ida, [ta], end=last)
+        _, tb = client.step(idb, [tb], end=last)
+        got_a.append(ta)
+        got_b.append(tb)
+    assert got_a == want_a and got_b == want_b
+    return pa, want_a, la
+
+
 def run_cli(*args, check=False, env=None, timeout=900):
     """Run `python -m jambatrt ...` in a child process; returns CompletedProcess."""
     e = {**os.environ, **(env or {})}

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, step_two_sequences
 from jambatrt.artifact import add_files, read_manifest, sha256_file
 from jambatrt.deploy.pbtxt import Enum, pbtxt
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
@@ -370,27 +370,12 @@ def test_streamed_generation_equals_generate(client, engine):
 def test_sequences_step_by_step_keep_separate_state(client, engine):
     """Two sequences interleaved request by request on the sequence-batching model: each gets what
     offline generate() gives it alone."""
-    from jambatrt.engines.generate import generate
-    pa, pb = [5, 6, 7, 8], np.random.default_rng(2).integers(0, V, 23).tolist()
-    n = 10
-    want_a = generate(engine, [pa], n)[0][0].generated_ids
-    want_b = generate(engine, [pb], n)[0][0].generated_ids
-    ida, idb = 1001, 1002
-    _, ta = client.step(ida, pa, start=True)
-    _, tb = client.step(idb, pb, start=True)
-    got_a, got_b = [ta], [tb]
-    for i in range(n - 1):
-        last = i == n - 2
-        la, ta = client.step(ida, [ta], end=last)
-        _, tb = client.step(idb, [tb], end=last)
-        got_a.append(ta)
-        got_b.append(tb)
-    assert got_a == want_a and got_b == want_b
+    pa, want_a, la = step_two_sequences(client, engine, (1001, 1002), V)
     # the final logits equal the offline engine's for the same context
     want_logits, _ = engine.prefill(np.array([pa + want_a[:-1]]))
     np.testing.assert_allclose(la, want_logits[0, -1], rtol=0, atol=1e-5)
     # the helper does the same in one call; a sequence id can be reused after END
-    assert client.generate_steps(pa, n, sequence_id=ida) == want_a
+    assert client.generate_steps(pa, len(want_a), sequence_id=1001) == want_a
 
 
 def test_bounded_load_200_requests_8_clients(server, engine):

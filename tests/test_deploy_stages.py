@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, step_two_sequences
 from jambatrt.artifact import read_manifest
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.deploy.server import TritonServer
@@ -128,22 +128,7 @@ def test_greedy_generation_through_the_ensemble_equals_generate(client, server, 
 
 
 def test_interleaved_sequences_keep_separate_state(client, engine):
-    from jambatrt.engines.generate import generate
-    pa, pb = [5, 6, 7, 8], np.random.default_rng(2).integers(0, V, 23).tolist()
-    n = 10
-    want_a = generate(engine, [pa], n)[0][0].generated_ids
-    want_b = generate(engine, [pb], n)[0][0].generated_ids
-    ida, idb = 2001, 2002
-    _, ta = client.step(ida, pa, start=True)
-    _, tb = client.step(idb, pb, start=True)
-    got_a, got_b = [ta], [tb]
-    for i in range(n - 1):
-        last = i == n - 2
-        la, ta = client.step(ida, [ta], end=last)
-        _, tb = client.step(idb, [tb], end=last)
-        got_a.append(ta)
-        got_b.append(tb)
-    assert got_a == want_a and got_b == want_b
+    pa, want_a, la = step_two_sequences(client, engine, (2001, 2002), V)
     # the offline engine fed the same way (prompt, then one token per step) gives the same logits, bit for
     # bit: the stages run the same kernels on the same values
     logits, state = engine.prefill(np.array([pa]), last_only=True)
