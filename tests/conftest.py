@@ -74,6 +74,19 @@ def tiny_ckpt(make_checkpoint):
     return make_checkpoint("tiny")
 
 
+def private_artifact(tiny_artifact, tmp_path_factory, prefix: str):
+    """A private copy of the tiny artifact with the ORT engine built, for a module that builds or
+    serves more on it (other modules may rebuild theirs)."""
+    import shutil
+
+    from jambatrt.artifact import read_manifest
+    dst = tmp_path_factory.mktemp(prefix) / "tiny"
+    shutil.copytree(tiny_artifact, dst)
+    if "ort" not in read_manifest(dst).get("engines", {}):
+        run_cli("build", dst, "--backend", "ort", check=True)
+    return dst
+
+
 def step_two_sequences(client, engine, ids: tuple[int, int], vocab: int, n: int = 10):
     """Two sequences interleaved request by request on a served sequence model (client.step with
     START/END): each must get what offline generate() gives it alone. Returns sequence a's prompt,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli, step_two_sequences
+from conftest import ROOT, private_artifact, run_cli, step_two_sequences
 from jambatrt.artifact import add_files, read_manifest, sha256_file
 from jambatrt.deploy.pbtxt import Enum, pbtxt
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
@@ -40,11 +40,7 @@ def _tree_hashes(root: Path) -> dict:
 @pytest.fixture(scope="module")
 def artifact(tiny_artifact, tmp_path_factory):
     """A private copy of the tiny artifact with the ORT engine built (other modules may rebuild theirs)."""
-    dst = tmp_path_factory.mktemp("deploy-art") / "tiny"
-    shutil.copytree(tiny_artifact, dst)
-    if "ort" not in read_manifest(dst).get("engines", {}):
-        run_cli("build", dst, "--backend", "ort", check=True)
-    return dst
+    return private_artifact(tiny_artifact, tmp_path_factory, "deploy-art")
 
 
 # ---- repository (no server) ---------------------------------------------------------------------

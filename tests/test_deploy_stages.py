@@ -4,7 +4,6 @@ them; a real tritonserver (serve env, 127.0.0.1, behind the request guard) runs 
 like tests/test_deploy.py (fails without it, skips only on a recorded registry outage)."""
 
 import json
-import shutil
 import subprocess
 import threading
 import time
@@ -12,8 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run_cli, step_two_sequences
-from jambatrt.artifact import read_manifest
+from conftest import private_artifact, step_two_sequences
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.deploy.server import TritonServer
 from jambatrt.errors import ArtifactError
@@ -27,10 +25,7 @@ STAGES = 3
 def artifact(tiny_artifact, tmp_path_factory):
     """A private copy of the tiny artifact with the unsplit ORT engine and 3 stage engines."""
     from jambatrt.engines.staged import build_stages
-    dst = tmp_path_factory.mktemp("stages-deploy") / "tiny"
-    shutil.copytree(tiny_artifact, dst)
-    if "ort" not in read_manifest(dst).get("engines", {}):
-        run_cli("build", dst, "--backend", "ort", check=True)
+    dst = private_artifact(tiny_artifact, tmp_path_factory, "stages-deploy")
     build_stages(dst, stages=STAGES)
     return dst
 

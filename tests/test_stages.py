@@ -1,13 +1,12 @@
 """Pipeline stages (issue 19): the stage plan (export/stage_plan.py), the stage split of the step graph
 (graph/passes/split_stages.py) and the stage engines (engines/staged.py) against the unsplit engine."""
 
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import run_cli
+from conftest import private_artifact
 from jambatrt.artifact import read_manifest
 from jambatrt.config import preset
 from jambatrt.errors import ArtifactError, ConfigError
@@ -83,11 +82,7 @@ def test_inspect_prints_the_stage_plan(capsys):
 # ---- the split and the stage engines --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def artifact(tiny_artifact, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("stages-art") / "tiny"
-    shutil.copytree(tiny_artifact, dst)
-    if "ort" not in read_manifest(dst).get("engines", {}):
-        run_cli("build", dst, "--backend", "ort", check=True)
-    return dst
+    return private_artifact(tiny_artifact, tmp_path_factory, "stages-art")
 
 
 @pytest.fixture(scope="module")
