@@ -4,7 +4,6 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 from __future__ import annotations
 
 import os
-import uuid
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,83 +62,87 @@ def _initializer_array(t, weights_dir: Path) -> np.ndarray:
     return mapped.view(np.ndarray)          # a plain array (numba, torch) that keeps the mapping alive
 
 
-def map_expert_weights(model, weights_dir: Path) -> tuple:
-    """Rebind `model` (loaded without external data; weights in `weights_dir`) for a session in this
-    process (graph/passes/bind_weights.py): every MoEInt8 node whose four weights are initializers
-    becomes MoEInt8Mapped(x, router_logits; top_k, expert_offset, weights=<key>), and every
-    LinearInt8 node (--weights-int8) whose weight and scale are initializers becomes
-    LinearInt8Mapped(x; weights=<key>), their weights mapped from the data file and registered in
-    ort_ops.MAPPED_WEIGHTS under a fresh key. Returns (model, keys);
-    `ort_ops.unmap_expert_weights(keys)` releases them."""
-    from jambatrt.export.ops import SPECS
+class KVCache:
+    """Preallocated, in-place KV cache of one attention layer, bound to a session's
+    CausalAttentionCached node (graph/passes/bind_kv_caches.py; the op's body is in
+    plugins/cpu/attention.py): k, v [B, capacity, Hkv, d] float32 buffers whose first `length`
+    positions hold the past. The engine sizes them before a run; the op appends the step's keys and
+    values and attends over the first length + L positions, so no step copies the cache (ONNX Runtime
+    never sees it)."""
+
+    def __init__(self):
+        self.k = self.v = None
+        self.length = 0
+        self.views = (None, None)       # the (k, v) state arrays the engine last handed out
+
+    def reset(self, past_k: np.ndarray, past_v: np.ndarray, need: int) -> None:
+        B, P, Hkv, d = past_k.shape
+        cap = max(need, 2 * P, 256)
+        k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+        k[:, :P], v[:, :P] = past_k, past_v
+        self.k, self.v, self.length = k, v, P
+
+    def reserve(self, need: int) -> None:
+        """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
+        if need > self.k.shape[1]:
+            B, _, Hkv, d = self.k.shape
+            P, cap = self.length, max(need, 2 * self.k.shape[1])
+            k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
+            k[:, :P], v[:, :P] = self.k[:, :P], self.v[:, :P]
+            self.k, self.v = k, v
+
+
+def session_graph(path: Path, kv_caches: bool) -> tuple:
+    """The engine graph at `path` as this process hands it to a session: the weights of MoE layers
+    and (--weights-int8) linear layers mapped from the data file beside it and bound outside the
+    graph (graph/passes/bind_weights.py; onnxruntime-extensions would copy them on every call), and
+    with `kv_caches` the attention layers' KV in in-place `KVCache`s (graph/passes/bind_kv_caches.py).
+    Returns (model bytes, {past input name: (key, "k"|"v")}, keys); `ort_ops.release(keys)` frees
+    what was bound, and nothing stays bound when this raises."""
+    import onnx
+
+    from jambatrt.graph.passes.bind_kv_caches import bind_kv_caches
     from jambatrt.graph.passes.bind_weights import bind_weights
-    from jambatrt.plugins.cpu.ort_ops import (LINEAR_INT8_MAPPED_OP, LINEAR_INT8_OP, MAPPED_OP, MAPPED_WEIGHTS,
-                                              unmap_expert_weights)
+    from jambatrt.plugins.cpu.ort_ops import bind, release
 
     keys: list[str] = []
 
-    def bind(node, tensors) -> str:
-        key = f"{uuid.uuid4().hex}/{node.name}"
-        MAPPED_WEIGHTS[key] = tuple(_initializer_array(t, weights_dir) for t in tensors)
-        keys.append(key)
-        return key
+    def keep(obj, node) -> str:
+        keys.append(bind(obj, node.name))
+        return keys[-1]
 
     try:
-        model = bind_weights(model, {SPECS["moe_int8"].onnx_op_type: MAPPED_OP, LINEAR_INT8_OP: LINEAR_INT8_MAPPED_OP},
-                             bind)
+        model = bind_weights(onnx.load(str(path), load_external_data=False),
+                             lambda node, tensors: keep(tuple(_initializer_array(t, path.parent) for t in tensors), node))
+        cached = bind_kv_caches(model, lambda node: keep(KVCache(), node)) if kv_caches else {}
+        return model.SerializeToString(), cached, keys
     except BaseException:
-        unmap_expert_weights(keys)          # nothing stays registered for a session that never came
+        release(keys)
         raise
-    return model, keys
 
 
-def map_kv_caches(model) -> tuple:
-    """Rebind `model` for a session in this process: every jamba CausalAttention node whose past
-    KV are graph inputs and present KV graph outputs becomes CausalAttentionCached(q, k, v;
-    cache=<key>) -> o over an in-place ort_ops.KVCache registered under a fresh key; those inputs
-    and outputs leave the graph, so ONNX Runtime and the Python op boundary never copy the cache
-    (decode time then stays flat in the context). Returns (model, {past input name: (key, "k"|"v")})."""
-    import onnx.helper
+def load_session(path: Path, threads: int | None, kv_caches: bool, map_weights: bool = True,
+                 what: str = "engine") -> tuple:
+    """An ONNX Runtime session of the engine graph at `path`: as `session_graph` hands it with
+    `map_weights`, else the file as written (every weight and cache an op input). Returns (session,
+    cached, keys) as session_graph does. ArtifactError when ONNX Runtime cannot load it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable("onnxruntime not installed (pip install onnxruntime onnxruntime-extensions)") from None
+    from jambatrt.plugins.cpu.ort_ops import release
 
-    from jambatrt.export.ops import DOMAIN, SPECS
-    from jambatrt.graph.passes._build import replace_nodes
-    from jambatrt.plugins.cpu.ort_ops import CACHED_ATTENTION_OP, KV_CACHES, KVCache
-
-    g = model.graph
-    ins, outs = {i.name for i in g.input}, {o.name for o in g.output}
-    cached: dict[str, tuple[str, str]] = {}
-    gone: set[str] = set()
-    others: dict[str, list] = {}         # other readers of a past input (the exporter's Shape for the batch)
-    for n in g.node:
-        if not (n.domain == DOMAIN and n.op_type == SPECS["attention"].onnx_op_type):
-            for i in n.input:
-                others.setdefault(i, []).append(n)
-
-    def batch_shape(n) -> bool:          # Shape(past)[0:1]: the batch, which input_ids [B,L] gives too
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
-        return n.op_type == "Shape" and a.get("start", 0) == 0 and a.get("end") == 1
-
-    def rewrite(node):
-        if (node.domain != DOMAIN or node.op_type != SPECS["attention"].onnx_op_type or len(node.input) < 5
-                or not {node.input[3], node.input[4]} <= ins or not {node.output[1], node.output[2]} <= outs
-                or not all(batch_shape(n) for i in node.input[3:5] for n in others.get(i, []))):
-            return None
-        for i in node.input[3:5]:
-            for n in others.get(i, []):
-                n.input[0] = "input_ids"
-        key = f"{uuid.uuid4().hex}/{node.name}"
-        KV_CACHES[key] = KVCache()
-        cached[node.input[3]], cached[node.input[4]] = (key, "k"), (key, "v")
-        gone.update([node.input[3], node.input[4], node.output[1], node.output[2]])
-        return [onnx.helper.make_node(CACHED_ATTENTION_OP, list(node.input[:3]), [node.output[0]], name=node.name,
-                                      domain=DOMAIN, cache=key)]
-
-    replace_nodes(g, rewrite)
-    for field in (g.input, g.output):
-        keep = [v for v in field if v.name not in gone]
-        del field[:]
-        field.extend(keep)
-    return model, cached
+    keys: list[str] = []
+    try:
+        so = _session_options(threads)
+        source, cached = str(path), {}
+        if map_weights:
+            source, cached, keys = session_graph(path, kv_caches)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]), cached, keys
+    except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
+        release(keys)
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load the {what} ({type(e).__name__}: {e})") from None
 
 
 class OrtEngine(Engine):
@@ -179,38 +182,18 @@ class OrtEngine(Engine):
                 "settings": {"attention": s.attention}, "weights": manifest["weights"]["path"]}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
-        """map_weights: run MoE layers with their expert weights mapped from the engine's data file
-        (`map_expert_weights`) instead of handed over as op inputs, which
-        onnxruntime-extensions copies on every call. The engine file is the same either way."""
+        """map_weights: the session as `session_graph` hands it (weights mapped once, KV caches in
+        place); False: the engine file as written, which onnxruntime-extensions copies every weight
+        and cache of on every call (for comparison)."""
         super().__init__(artifact, manifest)
-        try:
-            import onnx
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable("onnxruntime not installed (pip install onnxruntime onnxruntime-extensions)") from None
-        from jambatrt.plugins.cpu.ort_ops import unmap_expert_weights
+        from jambatrt.plugins.cpu.ort_ops import release
 
         entry = self.manifest["engines"]["ort"]
         path = artifact_file(self.artifact, self.manifest, entry["path"])
-        keys: list[str] = []
-        try:
-            so = _session_options(threads)
-            self.kv_cached: dict[str, tuple[str, str]] = {}
-            if map_weights:
-                model, keys = map_expert_weights(onnx.load(str(path), load_external_data=False), path.parent)
-                if entry["settings"]["attention"] == "kernel":
-                    model, self.kv_cached = map_kv_caches(model)
-                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-                source = model.SerializeToString()
-            else:
-                source = str(path)
-            self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
-        except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
-            unmap_expert_weights(keys)
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load the engine ({type(e).__name__}: {e})") from None
-        self.mapped_weights = keys          # MAPPED_WEIGHTS keys of this session's MoE layers
-        cache_keys = sorted({k for k, _ in self.kv_cached.values()})
-        self._unmap = weakref.finalize(self, _release, keys, cache_keys)
+        self.session, self.kv_cached, keys = load_session(path, threads, entry["settings"]["attention"] == "kernel",
+                                                          map_weights)
+        self.bound = keys          # what this session keeps outside its graph (ort_ops.bind)
+        self._release = weakref.finalize(self, release, keys)     # the mapped weights and KV caches go with it
         self.input_names = [i["name"] for i in self.step_program["inputs"]]      # the full state, in order
         self.output_names = [o["name"] for o in self.step_program["outputs"]]
         self.session_inputs = {i.name for i in self.session.get_inputs()}
@@ -228,31 +211,24 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
-        self._unmap()            # the mapped weights and KV caches go with the session
+        self._release()
 
     def _run(self, input_ids, state):
-        from jambatrt.plugins.cpu.ort_ops import KV_CACHES, run_checked   # raises OrtKernelError on kernel failures
+        from jambatrt.plugins.cpu.ort_ops import bound, run_checked   # raises OrtKernelError on kernel failures
 
         feeds = dict(zip(self.input_names, [input_ids, *state]))
         L = input_ids.shape[1]
         for name, (key, _) in self.kv_cached.items():        # in-place caches: reuse, or restart from the state
             if name.endswith(".k"):
-                c, pk, pv = KV_CACHES[key], feeds[name], feeds[name[:-2] + ".v"]
+                c, pk, pv = bound(key), feeds[name], feeds[name[:-2] + ".v"]
                 if c.k is None or c.views[0] is not pk or c.views[1] is not pv:
                     c.reset(pk, pv, pk.shape[1] + L)    # a state this engine did not hand out last
                 c.reserve(c.length + L)
         outs = dict(zip(self.session_outputs, run_checked(self.session, self.session_outputs,
                                                           {n: feeds[n] for n in self.session_inputs})))
         for name, (key, part) in self.kv_cached.items():
-            c = KV_CACHES[key]
+            c = bound(key)
             if part == "k":
                 c.views = (c.k[:, :c.length], c.v[:, :c.length])
             outs[name.replace("past.", "present.", 1)] = c.views[0 if part == "k" else 1]
         return outs["logits"], [outs[n] for n in self.output_names[1:]]
-
-
-def _release(weight_keys, cache_keys) -> None:
-    from jambatrt.plugins.cpu.ort_ops import KV_CACHES, unmap_expert_weights
-    unmap_expert_weights(weight_keys)
-    for k in cache_keys:
-        KV_CACHES.pop(k, None)

@@ -24,7 +24,7 @@ import numpy as np
 from jambatrt.artifact import artifact_file, read_manifest, record_files, verify_files
 from jambatrt.config import JambaConfig
 from jambatrt.engines.base import Engine
-from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+from jambatrt.errors import ArtifactError, InputError
 
 KEY = "ort-stages"                        # the manifest's engines entry
 STAGE_FILE = "model.stage{k}.ort.onnx"
@@ -118,26 +118,13 @@ class StageSession:
     """One stage's ONNX Runtime session (the MoE experts mapped from the store, as OrtEngine does)."""
 
     def __init__(self, artifact: Path, manifest: dict, stage: dict, threads: int | None = None):
-        try:
-            import onnx
-            import onnxruntime as ort
-        except ImportError:
-            raise BackendUnavailable("onnxruntime not installed (pip install onnxruntime onnxruntime-extensions)") from None
-        from jambatrt.engines.ort import _session_options, map_expert_weights
-        from jambatrt.plugins.cpu.ort_ops import unmap_expert_weights
+        from jambatrt.engines.ort import load_session
+        from jambatrt.plugins.cpu.ort_ops import release
 
         self.stage = stage
         path = artifact_file(artifact, manifest, stage["path"])
-        keys: list[str] = []
-        try:
-            so = _session_options(threads)
-            model, keys = map_expert_weights(onnx.load(str(path), load_external_data=False), path.parent)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            unmap_expert_weights(keys)
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load the stage ({type(e).__name__}: {e})") from None
-        self._unmap = weakref.finalize(self, unmap_expert_weights, keys)
+        self.session, _, keys = load_session(path, threads, kv_caches=False, what="stage")
+        self._release = weakref.finalize(self, release, keys)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -148,7 +135,7 @@ class StageSession:
 
     def close(self) -> None:
         self.session = None
-        self._unmap()
+        self._release()
 
 
 class StagedEngine(Engine):

@@ -15,12 +15,20 @@ provide. The test tables (tests/op_test_data.py) are checked against this regist
 
 A target may register further implementations of an op as variants (`variant=True`: a second
 scan kernel, a decode step, the one-launch MoE); each has its own test row.
+
+Session ops (`@session_op(op_type, ...)`): ONNX Runtime ops that only the ORT engine's graphs
+have, not exported jamba ops: a lowering target of its pass list (LinearInt8) and the forms the
+engine gives a session, whose weights or KV cache live outside the graph (MoEInt8Mapped,
+LinearInt8Mapped, CausalAttentionCached; found through `plugins.cpu.ort_ops.bound`). Each
+registers beside its kernel in plugins/cpu/ with its ONNX signature; plugins/cpu/ort_ops.py
+declares them with the ops' own bodies, and tests/op_test_data.py has a row for each.
 Importing this module is cheap: it imports no implementation until asked."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -86,3 +94,39 @@ def implementation(target: str, op: str) -> Implementation:
         raise LookupError(f"{op} has no {target} implementation (plugins/{TARGETS[target]}/{op}.py registers "
                           f"one with @implements({op!r}, {target!r}))")
     return impls[0]
+
+
+@dataclass(frozen=True)
+class SessionOp:
+    op_type: str                  # jamba::<op_type>
+    fn: Callable                  # numpy in (inputs in order, attributes as keywords), numpy out
+    inputs: tuple[str, ...]       # element types: "float32" | "int8"
+    outputs: tuple[str, ...]
+    attributes: dict[str, type]   # name -> int | float | str
+    out_shapes: Callable          # (*inputs) -> the output shapes, for the error outputs
+
+
+_SESSION_OPS: dict[str, SessionOp] = {}
+
+
+def session_op(op_type: str, *, inputs: tuple[str, ...], outputs: tuple[str, ...] = ("float32",),
+               attributes: dict[str, type] | None = None, out_shapes: Callable):
+    """Decorator: the function is the body of ONNX Runtime session op `jamba::<op_type>` (see the
+    module docstring)."""
+    def register(fn):
+        old = _SESSION_OPS.get(op_type)
+        if old is not None and (old.fn.__module__, old.fn.__name__) != (fn.__module__, fn.__name__):
+            raise ValueError(f"session op {op_type} is registered twice ({old.fn.__module__}.{old.fn.__name__}, "
+                             f"{fn.__module__}.{fn.__name__})")
+        _SESSION_OPS[op_type] = SessionOp(op_type, fn, tuple(inputs), tuple(outputs), dict(attributes or {}),
+                                          out_shapes)
+        return fn
+    return register
+
+
+def session_ops() -> dict[str, SessionOp]:
+    """op type -> its session op. Imports every module of plugins/cpu (they register themselves)."""
+    import jambatrt.plugins.cpu as cpu
+    for m in pkgutil.iter_modules(cpu.__path__):
+        importlib.import_module(f"{cpu.__name__}.{m.name}")
+    return dict(sorted(_SESSION_OPS.items()))

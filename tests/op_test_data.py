@@ -4,13 +4,14 @@ the interpreter, and one node of it at a model's sizes for the TensorRT plugin h
 
 tests/test_registry.py checks the rows against plugins/registry.py: an implementation without a
 row (or a launcher without interpreter cases), or a row without an implementation, fails. Adding
-an op adds one row here."""
+an op adds one row here; adding an ONNX Runtime session op (`@session_op`) one row in SESSION_ROWS."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.testing import assert_close
 
@@ -157,6 +158,61 @@ ROWS = {
                           "past_v": ["batch", "past", c.num_key_value_heads, c.head_dim]}, {})),
 }
 TEST_ONLY = {"tiles"}      # params read by the tests, not by the makers
+
+
+# ---- ONNX Runtime session ops (plugins/registry.py `session_op`) -------------------------------------
+# op type -> case(generator, bind) -> (inputs, attributes, check(outputs)): the node's numpy inputs in
+# order, its attributes (what it finds outside the graph bound with `bind(obj) -> key`), and the check of
+# its outputs against the plain op it stands for (tests/test_cpu_kernels.py runs each in ONNX Runtime)
+def _linear_int8_case(mapped: bool):
+    def case(g, bind):
+        from conftest import assert_sums_close
+        x = _randn(g, 3, 1037)                       # K % 8 != 0: the GEMV's vector tail
+        w = torch.randint(-127, 128, (45, 1037), dtype=torch.int8, generator=g)
+        scale = torch.rand(45, generator=g)
+        x64, w64, s64 = x.double().numpy(), w.double().numpy(), scale.double().numpy()
+
+        def check(out):
+            assert_sums_close(out[0], (x64 @ w64.T) * s64, (np.abs(x64) @ np.abs(w64).T) * s64, n_terms=1038,
+                              what="LinearInt8")
+        x, w, scale = x.numpy(), w.numpy(), scale.numpy()
+        return ([x], {"weights": bind((w, scale))}, check) if mapped else ([x, w, scale], {}, check)
+    return case
+
+
+def _moe_int8_mapped_case(g, bind):
+    from jambatrt.export.ops import reference
+    args = make("moe_int8", "expert_group")
+    x, router, w13, s13, w2, s2, top_k, offset = args
+    want = reference("moe_int8")(*args)
+    attrs = {"top_k": top_k, "expert_offset": offset, "weights": bind(tuple(t.numpy() for t in (w13, s13, w2, s2)))}
+    return [x.numpy(), router.numpy()], attrs, lambda out: check_outputs("moe_int8", torch.from_numpy(out[0]), want, F32)
+
+
+def _attention_cached_case(g, bind):
+    from jambatrt.engines.ort import KVCache
+    from jambatrt.export.ops import reference
+    args = make("attention", "chunk_after_past")
+    q, k, v, past_k, past_v = (t.numpy() for t in args)
+    want = reference("attention")(*args)
+    cache = KVCache()
+    cache.reset(past_k, past_v, past_k.shape[1] + k.shape[1])
+
+    def check(out):
+        check_outputs("attention", (torch.from_numpy(out[0]), *want[1:]), want, F32)
+        n = past_k.shape[1] + k.shape[1]          # the step's keys and values were appended in place
+        assert cache.length == n
+        np.testing.assert_array_equal(cache.k[:, :n], want[1].numpy())
+        np.testing.assert_array_equal(cache.v[:, :n], want[2].numpy())
+    return [q, k, v], {"cache": bind(cache)}, check
+
+
+SESSION_ROWS = {
+    "LinearInt8": _linear_int8_case(mapped=False),
+    "LinearInt8Mapped": _linear_int8_case(mapped=True),
+    "MoEInt8Mapped": _moe_int8_mapped_case,
+    "CausalAttentionCached": _attention_cached_case,
+}
 
 
 # ---- using the rows ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from jambatrt.plugins.cpu.causal_conv1d import causal_conv1d, causal_conv1d_upda
 from jambatrt.plugins.cpu.moe_int8 import moe_int8
 from jambatrt.plugins.cpu.selective_scan import selective_scan, selective_state_update
 from jambatrt.plugins.registry import implementations
-from op_test_data import BF16, F32, ROWS, attn_args, inputs_and_attributes, make, zero_filled
+from op_test_data import BF16, F32, ROWS, SESSION_ROWS, attn_args, inputs_and_attributes, make, zero_filled
 from op_test_data import check_outputs as _check
 
 # the registered implementations (plugins/registry.py), each run at every case of its op's row
@@ -237,6 +237,43 @@ def test_ort_op_matches_ref(ort_sessions, op, case):
     args = make(op, case)
     out = run_checked(ort_sessions(op, **inputs_and_attributes(op, args)[1]), None, ort_feeds(op, args))
     _check(op, tuple(map(torch.from_numpy, out)), reference(op)(*args), F32)
+
+
+@pytest.mark.parametrize("op_type", sorted(SESSION_ROWS))
+def test_session_op_equals_the_op_it_stands_for(op_type):
+    """Each ONNX Runtime session op in a one-node session, what it finds outside the graph bound
+    as the engine binds it, against the plain op; once released, the op reports the key it lost
+    (an OrtKernelError, not a crash)."""
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper
+
+    from jambatrt.plugins.cpu import ort_ops
+    from jambatrt.plugins.registry import session_ops
+    op = session_ops()[op_type]
+    keys: list[str] = []
+
+    def bind(obj):
+        keys.append(ort_ops.bind(obj, op_type))
+        return keys[-1]
+    inputs, attrs, check = SESSION_ROWS[op_type](torch.Generator().manual_seed(0), bind)
+    elem = {"int8": TensorProto.INT8, "float32": TensorProto.FLOAT}
+    names = [f"in{i}" for i in range(len(op.inputs))]
+    outs = [f"out{i}" for i in range(len(op.outputs))]
+    graph = helper.make_graph([helper.make_node(op_type, names, outs, domain=DOMAIN, **attrs)], op_type,
+                              [helper.make_tensor_value_info(n, elem[t], None) for n, t in zip(names, op.inputs)],
+                              [helper.make_tensor_value_info(n, elem[t], None) for n, t in zip(outs, op.outputs)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, 1)])
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(ort_ops.custom_ops_library())
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feeds = dict(zip(names, inputs))
+    try:
+        check(ort_ops.run_checked(session, None, feeds))
+    finally:
+        ort_ops.release(keys)
+    if keys:
+        with pytest.raises(ort_ops.OrtKernelError, match=f"jamba::{op_type}: KeyError: .*not bound in this process"):
+            ort_ops.run_checked(session, None, feeds)
 
 
 def test_ort_list_and_array_outputs_agree(ort_sessions):

@@ -98,12 +98,14 @@ def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
     from jambatrt.plugins.cpu import ort_ops
     cfg = engine.config
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    assert len(engine.mapped_weights) == n_moe and all(k in ort_ops.MAPPED_WEIGHTS for k in engine.mapped_weights)
-    w13 = ort_ops.MAPPED_WEIGHTS[engine.mapped_weights[0]][0]
+    n_attn = sum(cfg.is_attention(i) for i in range(cfg.num_hidden_layers))
+    weights = [ort_ops.bound(k) for k in engine.bound if isinstance(ort_ops.bound(k), tuple)]
+    assert len(weights) == n_moe and len(engine.bound) == n_moe + n_attn      # + one in-place KV cache per attention
+    w13 = weights[0][0]
     assert w13.dtype == np.int8 and w13.ndim == 3 and not w13.flags.owndata      # a view of the mapped file
     ids = _ids(2, 33, seed=5)
     with OrtEngine.load(tiny_artifact, verify=False) as mapped:
-        keys = mapped.mapped_weights
+        keys = mapped.bound
         plain = OrtEngine(tiny_artifact, map_weights=False)
         try:
             a_logits, a_state = mapped.prefill(ids)
@@ -118,7 +120,9 @@ def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
         # views: the attention kernel's sums may then round differently (fp32, not the weights)
         tol = 16 * np.finfo(np.float32).eps * np.abs(step_b).max() * cfg.num_hidden_layers
         assert np.abs(step_a - step_b).max() <= tol
-    assert keys and not any(k in ort_ops.MAPPED_WEIGHTS for k in keys)
+    for k in keys:
+        with pytest.raises(KeyError, match="not bound in this process"):
+            ort_ops.bound(k)
 
 
 def test_ragged_batch_gets_what_each_gets_alone(engine):

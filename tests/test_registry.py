@@ -4,8 +4,8 @@ implementation has cases, every row's cases an implementation (tests/op_test_dat
 import pytest
 
 from jambatrt.export.ops import SPECS
-from jambatrt.plugins.registry import TARGETS, implementation, implementations, implements
-from op_test_data import ROWS
+from jambatrt.plugins.registry import TARGETS, implementation, implementations, implements, session_op, session_ops
+from op_test_data import ROWS, SESSION_ROWS
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -21,6 +21,16 @@ def test_every_op_has_a_row_and_every_row_an_op():
     assert set(ROWS) == set(SPECS)
     for op, row in ROWS.items():
         assert row.cases and set(row.ort) <= set(row.cases), op
+
+
+def test_every_session_op_has_a_row_and_every_row_a_session_op():
+    """The ORT engine's own ops (lowering targets and the forms bound outside the graph) register
+    beside their kernels; each needs its row in SESSION_ROWS, and a row needs its op."""
+    ops = session_ops()
+    assert set(ops) == set(SESSION_ROWS)
+    for op_type, op in ops.items():
+        assert op.op_type == op_type and callable(op.out_shapes) and op.inputs and op.outputs, op_type
+        assert not set(ops) & {s.onnx_op_type for s in SPECS.values()}, "a session op shadows a jamba op"
 
 
 def test_every_gpu_launcher_has_interpreter_cases():
@@ -56,3 +66,7 @@ def test_registry_refuses_a_second_own_implementation(monkeypatch):
         implements("registry_test_op", "cuda")
     with pytest.raises(LookupError, match="no ort implementation"):
         implementation("ort", "registry_test_op")
+    monkeypatch.setattr(registry, "_SESSION_OPS", dict(registry._SESSION_OPS))
+    session_op("RegistryTestOp", inputs=("float32",), out_shapes=lambda x: [x.shape])(other)
+    with pytest.raises(ValueError, match="session op RegistryTestOp is registered twice"):
+        session_op("RegistryTestOp", inputs=("float32",), out_shapes=lambda x: [x.shape])(lambda x: x)

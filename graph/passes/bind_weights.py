@@ -5,8 +5,9 @@ are, becomes the op type `mapped` names for it, with its activation inputs, its 
 the weights by; those initializers leave the graph (so ONNX Runtime never loads them).
 
 Not in a backend's pass list: the ONNX Runtime engine runs it on the graph it hands a session
-(engines/ort.py `map_expert_weights`, op types from plugins/cpu/ort_ops.py); the engine file on
-disk keeps the plain nodes, the ONNX contract every other reader sees."""
+(engines/ort.py `map_weights`; the mapped forms are session ops registered beside their kernels in
+plugins/cpu/); the engine file on disk keeps the plain nodes, the ONNX contract every other reader
+sees."""
 
 from __future__ import annotations
 
@@ -17,31 +18,31 @@ from onnx import helper
 
 from jambatrt.export.ops import DOMAIN, SPECS
 from jambatrt.graph.passes._build import drop_unused_initializers, replace_nodes
+from jambatrt.graph.passes.lower_linear_int8 import OP_TYPE
 
-# op type -> (activation inputs, weight inputs, attribute defaults) of the nodes whose weights are bound
-WEIGHTS = {SPECS["moe_int8"].onnx_op_type: (slice(0, 2), slice(2, 6), {"expert_offset": 0}),
-           "LinearInt8": (slice(0, 1), slice(1, 3), {})}
+# op type -> (the op type that replaces it, activation inputs, weight inputs, attribute defaults)
+WEIGHTS = {SPECS["moe_int8"].onnx_op_type: ("MoEInt8Mapped", slice(0, 2), slice(2, 6), {"expert_offset": 0}),
+           OP_TYPE: ("LinearInt8Mapped", slice(0, 1), slice(1, 3), {})}
 
 
-def bind_weights(model: onnx.ModelProto, mapped: dict[str, str],
-                 bind: Callable[[onnx.NodeProto, list[onnx.TensorProto]], str]) -> onnx.ModelProto:
-    """Rewrite `model` in place (and return it); mapped: op type (a key of WEIGHTS) -> the op type
-    that replaces it; `bind` is called once per rewritten node."""
+def bind_weights(model: onnx.ModelProto, bind: Callable[[onnx.NodeProto, list[onnx.TensorProto]], str]
+                 ) -> onnx.ModelProto:
+    """Rewrite `model` in place (and return it); `bind` is called once per rewritten node."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     moved: set[str] = set()
 
     def rewrite(node):
-        if node.domain != DOMAIN or node.op_type not in mapped:
+        if node.domain != DOMAIN or node.op_type not in WEIGHTS:
             return None
-        acts, weights, defaults = WEIGHTS[node.op_type]
+        mapped, acts, weights, defaults = WEIGHTS[node.op_type]
         names = list(node.input[weights])
         if not all(n in inits for n in names):
             return None
         key = bind(node, [inits[n] for n in names])
         moved.update(names)
         attrs = {**defaults, **{a.name: helper.get_attribute_value(a) for a in node.attribute}}
-        return [helper.make_node(mapped[node.op_type], list(node.input[acts]), list(node.output), name=node.name,
+        return [helper.make_node(mapped, list(node.input[acts]), list(node.output), name=node.name,
                                  domain=DOMAIN, **attrs, weights=key)]
 
     replace_nodes(g, rewrite)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from jambatrt.plugins.cpu.selective_scan import exp32
-from jambatrt.plugins.registry import implements
+from jambatrt.plugins.registry import implements, session_op
 
 _flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu   # -> (out, logsumexp)
 
@@ -267,7 +267,7 @@ def attention(q, k, v, past_k=None, past_v=None, *, scratch_inputs: bool = False
 
 def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray, P: int) -> np.ndarray:
     """o [B,L,Hq,d] float32 for q at positions P..P+L-1 over a cache that already holds them:
-    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (ort_ops.KVCache), never copied."""
+    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (engines/ort.py KVCache), never copied."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
         return decode_attention(q, present_k, present_v)
@@ -288,3 +288,23 @@ def _attention_shapes(q, k, v, past_k, *_):
 
 implements("attention", "cpu")(attention_torch)
 implements("attention", "ort", out_shapes=_attention_shapes)(attention_ort)
+
+
+@session_op("CausalAttentionCached", inputs=("float32", "float32", "float32"), attributes={"cache": str},
+            out_shapes=lambda q, *_: [q.shape])
+def attention_cached_op(q, k, v, cache):
+    """Attention whose past KV live in an in-place cache the engine bound under `cache`
+    (graph/passes/bind_kv_caches.py; engines/ort.py KVCache: k, v [B, capacity, Hkv, d] buffers whose
+    first `length` positions hold the past, room reserved before every run): the step's keys and
+    values are appended and attended over in place, so no step copies the cache."""
+    from jambatrt.plugins.cpu.ort_ops import bound
+    c = bound(cache)
+    P, L = c.length, k.shape[1]
+    if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
+        raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
+                         f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
+                         f"{k.shape[0]} (the engine reserves room before every run)")
+    c.k[:, P:P + L], c.v[:, P:P + L] = k, v
+    o = attention_cached(q, c.k[:, :P + L], c.v[:, :P + L], P)
+    c.length = P + L
+    return o

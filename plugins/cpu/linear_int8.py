@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from jambatrt.plugins.registry import session_op
+
 GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
 _GEMM_BLOCK_WEIGHTS = 1 << 21  # weights dequantised at a time for the GEMM path (8 MB of float32)
 _SERIAL_MAX_WEIGHTS = 1 << 23  # below this one thread: one core nearly saturates the memory bus here, and a
@@ -79,6 +81,22 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray) -> np.ndarray:
             ot[:, r:r + n] = xt @ bt[:n].t()
         ot.mul_(torch.from_numpy(s))
     return out.reshape(*x.shape[:-1], N)
+
+
+def _linear_shape(x, w, *_):
+    return [(*x.shape[:-1], w.shape[0])]
+
+
+session_op("LinearInt8", inputs=("float32", "int8", "float32"), out_shapes=_linear_shape)(linear_int8)
+
+
+@session_op("LinearInt8Mapped", inputs=("float32",), attributes={"weights": str},
+            out_shapes=lambda x, *_: [(*x.shape[:-1], 0)])
+def linear_int8_mapped(x, weights):
+    """LinearInt8 whose (w, scale) the engine mapped from the store and bound under `weights`."""
+    from jambatrt.plugins.cpu.ort_ops import bound
+    w, scale = bound(weights)
+    return linear_int8(x, w, scale)
 
 
 def linear_int8_torch(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

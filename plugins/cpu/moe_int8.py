@@ -22,7 +22,7 @@ from numba import njit
 
 from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
-from jambatrt.plugins.registry import implements
+from jambatrt.plugins.registry import implements, session_op
 
 _INT8_PATH_MAX_TOKENS = 4          # crossover measured at 4..8 tokens for 4096 x 8192 .. 4096 x 28672
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than waking numba's threads
@@ -135,3 +135,13 @@ def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offse
 # ---- registered implementations (plugins/registry.py) ------------------------------------------------
 implements("moe_int8", "cpu")(moe_int8_torch)
 implements("moe_int8", "ort", out_shapes=lambda x, *_: [x.shape])(moe_int8)
+
+
+@session_op("MoEInt8Mapped", inputs=("float32", "float32"),
+            attributes={"top_k": int, "expert_offset": int, "weights": str}, out_shapes=lambda x, *_: [x.shape])
+def moe_int8_mapped(x, router_logits, top_k, expert_offset, weights):
+    """MoEInt8 whose (w13, w13_scale, w2, w2_scale) the engine mapped from the store and bound under
+    `weights` (graph/passes/bind_weights.py): ONNX Runtime never loads or copies them."""
+    from jambatrt.plugins.cpu.ort_ops import bound
+    w13, w13_scale, w2, w2_scale = bound(weights)
+    return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))

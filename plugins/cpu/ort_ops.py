@@ -25,22 +25,25 @@ Outputs. onnxruntime-extensions hands outputs back to C++ as Python lists (`flat
 object to `py::array`, then memcpy), so `custom_ops_library()` installs an invoker that returns
 C-contiguous arrays instead: ~1-2 ns per element.
 
-Expert weights. The C++ side copies every input into a fresh numpy array on every call, weights
-included: 3 MB per MoE call on the small preset, gigabytes for real experts. `map_expert_weights`
-therefore rebinds a session's MoEInt8 nodes to `MoEInt8Mapped(x, router_logits; top_k,
-expert_offset, weights=<key>)` (engines/ort.py), whose weights are mapped once from the engine's
-data file (np.memmap) and looked up here by key; ONNX Runtime then never loads them either. The engine file on disk keeps the
-plain MoEInt8 nodes (Polygraphy and any other reader see the ONNX contract).
+Session ops (plugins/registry.py `session_op`): the ORT engine's own forms, declared here with
+the jamba ops. A Python op sees only its inputs and attributes, so what a session keeps outside its
+graph -- expert and linear weights mapped once from the store (onnxruntime-extensions' C++ side
+would copy every input, weights included, on every call: gigabytes for real experts), the
+in-place KV caches -- reaches the op through `bind(obj) -> key` here: the engine binds it when it
+makes the session (engines/ort.py, graph/passes/bind_weights.py and bind_kv_caches.py), the node
+carries the key as an attribute, the op body finds it with `bound(key)`, and the engine releases
+it with the session. The kernels themselves take plain arrays and keep nothing.
 
-KV cache. The C++ side also copies every input into a fresh numpy array for the call, so the
-attention op grows past_k/past_v in place into present_k/present_v (realloc, no copy of the cache;
-`attention(..., scratch_inputs=True)`), and `custom_ops_library()` sets glibc's malloc so that those
-KV-sized blocks are not returned to the kernel and faulted in again every step (`tune_malloc`)."""
+KV cache. The attention op grows past_k/past_v in place into present_k/present_v (realloc, no copy
+of the cache; `attention(..., scratch_inputs=True)`) when the cache is an input, and
+`custom_ops_library()` sets glibc's malloc so that those KV-sized blocks are not returned to the
+kernel and faulted in again every step (`tune_malloc`)."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
+import uuid
 
 import numpy as np
 
@@ -48,42 +51,30 @@ from jambatrt.errors import JambaTRTError
 from jambatrt.export.ops import ACTIVATION, DOMAIN, SPECS
 
 ERRORS: list[str] = []
-MAPPED_WEIGHTS: dict[str, tuple] = {}   # key -> (w13, w13_scale, w2, w2_scale) or (w, scale), see engines/ort.py
-MAPPED_OP = "MoEInt8Mapped"
-LINEAR_INT8_OP = "LinearInt8"           # graph/passes/lower_linear_int8.py (--weights-int8)
-LINEAR_INT8_MAPPED_OP = "LinearInt8Mapped"
-CACHED_ATTENTION_OP = "CausalAttentionCached"
-KV_CACHES: dict[str, "KVCache"] = {}   # key -> the KV cache one session's attention layer appends to
-
-
-class KVCache:
-    """Preallocated, in-place KV cache of one attention layer (engines/ort.py `map_kv_caches`):
-    k, v [B, capacity, Hkv, d] float32 buffers whose first `length` positions hold the past. The
-    engine sizes them before a run; the op appends the step's keys and values and attends over
-    the first length + L positions, so no step copies the cache (ONNX Runtime never sees it)."""
-
-    def __init__(self):
-        self.k = self.v = None
-        self.length = 0
-        self.views = (None, None)       # the (k, v) state arrays the engine last handed out
-
-    def reset(self, past_k: np.ndarray, past_v: np.ndarray, need: int) -> None:
-        B, P, Hkv, d = past_k.shape
-        cap = max(need, 2 * P, 256)
-        k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
-        k[:, :P], v[:, :P] = past_k, past_v
-        self.k, self.v, self.length = k, v, P
-
-    def reserve(self, need: int) -> None:
-        """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
-        if need > self.k.shape[1]:
-            B, _, Hkv, d = self.k.shape
-            P, cap = self.length, max(need, 2 * self.k.shape[1])
-            k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
-            k[:, :P], v[:, :P] = self.k[:, :P], self.v[:, :P]
-            self.k, self.v = k, v
+_BOUND: dict[str, object] = {}          # key -> what an engine's session keeps outside its graph
 _declared = False
 _malloc_tuned = False
+
+
+def bind(obj, name: str) -> str:
+    """Keep `obj` for a session in this process; returns the key its nodes carry."""
+    key = f"{uuid.uuid4().hex}/{name}"
+    _BOUND[key] = obj
+    return key
+
+
+def bound(key: str):
+    """What `bind` kept under `key`; KeyError naming the key when it was released or never bound."""
+    try:
+        return _BOUND[key]
+    except KeyError:
+        raise KeyError(f"{key!r} is not bound in this process (sessions of the ORT engine's own forms are made by "
+                       "engines/ort.py, which binds their weights and caches)") from None
+
+
+def release(keys) -> None:
+    for k in keys:
+        _BOUND.pop(k, None)
 
 
 class OrtKernelError(JambaTRTError):
@@ -115,12 +106,10 @@ def run_checked(session, output_names, feeds: dict) -> list:
     return outputs
 
 
-def _guarded(name: str, out_shapes):
-    """Wrap the body of op `name` so that no exception reaches ONNX Runtime (see the module
-    docstring). out_shapes(*inputs) -> the shapes of its float32 outputs, for the NaN outputs.
-    `name`: a jamba op, or the ONNX op type of a lowering target with one output (LinearInt8)."""
-    op_type, n_out = (SPECS[name].onnx_op_type, len(SPECS[name].outputs)) if name in SPECS else (name, 1)
-
+def _guarded(op_type: str, n_out: int, out_shapes):
+    """Wrap the body of op `jamba::<op_type>` (n_out outputs) so that no exception reaches ONNX
+    Runtime (see the module docstring). out_shapes(*inputs) -> the shapes of its float32 outputs,
+    for the NaN outputs."""
     def wrap(body):
         def op(*inputs, **attrs):
             try:
@@ -154,75 +143,22 @@ def _invoke(op_id, feed, attributes):
 
 def _declare() -> None:
     """Declare every op's registered ONNX Runtime body (plugins/registry.py, target "ort") as
-    `jamba::<SPEC.onnx_op_type>`: input/output types and attributes from its SPEC. Then the forms
-    only the ONNX Runtime engine's session graphs and lowering have (not exported ops, so not in
-    the registry yet): MoEInt8Mapped, CausalAttentionCached, LinearInt8 and LinearInt8Mapped."""
+    `jamba::<SPEC.onnx_op_type>` with the types and attributes of its SPEC, and every session op
+    with its own."""
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
-    from jambatrt.plugins.cpu.attention import attention_cached
-    from jambatrt.plugins.cpu.linear_int8 import linear_int8
-    from jambatrt.plugins.cpu.moe_int8 import moe_int8
-    from jambatrt.plugins.registry import implementations
+    from jambatrt.plugins.registry import implementations, session_ops
 
     F, I8, I64 = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int8, PyCustomOpDef.dt_int64
     types = {ACTIVATION: F, "float32": F, "int8": I8}     # float32 activations on ONNX Runtime's CPU provider
-    attr_types = {int: I64, float: F}
-    for name, (impl, *_) in implementations("ort").items():
-        spec = SPECS[name]
-        onnx_op(op_type=f"{DOMAIN}::{spec.onnx_op_type}", inputs=[types[t] for t in spec.input_types],
-                outputs=[types[t] for t in spec.output_types],
-                attrs={a: attr_types[t] for a, t in spec.attributes.items()}
-                )(_guarded(name, impl.extra["out_shapes"])(impl.fn))
-
-    @onnx_op(op_type=f"{DOMAIN}::{MAPPED_OP}", inputs=[F, F], outputs=[F],
-             attrs={"top_k": I64, "expert_offset": I64, "weights": PyCustomOpDef.dt_string})
-    @_guarded("moe_int8", lambda x, *_: [x.shape])
-    def moe_int8_mapped_op(x, router_logits, top_k, expert_offset, weights):
-        try:
-            w13, w13_scale, w2, w2_scale = MAPPED_WEIGHTS[weights]
-        except KeyError:
-            raise KeyError(f"expert weights {weights!r} are not mapped in this process (sessions of "
-                           "MoEInt8Mapped graphs come from engines/ort.py map_expert_weights)") from None
-        return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
-
-    @onnx_op(op_type=f"{DOMAIN}::{CACHED_ATTENTION_OP}", inputs=[F, F, F], outputs=[F],
-             attrs={"cache": PyCustomOpDef.dt_string})
-    @_guarded(CACHED_ATTENTION_OP, lambda q, *_: [q.shape])
-    def attention_cached_op(q, k, v, cache):
-        c = KV_CACHES[cache]
-        P, L = c.length, k.shape[1]
-        if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
-            raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
-                             f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
-                             f"{k.shape[0]} (the engine reserves room before every run)")
-        c.k[:, P:P + L], c.v[:, P:P + L] = k, v
-        o = attention_cached(q, c.k[:, :P + L], c.v[:, :P + L], P)
-        c.length = P + L
-        return o
-
-    def linear_shape(x, w, *_):
-        return [(*x.shape[:-1], w.shape[0])]
-
-    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_OP}", inputs=[F, I8, F], outputs=[F])
-    @_guarded(LINEAR_INT8_OP, linear_shape)
-    def linear_int8_op(x, w, scale):
-        return linear_int8(x, w, scale)
-
-    @onnx_op(op_type=f"{DOMAIN}::{LINEAR_INT8_MAPPED_OP}", inputs=[F], outputs=[F],
-             attrs={"weights": PyCustomOpDef.dt_string})
-    @_guarded(LINEAR_INT8_MAPPED_OP, lambda x, *_: [(*x.shape[:-1], 0)])
-    def linear_int8_mapped_op(x, weights):
-        try:
-            w, scale = MAPPED_WEIGHTS[weights]
-        except KeyError:
-            raise KeyError(f"linear weights {weights!r} are not mapped in this process (sessions of "
-                           "LinearInt8Mapped graphs come from engines/ort.py map_weights)") from None
-        return linear_int8(x, w, scale)
-
-
-def unmap_expert_weights(keys) -> None:
-    for k in keys:
-        MAPPED_WEIGHTS.pop(k, None)
+    attr_types = {int: I64, float: F, str: PyCustomOpDef.dt_string}
+    ops = [(SPECS[name].onnx_op_type, SPECS[name].input_types, SPECS[name].output_types, SPECS[name].attributes,
+            impl.fn, impl.extra["out_shapes"]) for name, (impl, *_) in implementations("ort").items()]
+    ops += [(s.op_type, s.inputs, s.outputs, s.attributes, s.fn, s.out_shapes) for s in session_ops().values()]
+    for op_type, inputs, outputs, attributes, fn, out_shapes in ops:
+        onnx_op(op_type=f"{DOMAIN}::{op_type}", inputs=[types[t] for t in inputs], outputs=[types[t] for t in outputs],
+                attrs={a: attr_types[t] for a, t in attributes.items()}
+                )(_guarded(op_type, len(outputs), out_shapes)(fn))
 
 
 def tune_malloc() -> bool:
