@@ -1,6 +1,7 @@
 """Graph passes, one per file, each `(model: onnx.ModelProto, settings: PassSettings) -> ModelProto`,
-run from one explicit ordered list per backend. One rewrite is not a build pass:
-`bind_weights.py`, which the ONNX Runtime engine runs on the graph it hands a session."""
+run from one explicit ordered list per backend. Two rewrites are not build passes:
+`bind_weights.py` and `bind_kv_caches.py`, which the ONNX Runtime engine runs on the graph it hands
+a session (weights and KV caches kept outside the graph)."""
 
 from __future__ import annotations
 

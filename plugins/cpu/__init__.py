@@ -1,8 +1,10 @@
 """CPU kernels for the jamba:: ops, one file per op (numpy in, numpy out, float32 compute):
 selective_scan.py and causal_conv1d.py (numba), moe_int8.py (torch GEMMs / numba int8 GEMV),
 attention.py (torch's CPU flash attention). Each op file registers (plugins/registry.py) its
-torch-level kernel (target "cpu") and its ONNX Runtime op body (target "ort"); ort_ops.py declares
-the registered bodies as ONNX Runtime custom ops.
+torch-level kernel (target "cpu") and its ONNX Runtime op body (target "ort"), and beside them the
+ORT engine's own session ops (`session_op`: linear_int8.py's LinearInt8, the weight-mapped MoE and
+linear forms, the in-place KV-cache attention); ort_ops.py declares them all as ONNX Runtime custom
+ops.
 
 `register_torch_kernels()` makes the registered kernels the CPU implementation of torch.ops.jamba.*.
 The `<op>_ref` oracles in jambatrt.export.ops are plain functions and are never affected."""
