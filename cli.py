@@ -252,10 +252,10 @@ def cmd_validate(a) -> int:
         def on_length(i, L):
             prog.update(task, completed=i, description=f"length {L:,} ({a.backend} vs {a.reference})")
 
-        report = run_parity(engine, reference, a.lengths, engine.manifest["dtype"], batch=a.batch, seed=a.seed,
+        report = run_parity(engine, reference, a.lengths, engine.manifest.dtype, batch=a.batch, seed=a.seed,
                             on_length=on_length, check_state=not a.no_state)
         prog.update(task, completed=len(a.lengths), description="parity done")
-    json_path, md_path = write_parity(report.to_dict(), path, engine.manifest)
+    json_path, md_path = write_parity(report.to_dict(), path, engine.manifest.raw)
     for r in report.results:
         worst = max((s.get("max_abs_err", 0.0) for s in r.states.values()), default=None)
         print(f"  length {r.length:>7,}: max|diff| {r.max_abs_err:.2e}  mean {r.mean_abs_err:.2e}  "
@@ -361,7 +361,7 @@ def cmd_generate(a) -> int:
         prompts, eos = a.prompt_ids, a.eos_id
     else:
         from jambatrt.text import TextCodec, read_messages
-        codec = TextCodec(a.out, engine.manifest)
+        codec = TextCodec(a.out, engine.manifest.text)
         if a.prompt is not None:
             prompts = [codec.encode(a.prompt)]
         else:
@@ -427,8 +427,8 @@ def cmd_deploy(a) -> int:
     from jambatrt.deploy.server import TritonServer, find_serve_env, serve_forever
 
     models = list(info["models"])
-    from jambatrt.artifact import read_manifest
-    aoti_device = read_manifest(a.out).get("engines", {}).get("aoti", {}).get("device")
+    from jambatrt.manifest import Manifest
+    aoti_device = Manifest.read(a.out).engines.get("aoti", {}).get("device")
     gpu_kinds = {"tensorrt"} | ({"aoti"} if aoti_device == "cuda" else set())
     if a.stages and a.stage_devices == "gpu" and not Path("/dev/nvidiactl").exists():
         from jambatrt.errors import UsageError
@@ -454,8 +454,8 @@ def cmd_inspect(a) -> int:
     if a.preset is not None:
         cfg = preset(a.preset)
     else:
-        from jambatrt.artifact import read_manifest
-        cfg = JambaConfig.from_hf_dict(read_manifest(a.out)["config"], source=f"{a.out}/manifest.json")
+        from jambatrt.manifest import Manifest
+        cfg = Manifest.read(a.out).config
     plan = memory_plan(cfg, context=a.context, batch=a.batch)
     from jambatrt.engines.tensorrt import build_host_memory
     plan["tensorrt_build_host_bytes"] = {k: build_host_memory(v)["peak"] for k, v in plan["weight_bytes"].items()}

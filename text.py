@@ -134,9 +134,9 @@ class TextCodec:
     """The artifact's tokenizer through transformers (AutoTokenizer, offline, from the artifact's own
     files), its chat template and its EOS ids."""
 
-    def __init__(self, artifact: str | Path, manifest: dict):
+    def __init__(self, artifact: str | Path, text: dict):
+        """text: the manifest's `text` section (`Manifest.text`)."""
         self.artifact = Path(artifact)
-        text = manifest.get("text") or {}
         if not text.get("tokenizer"):
             raise ArtifactError(no_tokenizer_message(self.artifact))
         self.has_chat_template = bool(text.get("chat_template"))

@@ -34,21 +34,21 @@ pb_utils = None       # triton_python_backend_utils, bound in TritonPythonModel.
 
 
 # ---- writer (jambatrt deploy) ----------------------------------------------------------------------
-def engine_config(manifest: dict, artifact: str | Path, model_name: str, backend: str, settings=None) -> str:
+def engine_config(manifest: Manifest | dict, artifact: str | Path, model_name: str, backend: str, settings=None) -> str:
     """config.pbtxt of NAME_aoti / NAME_tensorrt for the artifact's `engines[backend]` entry;
     settings: a RepositorySettings (token budget, idle time, live sequences, instances, execution env)."""
     from jambatrt.artifact import sha256_file
     from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
     from jambatrt.deploy.repository import RepositorySettings, served_max_tokens
     from jambatrt.deploy.sequence_state import sequence_batching
-    from jambatrt.errors import ArtifactError, InputError
+    from jambatrt.errors import InputError
+    from jambatrt.manifest import Manifest
 
     if backend not in BACKENDS:
         raise InputError(f"engine model backend {backend!r} (accepted: {', '.join(BACKENDS)})")
     settings = settings or RepositorySettings()
-    entry = manifest.get("engines", {}).get(backend)
-    if entry is None:
-        raise ArtifactError(f"{artifact}: no {backend} engine built (run `jambatrt build {artifact} --backend {backend}`)")
+    manifest = Manifest.of(artifact, manifest)
+    entry = manifest.engine(backend)
     artifact = Path(artifact).resolve()
     device = "cuda" if backend == "tensorrt" else entry.get("device", "cpu")
     chunk = entry.get("chunk_plan", {}).get("chunk")
@@ -57,8 +57,8 @@ def engine_config(manifest: dict, artifact: str | Path, model_name: str, backend
              else f"cpu ({entry.get('cpu_isa') or 'host ISA'})")
     built = (f"AOTInductor engine compiled by torch {entry.get('torch', '?')}" if backend == "aoti"
              else f"TensorRT {entry.get('tensorrt', '?')} engine")
-    vocab = manifest["programs"]["step"]["outputs"][0]["shape"][-1]
-    notes = [f"{built} of a jambatrt artifact (dtype {manifest.get('dtype')}) for {where}: serve it with the same "
+    vocab = manifest.step.vocab
+    notes = [f"{built} of a jambatrt artifact (dtype {manifest.dtype}) for {where}: serve it with the same "
              f"{'torch' if backend == 'aoti' else 'TensorRT'} on the same kind of device.",
              "Sequence model: send input_ids [1, L] with a sequence id (START on the first request, END on the "
              "last); read logits [1, V] of the last token and next_token [1, 1]. The KV and Mamba state stay on "
@@ -86,7 +86,7 @@ def engine_config(manifest: dict, artifact: str | Path, model_name: str, backend
     return comment("\n".join(notes)) + pbtxt(cfg) + "\n"
 
 
-def write_engine_model(model_dir: str | Path, artifact: str | Path, manifest: dict, model_name: str, backend: str,
+def write_engine_model(model_dir: str | Path, artifact: str | Path, manifest, model_name: str, backend: str,
                        settings=None) -> Path:
     """Write model_dir/config.pbtxt and model_dir/1/model.py (this file). Returns model_dir."""
     text = engine_config(manifest, artifact, model_name, backend, settings)      # refusals before any file
@@ -133,8 +133,7 @@ class TritonPythonModel:
         # verify=True: every artifact file checked against its sha256 before serving it
         self.engine = engine_class(backend).load(artifact, verify=True)
         self.device = "cuda" if backend == "tensorrt" else self.engine.device
-        step = self.engine.step_program
-        self.state_specs = step["inputs"][1:]
+        self.state_specs = self.engine.step_program.state
         self.vocab = self.engine.config.vocab_size
         self.chunk = self.engine.default_chunk(1)
         self.dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -155,8 +154,8 @@ class TritonPythonModel:
 
     def _zero_state(self):
         """The state before any token, on the engine's device: zeros for Mamba, an empty (P = 0) KV."""
-        return [self.torch.zeros([1 if d == "batch" else 0 if d == "past" else int(d) for d in s["shape"]],
-                                 dtype=self.dtypes[s["dtype"]], device=self.device) for s in self.state_specs]
+        return [self.torch.zeros([1 if d == "batch" else 0 if d == "past" else int(d) for d in s.shape],
+                                 dtype=self.dtypes[s.dtype], device=self.device) for s in self.state_specs]
 
     def _run(self, state, ids):
         """ids [1,L] int64 (host) + state on the device -> (logits [1,V] float32 on the host, new state)."""

@@ -92,11 +92,11 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
     """Each model of a (verified) jambatrt repository with the inputs and limits it accepts."""
     from pathlib import Path
 
-    from jambatrt.artifact import read_manifest
     from jambatrt.deploy.repository import served_max_tokens, verify_repository
+    from jambatrt.manifest import Manifest
 
     info = verify_repository(Path(repository))
-    manifest = read_manifest(info["artifact"])
+    manifest = Manifest.read(info["artifact"])
     settings = info["settings"]
     T = served_max_tokens(manifest, settings.get("max_tokens"))
     prefix = settings["name"]

@@ -27,12 +27,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from jambatrt.artifact import atomic_dir, hash_tree, read_manifest, sha256_file, verify_files, write_json_atomic
+from jambatrt.artifact import atomic_dir, hash_tree, sha256_file, verify_files, write_json_atomic
 from jambatrt.deploy.engine_model import write_engine_model
 from jambatrt.deploy.pbtxt import Enum, parameters, pbtxt, tensor
 from jambatrt.deploy.sequence_state import sequence_batching
 from jambatrt.deploy.stages_repository import STAGE_MODEL
 from jambatrt.errors import ArtifactError, InputError
+from jambatrt.manifest import Manifest
 
 REPOSITORY_INFO = "jambatrt-repository.json"
 PYTHON_MODEL = Path(__file__).with_name("triton_model.py")
@@ -78,15 +79,14 @@ def _python_model(name: str, mode: str, common: dict, settings: RepositorySettin
     return pbtxt(body) + "\n"
 
 
-def served_max_tokens(manifest: dict, max_tokens: int | None) -> int:
+def served_max_tokens(manifest: Manifest, max_tokens: int | None) -> int:
     """The Python models' token budget per request / sequence: the setting, at most the artifact's context."""
-    max_seq = int(manifest["programs"]["step"].get("max_seq", manifest["config"]["max_position_embeddings"]))
-    return min(max_tokens or max_seq, max_seq)
+    return min(max_tokens or manifest.max_seq, manifest.max_seq)
 
 
-def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings) -> dict[str, str]:
+def python_configs(manifest: Manifest, artifact: Path, settings: RepositorySettings) -> dict[str, str]:
     """config.pbtxt text of the three Python-backend models, keyed by model name."""
-    vocab = manifest["programs"]["step"]["outputs"][0]["shape"][-1]
+    vocab = manifest.step.vocab
     max_tokens = served_max_tokens(manifest, settings.max_tokens)
     common = {"artifact": str(artifact), "backend": settings.backend,
               "manifest_sha256": sha256_file(artifact / "manifest.json"), "max_tokens": max_tokens}
@@ -120,8 +120,8 @@ def python_configs(manifest: dict, artifact: Path, settings: RepositorySettings)
 def plan_repository(artifact: str | Path, settings: RepositorySettings = RepositorySettings()) -> dict:
     """What `write_repository` would write: {"models": {name: {"kind", "config"}}, ...} (no files touched)."""
     artifact = Path(artifact).resolve()
-    manifest = read_manifest(artifact)
-    engines = manifest.get("engines", {})
+    manifest = Manifest.read(artifact)
+    engines = manifest.engines
     models: dict[str, dict] = {}
     if settings.stages:
         # the stages and their ensemble only: the whole model is what does not fit one device

@@ -42,10 +42,11 @@ def _error(msg, invalid_arg=True):
 
 class TritonPythonModel:
     def initialize(self, args):
-        from jambatrt.artifact import check_deployed_manifest, read_manifest, verify_files
+        from jambatrt.artifact import check_deployed_manifest, verify_files
         from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
         from jambatrt.engines.staged import KEY, StageSession
         from jambatrt.errors import InputError
+        from jambatrt.manifest import Manifest
 
         self.InputError = InputError
         cfg = json.loads(args["model_config"])
@@ -53,14 +54,14 @@ class TritonPythonModel:
         self.name = cfg.get("name", "")
         artifact = params["artifact"]
         check_deployed_manifest(artifact, params.get("manifest_sha256"))
-        manifest = read_manifest(artifact)
-        verify_files(artifact, manifest)            # every file against its sha256 before serving it
-        stages = manifest["engines"][KEY]["stages"]
+        manifest = Manifest.read(artifact)
+        verify_files(artifact, manifest.raw)        # every file against its sha256 before serving it
+        stages = manifest.engine(KEY)["stages"]
         self.index = int(params["stage"])
         self.stage = stages[self.index]
         self.first, self.last = self.index == 0, self.index == len(stages) - 1
-        self.vocab = int(manifest["config"]["vocab_size"])
-        self.session = StageSession(artifact, manifest, self.stage)
+        self.vocab = manifest.config.vocab_size
+        self.session = StageSession(manifest, self.stage)
         self.past_specs = self.stage["inputs"][1:]
         # correlation id -> this stage's state {past name: array}
         self.states = SequenceStates(float(params.get("idle_seconds", "60")), int(params.get("max_sequences", "64")),

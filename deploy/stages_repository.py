@@ -19,25 +19,23 @@ from pathlib import Path
 from jambatrt.artifact import sha256_file
 from jambatrt.deploy.pbtxt import Enum, comment, parameters, pbtxt, tensor
 from jambatrt.deploy.sequence_state import sequence_batching
-from jambatrt.errors import ArtifactError, InputError
+from jambatrt.errors import InputError
+from jambatrt.manifest import Manifest
 
 STAGE_MODEL = Path(__file__).with_name("stage_model.py")
 STAGES_KEY = "ort-stages"
 
 
-def stage_models(manifest: dict, artifact: Path, settings) -> dict[str, dict]:
+def stage_models(manifest: Manifest, artifact: Path, settings) -> dict[str, dict]:
     """{model name: {"kind": "stage" | "ensemble", "config": config.pbtxt text}} for `deploy --stages`."""
     from jambatrt.deploy.repository import served_max_tokens
 
-    entry = manifest.get("engines", {}).get(STAGES_KEY)
-    if entry is None:
-        raise ArtifactError(f"{artifact}: no stage engines built (run `jambatrt build {artifact} --backend ort "
-                            "--stages N` or `--stage-plan auto --gpu-memory 80GB`)")
+    entry = manifest.engine(STAGES_KEY, "--backend ort --stages N` or `--stage-plan auto --gpu-memory 80GB")
     if settings.stage_devices not in ("cpu", "gpu"):
         raise InputError(f"stage_devices={settings.stage_devices!r} (accepted: cpu, gpu)")
     n, stages = settings.name, entry["stages"]
-    vocab = manifest["programs"]["step"]["outputs"][0]["shape"][-1]
-    H = int(manifest["config"]["hidden_size"])
+    vocab = manifest.step.vocab
+    H = manifest.config.hidden_size
     common = {"artifact": str(artifact), "manifest_sha256": sha256_file(artifact / "manifest.json"),
               "max_tokens": served_max_tokens(manifest, settings.max_tokens),
               "idle_seconds": settings.idle_seconds, "max_sequences": settings.max_sequences}

@@ -186,9 +186,9 @@ class TritonPythonModel:
                                            thread_name_prefix="jamba-generate")
             from jambatrt.text import TextCodec, no_tokenizer_message
             self.codec_error = no_tokenizer_message(artifact)
-            if (self.engine.manifest.get("text") or {}).get("tokenizer"):
+            if self.engine.manifest.text.get("tokenizer"):
                 try:
-                    self.codec = TextCodec(artifact, self.engine.manifest)
+                    self.codec = TextCodec(artifact, self.engine.manifest.text)
                 except JambaTRTError as e:     # the id interface still serves; text requests say why not
                     self.codec_error = str(e)
         # warm up (first run compiles the CPU kernels) so the first request is not the slow one; the

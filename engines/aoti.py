@@ -13,11 +13,10 @@ How the jamba:: ops get into the package depends on the device:
   op up in the dispatcher and calls its Python implementation (the CPU kernels of plugins/cpu, or
   `<op>_ref`): the package runs in a Python process that has imported jambatrt (this engine, the
   Triton Python backend), not from C++ alone. Inductor lays out its buffers from each op's fake
-  (meta) implementation, so the real outputs must have the fake outputs' strides. They do not
-  always: causal_conv1d's fake gives y the strides of a non-contiguous x (`empty_like`), the
-  kernels return it contiguous; attention_ref returns o as a permuted view. The CPU package
-  therefore calls every op through a `jamba_aoti::` twin with the same schema whose outputs are
-  contiguous in both its fake and its implementation (`register_cpu_boundary_ops`).
+  (meta) implementation, so the real outputs must have the fake outputs' strides: every fake and
+  every kernel returns contiguous outputs (export/ops), so the package calls the jamba:: ops
+  themselves. (Packages from before that called them through `jamba_aoti::` twins; they are refused
+  with a rebuild hint.)
 
 Build needs a C++ compiler (both devices) and, for cuda, a CUDA GPU of the arch that will run it;
 without one, building a cuda package raises BackendUnavailable("no CUDA GPU: ...")."""
@@ -36,10 +35,10 @@ import numpy as np
 
 from jambatrt.engines.base import Engine, settings_from_kwargs, to_numpy, to_torch
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+from jambatrt.manifest import Manifest
 
 SUBDIR = "engines/aoti"
 PACKAGE = "model.pt2"
-BOUNDARY_NAMESPACE = "jamba_aoti"
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -92,7 +91,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def plan(manifest: dict, settings: AotiSettings) -> dict:
+def plan(manifest: Manifest, settings: AotiSettings) -> dict:
     """The chunk plan the engine prefills with (the Triton kernels index with int32 offsets, so
     every activation tensor stays under 2^31 elements, as for TensorRT)."""
     from jambatrt.engines.chunking import engine_chunk_plan
@@ -100,50 +99,6 @@ def plan(manifest: dict, settings: AotiSettings) -> dict:
     _, max_seq, p = engine_chunk_plan(manifest, settings.max_batch, settings.max_seq, settings.prefill_chunk,
                                       settings.chunk_cap)
     return {"max_seq": max_seq, "chunk_plan": p.as_dict()}
-
-
-_BOUNDARY_LIB = None
-
-
-def register_cpu_boundary_ops() -> None:
-    """Define `jamba_aoti::<op>` for every jamba op: the same schema, implementation = the jamba op
-    with contiguous inputs, outputs made contiguous; its fake is the same function, so fake and
-    real outputs agree on strides (see the module docstring). Idempotent."""
-    global _BOUNDARY_LIB
-    if _BOUNDARY_LIB is not None:
-        return
-    torch = _torch()
-    from jambatrt.export import ops as jops
-
-    lib = torch.library.Library(BOUNDARY_NAMESPACE, "DEF")   # noqa: TOR901 - kept alive in _BOUNDARY_LIB
-    for name in jops.REGISTRY:
-        op = getattr(torch.ops.jamba, name).default
-        lib.define(str(op._schema).split("::", 1)[1])
-
-        def contiguous_call(*args, _op=op):
-            out = _op(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
-            if isinstance(out, (tuple, list)):
-                return tuple(t.contiguous() for t in out)
-            return out.contiguous()
-
-        lib.impl(name, contiguous_call, "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{BOUNDARY_NAMESPACE}::{name}", contiguous_call, lib=lib)
-    _BOUNDARY_LIB = lib
-
-
-def to_boundary_ops(ep):
-    """The ExportedProgram with every jamba::<op> call replaced by jamba_aoti::<op> (metadata
-    re-derived by a retrace). Returns (program, number of calls replaced)."""
-    torch = _torch()
-    register_cpu_boundary_ops()
-    n = 0
-    for node in ep.graph.nodes:
-        if (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
-                and node.target.namespace == "jamba"):
-            node.target = getattr(getattr(torch.ops, BOUNDARY_NAMESPACE), node.target._opname).default
-            n += 1
-    ep.graph_module.recompile()
-    return ep.run_decompositions({}), n
 
 
 def package_contents(path: str | Path) -> dict:
@@ -181,30 +136,27 @@ def compile_package(ep, device: str, package_path: str | Path, inductor_configs:
             raise BackendUnavailable(f"torch {torch.__version__} has no torch.export.passes.move_to_device_pass "
                                      "(torch >= 2.6 needed for a cuda package)") from None
         ep = move_to_device_pass(ep, "cuda")
-    else:
-        ep, _ = to_boundary_ops(ep)
     configs = dict(AotiSettings().inductor_configs() if inductor_configs is None else inductor_configs)
     with warnings.catch_warnings():     # torch's own pytree deprecation noise, once per graph module
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
         path = torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
                                                         inductor_configs=configs)
     info = package_contents(path)
-    python_ops = [t for t in info["fallback_ops"] if t.startswith(("jamba::", f"{BOUNDARY_NAMESPACE}::"))]
+    python_ops = [t for t in info["fallback_ops"] if t.startswith("jamba::")]
     if device == "cuda" and python_ops:
         raise BackendUnavailable(f"the cuda package would call {sorted(set(python_ops))} back through Python: "
                                  "their Triton kernels were not traced in (register_cuda_kernels)")
     return info
 
 
-def load_step_program(artifact: Path, manifest: dict):
+def load_step_program(manifest: Manifest):
     """The artifact's step program (step.pt2: StepProgram, torch.export, dynamic batch/seq/past, the
     program model.onnx was made from), its weights bound from the artifact's store."""
     from jambatrt.export.weights import load_program
 
-    rel = manifest["programs"]["step"].get("pt2")
-    if not rel:
-        raise ArtifactError(f"{artifact}/manifest.json has no step program (re-run `jambatrt export`)")
-    return load_program(artifact, rel)
+    if not manifest.step.pt2:
+        raise ArtifactError(f"{manifest.artifact}/manifest.json has no step program (re-run `jambatrt export`)")
+    return load_program(manifest.artifact, manifest.step.pt2)
 
 
 def _versions() -> dict:
@@ -228,18 +180,18 @@ class AotiEngine(Engine):
     reads_onnx = False               # the step program step.pt2
 
     @classmethod
-    def _prepare(cls, artifact: Path, manifest: dict, s: AotiSettings) -> tuple:
+    def _prepare(cls, artifact: Path, manifest: Manifest, s: AotiSettings) -> tuple:
         return plan(manifest, s), resolve_device(s.device)
 
     @classmethod
-    def _build(cls, artifact: Path, manifest: dict, s: AotiSettings, prepared: tuple, tmp: Path) -> dict:
+    def _build(cls, artifact: Path, manifest: Manifest, s: AotiSettings, prepared: tuple, tmp: Path) -> dict:
         planned, device = prepared
         torch = _torch()
         t0 = time.perf_counter()
         with warnings.catch_warnings():     # torch's own pytree deprecation noise
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             # the program admits batch 1..64 and the artifact's max_seq; run_step enforces max_batch
-            ep = load_step_program(artifact, manifest)
+            ep = load_step_program(manifest)
         t_export = time.perf_counter() - t0
         info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
         entry = {"path": f"{SUBDIR}/{PACKAGE}", "device": device, **_versions(),
@@ -259,7 +211,7 @@ class AotiEngine(Engine):
     def __init__(self, artifact, manifest=None):
         super().__init__(artifact, manifest)
         self.torch = torch = _torch()
-        self.entry = entry = self.manifest["engines"]["aoti"]
+        entry = self.entry
         self.device = entry["device"]
         built, here = entry.get("torch", "?"), torch.__version__
         if built.split("+")[0].split(".")[:2] != here.split("+")[0].split(".")[:2]:
@@ -273,9 +225,12 @@ class AotiEngine(Engine):
                 raise BackendUnavailable(f"the aoti package was built for {gpu['arch']} ({gpu['name']}); this GPU is "
                                          f"sm_{major}{minor}: rebuild it here")
         else:
+            if any(o.startswith("jamba_aoti::") for o in entry.get("python_ops", [])):
+                raise BackendUnavailable(f"the aoti package calls the ops through jamba_aoti:: twins, which this "
+                                         f"jambatrt no longer defines: rebuild it (`jambatrt build {artifact} "
+                                         "--backend aoti`)")
             # before loading: the package resolves the ops when it is loaded (kernels registered
             # after a load were seen not to be picked up by it)
-            register_cpu_boundary_ops()
             try:    # the proxy executor calls the ops: give them the fast CPU kernels where they exist
                 from jambatrt.plugins.cpu import register_torch_kernels
                 register_torch_kernels()

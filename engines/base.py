@@ -15,20 +15,19 @@ from typing import Any, ClassVar
 import numpy as np
 
 from jambatrt.artifact import add_files, atomic_dir, atomic_file, read_manifest, record_files, verify_files
-from jambatrt.config import JambaConfig
+from jambatrt.manifest import Manifest, Program
 from jambatrt.errors import ArtifactError, InputError
 
 
 class Engine(abc.ABC):
-    backend: str = ""
+    backend: str = ""              # its entry in the manifest's engines
+    build_options: str = ""        # how `jambatrt build` makes it (default: --backend <backend>)
 
-    def __init__(self, artifact: str | Path, manifest: dict | None = None):
+    def __init__(self, artifact: str | Path, manifest: Manifest | dict | None = None):
         self.artifact = Path(artifact)
-        self.manifest = manifest or read_manifest(self.artifact)
-        self.config = JambaConfig.from_hf_dict(self.manifest["config"], source=str(self.artifact / "manifest.json"))
-        if self.backend not in self.manifest.get("engines", {}):
-            raise ArtifactError(f"{self.artifact}: no {self.backend!r} engine built "
-                                f"(run `jambatrt build {self.artifact} --backend {self.backend}`)")
+        self.manifest = Manifest.of(self.artifact, manifest)
+        self.config = self.manifest.config
+        self.entry = self.manifest.engine(self.backend, self.build_options or None)
 
     # ---- building ------------------------------------------------------------------------------
     Settings: ClassVar[type]       # the build settings: a frozen dataclass with `from_kwargs(**kw)`
@@ -47,10 +46,10 @@ class Engine(abc.ABC):
         meanwhile)."""
         s = cls.Settings.from_kwargs(**settings)
         artifact = Path(artifact)
-        manifest = read_manifest(artifact)
-        if cls.reads_onnx and "onnx" not in manifest["programs"]["step"]:
+        manifest = Manifest.read(artifact)
+        if cls.reads_onnx and not manifest.step.onnx:
             raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
-        verify_files(artifact, manifest)     # refuse tampered or incomplete inputs before any work
+        verify_files(artifact, manifest.raw)     # refuse tampered or incomplete inputs before any work
         t0 = time.perf_counter()
         prepared = cls._prepare(artifact, manifest, s)
         out = artifact / cls.output
@@ -58,22 +57,22 @@ class Engine(abc.ABC):
         with (atomic_file(out) if Path(cls.output).suffix else atomic_dir(out, force=True)) as tmp:
             entry = cls._build(artifact, manifest, s, prepared, tmp)
         entry["build_seconds"] = round(time.perf_counter() - t0, 3)
-        manifest = read_manifest(artifact)
-        manifest.setdefault("engines", {})[cls.backend] = entry
+        raw = read_manifest(artifact)
+        raw.setdefault("engines", {})[cls.backend] = entry
         if out.is_dir():
-            add_files(artifact, manifest, cls.output)
+            add_files(artifact, raw, cls.output)
         else:
-            record_files(artifact, manifest, [cls.output])
+            record_files(artifact, raw, [cls.output])
         return entry
 
     @classmethod
-    def _prepare(cls, artifact: Path, manifest: dict, settings: Any) -> Any:
+    def _prepare(cls, artifact: Path, manifest: Manifest, settings: Any) -> Any:
         """The checks and plans that need nothing written (InputError / BackendUnavailable for what
         this backend cannot build); what it returns goes to `_build`."""
         return None
 
     @classmethod
-    def _build(cls, artifact: Path, manifest: dict, settings: Any, prepared: Any, out: Path) -> dict:
+    def _build(cls, artifact: Path, manifest: Manifest, settings: Any, prepared: Any, out: Path) -> dict:
         """Write the engine into `out` (a temp file or folder standing for `output`); returns the
         manifest entry, its paths as they will be once `out` is `output`. (engines/staged.py, which
         writes one file per stage, overrides `build` itself.)"""
@@ -84,7 +83,7 @@ class Engine(abc.ABC):
         manifest = read_manifest(artifact)
         if verify:
             verify_files(artifact, manifest)
-        return cls(artifact, manifest)
+        return cls(artifact, Manifest(Path(artifact), manifest))
 
     # ---- running -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -92,43 +91,43 @@ class Engine(abc.ABC):
         """One call of the step program: ids [B,L] + state (P past tokens) -> logits [B,L,V], state."""
 
     @property
-    def step_program(self) -> dict:
-        return self.manifest["programs"]["step"]
+    def step_program(self) -> Program:
+        return self.manifest.step
 
     @property
     def max_seq(self) -> int:
-        return int(self.step_program.get("max_seq", self.config.max_position_embeddings))
+        return self.manifest.max_seq
 
     def zero_state(self, batch: int) -> list[np.ndarray]:
         """The state before any token: zeros for Mamba, empty (P = 0) KV for attention."""
         out = []
-        for spec in self.step_program["inputs"][1:]:
-            shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec["shape"]]
-            out.append(np.zeros(shape, dtype=_np_dtype(spec["dtype"])))
+        for spec in self.step_program.state:
+            shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec.shape]
+            out.append(np.zeros(shape, dtype=_np_dtype(spec.dtype)))
         return out
 
     def check_state(self, state: list, batch: int) -> int:
         """Returns the number of past tokens P; InputError when the state is not this model's.
         numpy arrays or torch tensors (deploy/aoti_model.py checks the server's tensors here)."""
-        specs = self.step_program["inputs"][1:]
+        specs = self.step_program.state
         if not isinstance(state, (list, tuple)) or len(state) != len(specs):
             raise InputError(f"state has {len(state) if isinstance(state, (list, tuple)) else type(state).__name__} "
-                             f"tensors; this model's state has {len(specs)} ({specs[0]['name']}, ...): "
+                             f"tensors; this model's state has {len(specs)} ({specs[0].name}, ...): "
                              "a state from another model or config?")
         past = None
         for spec, t in zip(specs, state):
-            want = spec["shape"]
+            want = spec.shape
             if t.ndim != len(want) or t.shape[0] != batch or any(
                     isinstance(w, int) and w != g for w, g in zip(want, t.shape)):
-                raise InputError(f"state tensor {spec['name']} has shape {list(t.shape)}, expected "
+                raise InputError(f"state tensor {spec.name} has shape {list(t.shape)}, expected "
                                  f"{[batch if w == 'batch' else w for w in want]}: a state from another model, "
                                  "config or batch?")
-            if dtype_name(t) != spec["dtype"]:
-                raise InputError(f"state tensor {spec['name']} has dtype {t.dtype}, expected {spec['dtype']}")
+            if dtype_name(t) != spec.dtype:
+                raise InputError(f"state tensor {spec.name} has dtype {t.dtype}, expected {spec.dtype}")
             if "past" in want:
                 p = t.shape[want.index("past")]
                 if past is not None and p != past:
-                    raise InputError(f"state tensor {spec['name']} holds {p} past tokens, others {past}")
+                    raise InputError(f"state tensor {spec.name} holds {p} past tokens, others {past}")
                 past = p
         return past or 0
 
@@ -154,7 +153,7 @@ class Engine(abc.ABC):
         runner compares engines and references: -> (logits [B,L,V], {step output name: final
         state}, no per-layer health)."""
         logits, state = self.prefill(input_ids)
-        return logits, dict(zip((o["name"] for o in self.step_program["outputs"][1:]), state)), []
+        return logits, dict(zip((o.name for o in self.step_program.outputs[1:]), state)), []
 
     def decode(self, token_ids, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """token_ids [B] + state -> (logits [B,V], new state)."""
@@ -164,6 +163,15 @@ class Engine(abc.ABC):
             raise InputError(f"context {past} + 1 tokens exceeds the maximum {self.max_seq}")
         logits, state = self.run_step(ids, list(state))
         return logits[:, -1], state
+
+    def prefill_last(self, input_ids) -> tuple[np.ndarray, list[np.ndarray]]:
+        """input_ids [B,L] from the empty state -> (the last position's logits [B,V], state): what
+        generation and `profile` run; the eager reference has the same method (validate/reference.py)."""
+        return self.prefill(input_ids, last_only=True)
+
+    def cut_past(self, state: list, keep: int) -> list:
+        """The state with only the first `keep` past tokens of its KV (Mamba state as it is)."""
+        return [t[:, :keep] if "past" in s.shape else t for s, t in zip(self.step_program.state, state)]
 
     def default_chunk(self, batch: int) -> int:
         return 16384

@@ -13,6 +13,7 @@ from typing import Iterator
 
 from jambatrt.config import JambaConfig
 from jambatrt.errors import InputError
+from jambatrt.manifest import Manifest
 from jambatrt.export.plan import (DEFAULT_CHUNK_CAP, TENSOR_LIMIT, activation_tensors, largest, max_prefill_chunk,
                                   weight_tensors)
 
@@ -75,15 +76,14 @@ def plan_chunks(cfg: JambaConfig, total: int, batch: int = 1, past: int = 0, cap
                      largest_elements=worst, weights_over_limit=over)
 
 
-def engine_chunk_plan(manifest: dict, max_batch: int, max_seq: int | None = None, prefill_chunk: int | None = None,
+def engine_chunk_plan(manifest: Manifest, max_batch: int, max_seq: int | None = None, prefill_chunk: int | None = None,
                       chunk_cap: int = DEFAULT_CHUNK_CAP) -> tuple[JambaConfig, int, ChunkPlan]:
     """The plan a GPU engine build (TensorRT, AOTInductor) prefills with: the context is max_seq or
     the step program's; the chunk is the plan's for (max_batch, context), checked as a shape box —
     a full chunk on top of the longest past keeps every activation under 2^31 elements — and an
     explicit prefill_chunk must fit. Returns (config, max_seq, plan); InputError names what to lower."""
-    cfg = JambaConfig.from_hf_dict(manifest["config"], source="manifest.json")
-    step = manifest["programs"]["step"]
-    max_seq = max_seq or int(step.get("max_seq", cfg.max_position_embeddings))
+    cfg = manifest.config
+    max_seq = max_seq or manifest.max_seq
     if max_seq < 1:
         raise InputError(f"max_seq={max_seq} (accepted: >= 1)")
     plan = plan_chunks(cfg, max_seq, max_batch, cap=prefill_chunk or chunk_cap)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import artifact_file
 from jambatrt.engines.base import Engine, settings_from_kwargs
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+from jambatrt.manifest import Manifest
 
 ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
 
@@ -154,14 +154,14 @@ class OrtEngine(Engine):
     output = ENGINE
 
     @classmethod
-    def _prepare(cls, artifact: Path, manifest: dict, s: OrtSettings) -> None:
-        if manifest["dtype"] != "float32":
+    def _prepare(cls, artifact: Path, manifest: Manifest, s: OrtSettings) -> None:
+        if manifest.dtype != "float32":
             # ORT's CPU provider has no bfloat16 MatMul/Gemm kernels; bf16 artifacts are for TensorRT.
             raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
-                             f"{manifest['dtype']} (re-export with --dtype float32, or build --backend tensorrt)")
+                             f"{manifest.dtype} (re-export with --dtype float32, or build --backend tensorrt)")
 
     @classmethod
-    def _build(cls, artifact: Path, manifest: dict, s: OrtSettings, prepared: None, out: Path) -> dict:
+    def _build(cls, artifact: Path, manifest: Manifest, s: OrtSettings, prepared: None, out: Path) -> dict:
         """Lower model.onnx with the ORT pass list into ENGINE beside it. The lowered graph's
         initializers keep pointing into the artifact's weights.safetensors: nothing is read or
         copied."""
@@ -171,15 +171,14 @@ class OrtEngine(Engine):
         from jambatrt.graph.onnx_export import check, load_onnx
         from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
 
-        settings = PassSettings(attention=s.attention, dtype=manifest["dtype"])
-        step = manifest["programs"]["step"]
-        model = load_onnx(artifact_file(artifact, manifest, step["onnx"]), load_external_data=False)
+        settings = PassSettings(attention=s.attention, dtype=manifest.dtype)
+        model = load_onnx(manifest.file(manifest.step.onnx), load_external_data=False)
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
         onnx.save_model(model, out)
         check(out)
         return {"path": ENGINE, "onnxruntime": onnxruntime.__version__, "passes": [p.__name__ for p in passes],
-                "settings": {"attention": s.attention}, "weights": manifest["weights"]["path"]}
+                "settings": {"attention": s.attention}, "weights": manifest.weights}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
         """map_weights: the session as `session_graph` hands it (weights mapped once, KV caches in
@@ -188,20 +187,19 @@ class OrtEngine(Engine):
         super().__init__(artifact, manifest)
         from jambatrt.plugins.cpu.ort_ops import release
 
-        entry = self.manifest["engines"]["ort"]
-        path = artifact_file(self.artifact, self.manifest, entry["path"])
-        self.session, self.kv_cached, keys = load_session(path, threads, entry["settings"]["attention"] == "kernel",
+        path = self.manifest.file(self.entry["path"])
+        self.session, self.kv_cached, keys = load_session(path, threads, self.entry["settings"]["attention"] == "kernel",
                                                           map_weights)
         self.bound = keys          # what this session keeps outside its graph (ort_ops.bind)
         self._release = weakref.finalize(self, release, keys)     # the mapped weights and KV caches go with it
-        self.input_names = [i["name"] for i in self.step_program["inputs"]]      # the full state, in order
-        self.output_names = [o["name"] for o in self.step_program["outputs"]]
+        self.input_names = [i.name for i in self.step_program.inputs]      # the full state, in order
+        self.output_names = [o.name for o in self.step_program.outputs]
         self.session_inputs = {i.name for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
 
     def run_step(self, input_ids, state):
         B, L = input_ids.shape
-        if (B > 1 and L > 1 and self.manifest["engines"]["ort"]["settings"]["attention"] == "gqa"
+        if (B > 1 and L > 1 and self.entry["settings"]["attention"] == "gqa"
                 and self.check_state(state, B) > 0):
             # GroupQueryAttention's CPU kernel takes a multi-token chunk with past KV only at batch 1
             rows = [self._run(input_ids[b:b + 1], [t[b:b + 1] for t in state]) for b in range(B)]

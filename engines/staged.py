@@ -21,31 +21,30 @@ from pathlib import Path
 
 import numpy as np
 
-from jambatrt.artifact import artifact_file, read_manifest, record_files, verify_files
-from jambatrt.config import JambaConfig
+from jambatrt.artifact import record_files, verify_files
 from jambatrt.engines.base import Engine
 from jambatrt.errors import ArtifactError, InputError
+from jambatrt.manifest import Manifest
 
 KEY = "ort-stages"                        # the manifest's engines entry
 STAGE_FILE = "model.stage{k}.ort.onnx"
 
 
-def stage_io(manifest: dict, a: int, b: int, n_layers: int) -> tuple[list[dict], list[dict]]:
+def stage_io(manifest: Manifest, a: int, b: int, n_layers: int) -> tuple[list[dict], list[dict]]:
     """The inputs and outputs of the stage holding layers [a, b), with dtypes and symbolic dims
     (as the manifest's programs.step lists them)."""
     from jambatrt.graph.passes.split_stages import HIDDEN_IN, HIDDEN_OUT
 
-    step = manifest["programs"]["step"]
-    hidden = {"dtype": manifest["dtype"], "shape": ["batch", "seq", int(manifest["config"]["hidden_size"])]}
+    step = manifest.step
+    hidden = {"dtype": manifest.dtype, "shape": ["batch", "seq", manifest.config.hidden_size]}
 
     def mine(spec, prefix):
-        name = spec["name"]
-        return name.startswith(prefix) and a <= int(name.split(".")[1].removeprefix("layer")) < b
+        return spec.name.startswith(prefix) and a <= int(spec.name.split(".")[1].removeprefix("layer")) < b
 
-    ins = [step["inputs"][0] if a == 0 else {"name": HIDDEN_IN, **hidden}]
-    ins += [s for s in step["inputs"][1:] if mine(s, "past.")]
-    outs = [step["outputs"][0] if b == n_layers else {"name": HIDDEN_OUT, **hidden}]
-    outs += [s for s in step["outputs"][1:] if mine(s, "present.")]
+    ins = [step.inputs[0].as_dict() if a == 0 else {"name": HIDDEN_IN, **hidden}]
+    ins += [s.as_dict() for s in step.state if mine(s, "past.")]
+    outs = [step.outputs[0].as_dict() if b == n_layers else {"name": HIDDEN_OUT, **hidden}]
+    outs += [s.as_dict() for s in step.outputs[1:] if mine(s, "present.")]
     return ins, outs
 
 
@@ -63,24 +62,23 @@ def build_stages(artifact: str | Path, stages: int | None = None, gpu_bytes: int
     from jambatrt.graph.passes.split_stages import split_stages
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
-    step = manifest["programs"]["step"]
-    if "onnx" not in step:
+    m = Manifest.read(artifact)
+    if not m.step.onnx:
         raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
-    verify_files(artifact, manifest)
-    if manifest["dtype"] != "float32":
+    verify_files(artifact, m.raw)
+    if m.dtype != "float32":
         raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
-                         f"{manifest['dtype']} (re-export with --dtype float32)")
+                         f"{m.dtype} (re-export with --dtype float32)")
     if attention != "kernel":
         raise InputError(f"attention={attention!r}: stage engines run the attention kernel (accepted: kernel)")
-    cfg = JambaConfig.from_hf_dict(manifest["config"], source=f"{artifact}/manifest.json")
-    int8 = manifest.get("quantization", {}).get("experts", "none") != "none"
-    plan = plan_stages(cfg, stages=stages, gpu_bytes=gpu_bytes, context=context or step.get("max_seq"),
-                       experts_int8=int8)
-    settings = PassSettings(attention=attention, dtype=manifest["dtype"])
+    cfg = m.config
+    plan = plan_stages(cfg, stages=stages, gpu_bytes=gpu_bytes, context=context or m.step.max_seq,
+                       experts_int8=m.experts_int8)
+    settings = PassSettings(attention=attention, dtype=m.dtype)
     passes = ort_passes(settings)
     t0 = time.perf_counter()
-    model = load_onnx(artifact_file(artifact, manifest, step["onnx"]), load_external_data=False)
+    source = m.file(m.step.onnx)
+    model = load_onnx(source, load_external_data=False)
     L = cfg.num_hidden_layers
     graphs = split_stages(model, [tuple(r) for r in plan["ranges"]], L, cfg.hidden_size)
     entries, written = [], []
@@ -93,22 +91,23 @@ def build_stages(artifact: str | Path, stages: int | None = None, gpu_bytes: int
             written.append(tmp)
             onnx.save_model(g, tmp)
             check(Path(tmp))
-            ins, outs = stage_io(manifest, a, b, L)
+            ins, outs = stage_io(m, a, b, L)
             entries.append({"path": rel, "layers": [a, b], "inputs": ins, "outputs": outs})
         for tmp, e in zip(written, entries):          # all stages whole and checked: then into place
-            os.chmod(tmp, (artifact / step["onnx"]).stat().st_mode & 0o777)
+            os.chmod(tmp, source.stat().st_mode & 0o777)
             os.replace(tmp, artifact / e["path"])
     finally:
         for tmp in written:
             Path(tmp).unlink(missing_ok=True)
-    old = manifest.get("engines", {}).get(KEY, {})
+    manifest = m.raw
+    old = m.engines.get(KEY, {})
     stale = [s["path"] for s in old.get("stages", []) if s["path"] not in {e["path"] for e in entries}]
     for rel in stale:                                  # a previous build with more stages
         (artifact / rel).unlink(missing_ok=True)
         manifest.get("files", {}).pop(rel, None)
     entry = {"backend": "ort", "onnxruntime": onnxruntime.__version__, "stages": entries, "plan": plan,
              "passes": ["split_stages"] + [p.__name__ for p in passes], "settings": {"attention": attention},
-             "weights": manifest["weights"]["path"], "build_seconds": round(time.perf_counter() - t0, 3)}
+             "weights": m.weights, "build_seconds": round(time.perf_counter() - t0, 3)}
     manifest.setdefault("engines", {})[KEY] = entry
     record_files(artifact, manifest, [e["path"] for e in entries])
     return entry
@@ -117,12 +116,12 @@ def build_stages(artifact: str | Path, stages: int | None = None, gpu_bytes: int
 class StageSession:
     """One stage's ONNX Runtime session (the MoE experts mapped from the store, as OrtEngine does)."""
 
-    def __init__(self, artifact: Path, manifest: dict, stage: dict, threads: int | None = None):
+    def __init__(self, manifest: Manifest, stage: dict, threads: int | None = None):
         from jambatrt.engines.ort import load_session
         from jambatrt.plugins.cpu.ort_ops import release
 
         self.stage = stage
-        path = artifact_file(artifact, manifest, stage["path"])
+        path = manifest.file(stage["path"])
         self.session, _, keys = load_session(path, threads, kv_caches=False, what="stage")
         self._release = weakref.finalize(self, release, keys)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -143,6 +142,7 @@ class StagedEngine(Engine):
     `validate`; a server places each stage on its own device instead)."""
 
     backend = KEY
+    build_options = "--backend ort --stages N"
 
     @classmethod
     def build(cls, artifact, **settings) -> dict:
@@ -150,10 +150,9 @@ class StagedEngine(Engine):
 
     def __init__(self, artifact, manifest=None, threads: int | None = None):
         super().__init__(artifact, manifest)
-        entry = self.manifest["engines"][KEY]
-        self.plan = entry["plan"]
-        self.stages = [StageSession(self.artifact, self.manifest, s, threads) for s in entry["stages"]]
-        self.state_names = [s["name"] for s in self.step_program["inputs"][1:]]
+        self.plan = self.entry["plan"]
+        self.stages = [StageSession(self.manifest, s, threads) for s in self.entry["stages"]]
+        self.state_names = [s.name for s in self.step_program.state]
 
     def run_step(self, input_ids, state):
         from jambatrt.graph.passes.split_stages import HIDDEN_IN, HIDDEN_OUT

@@ -22,6 +22,7 @@ import numpy as np
 
 from jambatrt.engines.base import Engine, settings_from_kwargs, to_numpy, to_torch
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
+from jambatrt.manifest import Manifest, Program
 
 SUBDIR = "engines/tensorrt"
 ENGINE_FILE = "model.plan"
@@ -56,7 +57,7 @@ class TensorRTSettings:
 
 
 # ---- pure planning (no TensorRT) -------------------------------------------------------------------
-def optimization_profiles(step: dict, settings: TensorRTSettings, chunk: int, max_seq: int) -> list[dict]:
+def optimization_profiles(step: Program, settings: TensorRTSettings, chunk: int, max_seq: int) -> list[dict]:
     """(min, opt, max) of every input of the step program, per profile. Dims are named in the
     manifest: batch, seq (new tokens), past (tokens in the KV state); others are fixed ints."""
     B = (1, settings.opt_batch, settings.max_batch)
@@ -67,19 +68,19 @@ def optimization_profiles(step: dict, settings: TensorRTSettings, chunk: int, ma
     out = []
     for name, dims in profiles.items():
         shapes = {}
-        for spec in step["inputs"]:
+        for spec in step.inputs:
             lo, opt, hi = [], [], []
-            for d in spec["shape"]:
+            for d in spec.shape:
                 r = dims[d] if isinstance(d, str) else (int(d),) * 3
                 lo.append(r[0])
                 opt.append(r[1])
                 hi.append(r[2])
-            shapes[spec["name"]] = {"min": lo, "opt": opt, "max": hi}
+            shapes[spec.name] = {"min": lo, "opt": opt, "max": hi}
         out.append({"name": name, "shapes": shapes})
     return out
 
 
-def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
+def plan_build(manifest: Manifest, settings: TensorRTSettings) -> dict:
     """The chunk plan, expert groups and profiles a build would use (checked before any TensorRT work)."""
     from jambatrt.engines.chunking import engine_chunk_plan
     from jambatrt.export.plan import moe_expert_groups
@@ -94,7 +95,7 @@ def plan_build(manifest: dict, settings: TensorRTSettings) -> dict:
                                  + ", ".join(f"{n} ({v:,} elements)" for n, v in over.items()))
     groups = moe_expert_groups(cfg) if cfg.num_moe_layers else []
     return {"max_seq": max_seq, "chunk_plan": plan.as_dict(), "expert_groups": [list(g) for g in groups],
-            "profiles": optimization_profiles(manifest["programs"]["step"], settings, plan.chunk, max_seq)}
+            "profiles": optimization_profiles(manifest.step, settings, plan.chunk, max_seq)}
 
 
 def build_host_memory(weight_bytes: int) -> dict:
@@ -130,7 +131,7 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
-def _lowered_onnx(artifact: Path, step: dict, dtype: str, moe: str) -> tuple[bytes, Path, list[str]]:
+def _lowered_onnx(manifest: Manifest, moe: str) -> tuple[bytes, Path, list[str]]:
     """The step model through the TensorRT pass list (expert groups under 2^31 elements, MoE as
     route + grouped-GEMM plugins unless moe="fused", absent optional inputs made explicit: plugins
     take a fixed number of inputs, shapes inferred, the memory-flat check), serialized without its weights: they stay in the artifact's external data
@@ -138,9 +139,9 @@ def _lowered_onnx(artifact: Path, step: dict, dtype: str, moe: str) -> tuple[byt
     loaded or copied here). Returns (graph bytes, path the parser resolves weights from, pass names)."""
     from jambatrt.graph.onnx_export import load_onnx
     from jambatrt.graph.passes import PassSettings, run_passes, tensorrt_passes
-    settings = PassSettings(dtype=dtype, moe=moe)
+    settings = PassSettings(dtype=manifest.dtype, moe=moe)
     passes = tensorrt_passes(settings)
-    source = artifact / step["onnx"]
+    source = manifest.file(manifest.step.onnx)
     model = run_passes(load_onnx(source, load_external_data=False), settings, passes)
     return model.SerializeToString(), source, [p.__name__ for p in passes]
 
@@ -152,7 +153,7 @@ class TensorRTEngine(Engine):
     output = SUBDIR
 
     @classmethod
-    def _prepare(cls, artifact: Path, manifest: dict, s: TensorRTSettings) -> tuple:
+    def _prepare(cls, artifact: Path, manifest: Manifest, s: TensorRTSettings) -> tuple:
         from jambatrt.plugins.tensorrt import register_all, require_tensorrt
 
         planned = plan_build(manifest, s)
@@ -161,11 +162,10 @@ class TensorRTEngine(Engine):
         return planned, trt, torch, register_all()
 
     @classmethod
-    def _build(cls, artifact: Path, manifest: dict, s: TensorRTSettings, prepared: tuple, tmp: Path) -> dict:
+    def _build(cls, artifact: Path, manifest: Manifest, s: TensorRTSettings, prepared: tuple, tmp: Path) -> dict:
         planned, trt, torch, plugin_ids = prepared
-        step = manifest["programs"]["step"]
         dest = artifact / SUBDIR      # the old engine (and its timing cache) stay until this one is whole
-        model_bytes, model_path, pass_names = _lowered_onnx(artifact, step, manifest["dtype"], s.moe)
+        model_bytes, model_path, pass_names = _lowered_onnx(manifest, s.moe)
         logger = _logger(trt)
         builder = trt.Builder(logger)
         flags = 0
@@ -175,7 +175,7 @@ class TensorRTEngine(Engine):
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(model_bytes, str(model_path)):     # weights: the artifact's weights.safetensors
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-            raise ArtifactError(f"{artifact / step['onnx']}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
+            raise ArtifactError(f"{model_path}: TensorRT's ONNX parser failed:\n  " + "\n  ".join(errors))
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, s.workspace_bytes)
         config.builder_optimization_level = s.optimization_level
@@ -222,7 +222,6 @@ class TensorRTEngine(Engine):
         trt, _ = require_tensorrt()
         self.torch = torch = _require_gpu()
         self.trt = trt
-        self.entry = self.manifest["engines"]["tensorrt"]
         built_on = self.entry["gpu"]["arch"]
         major, minor = torch.cuda.get_device_capability()
         if built_on != f"sm_{major}{minor}":
@@ -245,8 +244,8 @@ class TensorRTEngine(Engine):
         engine_in = {n for n in io if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         engine_out = set(io) - engine_in
         # bound by name, in the step program's order (the engine may list them otherwise)
-        self.input_names = [i["name"] for i in self.step_program["inputs"]]
-        self.output_names = [o["name"] for o in self.step_program["outputs"]]
+        self.input_names = [i.name for i in self.step_program.inputs]
+        self.output_names = [o.name for o in self.step_program.outputs]
         if engine_in != set(self.input_names) or engine_out != set(self.output_names):
             raise ArtifactError(f"{path}: the engine's inputs/outputs differ from the step program's in "
                                 f"{sorted(engine_in ^ set(self.input_names) | engine_out ^ set(self.output_names))[:4]} "

@@ -109,12 +109,6 @@ def store_bytes(cfg: JambaConfig, dtype: torch.dtype, experts_int8: bool, weight
     return w.total
 
 
-def quantization_flags(manifest: dict) -> tuple[bool, bool]:
-    """(experts_int8, weights_int8) of an artifact; artifacts from before --weights-int8 have no "weights" key."""
-    q = manifest["quantization"]
-    return q["experts"] != "none", q.get("weights", "none") != "none"
-
-
 def open_store(artifact: str | Path) -> MappedStore:
     path = Path(artifact) / WEIGHTS
     if not path.is_file():
@@ -122,16 +116,17 @@ def open_store(artifact: str | Path) -> MappedStore:
     return MappedStore(path)
 
 
-def load_artifact_model(artifact: str | Path, manifest: dict, impl: str = "custom") -> JambaLM:
-    """The artifact's model with its weights mapped from the store (no copy, nothing read until used)."""
+def load_artifact_model(artifact: str | Path, manifest=None, impl: str = "custom") -> JambaLM:
+    """The artifact's model with its weights mapped from the store (no copy, nothing read until used).
+    manifest: its Manifest (or read_manifest dict; None: read it)."""
     from jambatrt.export.checkpoint import DTYPES
+    from jambatrt.manifest import Manifest
 
-    cfg = JambaConfig.from_hf_dict(manifest["config"], source=f"{artifact}/manifest.json")
-    experts_int8, weights_int8 = quantization_flags(manifest)
+    m = Manifest.of(artifact, manifest)
+    cfg, dtype = m.config, DTYPES[m.dtype]
     store = open_store(artifact)
-    model = meta_model(cfg, DTYPES[manifest["dtype"]], experts_int8, impl, weights_int8)
-    missing = [n for n, _, _ in model_entries(cfg, DTYPES[manifest["dtype"]], experts_int8, weights_int8)
-               if n not in store]
+    model = meta_model(cfg, dtype, m.experts_int8, impl, m.weights_int8)
+    missing = [n for n, _, _ in model_entries(cfg, dtype, m.experts_int8, m.weights_int8) if n not in store]
     if missing:
         raise ArtifactError(f"{store.path}: missing weight(s) {', '.join(missing[:5])} (re-run `jambatrt export`)")
     model.store = store              # keeps the mapping alive as long as the model

@@ -1,7 +1,7 @@
 """The AOTInductor engine (issue 9): the step program compiled by torch._inductor into one package.
 
 On CPU (every machine): the package is compiled for CPU from the tiny artifact — the jamba ops
-called back through torch's proxy executor via their `jamba_aoti::` contiguous twins — and must
+called back through torch's proxy executor — and must
 match the eager `<op>_ref` model; the manifest entry, atomic writes, the CLI (build, validate,
 generate, profile) and a Triton Inference Server model for it are checked. The CUDA path is
 checked as far as a CPU-only host goes: the whole step program traces into the Triton kernels
@@ -203,7 +203,7 @@ def test_manifest_entry_and_files(artifact):
     cfg = JambaConfig.from_hf_dict(m["config"])
     n_calls = sum(1 if cfg.is_attention(i) else 2 for i in range(cfg.num_hidden_layers)) + \
         sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
-    assert len(e["python_ops"]) == n_calls and all(o.startswith("jamba_aoti::") for o in e["python_ops"])
+    assert len(e["python_ops"]) == n_calls and all(o.startswith("jamba::") for o in e["python_ops"])
     assert e["triton_kernels"] == []
     # no temp dirs left: engines/ holds exactly the engines the manifest records (the copied
     # tiny artifact may already carry an ort engine, depending on which tests ran first)
@@ -306,7 +306,7 @@ def test_cpu_package_needs_the_ops_registered_in_the_process(artifact):
     even load it."""
     code = f"import torch\ntorch._inductor.aoti_load_package({str(artifact / 'engines/aoti/model.pt2')!r})\n"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert p.returncode != 0 and "Could not find schema for jamba_aoti::" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "Could not find schema for jamba::" in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.skipif(not CPU_ONLY, reason="this host has a CUDA GPU: the no-GPU refusal cannot be observed")

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -181,9 +182,9 @@ def test_occupancy_matches_the_cuda_calculator():
 
 # ---- the build plan (no TensorRT needed) ------------------------------------------------------------
 def test_build_plan_profiles(tiny_artifact):
-    from jambatrt.artifact import read_manifest
     from jambatrt.engines.tensorrt import TensorRTSettings, plan_build
-    m = read_manifest(tiny_artifact)
+    from jambatrt.manifest import Manifest
+    m = Manifest.read(tiny_artifact)
     plan = plan_build(m, TensorRTSettings(max_batch=4, max_seq=65536, chunk_cap=4096))
     assert plan["chunk_plan"]["chunk"] == 4096 and plan["chunk_plan"]["fits"]
     pre, dec = plan["profiles"]
@@ -192,7 +193,7 @@ def test_build_plan_profiles(tiny_artifact):
     assert dec["shapes"]["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [4, 1]}
     kv = [n for n in pre["shapes"] if n.endswith(".k")][0]
     assert pre["shapes"][kv]["min"][1] == 0 and pre["shapes"][kv]["max"][1] == 65535
-    assert set(pre["shapes"]) == {i["name"] for i in m["programs"]["step"]["inputs"]}
+    assert set(pre["shapes"]) == {i.name for i in m.step.inputs}
     with pytest.raises(InputError, match="unknown TensorRT setting"):
         TensorRTSettings.from_kwargs(max_batch=2, fp8=True)
 
@@ -202,13 +203,15 @@ def test_build_plan_at_256k():
     stays under 2^31; Large's stacked experts (6.4e9 elements per layer) go into 4 groups of 4."""
     from jambatrt.config import preset
     from jambatrt.engines.tensorrt import TensorRTSettings, plan_build
-    step = {"max_seq": 262_144, "inputs": [{"name": "input_ids", "shape": ["batch", "seq"]}]}
-    mini = {"config": preset("jamba-1.5-mini").to_hf_dict(), "programs": {"step": step}}
+    from jambatrt.manifest import Manifest
+    step = {"max_seq": 262_144, "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}],
+            "outputs": []}
+    mini = Manifest(Path("mini"), {"config": preset("jamba-1.5-mini").to_hf_dict(), "programs": {"step": step}})
     plan = plan_build(mini, TensorRTSettings())
     assert plan["chunk_plan"]["fits"] and plan["chunk_plan"]["chunk"] == 4096 and plan["chunk_plan"]["batch"] == 4
     with pytest.raises(InputError, match="attention.kv"):
         plan_build(mini, TensorRTSettings(max_batch=8))
-    large = {"config": preset("jamba-1.5-large").to_hf_dict(), "programs": {"step": step}}
+    large = Manifest(Path("large"), {"config": preset("jamba-1.5-large").to_hf_dict(), "programs": {"step": step}})
     plan = plan_build(large, TensorRTSettings(max_batch=1))
     assert plan["expert_groups"] == [[0, 4], [4, 8], [8, 12], [12, 16]]
     assert plan_build(mini, TensorRTSettings())["expert_groups"] == [[0, 16]]
@@ -220,11 +223,10 @@ def test_lowered_graph_for_the_parser(tiny_artifact):
     registered plugin."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    from jambatrt.artifact import read_manifest
     from jambatrt.engines.tensorrt import _lowered_onnx
+    from jambatrt.manifest import Manifest
     from jambatrt.plugins.tensorrt import descriptors
-    step = read_manifest(tiny_artifact)["programs"]["step"]
-    blob, path, passes = _lowered_onnx(tiny_artifact, step, "float32", "grouped")
+    blob, path, passes = _lowered_onnx(Manifest.read(tiny_artifact), "grouped")
     assert path == tiny_artifact / "model.onnx" and passes[:2] == ["split_expert_groups", "lower_moe_grouped"]
     model = onnx.ModelProto.FromString(blob)
     big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 or np.prod(t.dims) >= 1024]
@@ -392,4 +394,4 @@ def test_tensorrt_decode_matches_prefill(trt_engine):
     _, state = trt_engine.prefill(ids[:, :39])
     last, _ = trt_engine.decode(ids[:, 39], state)
     assert np.abs(last - full[:, -1]).max() <= 1e-3
-    assert trt_engine.manifest["engines"]["tensorrt"]["chunk_plan"]["chunk"] == 256
+    assert trt_engine.entry["chunk_plan"]["chunk"] == 256

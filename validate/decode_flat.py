@@ -36,7 +36,7 @@ def measure(artifact: Path, contexts: list[int], steps: int, seed: int = 0) -> d
     try:
         for L in contexts:
             eng = cls.load(artifact)
-            vocab = int(eng.manifest["config"]["vocab_size"])
+            vocab = eng.config.vocab_size
             ids = rng.integers(3, vocab, (1, L))
             t = time.perf_counter()
             logits, st = eng.prefill(ids, last_only=True)

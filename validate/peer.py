@@ -224,7 +224,6 @@ def logits_check(bins: Path, ggufs: dict, arts: dict, ckpt: Path, work: Path) ->
 
     from jambatrt.export.checkpoint import Checkpoint
     from jambatrt.export.weights import build_model, load_artifact_model
-    from jambatrt.artifact import read_manifest
 
     prompt = " ".join(_pseudo_text(3, seed=7))
     results = []
@@ -242,7 +241,7 @@ def logits_check(bins: Path, ggufs: dict, arts: dict, ckpt: Path, work: Path) ->
             c = Checkpoint(ckpt)
             model, ours_name = build_model(c.config, c, experts_int8=False), "eager float32 model (float experts)"
         else:
-            model = load_artifact_model(arts[prec], read_manifest(arts[prec]))
+            model = load_artifact_model(arts[prec])
             ours_name = "eager --weights-int8 artifact model"
         with torch.no_grad():
             ours = model(torch.from_numpy(ids)[None])[0][0, -1].float().numpy()

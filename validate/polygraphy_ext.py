@@ -94,20 +94,18 @@ def write_inputs_and_outputs(artifact, length: int, inputs_path, outputs_path, b
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
 
-    from jambatrt.artifact import read_manifest
     from jambatrt.engines.base import _np_dtype
+    from jambatrt.manifest import Manifest
     from jambatrt.validate.health import STATE_TOLERANCES
     from jambatrt.validate.parity import TOLERANCES
     from jambatrt.validate.reference import make_reference
 
-    manifest = read_manifest(artifact)
-    step = manifest["programs"]["step"]
-    vocab = manifest["config"]["vocab_size"]
-    ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, length), dtype=np.int64)
+    manifest = Manifest.read(artifact)
+    ids = np.random.default_rng(seed).integers(0, manifest.config.vocab_size, size=(batch, length), dtype=np.int64)
     feed = OrderedDict(input_ids=ids)
-    for spec in step["inputs"][1:]:
-        shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec["shape"]]
-        feed[spec["name"]] = np.zeros(shape, dtype=_np_dtype(spec["dtype"]))
+    for spec in manifest.step.state:
+        shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec.shape]
+        feed[spec.name] = np.zeros(shape, dtype=_np_dtype(spec.dtype))
     save_json([feed], inputs_path, description="input data")
 
     ref = make_reference(reference, artifact)
@@ -117,7 +115,7 @@ def write_inputs_and_outputs(artifact, length: int, inputs_path, outputs_path, b
     results = RunResults()
     results.append((f"reference-{ref.name}", [IterationResult(outputs, runner_name=f"reference-{ref.name}")]))
     save_json(results, outputs_path, description="reference outputs")
-    tol, stol = TOLERANCES[manifest["dtype"]], STATE_TOLERANCES[manifest["dtype"]]
+    tol, stol = TOLERANCES[manifest.dtype], STATE_TOLERANCES[manifest.dtype]
     return {"outputs": list(outputs), "atol": f"logits:{tol['atol']} {stol['atol']}",
             "rtol": f"logits:{tol['rtol']} {stol['rtol']}"}
 

@@ -68,59 +68,18 @@ def _custom_op_kernels() -> dict[str, str]:
     return out
 
 
-class _EngineSide:
-    def __init__(self, spec):
+def _side(spec: dict):
+    """(what is timed, its info): the built engine, or the eager reference on the custom ops; both
+    have the engines' generation interface (prefill_last, decode, cut_past, max_seq, config)."""
+    if spec["side"] == "engine":
         from jambatrt.engines import engine_class
-        self.engine = engine_class(spec["backend"]).load(spec["artifact"])
-        self.vocab = self.engine.config.vocab_size
-        self.max_seq = self.engine.max_seq
-        self.info = {"chunk": self.engine.default_chunk(spec["batch"])}
+        engine = engine_class(spec["backend"]).load(spec["artifact"])
+        return engine, {"chunk": engine.default_chunk(spec["batch"])}
+    import torch
 
-    def prefill(self, ids):
-        return self.engine.prefill(ids, last_only=True)
-
-    def decode(self, tok, state):
-        return self.engine.decode(tok, state)
-
-    def cut_past(self, state, keep):
-        specs = self.engine.step_program["inputs"][1:]
-        return [t[:, :keep] if "past" in s["shape"] else t for s, t in zip(specs, state)]
-
-
-class _ReferenceSide:
-    def __init__(self, spec):
-        import torch
-
-        from jambatrt.validate.reference import EagerReference   # `import jambatrt` registered the CPU kernels
-        self.torch = torch
-        self.ref = EagerReference(spec["artifact"], chunk=spec["reference_chunk"], impl="custom")
-        self.model, self.chunk = self.ref.model, spec["reference_chunk"]
-        self.vocab = self.ref.config.vocab_size
-        self.max_seq = self.ref.config.max_position_embeddings
-        self.attn = [i for i, (n, _, _) in enumerate(_state_names(self.ref.config)) if n.endswith((".k", ".v"))]
-        self.info = {"chunk": self.chunk, "custom_op_kernels": _custom_op_kernels(),
-                     "torch_threads": torch.get_num_threads()}
-
-    def prefill(self, ids):
-        with self.torch.no_grad():
-            t = self.torch.from_numpy(ids)
-            state = None
-            for s in range(0, t.shape[1], self.chunk):
-                logits, state = self.model(t[:, s:s + self.chunk], state)
-            return logits[:, -1].float().numpy(), state
-
-    def decode(self, tok, state):
-        with self.torch.no_grad():
-            logits, state = self.model(self.torch.from_numpy(np.asarray(tok).reshape(-1, 1)), state)
-            return logits[:, -1].float().numpy(), state
-
-    def cut_past(self, state, keep):
-        return [t[:, :keep] if i in self.attn else t for i, t in enumerate(state)]
-
-
-def _state_names(cfg):
-    from jambatrt.export.model import state_shapes
-    return state_shapes(cfg, 1, 0)
+    from jambatrt.validate.reference import EagerReference   # `import jambatrt` registered the CPU kernels
+    ref = EagerReference(spec["artifact"], chunk=spec["reference_chunk"], impl="custom")
+    return ref, {"chunk": ref.chunk, "custom_op_kernels": _custom_op_kernels(), "torch_threads": torch.get_num_threads()}
 
 
 def _timed(fn):
@@ -132,19 +91,19 @@ def _timed(fn):
 def worker(spec: dict) -> dict:
     """One (side, length) measurement; see the module docstring."""
     t_start = time.perf_counter()
-    side = _EngineSide(spec) if spec["side"] == "engine" else _ReferenceSide(spec)
+    side, info = _side(spec)
     B, L = spec["batch"], spec["length"]
     rng = np.random.default_rng(spec["seed"])
-    ids = rng.integers(0, side.vocab, size=(B, L), dtype=np.int64)
-    out = {"side": spec["side"], "length": L, "batch": B, "info": side.info,
+    ids = rng.integers(0, side.config.vocab_size, size=(B, L), dtype=np.int64)
+    out = {"side": spec["side"], "length": L, "batch": B, "info": info,
            "baseline_rss_bytes": _proc_status_kb("VmRSS") * 1024, "load_seconds": time.perf_counter() - t_start}
 
     # warm-up: compile kernels, create arenas; untimed
-    side.prefill(ids[:, :max(1, min(L, spec["warmup_tokens"]))])
+    side.prefill_last(ids[:, :max(1, min(L, spec["warmup_tokens"]))])
     prefill_s = []
     logits = state = None
     for _ in range(max(1, spec["repeats"])):
-        (logits, state), dt = _timed(lambda: side.prefill(ids))
+        (logits, state), dt = _timed(lambda: side.prefill_last(ids))
         prefill_s.append(dt)
         if sum(prefill_s) >= spec["budget_s"]:
             break

@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from jambatrt.artifact import read_manifest
 from jambatrt.config import JambaConfig
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
@@ -42,6 +41,7 @@ from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
 from jambatrt.export.model import state_shapes
 from jambatrt.export.quantize import dequantize_experts, dequantize_linear
 from jambatrt.export.weights import load_artifact_model, open_store
+from jambatrt.manifest import Manifest
 
 REFERENCES = ("eager", "hf")
 LONG_FROM = 16384        # impl "auto": lengths above this run the layer-by-layer long reference
@@ -137,10 +137,10 @@ class Reference:
 
     def __init__(self, artifact: str | Path, chunk: int = 8192):
         self.artifact = Path(artifact)
-        self.manifest = read_manifest(self.artifact)
-        self.config = JambaConfig.from_hf_dict(self.manifest["config"])
-        self.dtype = DTYPES[self.manifest["dtype"]]
-        self.experts_int8 = self.manifest["quantization"]["experts"] != "none"
+        self.manifest = Manifest.read(self.artifact)
+        self.config = self.manifest.config
+        self.dtype = DTYPES[self.manifest.dtype]
+        self.experts_int8 = self.manifest.experts_int8
         self.chunk = chunk
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
@@ -249,6 +249,35 @@ class EagerReference(Reference):
     def prefill(self, input_ids):
         return self.prefill_with_state(input_ids, stats=False)[0]
 
+    # ---- the engines' generation interface (engines/base.py), for `profile` --------------------------
+    @property
+    def max_seq(self) -> int:
+        return self.config.max_position_embeddings
+
+    def default_chunk(self, batch: int) -> int:
+        return self.chunk
+
+    @torch.no_grad()
+    def prefill_last(self, input_ids):
+        """input_ids [B,L] -> (the last position's logits [B,V] fp32 numpy, the model's state), in
+        chunks of `chunk` tokens with the state carried (this reference's impl)."""
+        t = torch.from_numpy(np.asarray(input_ids, dtype=np.int64))
+        state = None
+        for s in range(0, t.shape[1], self.chunk):
+            logits, state = self.model(t[:, s:s + self.chunk], state)
+        return logits[:, -1].float().numpy(), state
+
+    @torch.no_grad()
+    def decode(self, token_ids, state):
+        """token_ids [B] + state -> (logits [B,V] fp32 numpy, new state)."""
+        logits, state = self.model(torch.from_numpy(np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)), state)
+        return logits[:, -1].float().numpy(), state
+
+    def cut_past(self, state, keep: int):
+        """The state with only the first `keep` past tokens of its KV (Mamba state as it is)."""
+        kv = [n.endswith((".k", ".v")) for n, _, _ in state_shapes(self.config, 1, 0)]
+        return [t[:, :keep] if is_kv else t for is_kv, t in zip(kv, state)]
+
     @torch.no_grad()
     def prefill_with_state(self, input_ids, stats: bool = True):
         """Also sets `last_router_margins` ({MoE layer: [B, L] margins}, see `_RouterMargins`)."""
@@ -328,7 +357,7 @@ class HFReference(Reference):
         transformers.logging.set_verbosity_error()
         # transformers loads a checkpoint whole: this reference is for models that fit in memory
         with tempfile.TemporaryDirectory() as d:
-            ckpt = hf_checkpoint(self.artifact, self.manifest, Path(d) / "checkpoint")
+            ckpt = hf_checkpoint(self.manifest, Path(d) / "checkpoint")
             model = transformers.JambaForCausalLM.from_pretrained(str(ckpt), dtype=self.dtype)
         self.model = model.eval()
 
@@ -376,12 +405,11 @@ def hf_tensors(artifact: Path, cfg: JambaConfig, experts_int8: bool):
         yield name, {"gate_proj": t[:I], "up_proj": t[I:], "down_proj": t}[part]
 
 
-def hf_checkpoint(artifact: Path, manifest: dict, out: Path) -> Path:
+def hf_checkpoint(manifest: Manifest, out: Path) -> Path:
     """Write the artifact's weights as a HF checkpoint directory `out` (see `hf_tensors`)."""
     from jambatrt.export.checkpoint import save_checkpoint
 
-    cfg = JambaConfig.from_hf_dict(manifest["config"])
-    return save_checkpoint(cfg, hf_tensors(artifact, cfg, manifest["quantization"]["experts"] != "none"), out)
+    return save_checkpoint(manifest.config, hf_tensors(manifest.artifact, manifest.config, manifest.experts_int8), out)
 
 
 def make_reference(name: str, artifact, **kw) -> Reference:
