@@ -28,12 +28,22 @@ def test_eager_matches_transformers(make_checkpoint, name):
 
 
 def test_ref_impl_matches_custom_ops(tiny_ckpt):
-    ids = torch.randint(0, 512, (2, 33))
+    """The model on the `<op>_ref` oracles and on the custom ops (the CPU kernels) computes the same
+    thing in other summation orders: logits and states differ by fp32 rounding only. Bound: every
+    value passes through at most n_layers blocks of sums of at most K terms (K the widest sum: hidden,
+    intermediate, d_inner or the sequence), each rounding relative to the tensor's magnitude."""
+    from conftest import sum_error_bound
+    ids = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a = load_model(tiny_ckpt, impl="ref")(ids)
+        ref_model = load_model(tiny_ckpt, impl="ref")
+        a = ref_model(ids)
         b = load_model(tiny_ckpt, impl="custom")(ids)
-    assert torch.allclose(a[0], b[0], atol=1e-5)
-    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a[1], b[1]))
+    c = ref_model.config
+    n = c.num_hidden_layers * max(c.hidden_size, c.intermediate_size, c.d_inner, ids.shape[1])
+    for name, x, y in [("logits", a[0], b[0])] + [(f"state {i}", x, y) for i, (x, y) in enumerate(zip(a[1], b[1]))]:
+        assert x.shape == y.shape, name
+        bound = float(sum_error_bound(x.abs().max().item(), n))
+        assert (x - y).abs().max().item() <= bound, (name, (x - y).abs().max().item(), bound)
 
 
 def test_export_cli_writes_artifact(tiny_artifact):
