@@ -114,6 +114,7 @@ ROWS = {
             "odd": dict(T=37, H=48, I=72, E=5, k=1),
             "top3": dict(T=64, H=40, I=56, E=6, k=3),
             "int8_path": dict(T=3, H=1024, I=512, E=2, k=1),     # w13[e] has 2^20 weights
+            "one_token_large": dict(T=1, H=1024, I=512, E=3, k=2),   # float32: one fused call at any size
             "expert_group": dict(T=29, H=32, I=40, E=7, k=2, group=(3, 6)),
             "few_tokens_group": dict(T=3, H=40, I=24, E=6, k=2, group=(1, 4)),   # the small-T path
         },

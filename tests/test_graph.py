@@ -219,3 +219,42 @@ def test_ort_graph_lowers_conv_by_default(onnx_model):
         m = run_passes(onnx.ModelProto.FromString(onnx_model.SerializeToString()), s, ort_passes(s))
         assert sum(n.op_type == "CausalConv1d" for n in m.graph.node) == kernel_nodes
         assert (sum(n.op_type == "Conv" for n in m.graph.node) == n_mamba) == (conv == "native")
+
+
+def test_fuse_rms_norm_lets_ort_fuse_every_norm(tmp_path, onnx_model):
+    """fuse_rms_norm rewrites every exported RMSNorm (no Reciprocal left), ONNX Runtime then runs
+    each as one SimplifiedLayerNormalization, and a norm's output equals the float64 RMSNorm within
+    the rounding of its H-long sum of squares (relative, halved by the sqrt) plus a few roundings."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from conftest import sum_error_bound
+    from jambatrt.graph.passes import fuse_rms_norm
+    s = PassSettings()
+    m = run_passes(onnx.ModelProto.FromString(onnx_model.SerializeToString()), s, ort_passes(s))
+    n_norms = sum(n.op_type == "Pow" for n in onnx_model.graph.node)
+    assert n_norms > 0 and not any(n.op_type == "Reciprocal" for n in m.graph.node)
+    assert sum(n.op_type == "Div" for n in m.graph.node) == n_norms
+
+    H, eps = 96, 1e-6
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 5, H)).astype(np.float32) * 7, rng.standard_normal(H).astype(np.float32)
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32 if name != "axes" else np.int64), name)  # noqa: E731
+    nodes = [helper.make_node("Pow", ["x", "two"], ["p"]), helper.make_node("ReduceMean", ["p", "axes"], ["m"]),
+             helper.make_node("Add", ["m", "eps"], ["a"]), helper.make_node("Sqrt", ["a"], ["s"]),
+             helper.make_node("Reciprocal", ["s"], ["r"]), helper.make_node("Mul", ["x", "r"], ["n"]),
+             helper.make_node("Mul", ["w", "n"], ["y"])]
+    graph = helper.make_graph(nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5, H])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5, H])],
+                              initializer=[c("two", 2.0), c("axes", [-1]), c("eps", eps), c("w", w)])
+    model = fuse_rms_norm(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), s)
+    assert [n.op_type for n in model.graph.node] == ["Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul"]
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    y = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["SimplifiedLayerNormalization"]
+    x64 = x.astype(np.float64)
+    want = w * x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + eps)
+    bound = np.abs(want) * (sum_error_bound(1.0, H) / 2 + 8 * np.finfo(np.float32).eps)
+    assert (np.abs(y - want) <= bound).all(), np.abs(y - want).max()
