@@ -414,14 +414,13 @@ def cmd_deploy(a) -> int:
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
                                   idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
-                                  stage_devices=a.stage_devices,
+                                  stage_devices=a.stage_devices, nodes=a.nodes, node=a.node, next_node=a.next_node,
+                                  hop_timeout=a.hop_timeout,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
     verb = "kept (already up to date)" if info["reused"] else "wrote"
     print(f"{verb} Triton model repository {Path(a.repository).absolute()}: {', '.join(info['models'])} "
           f"(artifact {info['artifact']})")
-    for arg in info.get("server_args", []):
-        print(f"  server needs: {arg}")
     if not a.serve:
         return 0
     from jambatrt.deploy.server import TritonServer, find_serve_env, serve_forever
@@ -683,6 +682,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "single-engine sequence model)")
     d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
                    help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
+    d.add_argument("--nodes", type=_int_option(1, 1024), default=1,
+                   help="with --stages: split the stages over N servers (contiguous groups), one repository per node; "
+                        "each node but the last forwards to the next over gRPC (docs/multinode.md)")
+    d.add_argument("--node", type=_int_option(0, 1023), default=0,
+                   help="with --nodes: write (and --serve) node K's repository (default 0: the one clients call, "
+                        "through NAME_sequence)")
+    d.add_argument("--next-node", default=None, metavar="HOST:PORT",
+                   help="with --nodes: the gRPC address of node K+1's server (every node but the last)")
+    d.add_argument("--hop-timeout", type=SECONDS, default=300.0,
+                   help="with --nodes: seconds a request waits for the next node's answer before it fails (default 300)")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
     d.add_argument("--http-port", type=PORT, default=8000)
     d.add_argument("--grpc-port", type=PORT, default=8001)

@@ -74,9 +74,9 @@ def tiny_ckpt(make_checkpoint):
     return make_checkpoint("tiny")
 
 
-def private_artifact(tiny_artifact, tmp_path_factory, prefix: str):
-    """A private copy of the tiny artifact with the ORT engine built, for a module that builds or
-    serves more on it (other modules may rebuild theirs)."""
+def private_artifact(tiny_artifact, tmp_path_factory, prefix: str, stages: int | None = None):
+    """A private copy of the tiny artifact with the ORT engine built (and `stages` ORT stage engines),
+    for a module that builds or serves more on it (other modules may rebuild theirs)."""
     import shutil
 
     from jambatrt.artifact import read_manifest
@@ -84,7 +84,36 @@ def private_artifact(tiny_artifact, tmp_path_factory, prefix: str):
     shutil.copytree(tiny_artifact, dst)
     if "ort" not in read_manifest(dst).get("engines", {}):
         run_cli("build", dst, "--backend", "ort", check=True)
+    if stages is not None:
+        from jambatrt.engines.staged import build_stages
+        build_stages(dst, stages=stages)
     return dst
+
+
+def start_server(repository, env, log_path, tries: int = 3, **kw):
+    """A started TritonServer over `repository` (ports chosen free, or given in kw). Another process
+    can take a chosen port between the choice and the bind (other test suites run alongside): a start
+    that fails on a port in use is retried on fresh ports, up to `tries` times when none was given."""
+    import re
+
+    from jambatrt.deploy.server import ServerError, TritonServer
+    for attempt in range(tries):
+        srv = TritonServer(repository, env, log_path=log_path, **kw)
+        try:
+            return srv.start(timeout=240)
+        except ServerError as e:
+            fixed = any(kw.get(k) for k in ("http_port", "grpc_port", "metrics_port"))
+            if fixed or attempt == tries - 1 or not re.search(r"in use|failed to bind", str(e), re.IGNORECASE):
+                raise
+
+
+def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
+    """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
+    sequence model is fed by client.step."""
+    logits, state = engine.prefill(np.array([prompt]), last_only=True)
+    for tok in fed:
+        logits, state = engine.decode([tok], state)
+    return logits[0]
 
 
 def step_two_sequences(client, engine, ids: tuple[int, int], vocab: int, n: int = 10):
