@@ -107,6 +107,23 @@ def start_server(repository, env, log_path, tries: int = 3, **kw):
                 raise
 
 
+def served_generation_equals_generate(client, engine, artifact, capsys, vocab: int) -> None:
+    """Greedy generation step by step through a served sequence model (client.generate_steps) equals
+    offline generate() for a short and a 57-token prompt, and `jambatrt generate --json` (run in
+    this process: a child spends its time importing) says the same."""
+    import json
+
+    from jambatrt import cli
+    from jambatrt.engines.generate import generate
+    for i, prompt in enumerate([[1, 2, 3], np.random.default_rng(4).integers(0, vocab, 57).tolist()]):
+        want = generate(engine, [prompt], 12)[0][0].generated_ids
+        assert client.generate_steps(prompt, 12, sequence_id=100 + i) == want, prompt
+    capsys.readouterr()
+    assert cli.main(["generate", str(artifact), "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
+
+
 def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
     """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
     sequence model is fed by client.step."""

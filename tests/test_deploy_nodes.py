@@ -11,7 +11,8 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import offline_logits, private_artifact, run_cli, start_server, step_two_sequences
+from conftest import (offline_logits, private_artifact, run_cli, served_generation_equals_generate, start_server,
+                      step_two_sequences)
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.errors import InputError
 
@@ -101,18 +102,9 @@ def client(nodes):
 
 
 def test_greedy_generation_across_two_servers_equals_generate(client, nodes, engine, artifact, capsys):
-    from jambatrt.engines.generate import generate
     assert set(nodes["node0"].stub_pids().values()) == {"jamba_stage0", "jamba_hop"}
     assert set(nodes["node1"].stub_pids().values()) == {"jamba_stage1", "jamba_stage2"}
-    for i, prompt in enumerate([[1, 2, 3], np.random.default_rng(4).integers(0, V, 57).tolist()]):
-        want = generate(engine, [prompt], 12)[0][0].generated_ids
-        assert client.generate_steps(prompt, 12, sequence_id=100 + i) == want, prompt
-    from jambatrt import cli
-    capsys.readouterr()
-    assert cli.main(["generate", str(artifact), "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
-                     "--json"]) == 0
-    import json
-    assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
+    served_generation_equals_generate(client, engine, artifact, capsys, V)
 
 
 def test_interleaved_sequences_across_servers_keep_separate_state(client, engine):

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import offline_logits, private_artifact, start_server, step_two_sequences
+from conftest import (offline_logits, private_artifact, served_generation_equals_generate, start_server,
+                      step_two_sequences)
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
 from jambatrt.errors import ArtifactError
 
@@ -101,18 +102,9 @@ def client(server):
 
 
 def test_greedy_generation_through_the_ensemble_equals_generate(client, server, engine, artifact, capsys):
-    from jambatrt.engines.generate import generate
     assert client.ready() and client.model_ready("sequence")
     assert set(server.stub_pids().values()) == {f"jamba_stage{k}" for k in range(STAGES)}
-    for i, prompt in enumerate([[1, 2, 3], np.random.default_rng(4).integers(0, V, 57).tolist()]):
-        want = generate(engine, [prompt], 12)[0][0].generated_ids
-        assert client.generate_steps(prompt, 12, sequence_id=100 + i) == want, prompt
-    # and the command line's `jambatrt generate` says the same (in this process: a child spends its time importing)
-    from jambatrt import cli
-    capsys.readouterr()
-    assert cli.main(["generate", str(artifact), "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
-                     "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
+    served_generation_equals_generate(client, engine, artifact, capsys, V)
 
 
 def test_interleaved_sequences_keep_separate_state(client, engine):
