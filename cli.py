@@ -222,12 +222,13 @@ def _build_stages(a) -> int:
         raise UsageError("give --stages N or --stage-plan auto, not both")
     if a.stage_plan is not None and a.gpu_memory is None:
         raise UsageError("--stage-plan auto needs --gpu-memory (e.g. 80GB): the plan picks the fewest stages that fit it")
-    if a.backend != "ort":
-        raise UsageError(f"--stages with --backend {a.backend}: stage engines are built for ort here "
-                         "(TensorRT / AOTInductor stages need the GPU toolchains; see docs/multinode.md)")
+    if a.backend == "tensorrt":
+        raise UsageError("--stages with --backend tensorrt: stage engines are built for ort and aoti here "
+                         "(TensorRT stages need the TensorRT toolchain and a GPU; see docs/multinode.md)")
     from jambatrt.engines.staged import build_stages
     with console.status(f"building pipeline-stage {a.backend} engines for {a.out}"):
-        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention)
+        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention,
+                             backend=a.backend)
     for line in describe(entry["plan"]):
         print(f"  {line}")
     print(f"built {len(entry['stages'])} {a.backend} stage engines: "
@@ -352,8 +353,8 @@ def cmd_generate(a) -> int:
         raise UsageError("give exactly one of --prompt TEXT, --chat MESSAGE, --chat-file FILE or --prompt-ids IDS"
                          + (f" (got {', '.join(given)})" if given else ""))
     if a.stages:
-        from jambatrt.engines.staged import StagedEngine
-        engine = StagedEngine.load(a.out)          # the stage engines of `build --stages`, run in order
+        from jambatrt.engines.staged import staged_engine_class
+        engine = staged_engine_class(a.backend).load(a.out)     # the stage engines of `build --stages`, in order
     else:
         engine = engine_class(a.backend).load(a.out)
     codec = None

@@ -124,6 +124,25 @@ def served_generation_equals_generate(client, engine, artifact, capsys, vocab: i
     assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
 
 
+def compare_steps(got_engine, want_engine, check, seed: int) -> None:
+    """Two engines on the same random ids [2, 37]: prefill whole and in chunks of 8 (state carried),
+    then three greedy decode steps; check(got, want, what) on the logits and every state tensor."""
+    ids = np.random.default_rng(seed).integers(0, want_engine.config.vocab_size, (2, 37))
+    for chunk in (None, 8):
+        want, ws = want_engine.prefill(ids, chunk=chunk)
+        got, gs = got_engine.prefill(ids, chunk=chunk)
+        check(got, want, f"logits chunk={chunk}")
+        for i, (g, w) in enumerate(zip(gs, ws)):
+            check(g, w, f"state {i} chunk={chunk}")
+    for step in range(3):
+        tok = want[:, -1].argmax(-1) if step == 0 else want.argmax(-1)
+        want, ws = want_engine.decode(tok, ws)
+        got, gs = got_engine.decode(tok, gs)
+        check(got, want, f"decode {step}")
+        for i, (g, w) in enumerate(zip(gs, ws)):
+            check(g, w, f"decode {step} state {i}")
+
+
 def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
     """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
     sequence model is fed by client.step."""
