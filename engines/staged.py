@@ -96,6 +96,10 @@ def build_stages(artifact: str | Path, stages: int | None = None, gpu_bytes: int
     finally:
         for tmp in written:
             Path(tmp).unlink(missing_ok=True)
+        for d in {Path(t).parent for t in written}:
+            while d != artifact and not any(d.iterdir()):     # folders made for a build that failed
+                d.rmdir()
+                d = d.parent
     key = KEYS[backend]
     old = manifest.get("engines", {}).get(key, {})
     stale = [s["path"] for s in old.get("stages", []) if s["path"] not in {e["path"] for e in entries}]

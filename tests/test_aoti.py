@@ -460,3 +460,34 @@ def test_aoti_stages_equal_the_unsplit_package(artifact, engine, capsys):
     assert cli.main(["generate", str(artifact), "--backend", "aoti", "--stages", "--prompt-ids", "1,2,3",
                      "--max-new-tokens", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["generated_ids"] == generate(engine, [[1, 2, 3]], 8)[0][0].generated_ids
+
+
+def test_failed_aoti_stage_build_leaves_the_artifact_as_it_was(artifact, tiny_artifact, monkeypatch, tmp_path):
+    """A stage that fails to compile leaves no stage file, no temp file and the previous stage build,
+    manifest entry included, as it was. (The first stage fails, so nothing is compiled: the loop that
+    writes every stage to a temp file and moves them into place only when all are whole is the ORT
+    stages' too.)"""
+    from pathlib import Path
+
+    from jambatrt.engines import aoti
+    from jambatrt.engines.staged import build_stages
+
+    fresh = tmp_path / "fresh"                     # no stage build yet: not even the folder is left
+    shutil.copytree(tiny_artifact, fresh)
+    before = {p: sha256_file(p) for p in artifact.rglob("*") if p.is_file()}
+    calls = []
+
+    def fail(ep, device, path, **kw):
+        calls.append(Path(path))
+        Path(path).write_bytes(b"half a package")
+        raise BackendUnavailable("compiler gone")
+
+    monkeypatch.setattr(aoti, "compile_package", fail)
+    with pytest.raises(BackendUnavailable, match="compiler gone"):
+        build_stages(artifact, stages=3, backend="aoti")
+    assert len(calls) == 1 and calls[0].parent == artifact / "engines" / "aoti-stages" and not calls[0].exists()
+    assert {p: sha256_file(p) for p in artifact.rglob("*") if p.is_file()} == before
+    fresh_before = sorted(p.relative_to(fresh) for p in fresh.rglob("*"))
+    with pytest.raises(BackendUnavailable, match="compiler gone"):
+        build_stages(fresh, stages=2, backend="aoti")
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*")) == fresh_before
