@@ -682,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers' state per sequence, chained by the ensemble NAME_sequence (same interface as the "
                         "single-engine sequence model)")
     d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
-                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
+                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k]; with --nodes, k counts the node's own stages)")
     d.add_argument("--nodes", type=_int_option(1, 1024), default=1,
                    help="with --stages: split the stages over N servers (contiguous groups), one repository per node; "
                         "each node but the last forwards to the next over gRPC (docs/multinode.md)")

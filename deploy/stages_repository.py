@@ -2,7 +2,8 @@
 
   NAME_stage{k}   Python backend, one per stage of manifest engines["ort-stages"] (deploy/stage_model.py):
                   sequence batching (START/END/READY/CORRID); keeps its layers' state per correlation
-                  id; pinned by instance_group (KIND_CPU here; KIND_GPU with gpus: [k] for stage k on GPUs)
+                  id; pinned by instance_group (KIND_CPU here; KIND_GPU with gpus: [k] for stage k on GPUs;
+                  with --nodes, k counts the node's own stages from 0)
   NAME_sequence   an ensemble chaining the stages, with the single-engine sequence model's interface
                   (input_ids [1,L] -> logits [1,V], next_token [1,1]): a client cannot tell them apart.
                   Triton's ensemble scheduler gives every stage the request's correlation id and
