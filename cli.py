@@ -222,12 +222,13 @@ def _build_stages(a) -> int:
         raise UsageError("give --stages N or --stage-plan auto, not both")
     if a.stage_plan is not None and a.gpu_memory is None:
         raise UsageError("--stage-plan auto needs --gpu-memory (e.g. 80GB): the plan picks the fewest stages that fit it")
-    if a.backend != "ort":
-        raise UsageError(f"--stages with --backend {a.backend}: stage engines are built for ort here "
-                         "(TensorRT / AOTInductor stages need the GPU toolchains; see docs/multinode.md)")
+    if a.backend == "tensorrt":
+        raise UsageError("--stages with --backend tensorrt: stage engines are built for ort and aoti here "
+                         "(TensorRT stages need the TensorRT toolchain and a GPU; see docs/multinode.md)")
     from jambatrt.engines.staged import build_stages
     with console.status(f"building pipeline-stage {a.backend} engines for {a.out}"):
-        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention)
+        entry = build_stages(a.out, stages=a.stages, gpu_bytes=_gpu_bytes(a), attention=a.attention,
+                             backend=a.backend)
     for line in describe(entry["plan"]):
         print(f"  {line}")
     print(f"built {len(entry['stages'])} {a.backend} stage engines: "
@@ -352,8 +353,8 @@ def cmd_generate(a) -> int:
         raise UsageError("give exactly one of --prompt TEXT, --chat MESSAGE, --chat-file FILE or --prompt-ids IDS"
                          + (f" (got {', '.join(given)})" if given else ""))
     if a.stages:
-        from jambatrt.engines.staged import StagedEngine
-        engine = StagedEngine.load(a.out)          # the stage engines of `build --stages`, run in order
+        from jambatrt.engines.staged import staged_engine_class
+        engine = staged_engine_class(a.backend).load(a.out)     # the stage engines of `build --stages`, in order
     else:
         engine = engine_class(a.backend).load(a.out)
     codec = None
@@ -414,14 +415,13 @@ def cmd_deploy(a) -> int:
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
                                   idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
-                                  stage_devices=a.stage_devices,
+                                  stage_devices=a.stage_devices, nodes=a.nodes, node=a.node, next_node=a.next_node,
+                                  hop_timeout=a.hop_timeout,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
     verb = "kept (already up to date)" if info["reused"] else "wrote"
     print(f"{verb} Triton model repository {Path(a.repository).absolute()}: {', '.join(info['models'])} "
           f"(artifact {info['artifact']})")
-    for arg in info.get("server_args", []):
-        print(f"  server needs: {arg}")
     if not a.serve:
         return 0
     from jambatrt.deploy.server import TritonServer, find_serve_env, serve_forever
@@ -682,7 +682,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers' state per sequence, chained by the ensemble NAME_sequence (same interface as the "
                         "single-engine sequence model)")
     d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
-                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k])")
+                   help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k]; with --nodes, k counts the node's own stages)")
+    d.add_argument("--nodes", type=_int_option(1, 1024), default=1,
+                   help="with --stages: split the stages over N servers (contiguous groups), one repository per node; "
+                        "each node but the last forwards to the next over gRPC (docs/multinode.md)")
+    d.add_argument("--node", type=_int_option(0, 1023), default=0,
+                   help="with --nodes: write (and --serve) node K's repository (default 0: the one clients call, "
+                        "through NAME_sequence)")
+    d.add_argument("--next-node", default=None, metavar="HOST:PORT",
+                   help="with --nodes: the gRPC address of node K+1's server (every node but the last)")
+    d.add_argument("--hop-timeout", type=SECONDS, default=300.0,
+                   help="with --nodes: seconds a request waits for the next node's answer before it fails (default 300)")
     d.add_argument("--serve", action="store_true", help="start tritonserver on 127.0.0.1 and wait for Ctrl-C")
     d.add_argument("--http-port", type=PORT, default=8000)
     d.add_argument("--grpc-port", type=PORT, default=8001)

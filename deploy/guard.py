@@ -125,7 +125,12 @@ def repository_specs(repository) -> dict[str, ModelSpec]:
             b = settings["sequence_batch"]
             specs[name] = ModelSpec(name, (InputSpec("input_ids", "INT64", ((0, b), (0, T)), b * T),),
                                     ("logits", "next_token"))
-        # kind "stage": reached only through the ensemble; no spec, so the guard refuses direct requests
+        elif kind == "node-ensemble":
+            # a later node's entry (deploy --nodes): the previous node's NAME_hop sends the hidden states
+            b, H = settings["sequence_batch"], manifest.config.hidden_size
+            specs[name] = ModelSpec(name, (InputSpec("hidden_in", "FP32", ((0, b), (0, T), (H, H)), b * T * H),),
+                                    ("logits", "next_token"))
+        # kinds "stage", "hop": reached only through the ensemble; no spec, so the guard refuses direct requests
     return specs
 
 

@@ -10,7 +10,8 @@ Models (NAME defaults to "jamba"):
                   deploy/engine_model.py): the KV and Mamba state stays on the model's device per
                   correlation id, never travels through the client.
   with --stages   NAME_stage{k} per pipeline stage and the ensemble NAME_sequence over them, instead of
-                  the above (deploy/stages_repository.py).
+                  the above (deploy/stages_repository.py); with --nodes N one repository per node
+                  (--node K), chained by NAME_hop over gRPC (deploy/hop_model.py).
 
 The Python models reference the artifact by absolute path rather than copying it: an artifact can
 be many GB, the models only read it, and each model checks at load time that the manifest is the
@@ -31,7 +32,7 @@ from jambatrt.artifact import atomic_dir, hash_tree, sha256_file, verify_files, 
 from jambatrt.deploy.engine_model import write_engine_model
 from jambatrt.deploy.pbtxt import Enum, parameters, pbtxt, tensor
 from jambatrt.deploy.sequence_state import sequence_batching
-from jambatrt.deploy.stages_repository import STAGE_MODEL
+from jambatrt.deploy.stages_repository import HOP_MODEL, STAGE_MODEL
 from jambatrt.errors import ArtifactError, InputError
 from jambatrt.manifest import Manifest
 
@@ -53,6 +54,10 @@ class RepositorySettings:
     execution_env: str | None = None     # EXECUTION_ENV_PATH for the Python models (else: python3 on PATH)
     stages: bool = False                 # serve the pipeline-stage engines (deploy/stages_repository.py)
     stage_devices: str = "cpu"           # stage k's instances: "cpu" (KIND_CPU) or "gpu" (KIND_GPU, gpus: [k])
+    nodes: int = 1                       # with stages: split them over this many servers (one repository each)
+    node: int = 0                        # which node's repository this is (0 .. nodes-1)
+    next_node: str | None = None         # HOST:PORT of node+1's gRPC endpoint (every node but the last)
+    hop_timeout: float = 300.0           # seconds NAME_hop waits for the next node's answer
 
     def __post_init__(self):
         if not self.name.replace("_", "").replace("-", "").isalnum():
@@ -64,6 +69,19 @@ class RepositorySettings:
             raise InputError(f"max_tokens={self.max_tokens} (accepted: >= 1)")
         if self.idle_seconds <= 0:
             raise InputError(f"idle_seconds={self.idle_seconds} (accepted: > 0)")
+        if self.hop_timeout <= 0:
+            raise InputError(f"hop_timeout={self.hop_timeout} (accepted: > 0)")
+        if self.nodes < 1 or not 0 <= self.node < self.nodes:
+            raise InputError(f"nodes={self.nodes}, node={self.node} (accepted: nodes >= 1, 0 <= node < nodes)")
+        if self.nodes > 1 and not self.stages:
+            raise InputError(f"nodes={self.nodes} splits the pipeline-stage engines: it needs stages=True (--stages)")
+        last = self.node == self.nodes - 1
+        if last and self.next_node is not None:
+            raise InputError(f"next_node={self.next_node!r} for node {self.node}, the last of {self.nodes}: it has "
+                             "no next node (accepted: none)")
+        if not last:
+            from jambatrt.deploy.hop_model import check_address
+            check_address(self.next_node, f"next_node / --next-node (node {self.node + 1}'s gRPC endpoint)")
 
 
 
@@ -158,11 +176,9 @@ def write_repository(artifact: str | Path, repository: str | Path,
     info = {"format_version": INFO_VERSION, "artifact": str(artifact),
             "manifest_sha256": sha256_file(artifact / "manifest.json"),
             "model_py_sha256": sha256_file(PYTHON_MODEL), "engine_model_py_sha256": sha256_file(ENGINE_MODEL),
-            "stage_model_py_sha256": sha256_file(STAGE_MODEL),
+            "stage_model_py_sha256": sha256_file(STAGE_MODEL), "hop_model_py_sha256": sha256_file(HOP_MODEL),
             "settings": dataclasses.asdict(settings),
-            "models": {k: v["kind"] for k, v in plan["models"].items()},
-            # for the user to read: TritonServer derives these from the files, never from here
-            "server_args": []}
+            "models": {k: v["kind"] for k, v in plan["models"].items()}}
     if repository.exists() and not force:
         old = _read_info(repository)
         if old is not None and all(old.get(k) == info[k] for k in info):
@@ -177,10 +193,11 @@ def write_repository(artifact: str | Path, repository: str | Path,
     with atomic_dir(repository, force=force) as tmp:
         for name, m in plan["models"].items():
             (tmp / name / "1").mkdir(parents=True)
-            if m["kind"] in ("python", "stage"):
+            if m["kind"] in ("python", "stage", "hop"):
                 (tmp / name / "config.pbtxt").write_text(m["config"])
-                shutil.copyfile(PYTHON_MODEL if m["kind"] == "python" else STAGE_MODEL, tmp / name / "1" / "model.py")
-            elif m["kind"] == "ensemble":        # Triton wants the version directory, empty
+                source = {"python": PYTHON_MODEL, "stage": STAGE_MODEL, "hop": HOP_MODEL}[m["kind"]]
+                shutil.copyfile(source, tmp / name / "1" / "model.py")
+            elif m["kind"] in ("ensemble", "node-ensemble"):        # Triton wants the version directory, empty
                 (tmp / name / "config.pbtxt").write_text(m["config"])
             else:                                # aoti, tensorrt: the engine runs inside a Python model
                 write_engine_model(tmp / name, artifact, manifest, name, m["kind"], settings)
@@ -195,14 +212,6 @@ def info_digest(info: dict) -> str:
     is verified like every other file, so an edited one is never "kept (already up to date)"."""
     body = {k: v for k, v in info.items() if k not in ("info_sha256", "reused")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def server_args(repository: str | Path) -> list[str]:
-    """The tritonserver arguments a verified repository needs: none. (The TensorRT engine runs inside
-    a Python-backend model that loads its plugins itself, so no --backend-config is needed; nothing
-    read from a file ever becomes a server flag -- a bind address, a port.)"""
-    verify_repository(Path(repository).absolute())
-    return []
 
 
 def _read_info(repository: Path) -> dict | None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jambatrt.artifact import atomic_file
-from jambatrt.deploy.repository import REPOSITORY_INFO, server_args
+from jambatrt.deploy.repository import REPOSITORY_INFO, verify_repository
 from jambatrt.errors import BackendUnavailable, JambaTRTError
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -149,10 +149,18 @@ def _write_atomic(dest: Path, data: bytes, mode: int) -> None:
         tmp.write_bytes(data)
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on 127.0.0.1 now (all held open together while chosen, so no two are the
+    same; another process may still take one before the server binds it -- start() then fails)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _python_libdir(python: Path) -> str:
@@ -200,19 +208,22 @@ class TritonServer:
 
     def __post_init__(self):
         self.repository = Path(self.repository).absolute()
-        self.http_port = self.http_port or free_port()
-        self.grpc_port = self.grpc_port or free_port()
-        self.metrics_port = self.metrics_port or free_port()
+        given = {self.http_port, self.grpc_port, self.metrics_port}
+        spare = iter([p for p in free_ports(8) if p not in given])      # distinct, and none of the given ones
+        self.http_port = self.http_port or next(spare)
+        self.grpc_port = self.grpc_port or next(spare)
+        self.metrics_port = self.metrics_port or next(spare)
         # with the guard, tritonserver's HTTP and gRPC listen on private loopback ports only the guard uses
-        self.triton_http_port = free_port() if self.guard else self.http_port
-        self.triton_grpc_port = free_port() if self.guard else self.grpc_port
+        self.triton_http_port = next(spare) if self.guard else self.http_port
+        self.triton_grpc_port = next(spare) if self.guard else self.grpc_port
         # bind addresses and ports are this object's fields alone (127.0.0.1): no argument may move them
         bad = [a for a in self.extra_args if a.split("=")[0] in OWN_FLAGS]
         if bad:
             raise ServerError(f"extra server arguments {bad} would override the address/port flags jambatrt sets")
         if (self.repository / REPOSITORY_INFO).is_file():
-            # a jambatrt repository: verified (its record included), plugin arguments derived from its files
-            self.extra_args = server_args(self.repository) + list(self.extra_args)
+            # a jambatrt repository: verified (its record included) before anything starts; nothing read
+            # from it ever becomes a server flag (a bind address, a port)
+            verify_repository(self.repository)
 
     @property
     def http_url(self) -> str:
@@ -479,8 +490,9 @@ def serve_forever(server: TritonServer, out=sys.stdout) -> int:
               f"  HTTP     http://{server.http_url}\n  gRPC     {server.grpc_url}\n"
               f"  metrics  {server.metrics_url}\n  log      {server.log_path}", file=out)
         for name in server.model_names():
-            if re.fullmatch(r".+_stage[0-9]+", name):      # pipeline stages: reached through NAME_sequence only
-                print(f"  stage    {name} (inside the ensemble; the guard refuses direct requests)", file=out)
+            if re.fullmatch(r".+_(stage[0-9]+|hop)", name):   # stages, the hop: reached through the ensemble only
+                print(f"  {'hop' if name.endswith('_hop') else 'stage':8} {name} (inside the ensemble; the guard "
+                      "refuses direct requests)", file=out)
                 continue
             route = ("generate_stream  (decoupled: SSE, or gRPC streaming; text_input -> text_output, or "
                      "prompt_ids -> token_id)") if name.endswith("_generate") else "infer"

@@ -172,6 +172,77 @@ def _versions() -> dict:
     return out
 
 
+def load_package(path: Path, entry: dict, rebuild: str):
+    """torch's runner of the AOTInductor package at `path`, built as the manifest `entry` (aoti, or
+    aoti-stages) says; BackendUnavailable when it was built by another torch or for another GPU
+    (`rebuild`: the command that rebuilds it), ArtifactError when torch cannot load it."""
+    torch = _torch()
+    built, here = entry.get("torch", "?"), torch.__version__
+    if built.split("+")[0].split(".")[:2] != here.split("+")[0].split(".")[:2]:
+        raise BackendUnavailable(f"the aoti package was compiled by torch {built}; this is torch {here}: rebuild "
+                                 f"it here (`{rebuild}`)")
+    if entry["device"] == "cuda":
+        resolve_device("cuda")
+        major, minor = torch.cuda.get_device_capability()
+        if entry["gpu"]["arch"] != f"sm_{major}{minor}":
+            gpu = entry["gpu"]
+            raise BackendUnavailable(f"the aoti package was built for {gpu['arch']} ({gpu['name']}); this GPU is "
+                                     f"sm_{major}{minor}: rebuild it here")
+    else:
+        if any(o.startswith("jamba_aoti::") for o in entry.get("python_ops", [])):
+            raise BackendUnavailable("the aoti package calls the ops through jamba_aoti:: twins, which this jambatrt "
+                                     f"no longer defines: rebuild it (`{rebuild}`)")
+        # before loading: the package resolves the ops when it is loaded (kernels registered
+        # after a load were seen not to be picked up by it)
+        try:    # the proxy executor calls the ops: give them the fast CPU kernels where they exist
+            from jambatrt.plugins.cpu import register_torch_kernels
+            register_torch_kernels()
+        except ImportError:
+            pass
+    try:
+        with warnings.catch_warnings():     # torch's own pytree deprecation noise when unpickling
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return torch._inductor.aoti_load_package(str(path))
+    except Exception as e:   # torch raises RuntimeError / zipfile errors for a bad package
+        raise ArtifactError(f"{path}: torch cannot load the AOTInductor package ({type(e).__name__}: {e})") from None
+
+
+def package_entry(info: dict, device: str) -> dict:
+    """The manifest fields of a compiled package (compile_package's info) that loading checks and
+    that say what it runs: device, versions, GPU, the ops it calls back through Python."""
+    torch = _torch()
+    entry = {"device": device, **_versions(), "triton_kernels": info["triton_kernels"],
+             "python_ops": info["fallback_ops"],
+             "cpu_isa": info["metadata"].get("AOTI_CPU_ISA") if device == "cpu" else None}
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        entry["gpu"] = {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}", "cuda": torch.version.cuda}
+    return entry
+
+
+class AotiStageSession:
+    """One pipeline stage's AOTInductor package (engines/staged.py, `build --backend aoti --stages N`):
+    run(feeds by name) -> outputs by name, numpy in and out, as the ORT StageSession."""
+
+    def __init__(self, manifest: Manifest, entry: dict, stage: dict):
+        self.torch = _torch()
+        self.device = entry["device"]
+        self.stage = stage
+        self.runner = load_package(manifest.file(stage["path"]), entry,
+                                   f"jambatrt build {manifest.artifact} --backend aoti --stages N")
+        self.input_names = [s["name"] for s in stage["inputs"]]
+        self.output_names = [s["name"] for s in stage["outputs"]]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x, *state = [to_torch(np.ascontiguousarray(feeds[n]), self.device) for n in self.input_names]
+        with self.torch.inference_mode():
+            outs = self.runner(x, state)
+        return {n: to_numpy(t) for n, t in zip(self.output_names, outs)}
+
+    def close(self) -> None:
+        self.runner = None
+
+
 class AotiEngine(Engine):
     backend = "aoti"
 
@@ -186,7 +257,6 @@ class AotiEngine(Engine):
     @classmethod
     def _build(cls, artifact: Path, manifest: Manifest, s: AotiSettings, prepared: tuple, tmp: Path) -> dict:
         planned, device = prepared
-        torch = _torch()
         t0 = time.perf_counter()
         with warnings.catch_warnings():     # torch's own pytree deprecation noise
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -194,56 +264,18 @@ class AotiEngine(Engine):
             ep = load_step_program(manifest)
         t_export = time.perf_counter() - t0
         info = compile_package(ep, device, tmp / PACKAGE, inductor_configs=s.inductor_configs())
-        entry = {"path": f"{SUBDIR}/{PACKAGE}", "device": device, **_versions(),
-                 "settings": {**dataclasses.asdict(s), "device": device}, "max_seq": planned["max_seq"],
-                 "max_batch": s.max_batch, "chunk_plan": planned["chunk_plan"],
-                 # cuda: the Triton kernels inside the package; cpu: the ops called back through Python
-                 "triton_kernels": info["triton_kernels"], "python_ops": info["fallback_ops"],
-                 "cpu_isa": info["metadata"].get("AOTI_CPU_ISA") if device == "cpu" else None,
-                 "export_seconds": round(t_export, 3)}
-        if device == "cuda":
-            major, minor = torch.cuda.get_device_capability()
-            entry["gpu"] = {"name": torch.cuda.get_device_name(), "arch": f"sm_{major}{minor}",
-                            "cuda": torch.version.cuda}
-        return entry
+        # cuda: the Triton kernels inside the package; cpu: the ops called back through Python
+        return {"path": f"{SUBDIR}/{PACKAGE}", **package_entry(info, device),
+                "settings": {**dataclasses.asdict(s), "device": device}, "max_seq": planned["max_seq"],
+                "max_batch": s.max_batch, "chunk_plan": planned["chunk_plan"], "export_seconds": round(t_export, 3)}
 
     # ---- running -------------------------------------------------------------------------------
     def __init__(self, artifact, manifest=None):
         super().__init__(artifact, manifest)
-        self.torch = torch = _torch()
-        entry = self.entry
-        self.device = entry["device"]
-        built, here = entry.get("torch", "?"), torch.__version__
-        if built.split("+")[0].split(".")[:2] != here.split("+")[0].split(".")[:2]:
-            raise BackendUnavailable(f"the aoti package was compiled by torch {built}; this is torch {here}: rebuild "
-                                     f"it here (`jambatrt build {artifact} --backend aoti`)")
-        if self.device == "cuda":
-            resolve_device("cuda")
-            major, minor = torch.cuda.get_device_capability()
-            if entry["gpu"]["arch"] != f"sm_{major}{minor}":
-                gpu = entry["gpu"]
-                raise BackendUnavailable(f"the aoti package was built for {gpu['arch']} ({gpu['name']}); this GPU is "
-                                         f"sm_{major}{minor}: rebuild it here")
-        else:
-            if any(o.startswith("jamba_aoti::") for o in entry.get("python_ops", [])):
-                raise BackendUnavailable(f"the aoti package calls the ops through jamba_aoti:: twins, which this "
-                                         f"jambatrt no longer defines: rebuild it (`jambatrt build {artifact} "
-                                         "--backend aoti`)")
-            # before loading: the package resolves the ops when it is loaded (kernels registered
-            # after a load were seen not to be picked up by it)
-            try:    # the proxy executor calls the ops: give them the fast CPU kernels where they exist
-                from jambatrt.plugins.cpu import register_torch_kernels
-                register_torch_kernels()
-            except ImportError:
-                pass
-        path = self.artifact / entry["path"]
-        try:
-            with warnings.catch_warnings():     # torch's own pytree deprecation noise when unpickling
-                warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-                self.runner = torch._inductor.aoti_load_package(str(path))
-        except Exception as e:   # torch raises RuntimeError / zipfile errors for a bad package
-            raise ArtifactError(f"{path}: torch cannot load the AOTInductor package "
-                                f"({type(e).__name__}: {e})") from None
+        self.torch = _torch()
+        self.device = self.entry["device"]
+        self.runner = load_package(self.artifact / self.entry["path"], self.entry,
+                                   f"jambatrt build {artifact} --backend aoti")
 
     def default_chunk(self, batch: int) -> int:
         return int(self.entry["chunk_plan"]["chunk"])

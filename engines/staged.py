@@ -1,15 +1,20 @@
-"""Pipeline-stage engines: the step graph split into N contiguous layer ranges
-(graph/passes/split_stages.py), each lowered by the backend's pass list into its own engine, run one
-after the other with the hidden states handed on. On N GPUs each stage sits on its own device
-(deploy writes one Triton model per stage); here every stage is an ONNX Runtime session on CPU.
+"""Pipeline-stage engines: the step program split into N contiguous layer ranges, each its own engine,
+run one after the other with the hidden states handed on. On N GPUs each stage sits on its own device
+(deploy writes one Triton model per stage); here every stage runs on CPU.
 
-    OUT/model.stage{k}.ort.onnx    stage k's lowered graph; initializers point into weights.safetensors
-                                   (ONNX Runtime wants external data beside the model: the artifact root)
-    manifest engines["ort-stages"] {"backend": "ort", "plan": <export/stage_plan.py plan>,
-                                    "stages": [{"path", "layers": [a, b], "inputs", "outputs"}], ...}
+  ort   model.onnx cut by graph/passes/split_stages.py, each stage lowered by the ORT pass list:
+          OUT/model.stage{k}.ort.onnx      initializers point into weights.safetensors (ONNX Runtime
+                                           wants external data beside the model: the artifact root)
+          manifest engines["ort-stages"]
+  aoti  the model's StageProgram of each range (export/trace.py; the same cut) compiled by
+        AOTInductor (engines/aoti.py; cpu here, cuda on a GPU):
+          OUT/engines/aoti-stages/stage{k}.pt2
+          manifest engines["aoti-stages"]
+  each entry: {"backend", "plan": <export/stage_plan.py plan>,
+               "stages": [{"path", "layers": [a, b], "inputs", "outputs"}], ...}
 
-`StagedEngine` is an Engine like any other (prefill, decode, generate take it): the state is the
-whole model's flat list, each stage reads and writes its own layers' part of it."""
+`StagedEngine` / `AotiStagedEngine` are Engines like any other (prefill, decode, generate take them):
+the state is the whole model's flat list, each stage reads and writes its own layers' part of it."""
 
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from jambatrt.engines.base import Engine
 from jambatrt.errors import ArtifactError, InputError
 from jambatrt.manifest import Manifest
 
-KEY = "ort-stages"                        # the manifest's engines entry
-STAGE_FILE = "model.stage{k}.ort.onnx"
+KEYS = {"ort": "ort-stages", "aoti": "aoti-stages"}      # backend -> the manifest's engines entry
+KEY = KEYS["ort"]
+STAGE_FILES = {"ort": "model.stage{k}.ort.onnx", "aoti": "engines/aoti-stages/stage{k}.pt2"}
 
 
 def stage_io(manifest: Manifest, a: int, b: int, n_layers: int) -> tuple[list[dict], list[dict]]:
@@ -49,72 +55,119 @@ def stage_io(manifest: Manifest, a: int, b: int, n_layers: int) -> tuple[list[di
 
 
 def build_stages(artifact: str | Path, stages: int | None = None, gpu_bytes: int | None = None,
-                 context: int | None = None, attention: str = "kernel") -> dict:
-    """Plan the stages (export/stage_plan.py: `stages`, or the fewest that fit `gpu_bytes`), split
-    model.onnx, lower every stage with the ORT pass list and write them beside the weights; the plan
-    and the stages go into the manifest (engines["ort-stages"]). Returns that entry."""
-    import onnx
-    import onnxruntime
-
+                 context: int | None = None, attention: str = "kernel", backend: str = "ort") -> dict:
+    """Plan the stages (export/stage_plan.py: `stages`, or the fewest that fit `gpu_bytes`), build one
+    engine per stage for `backend` (ort: model.onnx split and lowered by the ORT pass list; aoti: each
+    StageProgram compiled by AOTInductor) and write them into the artifact, all or none; the plan and
+    the stages go into the manifest (engines[KEYS[backend]]). Returns that entry."""
     from jambatrt.export.stage_plan import plan_stages
-    from jambatrt.graph.onnx_export import check, load_onnx
-    from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
-    from jambatrt.graph.passes.split_stages import split_stages
 
+    if backend not in KEYS:
+        raise InputError(f"stage engines for backend {backend!r} (accepted: {', '.join(KEYS)})")
     artifact = Path(artifact)
     m = Manifest.read(artifact)
-    if not m.step.onnx:
-        raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
     verify_files(artifact, m.raw)
-    if m.dtype != "float32":
-        raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
-                         f"{m.dtype} (re-export with --dtype float32)")
     if attention != "kernel":
         raise InputError(f"attention={attention!r}: stage engines run the attention kernel (accepted: kernel)")
     cfg = m.config
     plan = plan_stages(cfg, stages=stages, gpu_bytes=gpu_bytes, context=context or m.step.max_seq,
                        experts_int8=m.experts_int8)
-    settings = PassSettings(attention=attention, dtype=m.dtype)
-    passes = ort_passes(settings)
     t0 = time.perf_counter()
-    source = m.file(m.step.onnx)
-    model = load_onnx(source, load_external_data=False)
+    writer, extra = (_ort_writer if backend == "ort" else _aoti_writer)(m, plan["ranges"])
     L = cfg.num_hidden_layers
-    graphs = split_stages(model, [tuple(r) for r in plan["ranges"]], L, cfg.hidden_size)
     entries, written = [], []
     try:
-        for k, ((a, b), g) in enumerate(zip(plan["ranges"], graphs)):
-            g = run_passes(g, settings, passes)
-            rel = STAGE_FILE.format(k=k)
-            fd, tmp = tempfile.mkstemp(prefix=f".{rel}.", suffix=".tmp", dir=artifact)
+        for k, (a, b) in enumerate(plan["ranges"]):
+            rel = STAGE_FILES[backend].format(k=k)
+            (artifact / rel).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(rel).name}.", suffix=".tmp" + Path(rel).suffix,
+                                       dir=(artifact / rel).parent)
             os.close(fd)
             written.append(tmp)
-            onnx.save_model(g, tmp)
-            check(Path(tmp))
+            more = writer(k, a, b, Path(tmp))
             ins, outs = stage_io(m, a, b, L)
-            entries.append({"path": rel, "layers": [a, b], "inputs": ins, "outputs": outs})
+            entries.append({"path": rel, "layers": [a, b], "inputs": ins, "outputs": outs, **more})
         for tmp, e in zip(written, entries):          # all stages whole and checked: then into place
-            os.chmod(tmp, source.stat().st_mode & 0o777)
+            os.chmod(tmp, (artifact / "manifest.json").stat().st_mode & 0o777)
             os.replace(tmp, artifact / e["path"])
     finally:
         for tmp in written:
             Path(tmp).unlink(missing_ok=True)
-    manifest = m.raw
-    old = m.engines.get(KEY, {})
+        for d in {Path(t).parent for t in written}:
+            while d != artifact and not any(d.iterdir()):     # folders made for a build that failed
+                d.rmdir()
+                d = d.parent
+    key, manifest = KEYS[backend], m.raw
+    old = m.engines.get(key, {})
     stale = [s["path"] for s in old.get("stages", []) if s["path"] not in {e["path"] for e in entries}]
     for rel in stale:                                  # a previous build with more stages
         (artifact / rel).unlink(missing_ok=True)
         manifest.get("files", {}).pop(rel, None)
-    entry = {"backend": "ort", "onnxruntime": onnxruntime.__version__, "stages": entries, "plan": plan,
-             "passes": ["split_stages"] + [p.__name__ for p in passes], "settings": {"attention": attention},
+    entry = {"backend": backend, **extra(), "stages": entries, "plan": plan,
              "weights": m.weights, "build_seconds": round(time.perf_counter() - t0, 3)}
-    manifest.setdefault("engines", {})[KEY] = entry
+    manifest.setdefault("engines", {})[key] = entry
     record_files(artifact, manifest, [e["path"] for e in entries])
     return entry
 
 
+def _ort_writer(manifest: Manifest, ranges: list):
+    """For the ORT stages: (write(k, a, b, path) -> {}: stage k's lowered ONNX graph into path,
+    extra() -> the entry's own fields)."""
+    import onnx
+    import onnxruntime
+
+    from jambatrt.graph.onnx_export import check, load_onnx
+    from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
+    from jambatrt.graph.passes.split_stages import split_stages
+
+    artifact, cfg = manifest.artifact, manifest.config
+    if not manifest.step.onnx:
+        raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
+    if manifest.dtype != "float32":
+        raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
+                         f"{manifest.dtype} (re-export with --dtype float32)")
+    settings = PassSettings(attention="kernel", dtype=manifest.dtype)
+    passes = ort_passes(settings)
+    model = load_onnx(manifest.file(manifest.step.onnx), load_external_data=False)
+    graphs = split_stages(model, [tuple(r) for r in ranges], cfg.num_hidden_layers, cfg.hidden_size)
+
+    def write(k: int, a: int, b: int, path: Path) -> dict:
+        onnx.save_model(run_passes(graphs[k], settings, passes), str(path))
+        check(path)
+        return {}
+
+    return write, lambda: {"onnxruntime": onnxruntime.__version__, "settings": {"attention": "kernel"},
+                           "passes": ["split_stages"] + [p.__name__ for p in passes]}
+
+
+def _aoti_writer(manifest: Manifest, ranges: list):
+    """For the AOTI stages: (write(k, a, b, path) -> {"python_ops"}: stage k's package into path,
+    extra() -> the entry's own fields). The artifact's model (weights mapped from the store), each
+    range exported as a StageProgram with the step program's dynamic dims, compiled for the device
+    (cpu here, where the jamba ops are called back through Python: python_ops)."""
+    from jambatrt.engines.aoti import compile_package, package_entry, resolve_device
+    from jambatrt.export.trace import export_stage
+    from jambatrt.export.weights import load_artifact_model
+
+    device = resolve_device("auto")
+    model = load_artifact_model(manifest.artifact, manifest)
+    infos = []
+
+    def write(k: int, a: int, b: int, path: Path) -> dict:
+        ep = export_stage(model, a, b, max_seq=manifest.step.max_seq)
+        infos.append(compile_package(ep, device, path))
+        return {"python_ops": infos[-1]["fallback_ops"]}
+
+    def extra() -> dict:
+        out = package_entry(infos[0], device)
+        out.pop("python_ops")                         # per stage
+        return out
+
+    return write, extra
+
+
 class StageSession:
-    """One stage's ONNX Runtime session (the MoE experts mapped from the store, as OrtEngine does)."""
+    """One stage's ONNX Runtime session (weights bound outside the graph, as OrtEngine does)."""
 
     def __init__(self, manifest: Manifest, stage: dict, threads: int | None = None):
         from jambatrt.engines.ort import load_session
@@ -146,13 +199,16 @@ class StagedEngine(Engine):
 
     @classmethod
     def build(cls, artifact, **settings) -> dict:
-        return build_stages(artifact, **settings)
+        return build_stages(artifact, backend=cls.backend.removesuffix("-stages"), **settings)
 
     def __init__(self, artifact, manifest=None, threads: int | None = None):
         super().__init__(artifact, manifest)
         self.plan = self.entry["plan"]
-        self.stages = [StageSession(self.manifest, s, threads) for s in self.entry["stages"]]
+        self.stages = [self._session(s, threads) for s in self.entry["stages"]]
         self.state_names = [s.name for s in self.step_program.state]
+
+    def _session(self, stage: dict, threads: int | None):
+        return StageSession(self.manifest, stage, threads)
 
     def run_step(self, input_ids, state):
         from jambatrt.graph.passes.split_stages import HIDDEN_IN, HIDDEN_OUT
@@ -168,3 +224,21 @@ class StagedEngine(Engine):
     def close(self) -> None:
         for s in self.stages:
             s.close()
+
+
+class AotiStagedEngine(StagedEngine):
+    """The AOTInductor stage packages of `engines["aoti-stages"]` (`build --backend aoti --stages N`)."""
+
+    backend = KEYS["aoti"]
+    build_options = "--backend aoti --stages N"
+
+    def _session(self, stage: dict, threads: int | None):
+        from jambatrt.engines.aoti import AotiStageSession
+        return AotiStageSession(self.manifest, self.entry, stage)
+
+
+def staged_engine_class(backend: str) -> type[StagedEngine]:
+    """The stage engines' class for a backend: ort -> StagedEngine, aoti -> AotiStagedEngine."""
+    if backend not in KEYS:
+        raise InputError(f"stage engines for backend {backend!r} (accepted: {', '.join(KEYS)})")
+    return AotiStagedEngine if backend == "aoti" else StagedEngine

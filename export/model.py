@@ -216,13 +216,19 @@ class JambaLM(nn.Module):
                 m.A_log.data = m.A_log.float()
 
     def forward(self, input_ids: torch.Tensor, state: Optional[list] = None):
-        ops = IMPLS[self.impl]
-        h = self.model.embed_tokens(input_ids)
-        new_state = []
-        for i, layer in enumerate(self.model.layers):
-            h, s = layer(h, ops, (None, None) if state is None else state[2 * i:2 * i + 2])
-            new_state += s
+        h, new_state = self.run_layers(self.model.embed_tokens(input_ids), state, 0, self.config.num_hidden_layers)
         return self.lm_head(self.model.final_layernorm(h)), new_state
+
+    def run_layers(self, h: torch.Tensor, state: Optional[list], a: int, b: int):
+        """Decoder layers [a, b) on h [B,L,H]; state: those layers' part of the flat state (or None)
+        -> (h, their new state). A pipeline stage (export/trace.py StageProgram) is such a range."""
+        ops = IMPLS[self.impl]
+        new_state = []
+        for i in range(a, b):
+            j = 2 * (i - a)
+            h, s = self.model.layers[i](h, ops, (None, None) if state is None else state[j:j + 2])
+            new_state += s
+        return h, new_state
 
 
 def state_shapes(cfg: JambaConfig, batch: int, past: int) -> list[tuple[str, tuple[int, ...], torch.dtype | None]]:

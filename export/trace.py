@@ -75,6 +75,24 @@ class StepProgram(torch.nn.Module):
         return (logits, *new_state)
 
 
+class StageProgram(torch.nn.Module):
+    """One pipeline stage, layers [a, b): (x, their state list) -> (y, *their new state). x is input_ids
+    [B,L] on the first stage (a = 0), hidden_in [B,L,H] on the others; y is logits [B,L,V] on the last
+    (b = all layers), hidden_out [B,L,H] on the others -- the cut graph/passes/split_stages.py makes of
+    model.onnx, made here from the model itself (AOTInductor stage engines, engines/staged.py)."""
+
+    def __init__(self, model: JambaLM, a: int, b: int):
+        super().__init__()
+        self.model, self.a, self.b = model, a, b
+
+    def forward(self, x: torch.Tensor, state: list[torch.Tensor]):
+        m = self.model
+        h = m.model.embed_tokens(x) if self.a == 0 else x
+        h, new_state = m.run_layers(h, list(state), self.a, self.b)
+        y = m.lm_head(m.model.final_layernorm(h)) if self.b == m.config.num_hidden_layers else h
+        return (y, *new_state)
+
+
 def _dims(max_seq: int, max_batch: int):
     return (Dim("batch", min=1, max=max_batch), Dim("seq", min=1, max=max_seq), Dim("past", min=0, max=max_seq))
 
@@ -99,11 +117,25 @@ def zero_state(model: JambaLM, batch: int, past: int = 0) -> list[torch.Tensor]:
 
 
 def export_step(model: JambaLM, max_seq: int | None = None, max_batch: int = MAX_BATCH) -> ExportedProgram:
+    return _export_stateful(StepProgram(model), model, 0, model.config.num_hidden_layers, max_seq, max_batch)
+
+
+def export_stage(model: JambaLM, a: int, b: int, max_seq: int | None = None,
+                 max_batch: int = MAX_BATCH) -> ExportedProgram:
+    """The pipeline stage of layers [a, b) (StageProgram), dynamic batch, seq and past as export_step."""
+    return _export_stateful(StageProgram(model, a, b), model, a, b, max_seq, max_batch)
+
+
+def _export_stateful(program: torch.nn.Module, model: JambaLM, a: int, b: int, max_seq: int | None,
+                     max_batch: int) -> ExportedProgram:
+    """torch.export of (x, state of layers [a, b)) -> ...; x: ids [B,L] when a = 0, else hidden [B,L,H]."""
     _check(model)
     batch, seq, past = _dims(max_seq or model.config.max_position_embeddings, max_batch)
-    shapes = state_shapes(model.config, 2, 5)
+    shapes = state_shapes(model.config, 2, 5)[2 * a:2 * b]
     state_dyn = [{0: batch, 1: past} if name.endswith((".k", ".v")) else {0: batch} for name, _, _ in shapes]
-    example = (torch.zeros(2, 3, dtype=torch.long), zero_state(model, 2, 5))
+    x = (torch.zeros(2, 3, dtype=torch.long) if a == 0
+         else torch.zeros(2, 3, model.config.hidden_size, dtype=next(model.parameters()).dtype))
+    example = (x, zero_state(model, 2, 5)[2 * a:2 * b])
     with torch.no_grad():
-        return torch.export.export(StepProgram(model).eval(), example,
-                                   dynamic_shapes={"input_ids": {0: batch, 1: seq}, "state": state_dyn}, strict=False)
+        return torch.export.export(program.eval(), example, dynamic_shapes=({0: batch, 1: seq}, state_dyn),
+                                   strict=False)

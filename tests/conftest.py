@@ -74,9 +74,9 @@ def tiny_ckpt(make_checkpoint):
     return make_checkpoint("tiny")
 
 
-def private_artifact(tiny_artifact, tmp_path_factory, prefix: str):
-    """A private copy of the tiny artifact with the ORT engine built, for a module that builds or
-    serves more on it (other modules may rebuild theirs)."""
+def private_artifact(tiny_artifact, tmp_path_factory, prefix: str, stages: int | None = None):
+    """A private copy of the tiny artifact with the ORT engine built (and `stages` ORT stage engines),
+    for a module that builds or serves more on it (other modules may rebuild theirs)."""
     import shutil
 
     from jambatrt.artifact import read_manifest
@@ -84,7 +84,72 @@ def private_artifact(tiny_artifact, tmp_path_factory, prefix: str):
     shutil.copytree(tiny_artifact, dst)
     if "ort" not in read_manifest(dst).get("engines", {}):
         run_cli("build", dst, "--backend", "ort", check=True)
+    if stages is not None:
+        from jambatrt.engines.staged import build_stages
+        build_stages(dst, stages=stages)
     return dst
+
+
+def start_server(repository, env, log_path, tries: int = 3, **kw):
+    """A started TritonServer over `repository` (ports chosen free, or given in kw). Another process
+    can take a chosen port between the choice and the bind (other test suites run alongside): a start
+    that fails on a port in use is retried on fresh ports, up to `tries` times when none was given."""
+    import re
+
+    from jambatrt.deploy.server import ServerError, TritonServer
+    for attempt in range(tries):
+        srv = TritonServer(repository, env, log_path=log_path, **kw)
+        try:
+            return srv.start(timeout=240)
+        except ServerError as e:
+            fixed = any(kw.get(k) for k in ("http_port", "grpc_port", "metrics_port"))
+            if fixed or attempt == tries - 1 or not re.search(r"in use|failed to bind", str(e), re.IGNORECASE):
+                raise
+
+
+def served_generation_equals_generate(client, engine, artifact, capsys, vocab: int) -> None:
+    """Greedy generation step by step through a served sequence model (client.generate_steps) equals
+    offline generate() for a short and a 57-token prompt, and `jambatrt generate --json` (run in
+    this process: a child spends its time importing) says the same."""
+    import json
+
+    from jambatrt import cli
+    from jambatrt.engines.generate import generate
+    for i, prompt in enumerate([[1, 2, 3], np.random.default_rng(4).integers(0, vocab, 57).tolist()]):
+        want = generate(engine, [prompt], 12)[0][0].generated_ids
+        assert client.generate_steps(prompt, 12, sequence_id=100 + i) == want, prompt
+    capsys.readouterr()
+    assert cli.main(["generate", str(artifact), "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
+                     "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
+
+
+def compare_steps(got_engine, want_engine, check, seed: int) -> None:
+    """Two engines on the same random ids [2, 37]: prefill whole and in chunks of 8 (state carried),
+    then three greedy decode steps; check(got, want, what) on the logits and every state tensor."""
+    ids = np.random.default_rng(seed).integers(0, want_engine.config.vocab_size, (2, 37))
+    for chunk in (None, 8):
+        want, ws = want_engine.prefill(ids, chunk=chunk)
+        got, gs = got_engine.prefill(ids, chunk=chunk)
+        check(got, want, f"logits chunk={chunk}")
+        for i, (g, w) in enumerate(zip(gs, ws)):
+            check(g, w, f"state {i} chunk={chunk}")
+    for step in range(3):
+        tok = want[:, -1].argmax(-1) if step == 0 else want.argmax(-1)
+        want, ws = want_engine.decode(tok, ws)
+        got, gs = got_engine.decode(tok, gs)
+        check(got, want, f"decode {step}")
+        for i, (g, w) in enumerate(zip(gs, ws)):
+            check(g, w, f"decode {step} state {i}")
+
+
+def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
+    """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
+    sequence model is fed by client.step."""
+    logits, state = engine.prefill(np.array([prompt]), last_only=True)
+    for tok in fed:
+        logits, state = engine.decode([tok], state)
+    return logits[0]
 
 
 def step_two_sequences(client, engine, ids: tuple[int, int], vocab: int, n: int = 10):

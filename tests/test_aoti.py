@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, compare_steps, run_cli
 from jambatrt.artifact import read_manifest, sha256_file, verify_files
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
@@ -424,3 +424,70 @@ def test_served_aoti_keeps_sequence_state_on_the_server(artifact, engine, serve_
         ids = rng.integers(0, V, (1, 33))
         np.testing.assert_allclose(jc.logits(ids), engine.prefill(ids)[0], rtol=0, atol=1e-5)
         assert jc.ready() and jc.model_ready("aoti")
+
+
+def test_aoti_stages_equal_the_unsplit_package(artifact, engine, capsys):
+    """`build --backend aoti --stages 2`: each stage's StageProgram (export/trace.py, the cut the ORT
+    stages make of model.onnx) compiled by AOTInductor; run in order they give the unsplit package's
+    logits and states bit for bit (the same compiled code on the same values) for prefill, chunked
+    prefill and decode, and `generate --backend aoti --stages` runs them."""
+    from jambatrt import cli
+    from jambatrt.engines.generate import generate
+    from jambatrt.engines.staged import AotiStagedEngine
+
+    capsys.readouterr()
+    assert cli.main(["build", str(artifact), "--backend", "aoti", "--stages", "2"]) == 0
+    assert "built 2 aoti stage engines" in capsys.readouterr().out
+    m = verify_files(artifact)
+    e = m["engines"]["aoti-stages"]
+    assert e["backend"] == "aoti" and e["device"] == "cpu" and e["torch"] == torch.__version__
+    assert [s["layers"] for s in e["stages"]] == e["plan"]["ranges"] and len(e["stages"]) == 2
+    for k, s in enumerate(e["stages"]):
+        assert s["path"] == f"engines/aoti-stages/stage{k}.pt2"
+        assert m["files"][s["path"]]["sha256"] == sha256_file(artifact / s["path"])
+        assert (s["inputs"][0]["name"], s["outputs"][0]["name"]) == (("input_ids", "hidden_out") if k == 0
+                                                                     else ("hidden_in", "logits"))
+        assert s["python_ops"] and all(o.startswith("jamba_aoti::") for o in s["python_ops"])
+    # between them the stages call every op the unsplit package calls, nothing else
+    assert sorted(o for s in e["stages"] for o in s["python_ops"]) == sorted(m["engines"]["aoti"]["python_ops"])
+
+    def same(got, want, what):
+        np.testing.assert_array_equal(got, want, err_msg=what)
+
+    with AotiStagedEngine.load(artifact) as st:
+        compare_steps(st, engine, same, seed=3)
+    capsys.readouterr()
+    assert cli.main(["generate", str(artifact), "--backend", "aoti", "--stages", "--prompt-ids", "1,2,3",
+                     "--max-new-tokens", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["generated_ids"] == generate(engine, [[1, 2, 3]], 8)[0][0].generated_ids
+
+
+def test_failed_aoti_stage_build_leaves_the_artifact_as_it_was(artifact, tiny_artifact, monkeypatch, tmp_path):
+    """A stage that fails to compile leaves no stage file, no temp file and the previous stage build,
+    manifest entry included, as it was. (The first stage fails, so nothing is compiled: the loop that
+    writes every stage to a temp file and moves them into place only when all are whole is the ORT
+    stages' too.)"""
+    from pathlib import Path
+
+    from jambatrt.engines import aoti
+    from jambatrt.engines.staged import build_stages
+
+    fresh = tmp_path / "fresh"                     # no stage build yet: not even the folder is left
+    shutil.copytree(tiny_artifact, fresh)
+    before = {p: sha256_file(p) for p in artifact.rglob("*") if p.is_file()}
+    calls = []
+
+    def fail(ep, device, path, **kw):
+        calls.append(Path(path))
+        Path(path).write_bytes(b"half a package")
+        raise BackendUnavailable("compiler gone")
+
+    monkeypatch.setattr(aoti, "compile_package", fail)
+    with pytest.raises(BackendUnavailable, match="compiler gone"):
+        build_stages(artifact, stages=3, backend="aoti")
+    assert len(calls) == 1 and calls[0].parent == artifact / "engines" / "aoti-stages" and not calls[0].exists()
+    assert {p: sha256_file(p) for p in artifact.rglob("*") if p.is_file()} == before
+    fresh_before = sorted(p.relative_to(fresh) for p in fresh.rglob("*"))
+    with pytest.raises(BackendUnavailable, match="compiler gone"):
+        build_stages(fresh, stages=2, backend="aoti")
+    assert sorted(p.relative_to(fresh) for p in fresh.rglob("*")) == fresh_before

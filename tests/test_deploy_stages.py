@@ -11,9 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import private_artifact, step_two_sequences
+from conftest import (offline_logits, private_artifact, served_generation_equals_generate, start_server,
+                      step_two_sequences)
 from jambatrt.deploy.repository import RepositorySettings, verify_repository, write_repository
-from jambatrt.deploy.server import TritonServer
 from jambatrt.errors import ArtifactError
 
 MAX_TOKENS = 2048
@@ -24,10 +24,7 @@ STAGES = 3
 @pytest.fixture(scope="module")
 def artifact(tiny_artifact, tmp_path_factory):
     """A private copy of the tiny artifact with the unsplit ORT engine and 3 stage engines."""
-    from jambatrt.engines.staged import build_stages
-    dst = private_artifact(tiny_artifact, tmp_path_factory, "stages-deploy")
-    build_stages(dst, stages=STAGES)
-    return dst
+    return private_artifact(tiny_artifact, tmp_path_factory, "stages-deploy", stages=STAGES)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +89,9 @@ def test_stage_configs_parse_as_triton_model_configs(artifact, serve_env, tmp_pa
 def server(artifact, serve_env, tmp_path_factory):
     repo = tmp_path_factory.mktemp("stages-repo") / "models"
     write_repository(artifact, repo, _settings())
-    srv = TritonServer(repo, serve_env, log_path=tmp_path_factory.mktemp("log") / "tritonserver.log")
-    try:
-        srv.start(timeout=240)
-        yield srv
-    finally:
-        srv.stop()
+    srv = start_server(repo, serve_env, tmp_path_factory.mktemp("log") / "tritonserver.log")
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture
@@ -108,28 +102,16 @@ def client(server):
 
 
 def test_greedy_generation_through_the_ensemble_equals_generate(client, server, engine, artifact, capsys):
-    from jambatrt.engines.generate import generate
     assert client.ready() and client.model_ready("sequence")
     assert set(server.stub_pids().values()) == {f"jamba_stage{k}" for k in range(STAGES)}
-    for i, prompt in enumerate([[1, 2, 3], np.random.default_rng(4).integers(0, V, 57).tolist()]):
-        want = generate(engine, [prompt], 12)[0][0].generated_ids
-        assert client.generate_steps(prompt, 12, sequence_id=100 + i) == want, prompt
-    # and the command line's `jambatrt generate` says the same (in this process: a child spends its time importing)
-    from jambatrt import cli
-    capsys.readouterr()
-    assert cli.main(["generate", str(artifact), "--backend", "ort", "--prompt-ids", "1,2,3", "--max-new-tokens", "12",
-                     "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["generated_ids"] == client.generate_steps([1, 2, 3], 12, sequence_id=7)
+    served_generation_equals_generate(client, engine, artifact, capsys, V)
 
 
 def test_interleaved_sequences_keep_separate_state(client, engine):
     pa, want_a, la = step_two_sequences(client, engine, (2001, 2002), V)
     # the offline engine fed the same way (prompt, then one token per step) gives the same logits, bit for
     # bit: the stages run the same kernels on the same values
-    logits, state = engine.prefill(np.array([pa]), last_only=True)
-    for tok in want_a[:-1]:
-        logits, state = engine.decode([tok], state)
-    np.testing.assert_array_equal(la, logits[0])
+    np.testing.assert_array_equal(la, offline_logits(engine, pa, want_a[:-1]))
 
 
 def test_bad_requests_through_the_ensemble(client, server):

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import private_artifact
+from conftest import compare_steps, private_artifact
 from jambatrt.artifact import read_manifest
 from jambatrt.config import preset
 from jambatrt.errors import ArtifactError, ConfigError
@@ -117,22 +117,8 @@ def test_stages_equal_the_unsplit_engine(artifact, whole, n):
         # a stage holds only its own layers' weights (plus embedding / head at the ends)
         weights = {t.name for t in g.initializer if t.name.startswith("model.model.layers.")}
         assert {int(w.split(".")[3]) for w in weights} <= set(range(a, b))
-    rng = np.random.default_rng(n)
-    with StagedEngine.load(artifact) as st:
-        ids = rng.integers(0, 512, (2, 37))
-        for chunk in (None, 8):                        # prefill; chunked prefill (state carried)
-            want, ws = whole.prefill(ids, chunk=chunk)
-            got, gs = st.prefill(ids, chunk=chunk)
-            _close(got, want, f"logits chunk={chunk}")
-            for i, (g, w) in enumerate(zip(gs, ws)):
-                _close(g, w, f"state {i} chunk={chunk}")
-        for step in range(3):                          # decode
-            tok = want[:, -1].argmax(-1) if step == 0 else want.argmax(-1)
-            want, ws = whole.decode(tok, ws)
-            got, gs = st.decode(tok, gs)
-            _close(got, want, f"decode {step}")
-            for i, (g, w) in enumerate(zip(gs, ws)):
-                _close(g, w, f"decode {step} state {i}")
+    with StagedEngine.load(artifact) as st:            # prefill, chunked prefill (state carried), decode
+        compare_steps(st, whole, _close, seed=n)
 
 
 def test_cli_build_stages_and_generate(artifact, capsys):
@@ -145,6 +131,8 @@ def test_cli_build_stages_and_generate(artifact, capsys):
     assert code == code2 == 0 and json.loads(got)["generated_ids"] == json.loads(want)["generated_ids"]
     code, _, err = _cli(capsys, "build", artifact, "--backend", "ort", "--stage-plan", "auto")
     assert code == 2 and "--gpu-memory" in err
+    code, _, err = _cli(capsys, "build", artifact, "--backend", "tensorrt", "--stages", "2")
+    assert code == 2 and "TensorRT stages" in err                     # ort and aoti stage engines only
     code, out, _ = _cli(capsys, "build", artifact, "--backend", "ort", "--stage-plan", "auto", "--gpu-memory", "80GB")
     assert code == 0 and "built 1 ort stage engines" in out            # tiny fits one device
     m = read_manifest(artifact)
