@@ -90,6 +90,15 @@ def private_artifact(tiny_artifact, tmp_path_factory, prefix: str, stages: int |
     return dst
 
 
+@pytest.fixture(scope="module")
+def engine(artifact):
+    """The ORT engine of the requesting module's own `artifact` fixture (a module may define its own
+    `engine`, as test_aoti and test_engine_ort do)."""
+    from jambatrt.engines.ort import OrtEngine
+    with OrtEngine.load(artifact) as e:
+        yield e
+
+
 def start_server(repository, env, log_path, tries: int = 3, **kw):
     """A started TritonServer over `repository` (ports chosen free, or given in kw). Another process
     can take a chosen port between the choice and the bind (other test suites run alongside): a start

@@ -313,13 +313,6 @@ def server(repository, serve_env, tmp_path_factory):
         srv.stop()
 
 
-@pytest.fixture(scope="module")
-def engine(artifact):
-    from jambatrt.engines.ort import OrtEngine
-    with OrtEngine.load(artifact) as e:
-        yield e
-
-
 @pytest.fixture
 def client(server):
     from jambatrt.deploy.client import JambaClient

@@ -27,13 +27,6 @@ def artifact(tiny_artifact, tmp_path_factory):
     return private_artifact(tiny_artifact, tmp_path_factory, "nodes-art", stages=STAGES)
 
 
-@pytest.fixture(scope="module")
-def engine(artifact):
-    from jambatrt.engines.ort import OrtEngine
-    with OrtEngine.load(artifact) as e:
-        yield e
-
-
 def _settings(node: int, next_node: str | None = None, **kw):
     return RepositorySettings(max_tokens=MAX_TOKENS, stages=True, nodes=2, node=node, next_node=next_node,
                               hop_timeout=HOP_TIMEOUT, **kw)

@@ -27,13 +27,6 @@ def artifact(tiny_artifact, tmp_path_factory):
     return private_artifact(tiny_artifact, tmp_path_factory, "stages-deploy", stages=STAGES)
 
 
-@pytest.fixture(scope="module")
-def engine(artifact):
-    from jambatrt.engines.ort import OrtEngine
-    with OrtEngine.load(artifact) as e:
-        yield e
-
-
 def _settings(**kw):
     return RepositorySettings(max_tokens=MAX_TOKENS, stages=True, **kw)
 
