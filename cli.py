@@ -415,7 +415,7 @@ def cmd_deploy(a) -> int:
 
     settings = RepositorySettings(name=a.name, max_tokens=a.max_tokens, max_sequences=a.max_sequences,
                                   idle_seconds=a.idle_seconds, instances=a.instances, stages=a.stages,
-                                  stage_devices=a.stage_devices, nodes=a.nodes, node=a.node, next_node=a.next_node,
+                                  stage_devices=a.stage_devices, stage_backend=a.stage_backend, nodes=a.nodes, node=a.node, next_node=a.next_node,
                                   hop_timeout=a.hop_timeout,
                                   execution_env=str(Path(a.execution_env).absolute()) if a.execution_env else None)
     info = write_repository(a.out, a.repository, settings, force=a.force)
@@ -683,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "single-engine sequence model)")
     d.add_argument("--stage-devices", default="cpu", choices=["cpu", "gpu"],
                    help="with --stages: stage instances on CPU (KIND_CPU, default) or stage k on GPU k (KIND_GPU, gpus: [k]; with --nodes, k counts the node's own stages)")
+    d.add_argument("--stage-backend", default="ort", choices=["ort", "aoti"],
+                   help="with --stages: serve the ONNX Runtime stage engines (`build --stages N`, default) or the "
+                        "AOTInductor ones (`build --backend aoti --stages N`)")
     d.add_argument("--nodes", type=_int_option(1, 1024), default=1,
                    help="with --stages: split the stages over N servers (contiguous groups), one repository per node; "
                         "each node but the last forwards to the next over gRPC (docs/multinode.md)")

@@ -54,6 +54,7 @@ class RepositorySettings:
     execution_env: str | None = None     # EXECUTION_ENV_PATH for the Python models (else: python3 on PATH)
     stages: bool = False                 # serve the pipeline-stage engines (deploy/stages_repository.py)
     stage_devices: str = "cpu"           # stage k's instances: "cpu" (KIND_CPU) or "gpu" (KIND_GPU, gpus: [k])
+    stage_backend: str = "ort"           # which stage engines: ort (`build --stages`) or aoti (`build --backend aoti --stages`)
     nodes: int = 1                       # with stages: split them over this many servers (one repository each)
     node: int = 0                        # which node's repository this is (0 .. nodes-1)
     next_node: str | None = None         # HOST:PORT of node+1's gRPC endpoint (every node but the last)
@@ -69,6 +70,11 @@ class RepositorySettings:
             raise InputError(f"max_tokens={self.max_tokens} (accepted: >= 1)")
         if self.idle_seconds <= 0:
             raise InputError(f"idle_seconds={self.idle_seconds} (accepted: > 0)")
+        if self.stage_backend not in ("ort", "aoti"):
+            raise InputError(f"stage_backend={self.stage_backend!r} (accepted: ort, aoti)")
+        if self.stage_backend != "ort" and not self.stages:
+            raise InputError(f"stage_backend={self.stage_backend!r} picks the stage engines: it needs stages=True "
+                             "(--stages)")
         if self.hop_timeout <= 0:
             raise InputError(f"hop_timeout={self.hop_timeout} (accepted: > 0)")
         if self.nodes < 1 or not 0 <= self.node < self.nodes:

@@ -10,7 +10,8 @@ hidden states [1,L,H] travel between stages, never the state.
 
 config.pbtxt parameters:
   artifact, manifest_sha256   the artifact (read only) and the manifest deployed
-  stage                       this stage's index in manifest engines["ort-stages"]["stages"]
+  backend                     ort | aoti: which stage engines (manifest engines["<backend>-stages"])
+  stage                       this stage's index in that entry's "stages"
   max_tokens                  per-sequence token budget (prompt + generated)
   idle_seconds, max_sequences state of silent sequences is dropped after idle_seconds; at most
                               max_sequences states are kept (the oldest go first)
@@ -44,7 +45,7 @@ class TritonPythonModel:
     def initialize(self, args):
         from jambatrt.artifact import check_deployed_manifest, verify_files
         from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
-        from jambatrt.engines.staged import KEY, StageSession
+        from jambatrt.engines.staged import KEYS, stage_session
         from jambatrt.errors import InputError
         from jambatrt.manifest import Manifest
 
@@ -56,12 +57,19 @@ class TritonPythonModel:
         check_deployed_manifest(artifact, params.get("manifest_sha256"))
         manifest = Manifest.read(artifact)
         verify_files(artifact, manifest.raw)        # every file against its sha256 before serving it
-        stages = manifest.engine(KEY)["stages"]
+        backend = params.get("backend", "ort")
+        if backend not in KEYS:
+            raise ValueError(f"{self.name}: parameter backend={backend!r} (accepted: {', '.join(KEYS)}): "
+                             "re-run `jambatrt deploy`")
+        if args.get("model_instance_kind") == "GPU" and backend == "aoti":
+            import torch
+            torch.cuda.set_device(int(args.get("model_instance_device_id", 0)))
+        stages = manifest.engine(KEYS[backend])["stages"]
         self.index = int(params["stage"])
         self.stage = stages[self.index]
         self.first, self.last = self.index == 0, self.index == len(stages) - 1
         self.vocab = manifest.config.vocab_size
-        self.session = StageSession(manifest, self.stage)
+        self.session = stage_session(manifest, backend, self.stage)
         self.past_specs = self.stage["inputs"][1:]
         # correlation id -> this stage's state {past name: array}
         self.states = SequenceStates(float(params.get("idle_seconds", "60")), int(params.get("max_sequences", "64")),

@@ -33,7 +33,6 @@ from jambatrt.manifest import Manifest
 
 STAGE_MODEL = Path(__file__).with_name("stage_model.py")
 HOP_MODEL = Path(__file__).with_name("hop_model.py")
-STAGES_KEY = "ort-stages"
 
 
 def node_stages(n_stages: int, nodes: int) -> list[range]:
@@ -56,7 +55,9 @@ def stage_models(manifest: Manifest, artifact: Path, settings) -> dict[str, dict
     of node settings.node's repository for `deploy --stages` (the only node unless settings.nodes > 1)."""
     from jambatrt.deploy.repository import served_max_tokens
 
-    entry = manifest.engine(STAGES_KEY, "--backend ort --stages N` or `--stage-plan auto --gpu-memory 80GB")
+    from jambatrt.engines.staged import KEYS
+    backend = settings.stage_backend
+    entry = manifest.engine(KEYS[backend], f"--backend {backend} --stages N` or `--stage-plan auto --gpu-memory 80GB")
     if settings.stage_devices not in ("cpu", "gpu"):
         raise InputError(f"stage_devices={settings.stage_devices!r} (accepted: cpu, gpu)")
     n, stages = settings.name, entry["stages"]
@@ -83,8 +84,8 @@ def stage_models(manifest: Manifest, artifact: Path, settings) -> dict[str, dict
         a, b = s["layers"]
         body = {"name": name, "backend": "python", "max_batch_size": settings.sequence_batch, "input": [inp],
                 "output": out, "sequence_batching": sequence_batching(settings), "instance_group": [group],
-                "parameters": parameters({**common, "stage": k, **env})}
-        note = (f"Pipeline stage {k} of {len(stages)}: layers {a}-{b - 1}"
+                "parameters": parameters({**common, "backend": backend, "stage": k, **env})}
+        note = (f"Pipeline stage {k} of {len(stages)} ({backend} engine): layers {a}-{b - 1}"
                 + (" + embedding" if first else "") + (" + final norm and lm_head" if last else "")
                 + f". Keeps those layers' state per correlation id; called by the ensemble {entry_model(n, settings.node)}.")
         models[name] = {"kind": "stage", "config": comment(note) + pbtxt(body) + "\n"}

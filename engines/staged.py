@@ -190,6 +190,15 @@ class StageSession:
         self._release()
 
 
+def stage_session(manifest: Manifest, backend: str, stage: dict, threads: int | None = None):
+    """One stage's runner for `backend` (ort | aoti): run(feeds by name) -> outputs by name, numpy in
+    and out (StagedEngine in this process; deploy/stage_model.py in a Triton stage model)."""
+    if backend == "aoti":
+        from jambatrt.engines.aoti import AotiStageSession
+        return AotiStageSession(manifest, manifest.engine(KEYS["aoti"]), stage)
+    return StageSession(manifest, stage, threads)
+
+
 class StagedEngine(Engine):
     """All stages of `engines["ort-stages"]` in this process, run in order (for tests, `generate`,
     `validate`; a server places each stage on its own device instead)."""
@@ -204,11 +213,9 @@ class StagedEngine(Engine):
     def __init__(self, artifact, manifest=None, threads: int | None = None):
         super().__init__(artifact, manifest)
         self.plan = self.entry["plan"]
-        self.stages = [self._session(s, threads) for s in self.entry["stages"]]
+        backend = self.backend.removesuffix("-stages")
+        self.stages = [stage_session(self.manifest, backend, s, threads) for s in self.entry["stages"]]
         self.state_names = [s.name for s in self.step_program.state]
-
-    def _session(self, stage: dict, threads: int | None):
-        return StageSession(self.manifest, stage, threads)
 
     def run_step(self, input_ids, state):
         from jambatrt.graph.passes.split_stages import HIDDEN_IN, HIDDEN_OUT
@@ -231,10 +238,6 @@ class AotiStagedEngine(StagedEngine):
 
     backend = KEYS["aoti"]
     build_options = "--backend aoti --stages N"
-
-    def _session(self, stage: dict, threads: int | None):
-        from jambatrt.engines.aoti import AotiStageSession
-        return AotiStageSession(self.manifest, self.entry, stage)
 
 
 def staged_engine_class(backend: str) -> type[StagedEngine]:

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, compare_steps, run_cli
+from conftest import ROOT, compare_steps, offline_logits, run_cli, start_server, step_two_sequences
 from jambatrt.artifact import read_manifest, sha256_file, verify_files
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
@@ -447,7 +447,7 @@ def test_aoti_stages_equal_the_unsplit_package(artifact, engine, capsys):
         assert m["files"][s["path"]]["sha256"] == sha256_file(artifact / s["path"])
         assert (s["inputs"][0]["name"], s["outputs"][0]["name"]) == (("input_ids", "hidden_out") if k == 0
                                                                      else ("hidden_in", "logits"))
-        assert s["python_ops"] and all(o.startswith("jamba_aoti::") for o in s["python_ops"])
+        assert s["python_ops"] and all(o.startswith("jamba::") for o in s["python_ops"])
     # between them the stages call every op the unsplit package calls, nothing else
     assert sorted(o for s in e["stages"] for o in s["python_ops"]) == sorted(m["engines"]["aoti"]["python_ops"])
 
@@ -491,3 +491,29 @@ def test_failed_aoti_stage_build_leaves_the_artifact_as_it_was(artifact, tiny_ar
     with pytest.raises(BackendUnavailable, match="compiler gone"):
         build_stages(fresh, stages=2, backend="aoti")
     assert sorted(p.relative_to(fresh) for p in fresh.rglob("*")) == fresh_before
+
+
+def test_served_aoti_stages_keep_state_on_the_server(artifact, engine, serve_env, tmp_path):
+    """`deploy --stages --stage-backend aoti`: one Triton model per AOTInductor stage package, chained by
+    the ensemble NAME_sequence, each keeping its layers' state per sequence; two interleaved sequences
+    get what the unsplit package gives each alone, logits bit for bit."""
+    from jambatrt.deploy.client import JambaClient
+    from jambatrt.deploy.repository import RepositorySettings, write_repository
+    from jambatrt.engines.staged import build_stages
+
+    if "aoti-stages" not in read_manifest(artifact)["engines"]:     # built by the test above when it ran
+        build_stages(artifact, stages=2, backend="aoti")
+    repo = tmp_path / "repo"
+    info = write_repository(artifact, repo, RepositorySettings(stages=True, stage_backend="aoti", max_tokens=512))
+    assert info["models"] == {"jamba_stage0": "stage", "jamba_stage1": "stage", "jamba_sequence": "ensemble"}
+    assert 'key: "backend" value { string_value: "aoti" }' in (repo / "jamba_stage0" / "config.pbtxt").read_text()
+    with pytest.raises(InputError, match="needs stages=True"):
+        RepositorySettings(stage_backend="aoti")
+    srv = start_server(repo, serve_env, tmp_path / "server.log")
+    try:
+        with JambaClient(srv.http_url, timeout=120) as jc:
+            pa, want_a, la = step_two_sequences(jc, engine, (31, 32), engine.config.vocab_size)
+            np.testing.assert_array_equal(la, offline_logits(engine, pa, want_a[:-1]))
+            assert jc.ready()
+    finally:
+        srv.stop()
