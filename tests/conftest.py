@@ -54,6 +54,21 @@ def assert_sums_close(got, want64, abs_sum, n_terms: int, dtype=np.float32, what
                                   f"{bound[worst]:.3e} (n={n_terms}, sum|terms| {np.asarray(abs_sum)[worst]:.3e})")
 
 
+def assert_same_model_sums(got, want, config, length: int = 1, what: str = "values") -> None:
+    """`got` and `want`: one fp32 model computation in two summation orders (another kernel or engine,
+    chunks, thread count, a server process). Every value went through at most n_layers blocks of sums
+    of at most K terms (the widest of hidden, intermediate, d_inner and the `length` tokens attended or
+    scanned), each rounding relative to the tensor's magnitude; both sides round, so
+    |got - want| <= 2 * sum_error_bound(max|want|, n_layers * K). Not a bare atol: it grows with the
+    model's sums and the values' magnitude, and holds on any x86 CPU."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    n = config.num_hidden_layers * max(config.hidden_size, config.intermediate_size, config.d_inner, length)
+    bound = 2 * float(sum_error_bound(np.abs(want).max(initial=0.0), n))
+    err = float(np.abs(got - want).max(initial=0.0))
+    assert err <= bound, f"{what}: max |diff| {err:.3e} exceeds the rounding bound {bound:.3e} (n = {n} terms)"
+
+
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory):
     cache = {}

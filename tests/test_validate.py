@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_same_model_sums, run_cli
 from jambatrt.engines.base import Engine
 from jambatrt.export import ops as jops
+from jambatrt.manifest import Manifest
 from jambatrt.validate.health import check_health
 from jambatrt.validate.reference import EagerReference, HFReference, attention_flash, selective_scan_chunked
 
@@ -93,13 +94,15 @@ def test_attention_flash_matches_ref(L, Hq, Hkv):
 
 
 # ---- the references ------------------------------------------------------------------------------
-def _assert_same(a, b, atol):
+def _assert_same(a, b, config):
     la, sa, ha = a
     lb, sb, hb = b
-    assert np.abs(la - lb).max() <= atol and (la.argmax(-1) == lb.argmax(-1)).all()
+    length = la.shape[1]
+    assert_same_model_sums(la, lb, config, length, "logits")
+    assert (la.argmax(-1) == lb.argmax(-1)).all()
     assert sa.keys() == sb.keys() and len(sa) == 8      # tiny: 3 Mamba layers x 2 + 1 attention x 2
     for n in sa:
-        assert sa[n].shape == sb[n].shape and np.abs(sa[n] - sb[n]).max() <= atol, n
+        assert_same_model_sums(sa[n], sb[n], config, length, n)
     assert [(h["layer"], h["kind"], h["nonfinite"]) for h in ha] == [(h["layer"], h["kind"], h["nonfinite"]) for h in hb]
     assert [h["kind"] for h in ha] == ["mamba+mlp", "attention+moe", "mamba+mlp", "mamba+moe"]
 
@@ -108,7 +111,7 @@ def test_long_reference_matches_plain_reference(tiny_artifact):
     ids = np.random.default_rng(0).integers(0, 512, (2, 700))
     plain = EagerReference(tiny_artifact, chunk=128, impl="ref").prefill_with_state(ids)
     long = EagerReference(tiny_artifact, chunk=128, impl="long").prefill_with_state(ids)
-    _assert_same(plain, long, atol=1e-5)
+    _assert_same(plain, long, Manifest.read(tiny_artifact).config)
     assert long[1]["present.layer1.k"].shape == (2, 700, 2, 16)
 
 
@@ -118,7 +121,7 @@ def test_auto_reference_switches_to_long_past_the_threshold(tiny_artifact):
     ids = np.random.default_rng(1).integers(0, 512, (1, 300))
     auto = ref.prefill_with_state(ids)
     plain = EagerReference(tiny_artifact, chunk=64, impl="ref").prefill_with_state(ids)
-    _assert_same(auto, plain, atol=1e-5)
+    _assert_same(auto, plain, ref.config)
     np.testing.assert_array_equal(ref.prefill(ids), auto[0])
 
 
