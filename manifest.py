@@ -34,6 +34,10 @@ class TensorSpec:
     def as_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
+    def zero_shape(self, batch: int) -> list[int]:
+        """Its shape before any token: `batch` rows, no past (a state tensor's empty KV, P = 0)."""
+        return [batch if d == "batch" else 0 if d == "past" else int(d) for d in self.shape]
+
 
 @dataclass(frozen=True)
 class Program:

@@ -154,8 +154,8 @@ class TritonPythonModel:
 
     def _zero_state(self):
         """The state before any token, on the engine's device: zeros for Mamba, an empty (P = 0) KV."""
-        return [self.torch.zeros([1 if d == "batch" else 0 if d == "past" else int(d) for d in s.shape],
-                                 dtype=self.dtypes[s.dtype], device=self.device) for s in self.state_specs]
+        return [self.torch.zeros(s.zero_shape(1), dtype=self.dtypes[s.dtype], device=self.device)
+                for s in self.state_specs]
 
     def _run(self, state, ids):
         """ids [1,L] int64 (host) + state on the device -> (logits [1,V] float32 on the host, new state)."""

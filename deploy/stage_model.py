@@ -47,7 +47,7 @@ class TritonPythonModel:
         from jambatrt.deploy.sequence_state import SequenceStates, sequence_controls
         from jambatrt.engines.staged import KEYS, stage_session
         from jambatrt.errors import InputError
-        from jambatrt.manifest import Manifest
+        from jambatrt.manifest import Manifest, TensorSpec
 
         self.InputError = InputError
         cfg = json.loads(args["model_config"])
@@ -70,7 +70,7 @@ class TritonPythonModel:
         self.first, self.last = self.index == 0, self.index == len(stages) - 1
         self.vocab = manifest.config.vocab_size
         self.session = stage_session(manifest, backend, self.stage)
-        self.past_specs = self.stage["inputs"][1:]
+        self.past_specs = [TensorSpec.of(s) for s in self.stage["inputs"][1:]]
         # correlation id -> this stage's state {past name: array}
         self.states = SequenceStates(float(params.get("idle_seconds", "60")), int(params.get("max_sequences", "64")),
                                      int(params["max_tokens"]))
@@ -86,8 +86,7 @@ class TritonPythonModel:
     def _zero_state(self):
         out = {}
         for s in self.past_specs:
-            shape = [1 if d == "batch" else 0 if d == "past" else int(d) for d in s["shape"]]
-            out[s["name"]] = np.zeros(shape, dtype=np.dtype(s["dtype"]))
+            out[s.name] = np.zeros(s.zero_shape(1), dtype=np.dtype(s.dtype))
         return out
 
     def _run(self, state, x):

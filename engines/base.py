@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from jambatrt.artifact import add_files, atomic_dir, atomic_file, read_manifest, record_files, verify_files
-from jambatrt.manifest import Manifest, Program
 from jambatrt.errors import ArtifactError, InputError
+from jambatrt.manifest import Manifest, Program
 
 
 class Engine(abc.ABC):
@@ -102,8 +102,7 @@ class Engine(abc.ABC):
         """The state before any token: zeros for Mamba, empty (P = 0) KV for attention."""
         out = []
         for spec in self.step_program.state:
-            shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec.shape]
-            out.append(np.zeros(shape, dtype=_np_dtype(spec.dtype)))
+            out.append(np.zeros(spec.zero_shape(batch), dtype=_np_dtype(spec.dtype)))
         return out
 
     def check_state(self, state: list, batch: int) -> int:
@@ -170,8 +169,7 @@ class Engine(abc.ABC):
         return self.prefill(input_ids, last_only=True)
 
     def cut_past(self, state: list, keep: int) -> list:
-        """The state with only the first `keep` past tokens of its KV (Mamba state as it is)."""
-        return [t[:, :keep] if "past" in s.shape else t for s, t in zip(self.step_program.state, state)]
+        return cut_past(self.step_program.state, state, keep)
 
     def default_chunk(self, batch: int) -> int:
         return 16384
@@ -209,6 +207,12 @@ def settings_from_kwargs(cls, backend: str, kw: dict):
     if unknown:
         raise InputError(f"unknown {backend} setting(s) {', '.join(unknown)} (accepted: {', '.join(sorted(names))})")
     return cls(**{k: v for k, v in kw.items() if v is not None})
+
+
+def cut_past(specs, state: list, keep: int) -> list:
+    """The state (arrays or tensors, in the order of the step program's state `specs`) with only the
+    first `keep` past tokens of its KV; the Mamba state as it is."""
+    return [t[:, :keep] if "past" in s.shape else t for s, t in zip(specs, state)]
 
 
 def dtype_name(t) -> str:

@@ -104,8 +104,7 @@ def write_inputs_and_outputs(artifact, length: int, inputs_path, outputs_path, b
     ids = np.random.default_rng(seed).integers(0, manifest.config.vocab_size, size=(batch, length), dtype=np.int64)
     feed = OrderedDict(input_ids=ids)
     for spec in manifest.step.state:
-        shape = [batch if d == "batch" else 0 if d == "past" else int(d) for d in spec.shape]
-        feed[spec.name] = np.zeros(shape, dtype=_np_dtype(spec.dtype))
+        feed[spec.name] = np.zeros(spec.zero_shape(batch), dtype=_np_dtype(spec.dtype))
     save_json([feed], inputs_path, description="input data")
 
     ref = make_reference(reference, artifact)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from jambatrt.config import JambaConfig
+from jambatrt.engines.base import cut_past
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
 from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
@@ -274,9 +275,8 @@ class EagerReference(Reference):
         return logits[:, -1].float().numpy(), state
 
     def cut_past(self, state, keep: int):
-        """The state with only the first `keep` past tokens of its KV (Mamba state as it is)."""
-        kv = [n.endswith((".k", ".v")) for n, _, _ in state_shapes(self.config, 1, 0)]
-        return [t[:, :keep] if is_kv else t for is_kv, t in zip(kv, state)]
+        """The model's state (the step program's order) with only the first `keep` past tokens of its KV."""
+        return cut_past(self.manifest.step.state, state, keep)
 
     @torch.no_grad()
     def prefill_with_state(self, input_ids, stats: bool = True):
