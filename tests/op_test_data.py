@@ -78,6 +78,7 @@ ROWS = {
             "no_z_no_bias": dict(B=1, D=16, N=16, L=64, z=False, bias=False),
             "L0": dict(B=2, D=5, N=3, L=0),
             "threaded": dict(B=2, D=40, N=16, L=300),         # > _SERIAL_MAX_UPDATES: numba's threads
+            "L1_threaded": dict(B=4, D=4100, N=16, L=1),      # the decode-step kernel on numba's threads
         },
         ort=("L1", "odd_state"),
         interpreter={
@@ -98,6 +99,8 @@ ROWS = {
             "odd_state": dict(B=2, D=37, K=4, L=130),
             "shorter_than_kernel": dict(B=3, D=5, K=3, L=1),
             "K1": dict(B=1, D=8, K=1, L=5),
+            "K1_L1": dict(B=1, D=8, K=1, L=1),
+            "threaded": dict(B=2, D=64, K=4, L=300),          # >= _SERIAL_MAX_ELEMENTS: numba's threads
         },
         ort=("L1", "odd_state"),
         interpreter={

@@ -31,10 +31,11 @@ def _dot_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return 4 * x.shape[-1] * EPS * (np.abs(x) @ np.abs(w).T) + 1e-30
 
 
-@pytest.mark.parametrize("M", [1, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 3, 300])
-def test_linear_int8_kernel_matches_dequantised_matmul(M):
+@pytest.mark.parametrize("M, N", [(1, 45), (GEMV_MAX_ROWS, 45), (GEMV_MAX_ROWS + 3, 45), (300, 45),
+                                  (1, 520), (GEMV_MAX_ROWS, 520)])     # N * K >= 2^19: the GEMV on both threads
+def test_linear_int8_kernel_matches_dequantised_matmul(M, N):
     rng = np.random.default_rng(M)
-    K, N = 1037, 45                                              # K % 8 != 0: vector tails
+    K = 1037                                                     # K % 8 != 0: vector tails
     x = rng.standard_normal((M, K)).astype(np.float32) * 50
     w = rng.integers(-127, 128, (N, K), dtype=np.int8)
     scale = rng.random(N).astype(np.float32)

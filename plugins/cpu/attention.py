@@ -110,7 +110,7 @@ _TILE = 64            # keys per tile of the decode kernel (its scores stay in L
 _SPLIT_MIN = 1024     # fewest keys per parallel job of the decode kernel
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract"})
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _decode_kernel(q, k, v, nsplit, o):
     """q [B,Hq,d] (already scaled by d^-0.5); k, v [B,S,Hkv,d]; o [B,Hq,d]; all float32,
     C-contiguous; 1 <= nsplit <= S. One job per (batch, split of the keys): online softmax over
@@ -186,7 +186,7 @@ def _decode_kernel(q, k, v, nsplit, o):
 
 # one job (a single sequence with few keys): the same kernel on the calling thread, without waking
 # numba's workers (~75 us inside an ONNX Runtime step)
-_decode_kernel_serial = njit(cache=True, fastmath={"reassoc", "contract"})(_decode_kernel.py_func)
+_decode_kernel_serial = njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})(_decode_kernel.py_func)
 
 
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -12,32 +12,59 @@ from jambatrt.plugins.cpu.selective_scan import silu32
 from jambatrt.plugins.registry import implements
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=False)
 def _conv_kernel(x, weight, bias, state, y, state_out):
-    """float32, C-contiguous: x, y [B,D,L]; weight [D,K]; bias [D]; state, state_out [B,D,K-1]."""
+    """float32, C-contiguous: x, y [B,D,L]; weight [D,K]; bias [D]; state, state_out [B,D,K-1].
+    Each output is bias + w[0] x[t-K+1] + ... + w[K-1] x[t], added in that order. The taps are the
+    outer loop and time the inner one, so every pass over the row is one vector loop (no
+    reassociation: the sums are the same as tap by tap per output)."""
     Bsz, D, L = x.shape
     K = weight.shape[1]
     for row in prange(Bsz * D):
         b = row // D
         d = row % D
-        # the first K-1 outputs read the carried state; the rest only x (a branch-free inner loop)
-        for t in range(min(L, K - 1)):
-            acc = bias[d]
-            for k in range(K):
-                j = t + k - (K - 1)
-                acc += weight[d, k] * (x[b, d, j] if j >= 0 else state[b, d, K - 1 + j])
-            y[b, d, t] = acc
-        for t in range(K - 1, L):
-            acc = bias[d]
-            for k in range(K):
-                acc += weight[d, k] * x[b, d, t + k - (K - 1)]
-            y[b, d, t] = acc
+        xr, yr, sr = x[b, d], y[b, d], state[b, d]      # contiguous rows
+        yr[:] = bias[d]
+        for k in range(K):
+            wk = weight[d, k]
+            shift = K - 1 - k                  # output t reads input t - shift
+            for t in range(min(shift, L)):     # reaches back into the carried state
+                yr[t] += wk * sr[K - 1 - shift + t]
+            ys = yr[shift:]                    # indices that are loop counters: numba adds no
+            for t in range(L - shift):         # negative-index fix-up, so LLVM vectorises the loop
+                ys[t] += wk * xr[t]
         for t in range(L):
-            y[b, d, t] = silu32(y[b, d, t])
+            yr[t] = silu32(yr[t])
         # new state = last K-1 entries of cat(state, x)
         for i in range(K - 1):
             j = L - (K - 1) + i
-            state_out[b, d, i] = x[b, d, j] if j >= 0 else state[b, d, K - 1 + j]
+            state_out[b, d, i] = xr[j] if j >= 0 else sr[K - 1 + j]
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def _conv_step_kernel(x, weight, bias, state, y, state_out):
+    """`_conv_kernel` for L = 1 (a decode step) on the calling thread: one pass over the channels,
+    then SiLU as one vector loop (per-row views cost more than a one-token row's arithmetic)."""
+    Bsz, D, _ = x.shape
+    K = weight.shape[1]
+    for b in range(Bsz):
+        for d in range(D):
+            acc = bias[d]
+            for k in range(K - 1):
+                acc += weight[d, k] * state[b, d, k]
+            y[b, d, 0] = acc + weight[d, K - 1] * x[b, d, 0]
+            for i in range(K - 2):
+                state_out[b, d, i] = state[b, d, i + 1]
+            if K > 1:
+                state_out[b, d, K - 2] = x[b, d, 0]
+        yb = y[b, :, 0]
+        for d in range(D):
+            yb[d] = silu32(yb[d])
+
+
+# the same kernel on the calling thread, for decode-sized calls
+_conv_kernel_serial = njit(cache=True, error_model="numpy", fastmath=False)(_conv_kernel.py_func)
+_SERIAL_MAX_ELEMENTS = 1 << 15     # B*D*L below which waking the second thread costs more than it saves
 
 
 def causal_conv1d(x, weight, bias, state=None) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +86,11 @@ def causal_conv1d(x, weight, bias, state=None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"causal_conv1d: state has shape {list(state.shape)}, expected {[Bsz, D, K - 1]}")
     y = np.empty((Bsz, D, L), np.float32)
     state_out = np.empty((Bsz, D, K - 1), np.float32)
-    _conv_kernel(x, weight, bias, state, y, state_out)
+    if L == 1:
+        kernel = _conv_step_kernel
+    else:
+        kernel = _conv_kernel_serial if Bsz * D * L < _SERIAL_MAX_ELEMENTS else _conv_kernel
+    kernel(x, weight, bias, state, y, state_out)
     return y, state_out
 
 

@@ -21,9 +21,10 @@ from jambatrt.plugins.registry import session_op
 
 GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
 _GEMM_BLOCK_WEIGHTS = 1 << 21  # weights dequantised at a time for the GEMM path (8 MB of float32)
-_SERIAL_MAX_WEIGHTS = 1 << 23  # below this one thread: one core nearly saturates the memory bus here, and a
-                               # parallel region inside an ORT step waits for its slowest thread (shared cores);
-                               # both threads for every decode GEMV: 0.96-1.06x the int8 decode step (issue 18)
+_SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs ~15-20 us, as much as it saves
+                               # (idle machine, 2 cores: 512K weights 38 vs 40 us, 1M 93 vs 66 us, 4M 349 vs
+                               # 239 us = 12 vs 17.5 GB/s); both threads for the peer preset's large GEMVs make
+                               # its int8 decode step 0.86x the all-serial one (issue 18)
 
 
 @njit(cache=True, fastmath={"reassoc", "contract"}, parallel=True)
@@ -40,16 +41,8 @@ def _gemv_int8(x, w, scale, out):
             out[m, n] = acc * scale[n]
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
-def _gemv_int8_serial(x, w, scale, out):
-    M, K = x.shape
-    N = w.shape[0]
-    for n in range(N):
-        for m in range(M):
-            acc = np.float32(0.0)
-            for k in range(K):
-                acc += x[m, k] * np.float32(w[n, k])
-            out[m, n] = acc * scale[n]
+# the same kernel on the calling thread (prange runs as range)
+_gemv_int8_serial = njit(cache=True, fastmath={"reassoc", "contract"})(_gemv_int8.py_func)
 
 
 @njit(cache=True, parallel=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
+from numba import njit, prange
 
 from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
@@ -32,9 +32,10 @@ from jambatrt.plugins.registry import implements, session_op
 
 _INT8_PATH_MAX_TOKENS = 4          # crossover measured at 4..8 tokens for 4096 x 8192 .. 4096 x 28672
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than the int8 GEMV
+_PARALLEL_MIN_WEIGHTS = 1 << 19    # one token's experts at least this large run on both threads (linear_int8's bound)
 
 
-@njit(cache=True, fastmath={"reassoc", "contract"})
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
     """Every (token, slot) of a few tokens: x [T,H] float32; experts [T,k] int64 (global ids) and
     weights [T,k] float32 from routing_weights; w13 [G,2I,H], w2 [G,H,I] int8 with scales [G,2I],
@@ -65,6 +66,41 @@ def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
                 for c in range(I):
                     acc += a[c] * np.float32(w2[e, o, c])
                 y[t, o] += acc * s2[e, o] * wt
+
+
+@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"}, parallel=True)
+def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
+    """`_moe_few_tokens` for one token on both threads: the gate/up rows of every chosen expert are
+    split over the threads in one parallel loop, then the down rows (each output channel sums its
+    experts in slot order, as `_moe_few_tokens` does). Each chosen expert is read once."""
+    k = experts.shape[1]
+    G, I2, H = w13.shape
+    I = I2 // 2
+    h = np.zeros((k, I2), np.float32)
+    for r in prange(k * I2):
+        j = r // I2
+        o = r - j * I2
+        e = experts[0, j] - expert_offset
+        if e >= 0 and e < G:
+            acc = np.float32(0.0)
+            for c in range(H):
+                acc += x[0, c] * np.float32(w13[e, o, c])
+            h[j, o] = acc * s13[e, o]
+    a = np.empty((k, I), np.float32)
+    for j in range(k):
+        for i in range(I):
+            g = h[j, i]
+            a[j, i] = g / (np.float32(1.0) + np.exp(-g)) * h[j, I + i]
+    for o in prange(H):
+        tot = y[0, o]
+        for j in range(k):
+            e = experts[0, j] - expert_offset
+            if e >= 0 and e < G:
+                acc = np.float32(0.0)
+                for c in range(I):
+                    acc += a[j, c] * np.float32(w2[e, o, c])
+                tot += acc * s2[e, o] * weights[0, j]
+        y[0, o] = tot
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -105,7 +141,8 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     small = w13[0].numel() < _INT8_PATH_MIN_WEIGHTS and w2[0].numel() < _INT8_PATH_MIN_WEIGHTS
     if x.dtype == torch.float32 and (T == 1 or (T <= _INT8_PATH_MAX_TOKENS and small)):
         y = np.zeros((T, H), np.float32)
-        _moe_few_tokens(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
+        kernel = _moe_one_token if T == 1 and w13[0].numel() >= _PARALLEL_MIN_WEIGHTS else _moe_few_tokens
+        kernel(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
                    w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(), w2_scale.float().contiguous().numpy(),
                    expert_offset, y)
         return torch.from_numpy(y)
