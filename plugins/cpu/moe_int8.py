@@ -5,17 +5,18 @@ the fp32 dot product.
 Built on torch's CPU kernels (zero-copy from numpy): at T=4096, H=128, I=256, E=4, top-2 it ran
 ~3x faster than the same algorithm in numpy (numpy's elementwise ops and gathers are single-threaded)
 and ~2x faster than ONNX Runtime's QMoE (bench/kernels.json). Per expert and token group, one of:
-- dequantise the int8 matrix to float32 (no scale: scales multiply the outputs) and run a GEMM:
-  fastest for prefill-sized groups, and for small matrices at any group size;
-- `linear_int8` (numba GEMV, plugins/cpu/linear_int8.py), which reads the int8 weights directly (4x
-  less memory traffic than a dequantised copy): faster for decode-sized groups of large experts.
-A float32 decode step runs whole in one serial numba call (`_moe_few_tokens`) after the routing:
+- dequantise the int8 matrix to float32 (no scale: scales multiply the outputs) and run a GEMM: for
+  small matrices (under ~1M weights) at any group size;
+- `linear_int8` (plugins/cpu/linear_int8.py) for large ones: its int8 GEMV for up to 4 tokens (4x
+  less memory traffic than a dequantised copy), else blocks dequantised on numba's threads + GEMM.
+A float32 decode step runs whole in one numba call (`_moe_few_tokens`) after the routing:
 - a few tokens of small experts (under ~1M weights each): the ~25 small torch calls of the general
   path cost ~300 us there, against ~20 us of arithmetic (bench preset, 1 token);
 - one token of experts of any size: each chosen expert is read once, as by `linear_int8`, and the
   torch calls, row gathers and numba dispatches between them are saved: 0.87-0.91x the decode step
   time of the general path at H 1024, I 2816, 8 experts top-2 (issue 18, steps interleaved in one
-  engine). With several tokens the fused call would read a large expert once per token routed to it.
+  engine); experts of >= 2^19 weights split their rows over both threads (`_moe_one_token`). With
+  several tokens the fused call would read a large expert once per token routed to it.
 bfloat16 activations (torch path) take the general path, which rounds the SwiGLU activations to
 bfloat16."""
 
@@ -30,7 +31,7 @@ from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
 from jambatrt.plugins.registry import implements, session_op
 
-_INT8_PATH_MAX_TOKENS = 4          # crossover measured at 4..8 tokens for 4096 x 8192 .. 4096 x 28672
+_FEW_TOKENS = 4                    # up to here small experts run in one fused call (`_moe_few_tokens`)
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than the int8 GEMV
 _PARALLEL_MIN_WEIGHTS = 1 << 19    # one token's experts at least this large run on both threads (linear_int8's bound)
 
@@ -105,8 +106,10 @@ def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
 
 def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [n,H] float32 @ (int8 w [O,H]).T, then * scale [O] per output channel -> [n,O] float32."""
-    if x.shape[0] <= _INT8_PATH_MAX_TOKENS and w.numel() >= _INT8_PATH_MIN_WEIGHTS:
-        # the --weights-int8 GEMV (fp32 lanes, reassociated): 2x the former lane-wise kernel at 2 x 2816 x 1024
+    if w.numel() >= _INT8_PATH_MIN_WEIGHTS:
+        # the --weights-int8 kernel: a GEMV on the int8 weights for a few rows, else blocks dequantised on
+        # numba's threads into one reused buffer + torch's GEMM (w.float() is one thread and a fresh array):
+        # 0.89x the MoE layer's time at T 512, H 1024, I 2816, 8 experts top-2
         return torch.from_numpy(linear_int8(x.contiguous().numpy(), w.contiguous().numpy(),
                                             scale.contiguous().numpy()))
     return F.linear(x, w.float()) * scale
@@ -139,7 +142,7 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
 
     weights, experts = routing_weights(router_logits, top_k)        # [T,k] fp32, [T,k]: the ref's own
     small = w13[0].numel() < _INT8_PATH_MIN_WEIGHTS and w2[0].numel() < _INT8_PATH_MIN_WEIGHTS
-    if x.dtype == torch.float32 and (T == 1 or (T <= _INT8_PATH_MAX_TOKENS and small)):
+    if x.dtype == torch.float32 and (T == 1 or (T <= _FEW_TOKENS and small)):
         y = np.zeros((T, H), np.float32)
         kernel = _moe_one_token if T == 1 and w13[0].numel() >= _PARALLEL_MIN_WEIGHTS else _moe_few_tokens
         kernel(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
