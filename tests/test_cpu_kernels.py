@@ -4,6 +4,10 @@ register_torch_kernels(), and as one-node ONNX Runtime models."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -436,3 +440,37 @@ def test_tune_malloc_is_idempotent():
     import platform
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert first
+
+
+# ---- serial twins ----------------------------------------------------------------------------------
+def _twins():
+    from jambatrt.plugins.cpu import attention, causal_conv1d, linear_int8, selective_scan
+    return [(linear_int8._gemv_int8, linear_int8._gemv_int8_serial),
+            (selective_scan._scan_kernel, selective_scan._scan_kernel_serial),
+            (selective_scan._step_kernel, selective_scan._step_kernel_serial),
+            (causal_conv1d._conv_kernel, causal_conv1d._conv_kernel_serial),
+            (attention._decode_kernel, attention._decode_kernel_serial)]
+
+
+def test_serial_twins_are_cached_under_their_own_names():
+    """numba's disk cache keys a kernel by qualified name + signature, not `parallel`: a serial twin
+    under its kernel's name is loaded as the parallel kernel (or overwrites it)."""
+    for kernel, twin in _twins():
+        assert kernel.targetoptions.get("parallel") and not twin.targetoptions.get("parallel")
+        assert twin.py_func.__qualname__ != kernel.py_func.__qualname__
+
+
+def test_parallel_kernel_keeps_its_threads_after_its_serial_twin(tmp_path):
+    """In a fresh cache, compile the serial GEMV first, then the parallel one: the parallel one
+    must start numba's threading layer (it did not when both came from one function object)."""
+    code = ("import numpy as np, numba\n"
+            "from jambatrt.plugins.cpu.linear_int8 import _gemv_int8, _gemv_int8_serial\n"
+            "x, w = np.ones((1, 64), np.float32), np.ones((64, 64), np.int8)\n"
+            "s, o = np.ones(64, np.float32), np.empty((1, 64), np.float32)\n"
+            "_gemv_int8_serial(x, w, s, o)\n"
+            "_gemv_int8(x, w, s, o)\n"
+            "print(numba.threading_layer())\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for _ in range(2):              # compiled into the empty cache, then loaded from it
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and r.stdout.strip() in ("omp", "tbb", "workqueue"), r.stderr[-2000:]

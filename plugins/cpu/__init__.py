@@ -11,6 +11,8 @@ The `<op>_ref` oracles in jambatrt.export.ops are plain functions and are never 
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 from jambatrt.export.ops import DOMAIN, SPECS
@@ -20,6 +22,19 @@ from jambatrt.plugins.registry import has_file, implementation
 def np32(t: torch.Tensor | None):
     """Tensor -> float32 C-contiguous numpy array (a zero-copy view when it already is one)."""
     return None if t is None else t.detach().to(torch.float32).contiguous().numpy()
+
+
+def serial_twin(kernel, **options):
+    """`kernel` (a parallel=True numba dispatcher) compiled to run on the calling thread (prange
+    as range), for calls too small to wake numba's threads. Compiled from a copy of its Python
+    function under its own name: numba's on-disk cache keys a function by its qualified name and
+    signature, not by `parallel`, so a twin of the same function object overwrites, or is loaded as,
+    the parallel kernel (numba 0.68: the kernel compiled second ran single-threaded, with no warning)."""
+    f = kernel.py_func
+    twin = types.FunctionType(f.__code__, f.__globals__, f"{f.__name__}_serial", f.__defaults__, f.__closure__)
+    twin.__qualname__, twin.__doc__ = f"{f.__qualname__}_serial", f.__doc__
+    from numba import njit
+    return njit(**options)(twin)
 
 
 def _loaded_on_first_call(name: str):

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from numba import njit, prange
 
+from jambatrt.plugins.cpu import serial_twin
 from jambatrt.plugins.cpu.selective_scan import exp32
 from jambatrt.plugins.registry import implements, session_op
 
@@ -186,7 +187,7 @@ def _decode_kernel(q, k, v, nsplit, o):
 
 # one job (a single sequence with few keys): the same kernel on the calling thread, without waking
 # numba's workers (~75 us inside an ONNX Runtime step)
-_decode_kernel_serial = njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})(_decode_kernel.py_func)
+_decode_kernel_serial = serial_twin(_decode_kernel, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from jambatrt.plugins.cpu import np32
+from jambatrt.plugins.cpu import np32, serial_twin
 from jambatrt.plugins.cpu.selective_scan import silu32
 from jambatrt.plugins.registry import implements
 
@@ -63,7 +63,7 @@ def _conv_step_kernel(x, weight, bias, state, y, state_out):
 
 
 # the same kernel on the calling thread, for decode-sized calls
-_conv_kernel_serial = njit(cache=True, error_model="numpy", fastmath=False)(_conv_kernel.py_func)
+_conv_kernel_serial = serial_twin(_conv_kernel, cache=True, error_model="numpy", fastmath=False)
 _SERIAL_MAX_ELEMENTS = 1 << 15     # B*D*L below which waking the second thread costs more than it saves
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from jambatrt.plugins.cpu import serial_twin
+from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import session_op
 
 GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
@@ -30,10 +32,13 @@ _SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs 
 @njit(cache=True, fastmath={"reassoc", "contract"}, parallel=True)
 def _gemv_int8(x, w, scale, out):
     """out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M,K] float32, w [N,K] int8, scale [N] float32.
-    fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout)."""
+    fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout). The rows
+    ahead are prefetched non-temporally (prefetch.py: the weights do not evict the rest of the step)."""
     M, K = x.shape
     N = w.shape[0]
     for n in prange(N):
+        if n + AHEAD < N:
+            prefetch_rows_nta(w, (n + AHEAD) * K, K)
         for m in range(M):
             acc = np.float32(0.0)
             for k in range(K):
@@ -42,7 +47,7 @@ def _gemv_int8(x, w, scale, out):
 
 
 # the same kernel on the calling thread (prange runs as range)
-_gemv_int8_serial = njit(cache=True, fastmath={"reassoc", "contract"})(_gemv_int8.py_func)
+_gemv_int8_serial = serial_twin(_gemv_int8, cache=True, fastmath={"reassoc", "contract"})
 
 
 @njit(cache=True, parallel=True)

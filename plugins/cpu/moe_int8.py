@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
+from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import implements, session_op
 
 _FEW_TOKENS = 4                    # up to here small experts run in one fused call (`_moe_few_tokens`)
@@ -83,6 +84,8 @@ def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
         o = r - j * I2
         e = experts[0, j] - expert_offset
         if e >= 0 and e < G:
+            if o + AHEAD < I2:
+                prefetch_rows_nta(w13, (e * I2 + o + AHEAD) * H, H)     # prefetch.py
             acc = np.float32(0.0)
             for c in range(H):
                 acc += x[0, c] * np.float32(w13[e, o, c])
@@ -97,6 +100,8 @@ def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
         for j in range(k):
             e = experts[0, j] - expert_offset
             if e >= 0 and e < G:
+                if o + AHEAD < H:
+                    prefetch_rows_nta(w2, (e * H + o + AHEAD) * I, I)
                 acc = np.float32(0.0)
                 for c in range(I):
                     acc += a[j, c] * np.float32(w2[e, o, c])

@@ -20,7 +20,7 @@ from numba import njit, prange
 from numba.core import types
 from numba.extending import intrinsic
 
-from jambatrt.plugins.cpu import np32
+from jambatrt.plugins.cpu import np32, serial_twin
 from jambatrt.plugins.registry import implements
 
 _W = 16      # channels per job = vector lanes of the inner loop (two AVX2 / one AVX-512 register)
@@ -154,7 +154,7 @@ def _scan_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out)
 
 
 # the same kernel without threads (prange runs as range)
-_scan_kernel_serial = njit(cache=True, error_model="numpy", fastmath={"contract"})(_scan_kernel.py_func)
+_scan_kernel_serial = serial_twin(_scan_kernel, cache=True, error_model="numpy", fastmath={"contract"})
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
@@ -190,7 +190,7 @@ def _step_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out)
                 y[b, d0 + w, 0] = out
 
 
-_step_kernel_serial = njit(cache=True, error_model="numpy", fastmath={"contract"})(_step_kernel.py_func)
+_step_kernel_serial = serial_twin(_step_kernel, cache=True, error_model="numpy", fastmath={"contract"})
 
 
 def _f32(a: np.ndarray) -> np.ndarray:
