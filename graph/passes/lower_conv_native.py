@@ -7,9 +7,11 @@
     state_out = Slice(xs, last K-1 along axis 2)
 
 Exactly the op's semantics (export/ops/causal_conv1d.py), with ONNX Runtime's own depthwise
-convolution instead of a Python-hosted kernel (DESIGN's lowering table): the op alone is 3.3x
-faster at 4096 tokens (1.45 vs 4.74 ms, D = 256, K = 4) and equal for a decode step (0.027 vs
-0.025 ms); in a bench-preset 4K prefill the conv share drops from ~16 to ~10 ms of ~250 ms.
+convolution instead of a Python-hosted kernel (DESIGN's lowering table). No longer the default
+(PassSettings.conv = "kernel"): since the numba kernel sums tap by tap in vector loops, it is
+~5x faster for a decode step at D 2048 (~30 us against ~150 us for the Conv) and within ~1.3x at
+4096 tokens (13.9 vs 10.7 ms); whole engines, interleaved: peer preset int8 decode 0.98x, prefill
+512 equal; bench preset decode equal, prefill 4096 0.95x. Kept for comparison (`PassSettings(conv="native")`).
 Runs after materialize_optional_inputs, which gives every node its state."""
 
 from __future__ import annotations
