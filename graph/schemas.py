@@ -100,6 +100,30 @@ def _linear_int8_schema() -> defs.OpSchema:
     return schema
 
 
+def _mamba_mixer_int8_schema() -> defs.OpSchema:
+    """jamba::MambaMixerInt8: the ORT pass list's fusion of an int8 Mamba mixer
+    (graph/passes/fuse_mamba_mixer.py; inputs in plugins/cpu/mamba_mixer.py's order): h, conv_state,
+    ssm_state, eight float parameters, four (int8 weight, fp32 scale) pairs -> y [like h],
+    conv_state', ssm_state' [like the states]."""
+    from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
+    P = defs.OpSchema.FormalParameter
+    f32, i8 = _ONNX_TYPES["float32"][1], _ONNX_TYPES["int8"][1]
+    inputs = [P(n, "T") for n in ("h", "conv_state", "ssm_state")] + [P(n, f32) for n in PARAMS]
+    inputs += [P(n, f32 if n.endswith("scale") else i8) for n in WEIGHTS]
+    schema = defs.OpSchema("MambaMixerInt8", DOMAIN, DOMAIN_VERSION, doc="a Mamba mixer with int8 linear layers",
+                           inputs=inputs, outputs=[P(n, "T") for n in ("y", "conv_state_out", "ssm_state_out")],
+                           type_constraints=[("T", FLOAT_T, "activations")],
+                           attributes=[defs.OpSchema.Attribute("eps", defs.OpSchema.AttrType.FLOAT, "RMSNorm epsilon")])
+
+    def infer(ctx) -> None:
+        for i in range(3):
+            t = ctx.get_input_type(i)
+            ctx.set_output_type(i, _tensor_type(t.tensor_type.elem_type, _dims(t)))
+
+    schema.set_type_and_shape_inference_function(infer)
+    return schema
+
+
 def register_schemas() -> None:
     """Idempotent: registers every jamba op schema with onnx.defs (and the ORT lowering's LinearInt8)."""
     for name, spec in SPECS.items():
@@ -107,3 +131,5 @@ def register_schemas() -> None:
             defs.register_schema(build_schema(name))
     if not defs.has("LinearInt8", DOMAIN):
         defs.register_schema(_linear_int8_schema())
+    if not defs.has("MambaMixerInt8", DOMAIN):
+        defs.register_schema(_mamba_mixer_int8_schema())

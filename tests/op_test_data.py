@@ -211,11 +211,54 @@ def _attention_cached_case(g, bind):
     return [q, k, v], {"cache": bind(cache)}, check
 
 
+def _mamba_mixer_case(mapped: bool):
+    """The fused int8 Mamba mixer against export/model.py's MambaMixer (int8 linears, the `_ref` ops)
+    with the same random weights: the plain form on a 5-token chunk after a state (the kernels called
+    from Python), the mapped form on one token of two sequences (the one-call decode step)."""
+    def case(g, bind):
+        from conftest import assert_same_model_sums
+        from jambatrt.config import JambaConfig
+        from jambatrt.export.model import IMPLS, MambaMixer
+        cfg = JambaConfig(hidden_size=40, mamba_expand=2, mamba_d_state=4, mamba_dt_rank=6, mamba_d_conv=4,
+                          num_hidden_layers=1, intermediate_size=8, rms_norm_eps=1e-6)
+        mixer = MambaMixer(cfg, int8=True)
+        with torch.no_grad():
+            for name, p in [*mixer.named_parameters(), *mixer.named_buffers()]:
+                if p.dtype == torch.int8:
+                    p.copy_(torch.randint(-127, 128, p.shape, dtype=torch.int8, generator=g))
+                elif name.endswith("weight_scale"):
+                    p.copy_(torch.rand(p.shape, generator=g) * 0.02)
+                else:
+                    p.copy_(_randn(g, *p.shape) * 0.5 + (1.0 if "norm" in name else 0.0))
+        D, N, K = cfg.d_inner, cfg.mamba_d_state, cfg.mamba_d_conv
+        B, L = (2, 1) if mapped else (2, 5)
+        h = _randn(g, B, L, cfg.hidden_size)
+        conv_state, ssm_state = _randn(g, B, D, K - 1), _randn(g, B, D, N) * 0.1
+        with torch.no_grad():
+            want, (want_conv, want_ssm) = mixer(h, IMPLS["ref"], conv_state, ssm_state)
+        m = mixer
+        params = [m.conv1d.weight.squeeze(1), m.conv1d.bias, -torch.exp(m.A_log), m.D, m.dt_proj.bias,
+                  m.dt_layernorm.weight, m.b_layernorm.weight, m.c_layernorm.weight]
+        weights = [t for lin in (m.in_proj, m.x_proj, m.dt_proj, m.out_proj) for t in (lin.weight, lin.weight_scale)]
+        arrays = lambda ts: [t.detach().contiguous().numpy() for t in ts]
+
+        def check(out):
+            for got, ref, what in zip(out, (want, want_conv, want_ssm), ("y", "conv_state", "ssm_state")):
+                assert_same_model_sums(got, ref.numpy(), cfg, L, f"MambaMixerInt8 {what}")
+        inputs = arrays([h, conv_state, ssm_state, *params])
+        if mapped:
+            return inputs, {"eps": cfg.rms_norm_eps, "weights": bind(tuple(arrays(weights)))}, check
+        return inputs + arrays(weights), {"eps": cfg.rms_norm_eps}, check
+    return case
+
+
 SESSION_ROWS = {
     "LinearInt8": _linear_int8_case(mapped=False),
     "LinearInt8Mapped": _linear_int8_case(mapped=True),
     "MoEInt8Mapped": _moe_int8_mapped_case,
     "CausalAttentionCached": _attention_cached_case,
+    "MambaMixerInt8": _mamba_mixer_case(mapped=False),
+    "MambaMixerInt8Mapped": _mamba_mixer_case(mapped=True),
 }
 
 

@@ -97,16 +97,28 @@ def test_weights_int8_equals_dequantised_model(tiny_ckpt):
 
 
 def test_ort_lowers_int8_linears_and_matches_eager(int8_artifact):
+    """The engine graph: every int8 linear layer a LinearInt8, every Mamba mixer one fused
+    MambaMixerInt8 (graph/passes/fuse_mamba_mixer.py); prefill (the mixers' kernels called from
+    Python) and decode steps (one numba call per mixer) equal the eager int8 model."""
     m = onnx.load(str(int8_artifact / "model.ort.onnx"), load_external_data=False)
     ops = [n.op_type for n in m.graph.node]
-    assert ops.count("LinearInt8") >= 20
     assert not any(n.op_type == "Cast" and n.input[0].endswith("proj.weight") for n in m.graph.node)
     ids = np.random.default_rng(1).integers(0, 512, (2, 37))
+    ref = EagerReference(int8_artifact)
     with OrtEngine.load(int8_artifact) as e:
-        got, _ = e.prefill(ids)
-    want = EagerReference(int8_artifact).prefill(ids)
-    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
-    assert (got.argmax(-1) == want.argmax(-1)).all()
+        cfg = e.config
+        assert ops.count("MambaMixerInt8") == cfg.num_mamba_layers and "SelectiveScan" not in ops
+        assert ops.count("LinearInt8") >= 4 * cfg.num_attention_layers + 3 * cfg.num_dense_layers
+        got, state = e.prefill(ids)
+        want = ref.prefill(ids)
+        assert_same_model_sums(got, want, cfg, 37, "prefill")
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+        want_state = ref.prefill_last(ids)[1]
+        for t in range(3):
+            tok = got[:, -1].argmax(-1) if t == 0 else lg.argmax(-1)
+            lg, state = e.decode(tok, state)
+            wl, want_state = ref.decode(tok, want_state)
+            assert_same_model_sums(lg, wl, cfg, 38 + t, f"decode {t}")
 
 
 def test_in_place_kv_cache_equals_copied_state(tiny_artifact):
@@ -134,3 +146,21 @@ def test_in_place_kv_cache_equals_copied_state(tiny_artifact):
         again, _ = fast.decode([8], sf)                        # the latest state is intact after the branch
         again_p, _ = plain.decode([8], sp)
         assert_same_model_sums(again, again_p, fast.config, 46, "after the branch")
+
+
+def test_fuse_mamba_mixer_leaves_a_mixer_whose_intermediates_are_read_elsewhere(int8_artifact):
+    """The fusion only removes what nothing else reads: a mixer one of whose intermediate tensors
+    is also a graph output stays as it is; the others are fused."""
+    from jambatrt.config import JambaConfig
+    from jambatrt.graph.onnx_export import load_onnx
+    from jambatrt.graph.passes import PassSettings, fuse_mamba_mixer, fuse_rms_norm, lower_linear_int8, run_passes
+    from jambatrt.graph.passes import materialize_optional_inputs
+    cfg = JambaConfig.load(int8_artifact / "config.json")
+    s = PassSettings()
+    m = run_passes(load_onnx(int8_artifact / "model.onnx", load_external_data=False), s,
+                   [materialize_optional_inputs, lower_linear_int8, fuse_rms_norm])
+    scan = next(n for n in m.graph.node if n.op_type == "SelectiveScan")
+    m.graph.output.append(onnx.helper.make_tensor_value_info(scan.input[1], onnx.TensorProto.FLOAT, None))
+    ops = [n.op_type for n in fuse_mamba_mixer(m, s).graph.node]
+    assert ops.count("MambaMixerInt8") == cfg.num_mamba_layers - 1
+    assert ops.count("SelectiveScan") == ops.count("CausalConv1d") == 1

@@ -12,6 +12,7 @@ import onnx
 
 from jambatrt.export.plan import TENSOR_LIMIT
 from jambatrt.graph.passes.check_memory_flat import check_memory_flat
+from jambatrt.graph.passes.fuse_mamba_mixer import fuse_mamba_mixer
 from jambatrt.graph.passes.fuse_rms_norm import fuse_rms_norm
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
@@ -52,8 +53,8 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     if settings.conv == "native":
         passes.append(lower_conv_native)
     # --weights-int8 artifacts: int8 weights read as int8 by our kernel, not dequantised per call;
-    # RMSNorms in the form ONNX Runtime fuses into one kernel each
-    return passes + [lower_linear_int8, fuse_rms_norm, infer_shapes, check_memory_flat]
+    # RMSNorms in the form ONNX Runtime fuses into one kernel each; then each int8 Mamba mixer one node
+    return passes + [lower_linear_int8, fuse_rms_norm, fuse_mamba_mixer, infer_shapes, check_memory_flat]
 
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
@@ -72,6 +73,6 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
     return model
 
 
-__all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "fuse_rms_norm", "infer_shapes",
+__all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "fuse_mamba_mixer", "fuse_rms_norm", "infer_shapes",
            "lower_attention_gqa", "lower_conv_native", "lower_linear_int8", "lower_moe_grouped", "materialize_optional_inputs", "set_plugin_namespace",
            "split_expert_groups"]

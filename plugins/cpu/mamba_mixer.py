@@ -1,0 +1,160 @@
+"""The ORT engine's fused Mamba mixer of --weights-int8 artifacts: one session op per layer for what
+the exported graph writes as ~22 nodes (five LinearInt8, the causal conv, the scan, three RMSNorms,
+six transposes, two splits; graph/passes/fuse_mamba_mixer.py finds them). The math is
+export/model.py's MambaMixer, composed of this package's kernels:
+
+    x, z  = split(in_proj(h))                   [B,D,L] each
+    x, cs = causal_conv1d(x, conv_w, conv_b, cs)
+    dt, B, C = split(x_proj(x))                 then an RMSNorm each (weights dt/b/c_norm, eps)
+    y, ss = selective_scan(x, dt_proj(dt), A, B, C, D, z, dt_bias, ss)
+    out   = out_proj(y)
+
+A decode step (L = 1) runs whole in one numba call (`_mixer_step`), which calls the same kernels
+(`_gemv_int8`, `_conv_step_kernel`, `_step_kernel`): the ~21 ONNX Runtime nodes and six Python op
+calls a layer costs in between (each run with the caches just flushed by the weights streaming
+through) are what it saves. Longer chunks call the kernels from Python (their time is the GEMMs')."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
+from jambatrt.plugins.cpu.causal_conv1d import _conv_step_kernel, causal_conv1d
+from jambatrt.plugins.cpu.linear_int8 import _SERIAL_MAX_WEIGHTS, _gemv_int8, _gemv_int8_serial, linear_int8
+from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _step_kernel, _step_kernel_serial,
+                                                 selective_scan)
+from jambatrt.plugins.registry import session_op
+
+
+
+@njit(inline="always")
+def _gemv(x, w, s, out):
+    if w.shape[0] * w.shape[1] < _SERIAL_MAX_WEIGHTS:
+        _gemv_int8_serial(x, w, s, out)
+    else:
+        _gemv_int8(x, w, s, out)
+
+
+@njit(inline="always")
+def _rms_norm_into(x, w, eps, out):
+    """out = x / sqrt(mean(x^2) + eps) * w over the last axis of the rows of x [B, n] (fp32)."""
+    B, n = x.shape
+    for b in range(B):
+        ss = np.float32(0.0)
+        for i in range(n):
+            ss += x[b, i] * x[b, i]
+        r = np.sqrt(ss / np.float32(n) + eps)
+        for i in range(n):
+            out[b, i] = x[b, i] / r * w[i]
+
+
+@njit(cache=True, error_model="numpy")
+def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_norm, b_norm, c_norm,
+                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out):
+    """One token of B sequences: h [B,H] -> y [B,H]; conv_state -> conv_out [B,D,K-1], ssm_state ->
+    ssm_out [B,D,N]. All float32 (weights int8), C-contiguous."""
+    B = h.shape[0]
+    D, N = A.shape
+    R = dt_w.shape[1]
+    xz = np.empty((B, 2 * D), np.float32)
+    _gemv(h, in_w, in_s, xz)
+    xs = np.empty((B, D, 1), np.float32)
+    z = np.empty((B, D, 1), np.float32)
+    for b in range(B):
+        for d in range(D):
+            xs[b, d, 0] = xz[b, d]
+            z[b, d, 0] = xz[b, D + d]
+    xc = np.empty((B, D, 1), np.float32)
+    _conv_step_kernel(xs, conv_w, conv_b, conv_state, xc, conv_out)
+    xdbl = np.empty((B, R + 2 * N), np.float32)
+    _gemv(xc.reshape(B, D), x_w, x_s, xdbl)
+    dtn = np.empty((B, R), np.float32)
+    Bm = np.empty((B, N), np.float32)
+    Cm = np.empty((B, N), np.float32)
+    _rms_norm_into(xdbl[:, :R], dt_norm, eps, dtn)
+    _rms_norm_into(xdbl[:, R:R + N], b_norm, eps, Bm)
+    _rms_norm_into(xdbl[:, R + N:], c_norm, eps, Cm)
+    delta = np.empty((B, D), np.float32)
+    _gemv(dtn, dt_w, dt_s, delta)
+    ys = np.empty((B, D, 1), np.float32)
+    args = (xc, delta.reshape(B, D, 1), A, Bm.reshape(B, N, 1), Cm.reshape(B, N, 1), Dskip, z, True, dt_bias,
+            ssm_state, ys, ssm_out)
+    if B * D * N <= _SERIAL_MAX_UPDATES:
+        _step_kernel_serial(*args)
+    else:
+        _step_kernel(*args)
+    _gemv(ys.reshape(B, D), out_w, out_s, y)
+
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps)) * w
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias, dt_norm, b_norm, c_norm,
+                     in_proj, in_proj_scale, x_proj, x_proj_scale, dt_proj, dt_proj_scale, out_proj, out_proj_scale,
+                     eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """h [B,L,H] float32 -> (y [B,L,H], conv_state_out [B,D,K-1], ssm_state_out [B,D,N]), float32.
+    conv_weight [D,K], conv_bias, D, dt_bias [D], A [D,N] (= -exp(A_log)), dt/b/c_norm [R]/[N]/[N];
+    in_proj [2D,H], x_proj [R+2N,D], dt_proj [D,R], out_proj [H,D] int8 with per-row fp32 scales."""
+    h, conv_state, ssm_state = _f32(h), _f32(conv_state), _f32(ssm_state)
+    Bsz, L, H = h.shape
+    Dch, N = A.shape
+    R = dt_proj.shape[1]
+    K = conv_weight.shape[1]
+    shapes = {"conv_state": (conv_state, (Bsz, Dch, K - 1)), "ssm_state": (ssm_state, (Bsz, Dch, N)),
+              "in_proj": (in_proj, (2 * Dch, H)), "x_proj": (x_proj, (R + 2 * N, Dch)), "dt_proj": (dt_proj, (Dch, R)),
+              "out_proj": (out_proj, (H, Dch)), "conv_weight": (conv_weight, (Dch, K))}
+    bad = [f"{n} {list(a.shape)} (expected {list(s)})" for n, (a, s) in shapes.items() if a.shape != s]
+    if bad:
+        raise ValueError(f"mamba_mixer_int8: {', '.join(bad)}")
+    params = [_f32(a) for a in (conv_weight, conv_bias, A, D, dt_bias, dt_norm, b_norm, c_norm)]
+    weights = [np.ascontiguousarray(w) if i % 2 == 0 else _f32(w)
+               for i, w in enumerate((in_proj, in_proj_scale, x_proj, x_proj_scale, dt_proj, dt_proj_scale,
+                                      out_proj, out_proj_scale))]
+    if L == 1:
+        y = np.empty((Bsz, H), np.float32)
+        conv_out = np.empty_like(conv_state)
+        ssm_out = np.empty_like(ssm_state)
+        _mixer_step(h.reshape(Bsz, H), conv_state, ssm_state, *params, *weights, np.float32(eps), y, conv_out, ssm_out)
+        return y.reshape(Bsz, 1, H), conv_out, ssm_out
+    conv_w, conv_b, A, Dskip, dt_b, dt_n, b_n, c_n = params
+    in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights
+    xz = linear_int8(h, in_w, in_s)                                             # [B,L,2D]
+    x, z = _t(xz[..., :Dch]), _t(xz[..., Dch:])
+    x, conv_out = causal_conv1d(x, conv_w, conv_b, conv_state)                 # [B,D,L]
+    xdbl = linear_int8(_t(x), x_w, x_s)                                         # [B,L,R+2N]
+    dt = linear_int8(_rms_norm(xdbl[..., :R], dt_n, eps), dt_w, dt_s)          # [B,L,D]
+    Bm = _rms_norm(xdbl[..., R:R + N], b_n, eps)
+    Cm = _rms_norm(xdbl[..., R + N:], c_n, eps)
+    y, ssm_out = selective_scan(x, _t(dt), A, _t(Bm), _t(Cm), Dskip, z, dt_b, ssm_state)
+    return linear_int8(_t(y), out_w, out_s), conv_out, ssm_out
+
+
+def _t(a: np.ndarray) -> np.ndarray:
+    """a [B,X,Y] -> a C-contiguous [B,Y,X] (torch's blocked, threaded copy: numpy's strided one took
+    ~8 ms per [512, 4096] chunk here, 0.93x the layer's prefill in all)."""
+    return torch.from_numpy(a).transpose(1, 2).contiguous().numpy()
+
+
+def _mixer_shapes(h, conv_state, ssm_state, *_):
+    return [h.shape, conv_state.shape, ssm_state.shape]
+
+
+session_op("MambaMixerInt8", inputs=("float32",) * (3 + len(PARAMS)) + ("int8", "float32") * 4,
+           outputs=("float32",) * 3, attributes={"eps": float}, out_shapes=_mixer_shapes)(mamba_mixer_int8)
+
+
+@session_op("MambaMixerInt8Mapped", inputs=("float32",) * (3 + len(PARAMS)), outputs=("float32",) * 3,
+            attributes={"eps": float, "weights": str}, out_shapes=_mixer_shapes)
+def mamba_mixer_int8_mapped(*inputs, eps, weights):
+    """MambaMixerInt8 whose eight int8 weights and scales the engine mapped from the store and bound
+    under `weights` (graph/passes/bind_weights.py)."""
+    from jambatrt.plugins.cpu.ort_ops import bound
+    return mamba_mixer_int8(*inputs, *bound(weights), eps=eps)
