@@ -3,6 +3,7 @@ RSS of each child, the DESIGN.md JSON, markdown and the PNG."""
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
@@ -84,3 +85,15 @@ def test_plot_profile_with_reference_missing_at_long_lengths(tmp_path):
     png = plot_profile(report, tmp_path / "x.png")
     import matplotlib.image
     assert matplotlib.image.imread(str(png)).shape[2] in (3, 4)
+
+
+def test_peer_bench_peak_rss_is_the_childs_own():
+    """`make bench-peer` reports llama.cpp's peak RSS per test: the child's own, not the resident
+    memory of the bench process that started it (which a forked child's ru_maxrss counts)."""
+    import sys
+
+    from jambatrt.validate.peer import _wait_rss
+    held = np.ones(512 << 20, np.uint8)            # the bench process holding models
+    _, small = _wait_rss([sys.executable, "-c", "pass"])
+    _, large = _wait_rss([sys.executable, "-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])"])
+    assert held.sum() and small < 200 << 20 <= (300 << 20) <= large < (300 + 200) << 20

@@ -134,15 +134,24 @@ def artifacts(cache: Path, ckpt: Path) -> dict[str, Path]:
 
 
 # ---- 4. timing -------------------------------------------------------------------------------
+# Runs argv[1:] as its child and prints the child's peak RSS (KiB) as its last stderr line. Measured
+# from this small process, not from the bench's own: a child forked (or vforked) by a process that
+# holds GBs of models counts that process's resident pages in its ru_maxrss until it execs.
+_PEAK_RSS = ("import os, sys\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    os.execv(sys.argv[1], sys.argv[1:])\n"
+             "_, status, usage = os.wait4(pid, 0)\n"
+             "sys.stderr.write(f'\\n{usage.ru_maxrss}\\n')\n"
+             "sys.exit(os.waitstatus_to_exitcode(status))\n")
+
+
 def _wait_rss(cmd, env=None) -> tuple[str, int]:
-    """Run cmd; (stdout, peak RSS bytes of the child from wait4)."""
-    with open(os.devnull, "w") as null:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=null, env=env, text=True)
-        out = p.stdout.read()
-        _, status, usage = os.wait4(p.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(map(str, cmd))}")
-    return out, usage.ru_maxrss * 1024
+    """Run cmd; (stdout, peak RSS bytes of cmd's own process)."""
+    p = subprocess.run([sys.executable, "-c", _PEAK_RSS, *map(str, cmd)], capture_output=True, env=env, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed (exit {p.returncode}): {' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    return p.stdout, int(p.stderr.strip().splitlines()[-1]) * 1024
 
 
 def llama_bench(bins: Path, model: Path, mode: str, length: int, decode_tokens: int, threads: int) -> dict:
