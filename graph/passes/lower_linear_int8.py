@@ -28,9 +28,8 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from jambatrt.graph.passes._build import LINEAR_INT8 as OP_TYPE
 from jambatrt.graph.passes._build import drop_unused_initializers
-
-OP_TYPE = "LinearInt8"
 
 
 def lower_linear_int8(model: onnx.ModelProto, settings) -> onnx.ModelProto:

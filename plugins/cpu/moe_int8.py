@@ -30,7 +30,7 @@ from numba import njit, prange
 from jambatrt.export.ops.moe_int8 import routing_weights
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
-from jambatrt.plugins.cpu.selective_scan import silu32
+from jambatrt.plugins.cpu.selective_scan import swiglu_into
 from jambatrt.plugins.registry import implements, session_op
 
 _FEW_TOKENS = 4                    # up to here small experts run in one fused call (`_moe_few_tokens`)
@@ -93,8 +93,7 @@ def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
             h[j, o] = acc * s13[e, o]
     a = np.empty((k, I), np.float32)
     for j in range(k):
-        for i in range(I):                       # one vector loop (exp32: libm's expf is scalar)
-            a[j, i] = silu32(h[j, i]) * h[j, I + i]
+        swiglu_into(h[j, :I], h[j, I:], a[j])       # exp32 in vector lanes (libm's expf is scalar)
     for o in prange(H):
         tot = y[0, o]
         for j in range(k):

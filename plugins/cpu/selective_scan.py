@@ -98,6 +98,15 @@ def silu32(x):
     return x / (np.float32(1.0) + exp32(-x))
 
 
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def swiglu_into(gate, up, out):
+    """out[i] = silu(gate[i]) * up[i] over 1-d arrays, one vector loop. A function of its own, not
+    inlined by numba: kernels that reassociate their dot products (fastmath "reassoc") must not
+    reassociate exp32's range reduction too."""
+    for i in range(out.shape[0]):
+        out[i] = silu32(gate[i]) * up[i]
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
 def _scan_kernel(u, delta, A, Bm, Cm, Dskip, z, has_z, delta_bias, h0, y, h_out):
     """All float32, C-contiguous. u, delta, y [B,D,L]; z [B,D,L] (ignored unless has_z);
