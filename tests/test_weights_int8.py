@@ -1,6 +1,9 @@
 """Issue 18: --weights-int8 (every linear layer but the router int8, per output channel), its ORT
 lowering to jamba::LinearInt8, and the ORT engine's in-place KV cache."""
 
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -164,3 +167,21 @@ def test_fuse_mamba_mixer_leaves_a_mixer_whose_intermediates_are_read_elsewhere(
     ops = [n.op_type for n in fuse_mamba_mixer(m, s).graph.node]
     assert ops.count("MambaMixerInt8") == cfg.num_mamba_layers - 1
     assert ops.count("SelectiveScan") == ops.count("CausalConv1d") == 1
+
+
+def test_fused_mixer_step_is_a_process_first_parallel_kernel():
+    """A decode step of the fused mixer whose GEMVs run on numba's threads, as the first parallel
+    kernel of a fresh process (the first step of `jambatrt validate` from the empty state): the
+    kernels it calls from compiled code cannot start numba's threading layer themselves."""
+    code = ("import numpy as np\n"
+            "from jambatrt.plugins.cpu.mamba_mixer import mamba_mixer_int8\n"
+            "r = np.random.default_rng(0)\n"
+            "f = lambda *s: r.standard_normal(s).astype(np.float32)\n"
+            "i8 = lambda *s: r.integers(-127, 127, s, dtype=np.int8)\n"
+            "H, D, N, R, K = 256, 1024, 4, 8, 4\n"           # in_proj 2D x H = 2^19 weights: both threads
+            "y, c, s = mamba_mixer_int8(f(1, 1, H), f(1, D, K - 1), f(1, D, N), f(D, K), f(D), -np.exp(f(D, N)), f(D),\n"
+            "    f(D), f(R), f(N), f(N), i8(2 * D, H), f(2 * D), i8(R + 2 * N, D), f(R + 2 * N), i8(D, R), f(D),\n"
+            "    i8(H, D), f(H), eps=1e-6)\n"
+            "assert np.isfinite(y).all() and y.shape == (1, 1, H)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr[-2000:]}"

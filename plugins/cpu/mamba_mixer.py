@@ -16,6 +16,7 @@ through) are what it saves. Longer chunks call the kernels from Python (their ti
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 from numba import njit
@@ -119,6 +120,9 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
                for i, w in enumerate((in_proj, in_proj_scale, x_proj, x_proj_scale, dt_proj, dt_proj_scale,
                                       out_proj, out_proj_scale))]
     if L == 1:
+        # _mixer_step calls parallel kernels from compiled code, which does not start numba's threads:
+        # without this, a process whose first parallel kernel is one of those crashes (SIGSEGV)
+        numba.get_num_threads()
         y = np.empty((Bsz, H), np.float32)
         conv_out = np.empty_like(conv_state)
         ssm_out = np.empty_like(ssm_state)
