@@ -221,3 +221,15 @@ def test_tampered_artifact_refused(tiny_artifact, engine, tmp_path, damage):
         assert needle in p.stderr and "ArtifactError" in p.stderr
     with pytest.raises(ArtifactError):
         OrtEngine.load(art)
+
+
+def test_default_prefill_chunk_bounds_the_logits():
+    """Prefill chunks keep their float32 logits [batch, chunk, vocab] within LOGITS_CHUNK_BYTES, as a
+    multiple of 256 tokens between 512 and 16384."""
+    from types import SimpleNamespace
+
+    from jambatrt.engines.base import LOGITS_CHUNK_BYTES, Engine
+    chunk = lambda vocab, batch: Engine.default_chunk(SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)), batch)
+    assert chunk(512, 1) == 16384                          # the test presets: unchanged
+    assert chunk(32000, 1) == 2048 and 4 * 2048 * 32000 <= LOGITS_CHUNK_BYTES < 4 * 2304 * 32000
+    assert chunk(65536, 4) == 512 and chunk(256000, 8) == 512
