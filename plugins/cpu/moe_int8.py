@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 from jambatrt.export.ops.moe_int8 import routing_weights
-from jambatrt.plugins.cpu.linear_int8 import linear_int8
+from jambatrt.plugins.cpu.linear_int8 import _SERIAL_MAX_WEIGHTS, linear_int8
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.cpu.selective_scan import swiglu_into
 from jambatrt.plugins.registry import implements, session_op
 
 _FEW_TOKENS = 4                    # up to here small experts run in one fused call (`_moe_few_tokens`)
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than the int8 GEMV
-_PARALLEL_MIN_WEIGHTS = 1 << 19    # one token's experts at least this large run on both threads (linear_int8's bound)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -148,7 +147,8 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     small = w13[0].numel() < _INT8_PATH_MIN_WEIGHTS and w2[0].numel() < _INT8_PATH_MIN_WEIGHTS
     if x.dtype == torch.float32 and (T == 1 or (T <= _FEW_TOKENS and small)):
         y = np.zeros((T, H), np.float32)
-        kernel = _moe_one_token if T == 1 and w13[0].numel() >= _PARALLEL_MIN_WEIGHTS else _moe_few_tokens
+        # one token's experts as large as linear_int8 runs on both threads: on both threads too
+        kernel = _moe_one_token if T == 1 and w13[0].numel() >= _SERIAL_MAX_WEIGHTS else _moe_few_tokens
         kernel(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
                    w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(), w2_scale.float().contiguous().numpy(),
                    expert_offset, y)
