@@ -10,12 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-# ORT and numba/torch threads share few cores: spinning waiters only steal them from each other.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-
-from jambatrt.errors import JambaTRTError  # noqa: E402
+from jambatrt.errors import JambaTRTError
 
 console = Console(stderr=True)
 

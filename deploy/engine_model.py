@@ -24,7 +24,6 @@ at module level imports triton_python_backend_utils, so jambatrt can import the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -109,8 +108,9 @@ class TritonPythonModel:
         import triton_python_backend_utils  # noqa: PLC0415 - exists only inside the backend stub
 
         pb_utils = triton_python_backend_utils
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import numpy as np
+
+        import jambatrt  # noqa: F401  (before torch: it sets how OpenMP threads wait, threads.py)
         import torch
 
         from jambatrt.artifact import check_deployed_manifest

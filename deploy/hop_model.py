@@ -22,9 +22,6 @@ config.pbtxt parameters:
   timeout_seconds   how long one request may wait for the next node's answer"""
 
 import json
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RECONNECT_BACKOFF_MS = 1000     # a restarted next node is reached again within about a second
 

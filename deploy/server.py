@@ -29,6 +29,7 @@ from pathlib import Path
 from jambatrt.artifact import atomic_file
 from jambatrt.deploy.repository import REPOSITORY_INFO, verify_repository
 from jambatrt.errors import BackendUnavailable, JambaTRTError
+from jambatrt.threads import set_omp_env
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 GUARD_SCRIPT = Path(__file__).with_name("guard.py")
@@ -265,7 +266,7 @@ class TritonServer:
         for k in ("PYTHONPATH", "PYTHONHOME"):      # the stub's interpreter is the serve env's, not ours
             env.pop(k, None)
         env[BYTECODE_ENV] = "1"                    # no __pycache__ inside the repository (prepare_serve_env)
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        set_omp_env(env)                           # OpenMP's wait settings (threads.py)
         # kernels compiled by numba are cached outside the repository and the artifact
         env.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jambatrt-numba-cache"))
         return env

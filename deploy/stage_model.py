@@ -22,9 +22,6 @@ the last returns hidden_out [1,L,H]; the last returns logits [1,V] of the last t
 execute(); a request that fails leaves this stage's state of that sequence as it was."""
 
 import json
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only inside the backend stub)

@@ -26,13 +26,10 @@ own processes, so it is not imported by jambatrt itself. Every request gets a re
 error responses (the stub and the server stay up), never exceptions out of execute()."""
 
 import json
-import os
 import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402  (exists only inside the backend stub)

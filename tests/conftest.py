@@ -3,13 +3,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+import jambatrt  # noqa: F401  (first: it sets how OpenMP threads wait before torch loads, threads.py)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import jambatrt  # noqa: E402,F401
 from jambatrt.export.checkpoint import write_preset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -474,3 +474,23 @@ def test_parallel_kernel_keeps_its_threads_after_its_serial_twin(tmp_path):
     for _ in range(2):              # compiled into the empty cache, then loaded from it
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert r.returncode == 0 and r.stdout.strip() in ("omp", "tbb", "workqueue"), r.stderr[-2000:]
+
+
+def test_import_sets_openmp_wait_before_torch_loads():
+    """`import jambatrt` sets threads.OMP_ENV before its first import of torch (which loads libgomp,
+    which reads them once), unless the environment already has a value, which wins."""
+    from jambatrt.threads import OMP_ENV
+    code = ("import builtins, os\n"
+            "seen, real = [], builtins.__import__\n"
+            "def spy(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'torch' and not seen:\n"
+            "        seen.append((os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT')))\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = spy\n"
+            "import jambatrt\n"
+            "print(*seen[0])\n")
+    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == [OMP_ENV["OMP_WAIT_POLICY"], OMP_ENV["GOMP_SPINCOUNT"]], r.stderr
+    r = subprocess.run([sys.executable, "-c", code], env=dict(env, GOMP_SPINCOUNT="7"), capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split() == [OMP_ENV["OMP_WAIT_POLICY"], "7"], r.stderr

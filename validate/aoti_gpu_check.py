@@ -35,13 +35,11 @@ import traceback
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)          # the kernels must be compiled, not interpreted
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+import jambatrt  # noqa: E402,F401  (before torch: OpenMP wait settings, threads.py)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import jambatrt  # noqa: E402,F401
 
 T0 = time.perf_counter()
 SUMMARY: dict = {"device": None, "tiny": {}, "bench": {}, "mini_stack": {}, "skipped": [], "errors": []}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -78,7 +77,6 @@ def main(argv=None) -> int:
     p.add_argument("--flat-within", type=float, default=1.2)
     p.add_argument("--report", default=None)
     a = p.parse_args(argv)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     contexts = sorted(int(x) for x in a.contexts.split(","))
     rep = measure(Path(a.artifact), contexts, a.steps)
     worst = max(r["ratio_to_shortest_median"] for r in rep["rows"])

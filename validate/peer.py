@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jambatrt.threads import OMP_ENV
+
 PRESET = "peer"
 TARGET = 1.2        # the bar: >= 1.2x llama.cpp at equal precision
 LLAMA_TOOLS = ("llama-bench", "llama-quantize", "llama-debug")
@@ -156,7 +158,9 @@ def _wait_rss(cmd, env=None) -> tuple[str, int]:
 
 def llama_bench(bins: Path, model: Path, mode: str, length: int, decode_tokens: int, threads: int) -> dict:
     args = ["-p", length, "-n", 0] if mode == "prefill" else ["-p", 0, "-n", decode_tokens, "-d", length]
-    out, rss = _wait_rss([bins / "llama-bench", "-m", model, "-t", threads, "-r", 1, "-o", "json", *args])
+    # llama.cpp runs with its own OpenMP defaults, not the wait settings this package sets for its kernels
+    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
+    out, rss = _wait_rss([bins / "llama-bench", "-m", model, "-t", threads, "-r", 1, "-o", "json", *args], env=env)
     row = json.loads(out)[0]
     return {"tokens_per_s": row["avg_ts"], "peak_rss_bytes": rss,
             "settings": {k: row.get(k) for k in ("n_threads", "flash_attn", "type_k", "type_v", "n_batch",

@@ -134,7 +134,7 @@ def run_child(spec: dict, timeout_s: float | None = None, env: dict | None = Non
     """Run `worker(spec)` in a fresh interpreter; returns its result plus "wait4_maxrss_bytes"
     (the child's peak RSS as the kernel accounted it). Raises RuntimeError with the child's
     stderr tail when it fails or runs past `timeout_s`."""
-    e = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}
+    e = {**os.environ, **(env or {})}     # with the OpenMP wait settings of threads.py
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, "-m", "jambatrt.validate.profile", "--worker", json.dumps(spec)],
                              stdout=out, stderr=err, env=e)
@@ -232,7 +232,6 @@ def run_profile(artifact, backend: str, lengths: list[int], reference: str | Non
 
 def _main(argv: list[str]) -> int:
     if len(argv) == 2 and argv[0] == "--worker":
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         res = worker(json.loads(argv[1]))
         print(RESULT_TAG + json.dumps(res), flush=True)
         return 0
