@@ -145,10 +145,16 @@ class Engine(abc.ABC):
             raise InputError(f"context {past} + {L} = {past + L} tokens exceeds the maximum {self.max_seq}")
         chunk = chunk or self.default_chunk(B)
         outs = []
+        step = self.run_step_last if last_only else self.run_step
         for s in range(0, L, chunk):
-            logits, state = self.run_step(ids[:, s:s + chunk], state)
+            logits, state = step(ids[:, s:s + chunk], state)
             outs.append(logits[:, -1] if last_only else logits)
         return (outs[-1] if last_only else np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), state
+
+    def run_step_last(self, input_ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """run_step whose logits need hold only the last position ([B,1,V] or more): an engine that can
+        skip the output layer for the others overrides it."""
+        return self.run_step(input_ids, state)
 
     def prefill_with_state(self, input_ids) -> tuple[np.ndarray, dict, list]:
         """The reference interface (validate/reference.py `Reference.prefill_with_state`), so one

@@ -171,7 +171,7 @@ class OrtEngine(Engine):
         from jambatrt.graph.onnx_export import check, load_onnx
         from jambatrt.graph.passes import PassSettings, ort_passes, run_passes
 
-        settings = PassSettings(attention=s.attention, dtype=manifest.dtype)
+        settings = PassSettings(attention=s.attention, dtype=manifest.dtype, slice_logits=True)
         model = load_onnx(manifest.file(manifest.step.onnx), load_external_data=False)
         passes = ort_passes(settings)
         model = run_passes(model, settings, passes)
@@ -197,25 +197,30 @@ class OrtEngine(Engine):
         self.session_inputs = {i.name for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
 
-    def run_step(self, input_ids, state):
+    def run_step(self, input_ids, state, last_only: bool = False):
         B, L = input_ids.shape
         if (B > 1 and L > 1 and self.entry["settings"]["attention"] == "gqa"
                 and self.check_state(state, B) > 0):
             # GroupQueryAttention's CPU kernel takes a multi-token chunk with past KV only at batch 1
-            rows = [self._run(input_ids[b:b + 1], [t[b:b + 1] for t in state]) for b in range(B)]
+            rows = [self._run(input_ids[b:b + 1], [t[b:b + 1] for t in state], last_only) for b in range(B)]
             return (np.concatenate([r[0] for r in rows]),
                     [np.concatenate([r[1][i] for r in rows]) for i in range(len(state))])
-        return self._run(input_ids, state)
+        return self._run(input_ids, state, last_only)
+
+    def run_step_last(self, input_ids, state):
+        return self.run_step(input_ids, state, last_only=True)
 
     def close(self) -> None:
         self.session = None
         self._release()
 
-    def _run(self, input_ids, state):
+    def _run(self, input_ids, state, last_only: bool = False):
+        from jambatrt.graph.passes.slice_logits import POSITIONS
         from jambatrt.plugins.cpu.ort_ops import bound, run_checked   # raises OrtKernelError on kernel failures
 
         feeds = dict(zip(self.input_names, [input_ids, *state]))
         L = input_ids.shape[1]
+        feeds[POSITIONS] = np.array([1 if last_only else L], np.int64)     # an input of engines built since slice_logits
         for name, (key, _) in self.kv_cached.items():        # in-place caches: reuse, or restart from the state
             if name.endswith(".k"):
                 c, pk, pv = bound(key), feeds[name], feeds[name[:-2] + ".v"]

@@ -80,6 +80,37 @@ def test_chunked_prefill_equals_unchunked(engine, chunk):
         assert_same_model_sums(b, a, engine.config, 1000, f"state chunk={chunk}")
 
 
+@pytest.mark.parametrize("chunk", [None, 100])
+def test_prefill_last_computes_only_the_last_logits(engine, chunk):
+    """The engine graph's logits_positions input (graph/passes/slice_logits.py): a prefill for
+    generation runs the output layer on one position per chunk, and its logits equal the last of the
+    full prefill's; the state is the same computation, whatever the logits."""
+    from jambatrt.graph.passes.slice_logits import POSITIONS
+    assert POSITIONS in engine.session_inputs
+    V = engine.config.vocab_size
+    ids = _ids(2, 300, seed=5)
+    step, _ = engine.run_step_last(ids[:, :40], engine.zero_state(2))
+    assert step.shape == (2, 1, V)
+    full, s_full = engine.prefill(ids, chunk=chunk)
+    last, s_last = engine.prefill(ids, chunk=chunk, last_only=True)
+    assert full.shape == (2, 300, V) and last.shape == (2, V)
+    assert_same_model_sums(last, full[:, -1], engine.config, 300, "last logits")
+    for a, b in zip(s_full, s_last):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_slice_logits_needs_a_linear_output_layer():
+    """The pass refuses a graph whose logits do not come from a linear layer, naming what it found."""
+    from onnx import TensorProto, helper
+
+    from jambatrt.graph.passes.slice_logits import slice_logits
+    g = helper.make_graph([helper.make_node("Relu", ["h"], ["logits"])], "g",
+                          [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", "s", 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])])
+    with pytest.raises(ArtifactError, match="producer is ai.onnx::Relu"):
+        slice_logits(helper.make_model(g), None)
+
+
 def test_decode_after_prefill_equals_longer_prefill(engine):
     ids = _ids(2, 50, seed=3)
     logits, state = engine.prefill(ids[:, :49])

@@ -116,6 +116,8 @@ def test_ort_lowers_int8_linears_and_matches_eager(int8_artifact):
         want = ref.prefill(ids)
         assert_same_model_sums(got, want, cfg, 37, "prefill")
         assert (got.argmax(-1) == want.argmax(-1)).all()
+        last, _ = e.prefill_last(ids)                   # the int8 output layer on the last position only
+        assert_same_model_sums(last, want[:, -1], cfg, 37, "prefill_last")
         want_state = ref.prefill_last(ids)[1]
         for t in range(3):
             tok = got[:, -1].argmax(-1) if t == 0 else lg.argmax(-1)

@@ -21,6 +21,7 @@ from jambatrt.graph.passes.lower_linear_int8 import lower_linear_int8
 from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
 from jambatrt.graph.passes.set_plugin_namespace import set_plugin_namespace
+from jambatrt.graph.passes.slice_logits import slice_logits
 from jambatrt.graph.passes.split_expert_groups import split_expert_groups
 
 
@@ -40,6 +41,9 @@ class PassSettings:
     # TensorRT's MoE: "grouped" = route + grouped GEMM plugins (prefill-sized chunks);
     # "fused" = the one-launch MoEInt8 plugin (recomputes gate/up per output block: decode only)
     moe: str = "grouped"
+    # ONNX Runtime's single-session engine: logits for only the last `logits_positions` positions of a
+    # run (a graph input; slice_logits.py). Stage graphs keep the exported interface.
+    slice_logits: bool = False
 
 
 Pass = Callable[[onnx.ModelProto, PassSettings], onnx.ModelProto]
@@ -55,7 +59,10 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     # --weights-int8 artifacts: int8 weights read as int8 by our kernel, not dequantised per call;
     # RMSNorms in the form ONNX Runtime fuses into one kernel each; then each int8 Mamba mixer one node
     # (a fused dense MLP was measured too: 0.99x the decode step, not worth its code)
-    return passes + [lower_linear_int8, fuse_rms_norm, fuse_mamba_mixer, infer_shapes, check_memory_flat]
+    passes += [lower_linear_int8, fuse_rms_norm, fuse_mamba_mixer]
+    if settings.slice_logits:
+        passes.append(slice_logits)
+    return passes + [infer_shapes, check_memory_flat]
 
 
 def tensorrt_passes(settings: PassSettings) -> list[Pass]:
@@ -76,4 +83,4 @@ def run_passes(model: onnx.ModelProto, settings: PassSettings, passes: list[Pass
 
 __all__ = ["PassSettings", "ort_passes", "tensorrt_passes", "run_passes", "check_memory_flat", "fuse_mamba_mixer", "fuse_rms_norm", "infer_shapes",
            "lower_attention_gqa", "lower_conv_native", "lower_linear_int8", "lower_moe_grouped", "materialize_optional_inputs", "set_plugin_namespace",
-           "split_expert_groups"]
+           "slice_logits", "split_expert_groups"]
