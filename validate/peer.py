@@ -278,6 +278,11 @@ SEMANTICS = [
     "ExpertsInt8 (jambatrt's float-experts export is a dense comparison path, E/top_k times the work): fewer bytes "
     "per token on jambatrt's side. The logits check compares F32 with jambatrt's float model.",
     "llama.cpp keeps the KV cache in f16 by default; jambatrt in float32.",
+    "llama-bench runs with OpenMP's defaults (the OMP_WAIT_POLICY/GOMP_SPINCOUNT this package sets for its own "
+    "kernels, threads.py, are removed from its environment); before 2026-12-02 it inherited `make`'s "
+    "OMP_WAIT_POLICY=PASSIVE, which made its decode ~2x slower and the ratios of earlier reports too high.",
+    "Both sides' prefill computes the last position's logits only (llama-bench's prompt test; jambatrt's "
+    "prefill_last).",
 ]
 
 
