@@ -88,13 +88,15 @@ def load_data():
 
 def write_inputs_and_outputs(artifact, length: int, inputs_path, outputs_path, batch: int = 1, seed: int = 0,
                              reference: str = "eager") -> dict:
-    """Random ids [batch, length] + the zero state (the engine's step-program inputs) -> `inputs_path`;
+    """Random ids [batch, length] + the zero state (the engine's step-program inputs) + logits_positions
+    (the ORT engine graph's, graph/passes/slice_logits.py) -> `inputs_path`;
     the reference's logits and final states (named like the engine's outputs) -> `outputs_path`
     (Polygraphy RunResults). Returns the output names and their tolerances."""
     from polygraphy.comparator import IterationResult, RunResults
     from polygraphy.json import save_json
 
     from jambatrt.engines.base import _np_dtype
+    from jambatrt.graph.passes.slice_logits import POSITIONS
     from jambatrt.manifest import Manifest
     from jambatrt.validate.health import STATE_TOLERANCES
     from jambatrt.validate.parity import TOLERANCES
@@ -105,6 +107,7 @@ def write_inputs_and_outputs(artifact, length: int, inputs_path, outputs_path, b
     feed = OrderedDict(input_ids=ids)
     for spec in manifest.step.state:
         feed[spec.name] = np.zeros(spec.zero_shape(batch), dtype=_np_dtype(spec.dtype))
+    feed[POSITIONS] = np.array([length], np.int64)      # the ORT engine graph's: logits of every position
     save_json([feed], inputs_path, description="input data")
 
     ref = make_reference(reference, artifact)
