@@ -192,12 +192,16 @@ def cmd_export(a) -> int:
 # ---- build / validate ------------------------------------------------------------------------
 def cmd_build(a) -> int:
     from jambatrt.engines import engine_class
+    from jambatrt.errors import InputError
 
+    if a.prefill_compute is not None and (a.backend != "ort" or a.stages is not None or a.stage_plan is not None):
+        raise InputError("--prefill-compute is a setting of the single ONNX Runtime engine (build --backend ort, "
+                         "without --stages)")
     if a.stages is not None or a.stage_plan is not None:
         return _build_stages(a)
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
-        settings = ({"attention": a.attention} if a.backend == "ort" else
+        settings = ({"attention": a.attention, "prefill_compute": a.prefill_compute} if a.backend == "ort" else
                     {"max_batch": a.max_batch, "max_seq": a.max_seq, "prefill_chunk": a.prefill_chunk})
         if a.backend == "tensorrt":
             settings["moe"] = a.moe
@@ -250,7 +254,7 @@ def cmd_validate(a) -> int:
         def on_length(i, L):
             prog.update(task, completed=i, description=f"length {L:,} ({a.backend} vs {a.reference})")
 
-        report = run_parity(engine, reference, a.lengths, engine.manifest.dtype, batch=a.batch, seed=a.seed,
+        report = run_parity(engine, reference, a.lengths, engine.compute_dtype, batch=a.batch, seed=a.seed,
                             on_length=on_length, check_state=not a.no_state)
         prog.update(task, completed=len(a.lengths), description="parity done")
     json_path, md_path = write_parity(report.to_dict(), path, engine.manifest.raw)
@@ -577,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", required=True, choices=["ort", "tensorrt", "aoti"])
     b.add_argument("--attention", default="kernel", choices=["kernel", "gqa"],
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
+    b.add_argument("--prefill-compute", default=None, choices=["float32", "bfloat16"],
+                   help="ort only, --weights-int8 artifacts: the int8 kernels' GEMMs over prefill chunks in float32 "
+                        "(default) or bfloat16 (CPUs with AVX512-BF16 or AMX: ~2.8x their rate, ~2^-8 relative error; "
+                        "validate then uses the bfloat16 tolerances); decode stays float32")
     b.add_argument("--max-batch", type=COUNT, default=None, help="tensorrt, aoti: largest batch (default 4)")
     b.add_argument("--max-seq", type=TOKENS, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=TOKENS, default=None,

@@ -151,6 +151,12 @@ class Engine(abc.ABC):
             outs.append(logits[:, -1] if last_only else logits)
         return (outs[-1] if last_only else np.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]), state
 
+    @property
+    def compute_dtype(self) -> str:
+        """The precision its results are validated at (validate/parity.py TOLERANCES): the artifact's
+        dtype, or an engine's lower one (the ORT engine's --prefill-compute bfloat16)."""
+        return self.manifest.dtype
+
     def run_step_last(self, input_ids: np.ndarray, state: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """run_step whose logits need hold only the last position ([B,1,V] or more): an engine that can
         skip the output layer for the others overrides it."""

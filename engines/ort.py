@@ -22,13 +22,26 @@ class OrtSettings:
     """Every build setting, with its default, in one place."""
 
     attention: str = "kernel"          # "kernel": the jamba Attention op; "gqa": ONNX Runtime's GroupQueryAttention
+    # the GEMMs of the int8 kernels over prefill chunks (--weights-int8 artifacts): "float32", or
+    # "bfloat16" on CPUs with bf16 dot products (AVX512-BF16, AMX): ~2.8x their rate, ~2^-8 relative
+    # error (plugins/cpu/linear_int8.py); decode steps stay float32
+    prefill_compute: str = "float32"
 
     @classmethod
     def from_kwargs(cls, **kw) -> "OrtSettings":
+        from jambatrt.plugins.cpu.linear_int8 import COMPUTES
         s = settings_from_kwargs(cls, "ort", kw)
         if s.attention not in ("kernel", "gqa"):
             raise InputError(f"attention={s.attention!r} (accepted: kernel, gqa)")
+        if s.prefill_compute not in COMPUTES:
+            raise InputError(f"prefill_compute={s.prefill_compute!r} (accepted: {', '.join(COMPUTES)})")
         return s
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), as oneDNN detects them."""
+    import torch
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _session_options(threads: int | None = None):
@@ -92,18 +105,19 @@ class KVCache:
             self.k, self.v = k, v
 
 
-def session_graph(path: Path, kv_caches: bool) -> tuple:
+def session_graph(path: Path, kv_caches: bool, compute: str = "float32") -> tuple:
     """The engine graph at `path` as this process hands it to a session: the weights of MoE layers
     and (--weights-int8) linear layers mapped from the data file beside it and bound outside the
     graph (graph/passes/bind_weights.py; onnxruntime-extensions would copy them on every call), and
-    with `kv_caches` the attention layers' KV in in-place `KVCache`s (graph/passes/bind_kv_caches.py).
+    with `kv_caches` the attention layers' KV in in-place `KVCache`s (graph/passes/bind_kv_caches.py);
+    the weights' kernels run their prefill GEMMs in `compute` (ort_ops.Weights).
     Returns (model bytes, {past input name: (key, "k"|"v")}, keys); `ort_ops.release(keys)` frees
     what was bound, and nothing stays bound when this raises."""
     import onnx
 
     from jambatrt.graph.passes.bind_kv_caches import bind_kv_caches
     from jambatrt.graph.passes.bind_weights import bind_weights
-    from jambatrt.plugins.cpu.ort_ops import bind, release
+    from jambatrt.plugins.cpu.ort_ops import Weights, bind, release
 
     keys: list[str] = []
 
@@ -113,7 +127,8 @@ def session_graph(path: Path, kv_caches: bool) -> tuple:
 
     try:
         model = bind_weights(onnx.load(str(path), load_external_data=False),
-                             lambda node, tensors: keep(tuple(_initializer_array(t, path.parent) for t in tensors), node))
+                             lambda node, tensors: keep(Weights((_initializer_array(t, path.parent) for t in tensors), compute),
+                                                        node))
         cached = bind_kv_caches(model, lambda node: keep(KVCache(), node)) if kv_caches else {}
         return model.SerializeToString(), cached, keys
     except BaseException:
@@ -122,7 +137,7 @@ def session_graph(path: Path, kv_caches: bool) -> tuple:
 
 
 def load_session(path: Path, threads: int | None, kv_caches: bool, map_weights: bool = True,
-                 what: str = "engine") -> tuple:
+                 what: str = "engine", compute: str = "float32") -> tuple:
     """An ONNX Runtime session of the engine graph at `path`: as `session_graph` hands it with
     `map_weights`, else the file as written (every weight and cache an op input). Returns (session,
     cached, keys) as session_graph does. ArtifactError when ONNX Runtime cannot load it."""
@@ -137,7 +152,7 @@ def load_session(path: Path, threads: int | None, kv_caches: bool, map_weights: 
         so = _session_options(threads)
         source, cached = str(path), {}
         if map_weights:
-            source, cached, keys = session_graph(path, kv_caches)
+            source, cached, keys = session_graph(path, kv_caches, compute)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]), cached, keys
     except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
@@ -159,6 +174,15 @@ class OrtEngine(Engine):
             # ORT's CPU provider has no bfloat16 MatMul/Gemm kernels; bf16 artifacts are for TensorRT.
             raise InputError(f"{artifact}: the ONNX Runtime CPU engine runs float32 artifacts; this one is "
                              f"{manifest.dtype} (re-export with --dtype float32, or build --backend tensorrt)")
+        if s.prefill_compute == "bfloat16":
+            if not manifest.weights_int8:
+                raise InputError(f"{artifact}: --prefill-compute bfloat16 is for the int8 kernels of --weights-int8 "
+                                 "artifacts; this one has float32 linear layers (re-export with --weights-int8, or "
+                                 "build with --prefill-compute float32)")
+            if not cpu_has_bf16():
+                raise InputError("--prefill-compute bfloat16: this CPU has no bf16 dot-product instructions "
+                                 "(AVX512-BF16 or AMX), where bfloat16 GEMMs would be slower than float32 ones "
+                                 "(accepted here: --prefill-compute float32)")
 
     @classmethod
     def _build(cls, artifact: Path, manifest: Manifest, s: OrtSettings, prepared: None, out: Path) -> dict:
@@ -178,7 +202,7 @@ class OrtEngine(Engine):
         onnx.save_model(model, out)
         check(out)
         return {"path": ENGINE, "onnxruntime": onnxruntime.__version__, "passes": [p.__name__ for p in passes],
-                "settings": {"attention": s.attention}, "weights": manifest.weights}
+                "settings": {"attention": s.attention, "prefill_compute": s.prefill_compute}, "weights": manifest.weights}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
         """map_weights: the session as `session_graph` hands it (weights mapped once, KV caches in
@@ -189,13 +213,21 @@ class OrtEngine(Engine):
 
         path = self.manifest.file(self.entry["path"])
         self.session, self.kv_cached, keys = load_session(path, threads, self.entry["settings"]["attention"] == "kernel",
-                                                          map_weights)
+                                                          map_weights, compute=self.prefill_compute)
         self.bound = keys          # what this session keeps outside its graph (ort_ops.bind)
         self._release = weakref.finalize(self, release, keys)     # the mapped weights and KV caches go with it
         self.input_names = [i.name for i in self.step_program.inputs]      # the full state, in order
         self.output_names = [o.name for o in self.step_program.outputs]
         self.session_inputs = {i.name for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def prefill_compute(self) -> str:
+        return self.entry["settings"].get("prefill_compute", "float32")
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.prefill_compute == "bfloat16" else super().compute_dtype
 
     def run_step(self, input_ids, state, last_only: bool = False):
         B, L = input_ids.shape

@@ -48,6 +48,75 @@ def test_linear_int8_kernel_matches_dequantised_matmul(M, N):
     assert (np.abs(got - want) <= _dot_bound(x, w.astype(np.float32)) * scale).all()
 
 
+@pytest.mark.parametrize("M", [GEMV_MAX_ROWS + 1, 300])
+def test_linear_int8_bfloat16_gemm_within_its_rounding_bound(M):
+    """compute="bfloat16" (the GEMM path only): the weights exact in bfloat16, the activations and the
+    outputs rounded to it (unit roundoff 2^-8 each), fp32 accumulation: |y - exact| <=
+    (2 * 2^-8 + K * 2^-24 + 2^-16) * sum_k |x_k w_k| * scale, the last term for the scale's own
+    rounding; and a few rows (decode's GEMV) stay float32."""
+    from jambatrt.plugins.cpu.linear_int8 import _BF16_OF_INT8
+    every = torch.from_numpy(_BF16_OF_INT8.copy()).view(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(every, np.arange(-128, 128, dtype=np.float32))     # the table is exact
+    rng = np.random.default_rng(M)
+    K, N = 1037, 300
+    x = rng.standard_normal((M, K)).astype(np.float32) * 50
+    w = rng.integers(-127, 128, (N, K), dtype=np.int8)
+    scale = rng.random(N).astype(np.float32)
+    got = linear_int8(x, w, scale, compute="bfloat16")
+    want = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
+    terms = (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T) * scale
+    assert got.dtype == np.float32
+    assert (np.abs(got - want) <= (2 * 2.0 ** -8 + K * 2.0 ** -24 + 2.0 ** -16) * terms).all()
+    assert not np.array_equal(got, linear_int8(x, w, scale))          # it is the bfloat16 path
+    few = x[:GEMV_MAX_ROWS]
+    np.testing.assert_array_equal(linear_int8(few, w, scale, compute="bfloat16"), linear_int8(few, w, scale))
+    with pytest.raises(ValueError, match="accepted: float32, bfloat16"):
+        linear_int8(x, w, scale, compute="float16")
+
+
+def test_prefill_compute_bfloat16_engine(int8_artifact, tmp_path, monkeypatch):
+    """build --backend ort --prefill-compute bfloat16: recorded in the engine entry, validated at the
+    bfloat16 tolerances (compute_dtype); a decode step and a chunk of up to GEMV_MAX_ROWS rows
+    (batch x tokens) are the float32 engine's, bit for bit; longer prompts take the bfloat16 GEMMs, within the
+    bfloat16 logits tolerance of the float32 engine. Refused for artifacts without int8 linear
+    layers, and on CPUs without bf16 dot products (the engine itself runs on any CPU)."""
+    import shutil
+
+    import jambatrt.engines.ort as ort_engine
+    from jambatrt.errors import InputError
+    from jambatrt.validate.parity import TOLERANCES
+    art = tmp_path / "bf16"
+    shutil.copytree(int8_artifact, art)
+    monkeypatch.setattr(ort_engine, "cpu_has_bf16", lambda: False)
+    with pytest.raises(InputError, match="no bf16 dot-product instructions"):
+        OrtEngine.build(art, prefill_compute="bfloat16")
+    monkeypatch.setattr(ort_engine, "cpu_has_bf16", lambda: True)
+    OrtEngine.build(art, prefill_compute="bfloat16")
+    ids = np.random.default_rng(4).integers(0, 512, (2, 40))
+    with OrtEngine.load(art) as e, OrtEngine.load(int8_artifact) as f:
+        assert e.entry["settings"]["prefill_compute"] == "bfloat16" and e.compute_dtype == "bfloat16"
+        assert f.compute_dtype == "float32"
+        short = GEMV_MAX_ROWS // ids.shape[0]              # batch x tokens rows: the GEMV
+        short_e, st_e = e.prefill(ids[:, :short])
+        short_f, st_f = f.prefill(ids[:, :short])
+        np.testing.assert_array_equal(short_e, short_f)
+        np.testing.assert_array_equal(e.decode(ids[:, 5], st_e)[0], f.decode(ids[:, 5], st_f)[0])
+        long_e, long_f = e.prefill(ids)[0], f.prefill(ids)[0]
+        tol = TOLERANCES["bfloat16"]
+        assert not np.array_equal(long_e, long_f)
+        assert (np.abs(long_e - long_f) <= tol["atol"] + tol["rtol"] * np.abs(long_f)).all()
+
+
+def test_prefill_compute_bfloat16_needs_int8_linears(tiny_artifact, tmp_path):
+    import shutil
+
+    from jambatrt.errors import InputError
+    art = tmp_path / "f32"
+    shutil.copytree(tiny_artifact, art)
+    with pytest.raises(InputError, match="for the int8 kernels of --weights-int8 artifacts"):
+        OrtEngine.build(art, prefill_compute="bfloat16")
+
+
 def test_linear_int8_kernel_rejects_bad_shapes():
     with pytest.raises(ValueError, match="linear_int8"):
         linear_int8(np.zeros((1, 8), np.float32), np.zeros((4, 9), np.int8), np.ones(4, np.float32))

@@ -100,10 +100,12 @@ def _f32(a) -> np.ndarray:
 
 def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_bias, dt_norm, b_norm, c_norm,
                      in_proj, in_proj_scale, x_proj, x_proj_scale, dt_proj, dt_proj_scale, out_proj, out_proj_scale,
-                     eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     eps: float, compute: str = "float32") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """h [B,L,H] float32 -> (y [B,L,H], conv_state_out [B,D,K-1], ssm_state_out [B,D,N]), float32.
     conv_weight [D,K], conv_bias, D, dt_bias [D], A [D,N] (= -exp(A_log)), dt/b/c_norm [R]/[N]/[N];
-    in_proj [2D,H], x_proj [R+2N,D], dt_proj [D,R], out_proj [H,D] int8 with per-row fp32 scales."""
+    in_proj [2D,H], x_proj [R+2N,D], dt_proj [D,R], out_proj [H,D] int8 with per-row fp32 scales.
+    compute: linear_int8's GEMM precision for in_proj and out_proj over chunks (a decode step is
+    float32 throughout)."""
     h, conv_state, ssm_state = _f32(h), _f32(conv_state), _f32(ssm_state)
     Bsz, L, H = h.shape
     Dch, N = A.shape
@@ -130,15 +132,16 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
         return y.reshape(Bsz, 1, H), conv_out, ssm_out
     conv_w, conv_b, A, Dskip, dt_b, dt_n, b_n, c_n = params
     in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights
-    xz = linear_int8(h, in_w, in_s)                                             # [B,L,2D]
+    xz = linear_int8(h, in_w, in_s, compute)                                             # [B,L,2D]
     x, z = _t(xz[..., :Dch]), _t(xz[..., Dch:])
     x, conv_out = causal_conv1d(x, conv_w, conv_b, conv_state)                 # [B,D,L]
-    xdbl = linear_int8(_t(x), x_w, x_s)                                         # [B,L,R+2N]
-    dt = linear_int8(_rms_norm(xdbl[..., :R], dt_n, eps), dt_w, dt_s)          # [B,L,D]
+    # x_proj and dt_proj (5% of the weights) stay float32: they make the scan's dt, B and C
+    xdbl = linear_int8(_t(x), x_w, x_s)                                                  # [B,L,R+2N]
+    dt = linear_int8(_rms_norm(xdbl[..., :R], dt_n, eps), dt_w, dt_s)                   # [B,L,D]
     Bm = _rms_norm(xdbl[..., R:R + N], b_n, eps)
     Cm = _rms_norm(xdbl[..., R + N:], c_n, eps)
     y, ssm_out = selective_scan(x, _t(dt), A, _t(Bm), _t(Cm), Dskip, z, dt_b, ssm_state)
-    return linear_int8(_t(y), out_w, out_s), conv_out, ssm_out
+    return linear_int8(_t(y), out_w, out_s, compute), conv_out, ssm_out
 
 
 def _t(a: np.ndarray) -> np.ndarray:
@@ -160,5 +163,6 @@ session_op("MambaMixerInt8", inputs=("float32",) * (3 + len(PARAMS)) + ("int8", 
 def mamba_mixer_int8_mapped(*inputs, eps, weights):
     """MambaMixerInt8 whose eight int8 weights and scales the engine mapped from the store and bound
     under `weights` (graph/passes/bind_weights.py)."""
-    from jambatrt.plugins.cpu.ort_ops import bound
-    return mamba_mixer_int8(*inputs, *bound(weights), eps=eps)
+    from jambatrt.plugins.cpu.ort_ops import bound_weights
+    arrays, compute = bound_weights(weights)
+    return mamba_mixer_int8(*inputs, *arrays, eps=eps, compute=compute)

@@ -107,24 +107,27 @@ def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
         y[0, o] = tot
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [n,H] float32 @ (int8 w [O,H]).T, then * scale [O] per output channel -> [n,O] float32."""
+def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, compute: str = "float32") -> torch.Tensor:
+    """x [n,H] float32 @ (int8 w [O,H]).T, then * scale [O] per output channel -> [n,O] float32.
+    compute: linear_int8's GEMM precision for large experts (small ones stay float32)."""
     if w.numel() >= _INT8_PATH_MIN_WEIGHTS:
         # the --weights-int8 kernel: a GEMV on the int8 weights for a few rows, else blocks dequantised on
         # numba's threads into one reused buffer + torch's GEMM (w.float() is one thread and a fresh array):
         # 0.89x the MoE layer's time at T 512, H 1024, I 2816, 8 experts top-2
         return torch.from_numpy(linear_int8(x.contiguous().numpy(), w.contiguous().numpy(),
-                                            scale.contiguous().numpy()))
+                                            scale.contiguous().numpy(), compute))
     return F.linear(x, w.float()) * scale
 
 
 def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                   w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0) -> torch.Tensor:
+                   w2: torch.Tensor, w2_scale: torch.Tensor, top_k: int, expert_offset: int = 0,
+                   compute: str = "float32") -> torch.Tensor:
     """x [T,H] (float32/bfloat16); router_logits [T,E]; w13 [G,2I,H] int8 (rows [0,I) gate, [I,2I) up);
     w13_scale [G,2I] float32; w2 [G,H,I] int8; w2_scale [G,H] float32 for experts expert_offset ..
     expert_offset+G-1 of the E the router ranks. Semantics of `moe_int8_ref`: y = sum over the top_k
     experts (those of this group) of weight * W2 (silu(G x) * (U x)), W = int8 * scale[row],
-    fp32 accumulation, SwiGLU activations rounded to x.dtype. Returns y [T,H] in x.dtype (new)."""
+    fp32 accumulation, SwiGLU activations rounded to x.dtype. Returns y [T,H] in x.dtype (new).
+    compute="bfloat16": the GEMMs of large experts' token groups in bfloat16 (linear_int8)."""
     if x.dim() != 2 or w13.dim() != 3 or w13.dtype != torch.int8 or w2.dtype != torch.int8:
         raise ValueError(f"moe_int8: x must be [T,H] and w13/w2 int8 [E,2I,H]/[E,H,I], got x {list(x.shape)}, "
                          f"w13 {list(w13.shape)} {w13.dtype}, w2 {list(w2.shape)} {w2.dtype}")
@@ -166,20 +169,20 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
         pairs = order[start:start + n]
         start += n
         tok = pairs // top_k
-        h = _linear(xf[tok], w13[e], s13[e])                         # [n,2I]
+        h = _linear(xf[tok], w13[e], s13[e], compute)                # [n,2I]
         a = (F.silu(h[:, :I]) * h[:, I:]).to(x.dtype).float()       # activations stay in x.dtype
-        out = _linear(a, w2[e], s2[e])                               # [n,H]
+        out = _linear(a, w2[e], s2[e], compute)                      # [n,H]
         y.index_add_(0, tok, out * weights.reshape(-1)[pairs, None])
     return y.to(x.dtype)
 
 
-def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset=0) -> np.ndarray:
+def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset=0, compute="float32") -> np.ndarray:
     """numpy twin of `moe_int8_torch`: floats of any dtype in (computed in float32), w13/w2 int8.
     Returns y [T,H] float32."""
     f32 = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
            for a in (x, router_logits, w13_scale, w2_scale)]
     w13, w2 = (torch.from_numpy(np.ascontiguousarray(w)) for w in (w13, w2))
-    return moe_int8_torch(f32[0], f32[1], w13, f32[2], w2, f32[3], int(top_k), int(expert_offset)).numpy()
+    return moe_int8_torch(f32[0], f32[1], w13, f32[2], w2, f32[3], int(top_k), int(expert_offset), compute).numpy()
 
 
 # ---- registered implementations (plugins/registry.py) ------------------------------------------------
@@ -192,6 +195,6 @@ implements("moe_int8", "ort", out_shapes=lambda x, *_: [x.shape])(moe_int8)
 def moe_int8_mapped(x, router_logits, top_k, expert_offset, weights):
     """MoEInt8 whose (w13, w13_scale, w2, w2_scale) the engine mapped from the store and bound under
     `weights` (graph/passes/bind_weights.py): ONNX Runtime never loads or copies them."""
-    from jambatrt.plugins.cpu.ort_ops import bound
-    w13, w13_scale, w2, w2_scale = bound(weights)
-    return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset))
+    from jambatrt.plugins.cpu.ort_ops import bound_weights
+    (w13, w13_scale, w2, w2_scale), compute = bound_weights(weights)
+    return moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, int(top_k), int(expert_offset), compute)

@@ -72,6 +72,22 @@ def bound(key: str):
                        "engines/ort.py, which binds their weights and caches)") from None
 
 
+class Weights(tuple):
+    """The arrays an engine binds for one node (graph/passes/bind_weights.py), with the precision its
+    kernels run their GEMMs in (`compute`: linear_int8.COMPUTES, the engine's `prefill_compute`)."""
+
+    def __new__(cls, arrays, compute: str = "float32"):
+        self = super().__new__(cls, arrays)
+        self.compute = compute
+        return self
+
+
+def bound_weights(key: str) -> tuple[tuple, str]:
+    """The arrays bound under `key` and the precision of their GEMMs (float32 for a plain tuple)."""
+    b = bound(key)
+    return b, getattr(b, "compute", "float32")
+
+
 def release(keys) -> None:
     for k in keys:
         _BOUND.pop(k, None)
