@@ -24,9 +24,7 @@ import os
 OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "20000"}
 
 
-def set_omp_env(env=None):
-    """OMP_ENV's values into `env` (os.environ by default) where it has none; returns env."""
-    env = os.environ if env is None else env
+def set_omp_env() -> None:
+    """OMP_ENV's values into os.environ where it has none (child processes inherit them)."""
     for k, v in OMP_ENV.items():
-        env.setdefault(k, v)
-    return env
+        os.environ.setdefault(k, v)

@@ -29,7 +29,6 @@ from pathlib import Path
 from jambatrt.artifact import atomic_file
 from jambatrt.deploy.repository import REPOSITORY_INFO, verify_repository
 from jambatrt.errors import BackendUnavailable, JambaTRTError
-from jambatrt.threads import set_omp_env
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 GUARD_SCRIPT = Path(__file__).with_name("guard.py")
@@ -256,7 +255,7 @@ class TritonServer:
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env}
+        env = {**os.environ, **self.extra_env}     # with the OpenMP wait settings `import jambatrt` set (threads.py)
         if self.env_on_path:
             env["PATH"] = f"{self.env.prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         libs = [d for d in (_python_libdir(self.env.python), str(self.env.libs_dir)) if d]
@@ -266,7 +265,6 @@ class TritonServer:
         for k in ("PYTHONPATH", "PYTHONHOME"):      # the stub's interpreter is the serve env's, not ours
             env.pop(k, None)
         env[BYTECODE_ENV] = "1"                    # no __pycache__ inside the repository (prepare_serve_env)
-        set_omp_env(env)                           # OpenMP's wait settings (threads.py)
         # kernels compiled by numba are cached outside the repository and the artifact
         env.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jambatrt-numba-cache"))
         return env
