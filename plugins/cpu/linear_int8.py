@@ -98,15 +98,13 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = 
         if compute == "bfloat16":
             bt = torch.empty((step, K), dtype=torch.bfloat16)
             buf, xt = bt.view(torch.int16).numpy(), xt.to(torch.bfloat16)
+            dequant = lambda rows, into: _dequant_rows_bf16(rows, _BF16_OF_INT8, into)   # noqa: E731
         else:
             buf = np.empty((step, K), np.float32)       # torch's int8 -> float cast is single-threaded
-            bt = torch.from_numpy(buf)
+            bt, dequant = torch.from_numpy(buf), _dequant_rows
         for r in range(0, N, step):
             n = min(step, N - r)
-            if compute == "bfloat16":
-                _dequant_rows_bf16(w[r:r + n], _BF16_OF_INT8, buf[:n])
-            else:
-                _dequant_rows(w[r:r + n], buf[:n])
+            dequant(w[r:r + n], buf[:n])
             ot[:, r:r + n] = xt @ bt[:n].t()
         ot.mul_(torch.from_numpy(s))
     return out.reshape(*x.shape[:-1], N)
