@@ -4,9 +4,12 @@ accumulation. The ORT pass list lowers Cast(int8) -> Transpose -> MatMul -> Mul(
 (graph/passes/lower_linear_int8.py); the ORT engine then hands it the weights mapped from the store.
 
 Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GEMM for many):
-- decode (a few rows): `_gemv_int8` (numba) reads the int8 weights once (a quarter of the bytes of
-  the float32 layer), widens 8 at a time to float32 and accumulates in fp32 lanes; output channels
-  are split over the threads. Decode is bound by the bytes read, so this is where int8 pays;
+- decode (a few rows): `_gemv_int8` reads the int8 weights once (a quarter of the bytes of the
+  float32 layer); output channels are split over the threads. On CPUs with AVX512-VNNI it runs
+  gemv_int8.c (native.py), which takes x as 31-bit fixed point and sums exact integer products: 31.5
+  against 22.3 GB/s for the numba loop, which widens the weights to float32 and accumulates in fp32
+  lanes and was compute-bound at that (2 threads, 12 matrices of 16 MB, interleaved; reading one byte
+  per cache line: 35.3 GB/s). Decode is bound by the bytes read, so this is where int8 pays;
 - prefill (many rows): the rows of w are dequantised a block at a time (no scale: it multiplies the
   outputs) and multiplied by torch's fp32 GEMM, which runs at the machine's GEMM rate; a block is
   read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K).
@@ -24,11 +27,13 @@ import torch
 from numba import njit, prange
 
 from jambatrt.plugins.cpu import serial_twin
+from jambatrt.plugins.cpu.native import call_gemv_int8, gemv_int8_address
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import session_op
 
 GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
 _GEMM_BLOCK_WEIGHTS = 1 << 21  # weights dequantised at a time for the GEMM path (8 MB of float32)
+_NATIVE_PARTS = 32            # row ranges of the native GEMV; numba gives each thread a contiguous run of them
 COMPUTES = ("float32", "bfloat16")   # the GEMM path's precision (`compute`)
 _SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs ~15-20 us, as much as it saves
                                # (idle machine, 2 cores: 512K weights 38 vs 40 us, 1M 93 vs 66 us, 4M 349 vs
@@ -36,13 +41,48 @@ _SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs 
                                # its int8 decode step 0.86x the all-serial one (issue 18)
 
 
+@njit(inline="always")
+def _fixed_point_rows(x, xh, xl, xs):
+    """Each row of x [M,K] float32 as 31-bit fixed point for gemv_int8.c: x = xs[m] * (65536 * xh + xl)
+    rounded (xh, xl int16 [M, Kp], zero past K; xs float64). False, with nothing promised of the outputs,
+    when a row holds a NaN or an infinity (the float32 loop then runs, and propagates them)."""
+    M, K = x.shape
+    for m in range(M):
+        top = 0.0
+        for k in range(K):
+            a = abs(np.float64(x[m, k]))
+            if not a <= 3.5e38:
+                return False
+            top = max(top, a)
+        xs[m] = top / 1073741824.0
+        inv = 1073741824.0 / top if top > 0.0 else 0.0
+        for k in range(K):
+            q = np.int64(np.rint(np.float64(x[m, k]) * inv))
+            hi = (q + 32768) >> 16
+            xh[m, k] = hi
+            xl[m, k] = q - (hi << 16)
+    return True
+
+
 @njit(cache=True, fastmath={"reassoc", "contract"}, parallel=True)
-def _gemv_int8(x, w, scale, out):
+def _gemv_int8(x, w, scale, out, native=0):
     """out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M,K] float32, w [N,K] int8, scale [N] float32.
-    fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout). The rows
+    native: the address of gemv_int8.c's kernel (native.gemv_int8_address(); 0: none), which takes x as
+    31-bit fixed point and splits the rows of w over the threads in contiguous ranges.
+    Else fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout), and the rows
     ahead are prefetched non-temporally (prefetch.py: the weights do not evict the rest of the step)."""
     M, K = x.shape
     N = w.shape[0]
+    if native != 0:
+        Kp = (K + 31) // 32 * 32
+        xh = np.zeros((M, Kp), np.int16)
+        xl = np.zeros((M, Kp), np.int16)
+        xs = np.empty(M, np.float64)
+        if _fixed_point_rows(x, xh, xl, xs):
+            parts = min(N, _NATIVE_PARTS)
+            for p in prange(parts):
+                call_gemv_int8(native, xh, xl, xs, Kp, w, scale, p * N // parts, (p + 1) * N // parts, out)
+            return
     for n in prange(N):
         if n + AHEAD < N:
             prefetch_rows_nta(w, (n + AHEAD) * K, K)
@@ -55,6 +95,17 @@ def _gemv_int8(x, w, scale, out):
 
 # the same kernel on the calling thread (prange runs as range)
 _gemv_int8_serial = serial_twin(_gemv_int8, cache=True, fastmath={"reassoc", "contract"})
+
+
+@njit(inline="always")
+def gemv_int8_into(x, w, scale, out, native):
+    """`_gemv_int8` from numba code, on the calling thread for matrices under _SERIAL_MAX_WEIGHTS.
+    A process must have called numba.get_num_threads() before its first call: numba code calling a
+    parallel kernel does not start numba's threads (without them it crashes, SIGSEGV)."""
+    if w.shape[0] * w.shape[1] < _SERIAL_MAX_WEIGHTS:
+        _gemv_int8_serial(x, w, scale, out, native)
+    else:
+        _gemv_int8(x, w, scale, out, native)
 
 
 @njit(cache=True, parallel=True)
@@ -91,7 +142,7 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = 
     s = np.ascontiguousarray(scale, dtype=np.float32)
     out = np.empty((M, N), np.float32)
     if M <= GEMV_MAX_ROWS:
-        (_gemv_int8_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_int8)(x2, w, s, out)
+        (_gemv_int8_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_int8)(x2, w, s, out, gemv_int8_address())
     else:
         step = max(1, min(N, _GEMM_BLOCK_WEIGHTS // K))
         xt, ot = torch.from_numpy(x2), torch.from_numpy(out)

@@ -23,19 +23,12 @@ from numba import njit
 
 from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
 from jambatrt.plugins.cpu.causal_conv1d import _conv_step_kernel, causal_conv1d
-from jambatrt.plugins.cpu.linear_int8 import _SERIAL_MAX_WEIGHTS, _gemv_int8, _gemv_int8_serial, linear_int8
+from jambatrt.plugins.cpu.linear_int8 import gemv_int8_into, linear_int8
+from jambatrt.plugins.cpu.native import gemv_int8_address
 from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _step_kernel, _step_kernel_serial,
                                                  selective_scan)
 from jambatrt.plugins.registry import session_op
 
-
-
-@njit(inline="always")
-def _gemv(x, w, s, out):
-    if w.shape[0] * w.shape[1] < _SERIAL_MAX_WEIGHTS:
-        _gemv_int8_serial(x, w, s, out)
-    else:
-        _gemv_int8(x, w, s, out)
 
 
 @njit(inline="always")
@@ -53,14 +46,14 @@ def _rms_norm_into(x, w, eps, out):
 
 @njit(cache=True, error_model="numpy")
 def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_norm, b_norm, c_norm,
-                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out):
+                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out, native):
     """One token of B sequences: h [B,H] -> y [B,H]; conv_state -> conv_out [B,D,K-1], ssm_state ->
     ssm_out [B,D,N]. All float32 (weights int8), C-contiguous."""
     B = h.shape[0]
     D, N = A.shape
     R = dt_w.shape[1]
     xz = np.empty((B, 2 * D), np.float32)
-    _gemv(h, in_w, in_s, xz)
+    gemv_int8_into(h, in_w, in_s, xz, native)
     xs = np.empty((B, D, 1), np.float32)
     z = np.empty((B, D, 1), np.float32)
     for b in range(B):
@@ -70,7 +63,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     xc = np.empty((B, D, 1), np.float32)
     _conv_step_kernel(xs, conv_w, conv_b, conv_state, xc, conv_out)
     xdbl = np.empty((B, R + 2 * N), np.float32)
-    _gemv(xc.reshape(B, D), x_w, x_s, xdbl)
+    gemv_int8_into(xc.reshape(B, D), x_w, x_s, xdbl, native)
     dtn = np.empty((B, R), np.float32)
     Bm = np.empty((B, N), np.float32)
     Cm = np.empty((B, N), np.float32)
@@ -78,7 +71,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     _rms_norm_into(xdbl[:, R:R + N], b_norm, eps, Bm)
     _rms_norm_into(xdbl[:, R + N:], c_norm, eps, Cm)
     delta = np.empty((B, D), np.float32)
-    _gemv(dtn, dt_w, dt_s, delta)
+    gemv_int8_into(dtn, dt_w, dt_s, delta, native)
     ys = np.empty((B, D, 1), np.float32)
     args = (xc, delta.reshape(B, D, 1), A, Bm.reshape(B, N, 1), Cm.reshape(B, N, 1), Dskip, z, True, dt_bias,
             ssm_state, ys, ssm_out)
@@ -86,7 +79,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
         _step_kernel_serial(*args)
     else:
         _step_kernel(*args)
-    _gemv(ys.reshape(B, D), out_w, out_s, y)
+    gemv_int8_into(ys.reshape(B, D), out_w, out_s, y, native)
 
 
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -128,7 +121,8 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
         y = np.empty((Bsz, H), np.float32)
         conv_out = np.empty_like(conv_state)
         ssm_out = np.empty_like(ssm_state)
-        _mixer_step(h.reshape(Bsz, H), conv_state, ssm_state, *params, *weights, np.float32(eps), y, conv_out, ssm_out)
+        _mixer_step(h.reshape(Bsz, H), conv_state, ssm_state, *params, *weights, np.float32(eps), y, conv_out, ssm_out,
+                    gemv_int8_address())
         return y.reshape(Bsz, 1, H), conv_out, ssm_out
     conv_w, conv_b, A, Dskip, dt_b, dt_n, b_n, c_n = params
     in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights

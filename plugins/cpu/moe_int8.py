@@ -9,27 +9,26 @@ and ~2x faster than ONNX Runtime's QMoE (bench/kernels.json). Per expert and tok
   small matrices (under ~1M weights) at any group size;
 - `linear_int8` (plugins/cpu/linear_int8.py) for large ones: its int8 GEMV for up to 4 tokens (4x
   less memory traffic than a dequantised copy), else blocks dequantised on numba's threads + GEMM.
-A float32 decode step runs whole in one numba call (`_moe_few_tokens`) after the routing:
-- a few tokens of small experts (under ~1M weights each): the ~25 small torch calls of the general
-  path cost ~300 us there, against ~20 us of arithmetic (bench preset, 1 token);
-- one token of experts of any size: each chosen expert is read once, as by `linear_int8`, and the
-  torch calls, row gathers and numba dispatches between them are saved: 0.87-0.91x the decode step
-  time of the general path at H 1024, I 2816, 8 experts top-2 (issue 18, steps interleaved in one
-  engine); experts of >= 2^19 weights split their rows over both threads (`_moe_one_token`). With
-  several tokens the fused call would read a large expert once per token routed to it.
+A float32 decode step (one token, or a few tokens of small experts) runs whole in one numba call
+(`_moe_few_tokens`) after the routing, on linear_int8's GEMV (AVX512-VNNI where the CPU has it): the
+~25 small torch calls of the general path cost ~300 us at the bench preset's sizes, against ~20 us of
+arithmetic, and the row gathers and dispatches between them 0.87-0.91x the decode step at H 1024,
+I 2816, 8 experts top-2 (issue 18). With several tokens it would read a large expert once per token
+routed to it, so a few tokens of large experts take the general path.
 bfloat16 activations (torch path) take the general path, which rounds the SwiGLU activations to
 bfloat16."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit
 
 from jambatrt.export.ops.moe_int8 import routing_weights
-from jambatrt.plugins.cpu.linear_int8 import _SERIAL_MAX_WEIGHTS, linear_int8
-from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
+from jambatrt.plugins.cpu.linear_int8 import gemv_int8_into, linear_int8
+from jambatrt.plugins.cpu.native import gemv_int8_address
 from jambatrt.plugins.cpu.selective_scan import swiglu_into
 from jambatrt.plugins.registry import implements, session_op
 
@@ -37,74 +36,31 @@ _FEW_TOKENS = 4                    # up to here small experts run in one fused c
 _INT8_PATH_MIN_WEIGHTS = 1 << 20   # below ~1M weights dequantising costs less than the int8 GEMV
 
 
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
+@njit(cache=True, error_model="numpy")
+def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y, native):
     """Every (token, slot) of a few tokens: x [T,H] float32; experts [T,k] int64 (global ids) and
     weights [T,k] float32 from routing_weights; w13 [G,2I,H], w2 [G,H,I] int8 with scales [G,2I],
-    [G,H] for experts expert_offset..+G-1; y [T,H] float32 zeros -> y += weight * expert(x).
-    fastmath lets the H- and I-long dot products be reassociated (vectorised): 8x faster than
-    lane-wise partial sums at 128 x 512, fp32 all the same."""
+    [G,H] for experts expert_offset..+G-1; y [T,H] float32 zeros -> y += weight * expert(x), the
+    experts added in slot order. Each matrix product is linear_int8's GEMV (`native`: its AVX512-VNNI
+    kernel's address, or 0), on both threads for matrices of >= _SERIAL_MAX_WEIGHTS; a chosen expert is
+    read once per token routed to it."""
     T, k = experts.shape
     G, I2, H = w13.shape
     I = I2 // 2
-    h = np.empty(I2, np.float32)
-    a = np.empty(I, np.float32)
+    h = np.empty((1, I2), np.float32)
+    a = np.empty((1, I), np.float32)
+    o = np.empty((1, H), np.float32)
     for t in range(T):
         for j in range(k):
             e = experts[t, j] - expert_offset
             if e < 0 or e >= G:
                 continue
-            for o in range(I2):
-                acc = np.float32(0.0)
-                for c in range(H):
-                    acc += x[t, c] * np.float32(w13[e, o, c])
-                h[o] = acc * s13[e, o]                                   # scale after the K loop
-            for i in range(I):
-                g = h[i]
-                a[i] = g / (np.float32(1.0) + np.exp(-g)) * h[I + i]
+            gemv_int8_into(x[t:t + 1], w13[e], s13[e], h, native)
+            swiglu_into(h[0, :I], h[0, I:], a[0])       # exp32 in vector lanes (libm's expf is scalar)
+            gemv_int8_into(a, w2[e], s2[e], o, native)
             wt = weights[t, j]
-            for o in range(H):
-                acc = np.float32(0.0)
-                for c in range(I):
-                    acc += a[c] * np.float32(w2[e, o, c])
-                y[t, o] += acc * s2[e, o] * wt
-
-
-@njit(cache=True, error_model="numpy", fastmath={"reassoc", "contract"}, parallel=True)
-def _moe_one_token(x, experts, weights, w13, s13, w2, s2, expert_offset, y):
-    """`_moe_few_tokens` for one token on both threads: the gate/up rows of every chosen expert are
-    split over the threads in one parallel loop, then the down rows (each output channel sums its
-    experts in slot order, as `_moe_few_tokens` does). Each chosen expert is read once."""
-    k = experts.shape[1]
-    G, I2, H = w13.shape
-    I = I2 // 2
-    h = np.zeros((k, I2), np.float32)
-    for r in prange(k * I2):
-        j = r // I2
-        o = r - j * I2
-        e = experts[0, j] - expert_offset
-        if e >= 0 and e < G:
-            if o + AHEAD < I2:
-                prefetch_rows_nta(w13, (e * I2 + o + AHEAD) * H, H)     # prefetch.py
-            acc = np.float32(0.0)
             for c in range(H):
-                acc += x[0, c] * np.float32(w13[e, o, c])
-            h[j, o] = acc * s13[e, o]
-    a = np.empty((k, I), np.float32)
-    for j in range(k):
-        swiglu_into(h[j, :I], h[j, I:], a[j])       # exp32 in vector lanes (libm's expf is scalar)
-    for o in prange(H):
-        tot = y[0, o]
-        for j in range(k):
-            e = experts[0, j] - expert_offset
-            if e >= 0 and e < G:
-                if o + AHEAD < H:
-                    prefetch_rows_nta(w2, (e * H + o + AHEAD) * I, I)
-                acc = np.float32(0.0)
-                for c in range(I):
-                    acc += a[j, c] * np.float32(w2[e, o, c])
-                tot += acc * s2[e, o] * weights[0, j]
-        y[0, o] = tot
+                y[t, c] += o[0, c] * wt
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, compute: str = "float32") -> torch.Tensor:
@@ -150,11 +106,10 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     small = w13[0].numel() < _INT8_PATH_MIN_WEIGHTS and w2[0].numel() < _INT8_PATH_MIN_WEIGHTS
     if x.dtype == torch.float32 and (T == 1 or (T <= _FEW_TOKENS and small)):
         y = np.zeros((T, H), np.float32)
-        # one token's experts as large as linear_int8 runs on both threads: on both threads too
-        kernel = _moe_one_token if T == 1 and w13[0].numel() >= _SERIAL_MAX_WEIGHTS else _moe_few_tokens
-        kernel(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
-                   w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(), w2_scale.float().contiguous().numpy(),
-                   expert_offset, y)
+        numba.get_num_threads()                 # starts numba's threads (gemv_int8_into's precondition)
+        _moe_few_tokens(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
+                        w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(),
+                        w2_scale.float().contiguous().numpy(), expert_offset, y, gemv_int8_address())
         return torch.from_numpy(y)
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)                        # (token, slot) pairs grouped by expert

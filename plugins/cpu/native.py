@@ -1,0 +1,129 @@
+"""Native (C) kernels beside the numba ones, for what numba's code generation cannot reach: `gemv_int8.c`,
+the int8 GEMV with AVX512-VNNI integer dot products (linear_int8.py explains when it runs).
+
+`gemv_int8_address()` compiles the C source once per source version and CPU features with the system C
+compiler (`$CC`, else cc/gcc), loads it, and returns the function's address for numba code to call
+(`call_gemv_int8`: the address is an argument, not a constant, so numba's on-disk cache of the callers
+stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU lacks
+AVX512-BW/VNNI, no compiler is found or the compile fails (one warning says why), or
+JAMBATRT_NATIVE=0. The shared object goes to `__pycache__/` beside the source, or to
+~/.cache/jambatrt when that is not writable, written under a temporary name and renamed: a concurrent
+or interrupted build never leaves a half-written library to be loaded."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_SOURCE = Path(__file__).with_name("gemv_int8.c")
+_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-shared", "-fPIC")
+_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")    # llvmlite's names of the CPU features
+_state: dict[str, object] = {}
+
+
+def _cpu_ok() -> bool:
+    from llvmlite import binding
+    features = binding.get_host_cpu_features()
+    return all(features.get(f, False) for f in _NEEDS)
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cache_dirs() -> list[Path]:
+    return [_SOURCE.parent / "__pycache__", Path.home() / ".cache" / "jambatrt"]
+
+
+def _build(cc: str, fresh: bool = False) -> Path:
+    """The compiled library's path: a cached build of this source and these flags unless `fresh`."""
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
+    name = f"gemv_int8-{key}.so"
+    for d in _cache_dirs():
+        if (d / name).is_file() and not fresh:
+            return d / name
+    errors = []
+    for d in _cache_dirs():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".gemv_int8-", suffix=".so")
+            os.close(fd)
+        except OSError as exc:
+            errors.append(f"{d}: {exc}")
+            continue
+        try:
+            run = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} exited {run.returncode}: {run.stderr.strip()[-400:]}")
+            os.replace(tmp, d / name)
+            return d / name
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise RuntimeError("no writable directory for the compiled kernel: " + "; ".join(errors))
+
+
+def gemv_int8_address() -> int:
+    """The address of `jt_gemv_int8` (gemv_int8.c), or 0 where it cannot run (see the module docstring)."""
+    if "address" in _state:
+        return _state["address"]
+    address, why = 0, None
+    if os.environ.get("JAMBATRT_NATIVE", "1") == "0":
+        why = None                                   # asked for: no warning
+    elif not _cpu_ok():
+        why = None                                   # the numba loop is this CPU's kernel: nothing to warn about
+    elif (cc := _compiler()) is None:
+        why = "no C compiler (set CC)"
+    else:
+        try:
+            try:
+                lib = ctypes.CDLL(str(_build(cc)))
+            except OSError:                          # a cached library that does not load: build it again
+                lib = ctypes.CDLL(str(_build(cc, fresh=True)))
+            _state["lib"] = lib                      # keep it loaded
+            address = ctypes.cast(lib.jt_gemv_int8, ctypes.c_void_p).value or 0
+        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+            why = str(exc)
+    if why:
+        warnings.warn(f"jambatrt: the AVX512-VNNI int8 GEMV is not available ({why}); decode uses the "
+                      "numba kernel (~0.7x its speed)", RuntimeWarning, stacklevel=2)
+    _state["address"] = address
+    return address
+
+
+@intrinsic
+def call_gemv_int8(typingctx, address, xh, xl, xs, Kp, w, scale, n0, n1, out):
+    """jt_gemv_int8(xh, xl, xs, M, Kp, w, K, scale, n0, n1, out, ldo) at `address`, from numba code:
+    xh, xl [M, Kp] int16, xs [M] float64, w [N, K] int8, scale [N] float32, out [M, ldo] float32, all
+    C-contiguous (M, K and ldo are read from the arrays)."""
+    def codegen(context, builder, sig, args):
+        addr, axh, axl, axs, kp, aw, asc, a0, a1, aout = args
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+        addr, kp, a0, a1 = (context.cast(builder, v, t, types.int64) for v, t in
+                            ((addr, sig.args[0]), (kp, sig.args[4]), (a0, sig.args[7]), (a1, sig.args[8])))
+        arrays = [context.make_array(t)(context, builder, v) for t, v in
+                  zip((sig.args[1], sig.args[2], sig.args[3], sig.args[5], sig.args[6], sig.args[9]),
+                      (axh, axl, axs, aw, asc, aout))]
+        h, l, s, wa, sc, o = arrays
+        M = builder.extract_value(h.shape, 0)
+        K = builder.extract_value(wa.shape, 1)
+        ldo = builder.extract_value(o.shape, 1)
+        ptr = [builder.bitcast(a.data, i8p) for a in arrays]
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i8p, i8p, i64, i64, i8p, i64, i8p, i64, i64, i8p, i64])
+        fn = builder.inttoptr(addr, fnty.as_pointer())
+        builder.call(fn, [ptr[0], ptr[1], ptr[2], M, kp, ptr[3], K, ptr[4], a0, a1, ptr[5], ldo])
+        return context.get_dummy_value()
+    return types.void(address, xh, xl, xs, Kp, w, scale, n0, n1, out), codegen
