@@ -342,16 +342,17 @@ def _remember(out: Path, manifest: dict, rels: list[str]) -> None:
 
 
 def verify_files(out: str | Path, manifest: dict | None = None, prefix: str = "", full: bool = False,
-                 on_bytes: Callable[[int], None] | None = None) -> dict:
-    """Check the files the manifest lists (optionally only those under `prefix`): each present as a
-    regular file of its recorded size; hashed in full when small, never checked before, changed
-    since its last full check, or `full`. Raises ArtifactError listing every problem."""
+                 on_bytes: Callable[[int], None] | None = None, exclude: str | None = None) -> dict:
+    """Check the files the manifest lists (optionally only those under `prefix`, and not `exclude`, a
+    file or a folder): each present as a regular file of its recorded size; hashed in full when small,
+    never checked before, changed since its last full check, or `full`. Raises ArtifactError listing
+    every problem."""
     out = Path(out)
     manifest = manifest or read_manifest(out)
     record = {} if full else _load_record(out)
     problems, hashed = [], []
     for rel, entry in manifest.get("files", {}).items():
-        if not rel.startswith(prefix):
+        if not rel.startswith(prefix) or (exclude and (rel == exclude or rel.startswith(exclude.rstrip("/") + "/"))):
             continue
         p = inside(out, rel, "file")
         if p.is_symlink() or not p.is_file():

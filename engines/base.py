@@ -52,7 +52,9 @@ class Engine(abc.ABC):
         manifest = Manifest.read(artifact)
         if cls.reads_onnx and not manifest.step.onnx:
             raise ArtifactError(f"{artifact}: the artifact has no model.onnx (re-run `jambatrt export`)")
-        verify_files(artifact, manifest.raw)     # refuse tampered or incomplete inputs before any work
+        # refuse tampered or incomplete inputs before any work; not the engine this build replaces, which a
+        # user rebuilds precisely when it is missing or damaged
+        verify_files(artifact, manifest.raw, exclude=cls.output)
         t0 = time.perf_counter()
         prepared = cls._prepare(artifact, manifest, s)
         out = artifact / cls.output

@@ -162,6 +162,27 @@ def test_truncated_or_altered_weights_are_caught(built, tmp_path, monkeypatch):
         verify_files(art)
 
 
+def test_build_replaces_a_missing_or_damaged_engine_but_not_damaged_inputs(built, tmp_path):
+    """`jambatrt build` verifies the artifact before any work, but not the engine it is about to replace:
+    an engine file truncated or deleted is rebuilt (the error of every other command says to re-run
+    build); a damaged input (the weights) is still refused, and the old engine left as it was."""
+    art = _copy(built, tmp_path / "art")
+    engine = art / read_manifest(art)["engines"]["ort"]["path"]
+    good = engine.read_bytes()
+    for damage in (lambda: engine.write_bytes(good[:100]), engine.unlink):
+        damage()
+        p = run_cli("build", art, "--backend", "ort")
+        assert p.returncode == 0, p.stderr
+        assert engine.read_bytes() == good
+        verify_files(art, full=True)
+    weights = art / "weights.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size - 10)
+    p = run_cli("build", art, "--backend", "ort")
+    _one_line_error(p, "weights.safetensors has", "bytes, the manifest says")
+    assert engine.read_bytes() == good
+
+
 def test_verify_command(built):
     p = run_cli("verify", built)
     assert p.returncode == 0, p.stderr

@@ -106,8 +106,8 @@ class GraphIndex:
         t = self.inits.get(name)
         if t is None and name in self.consts:
             t = next(a.t for a in self.consts[name].attribute if a.name == "value")
-        if t is None:
-            raise NoMatch(f"{name} is not a constant")
+        if t is None or t.data_location == onnx.TensorProto.EXTERNAL:
+            raise NoMatch(f"{name} is not a constant held in the graph")
         a = numpy_helper.to_array(t)
         if a.size != 1:
             raise NoMatch(f"{name} is not a scalar")
