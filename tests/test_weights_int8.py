@@ -259,26 +259,26 @@ def test_fused_mixer_step_is_a_process_first_parallel_kernel():
 
 
 # ---- the native int8 GEMV (plugins/cpu/gemv_int8.c) ---------------------------------------------------
-def _native_address() -> int:
-    from jambatrt.plugins.cpu.native import gemv_int8_address
-    return gemv_int8_address()
+def _variants() -> list:
+    """One param per kernel of gemv_int8.c: skipped, naming what is missing, where it cannot run here."""
+    from jambatrt.plugins.cpu.native import VARIANTS, gemv_int8_address
+    return [pytest.param(v, marks=pytest.mark.skipif(
+        not gemv_int8_address(v), reason=f"the {v} int8 GEMV needs a CPU with {', '.join(needs)} and a C compiler"))
+            for v, (_, needs) in VARIANTS.items()]
 
 
-needs_native = pytest.mark.skipif(not _native_address(), reason="the native int8 GEMV needs an x86-64 CPU with "
-                                  "AVX512-BW/VL/VNNI and a C compiler (JAMBATRT_NATIVE unset)")
-
-
-def _native_gemv(x, w, scale):
+def _native_gemv(x, w, scale, variant):
     from jambatrt.plugins.cpu.linear_int8 import _gemv_int8, _gemv_int8_serial
+    from jambatrt.plugins.cpu.native import gemv_int8_address
     out = np.full((x.shape[0], w.shape[0]), -1.0, np.float32)
     kernel = _gemv_int8_serial if w.size < 1 << 19 else _gemv_int8
-    kernel(np.ascontiguousarray(x), w, scale, out, _native_address())
+    kernel(np.ascontiguousarray(x), w, scale, out, gemv_int8_address(variant))
     return out
 
 
-@needs_native
+@pytest.mark.parametrize("variant", _variants())
 @pytest.mark.parametrize("M, N, K", [(1, 300, 64), (4, 45, 1037), (1, 600, 1037), (2, 70, 9000)])
-def test_native_gemv_within_its_fixed_point_bound(M, N, K):
+def test_native_gemv_within_its_fixed_point_bound(M, N, K, variant):
     """x as 31-bit fixed point per row (rounding error <= 2^-31 max|x| per element), exact integer sums,
     one float32 rounding of the product: |y - exact| <= scale * 2^-31 max|x_m| sum_k |w_nk| + 2^-23 |exact|.
     Shapes: a tail of K % 32 != 0 (masked loads), K > 4096 (the lanes' int64 flush), several rows of x,
@@ -288,7 +288,7 @@ def test_native_gemv_within_its_fixed_point_bound(M, N, K):
     x[:, K // 3] = 1000.0
     w = rng.integers(-128, 128, (N, K), dtype=np.int8)
     scale = rng.random(N).astype(np.float32)
-    got = _native_gemv(x, w, scale)
+    got = _native_gemv(x, w, scale, variant)
     exact = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
     top = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
     bound = scale * 2.0 ** -31 * top * np.abs(w).astype(np.float64).sum(axis=1) * 1.001 + 2.0 ** -23 * np.abs(exact)
@@ -296,21 +296,21 @@ def test_native_gemv_within_its_fixed_point_bound(M, N, K):
     assert (np.abs(got - exact) <= _dot_bound(x, w.astype(np.float32)) * scale).all()    # the float32 loop's bound
 
 
-@needs_native
-def test_native_gemv_sums_do_not_overflow():
+@pytest.mark.parametrize("variant", _variants())
+def test_native_gemv_sums_do_not_overflow(variant):
     """The largest products the fixed point makes (|lo| = 2^15 against w = -128) over K = 9000: the int32
-    lanes would pass 2^31 without their flush to int64 every 4096 weights. The sum is exact here."""
+    lanes would pass 2^31 without their flush to int64 (every 4096 weights; 2048 on AVX2). Exact here."""
     K = 9000
     x = np.full((1, K), 1.0 - 2.0 ** -15, np.float32)      # fixed point 2^30 - 2^15: hi 2^14, lo -2^15
     x[0, 0] = 1.0
     w = np.full((3, K), -128, np.int8)
-    got = _native_gemv(x, w, np.ones(3, np.float32))
+    got = _native_gemv(x, w, np.ones(3, np.float32), variant)
     exact = -128.0 * x.astype(np.float64).sum()
     np.testing.assert_allclose(got, exact, rtol=2.0 ** -23, atol=0)
 
 
-@needs_native
-def test_native_gemv_propagates_nan_and_inf_and_zero_rows():
+@pytest.mark.parametrize("variant", _variants())
+def test_native_gemv_propagates_nan_and_inf_and_zero_rows(variant):
     """A row of x with a NaN or an infinity cannot be fixed point: the call runs the float32 loop, whose
     outputs carry them; a zero row gives zeros."""
     rng = np.random.default_rng(3)
@@ -318,12 +318,12 @@ def test_native_gemv_propagates_nan_and_inf_and_zero_rows():
     scale = np.ones(700, np.float32)
     x = rng.standard_normal((3, 1024)).astype(np.float32)
     x[1] = 0.0
-    clean = _native_gemv(x, w, scale)
+    clean = _native_gemv(x, w, scale, variant)
     assert (clean[1] == 0).all()
     for bad in (np.nan, np.inf):
         y = x.copy()
         y[0, 7] = bad
-        got = _native_gemv(y, w, scale)
+        got = _native_gemv(y, w, scale, variant)
         assert not np.isfinite(got[0]).any()
         assert (got[1] == 0).all()
         np.testing.assert_allclose(got[2], clean[2], rtol=4 * 1024 * EPS, atol=1e-3)
@@ -342,8 +342,8 @@ def test_native_gemv_falls_back_with_a_warning_and_leaves_no_partial_library(tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.gemv_int8_address() == 0
-    if not native._cpu_ok() or native._compiler() is None:
-        pytest.skip("needs an x86-64 CPU with AVX512-BW/VL/VNNI and a C compiler")
+    if not native.runnable_variants() or native._compiler() is None:
+        pytest.skip("needs an x86-64 CPU with AVX2 or AVX512-VNNI and a C compiler")
     monkeypatch.delenv("JAMBATRT_NATIVE")
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setattr(native, "_FLAGS", (*native._FLAGS, "-fno-such-flag-jambatrt"))
@@ -352,8 +352,7 @@ def test_native_gemv_falls_back_with_a_warning_and_leaves_no_partial_library(tmp
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(native, "_FLAGS", native._FLAGS[:-1])
     monkeypatch.setattr(native, "_state", {})
-    cc = native._compiler()
-    key_path = native._build(cc)                 # a good build, then corrupted in place
+    key_path = native._build(native._compiler())     # a good build, then corrupted in place
     key_path.write_bytes(b"not a shared object")
     assert native.gemv_int8_address() != 0
     assert key_path.read_bytes()[:4] == b"\x7fELF"

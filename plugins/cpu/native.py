@@ -1,11 +1,11 @@
 """Native (C) kernels beside the numba ones, for what numba's code generation cannot reach: `gemv_int8.c`,
-the int8 GEMV with AVX512-VNNI integer dot products (linear_int8.py explains when it runs).
+the int8 GEMV with integer dot products, on AVX512-VNNI or AVX2 (linear_int8.py explains when it runs).
 
-`gemv_int8_address()` compiles the C source once per source version and CPU features with the system C
-compiler (`$CC`, else cc/gcc), loads it, and returns the function's address for numba code to call
+`gemv_int8_address()` compiles the C source once per source version with the system C compiler (`$CC`,
+else cc/gcc), loads it, and returns the address of the kernel this CPU runs best for numba code to call
 (`call_gemv_int8`: the address is an argument, not a constant, so numba's on-disk cache of the callers
-stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU lacks
-AVX512-BW/VNNI, no compiler is found or the compile fails (one warning says why), or
+stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU has
+neither instruction set, no compiler is found or the compile fails (one warning says why), or
 JAMBATRT_NATIVE=0. The shared object goes to `__pycache__/` beside the source, or to
 ~/.cache/jambatrt when that is not writable, written under a temporary name and renamed: a concurrent
 or interrupted build never leaves a half-written library to be loaded."""
@@ -13,6 +13,7 @@ or interrupted build never leaves a half-written library to be loaded."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -26,15 +27,19 @@ from numba import types
 from numba.extending import intrinsic
 
 _SOURCE = Path(__file__).with_name("gemv_int8.c")
-_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-shared", "-fPIC")
-_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512vnni")    # llvmlite's names of the CPU features
+_FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instruction set (target attributes)
+# the kernels, fastest first: name -> (symbol, the CPU features it needs, as llvmlite names them)
+VARIANTS = {"avx512vnni": ("jt_gemv_int8", ("avx512f", "avx512bw", "avx512vl", "avx512vnni")),
+            "avx2": ("jt_gemv_int8_avx2", ("avx2",))}
 _state: dict[str, object] = {}
 
 
-def _cpu_ok() -> bool:
+@functools.cache
+def runnable_variants() -> tuple[str, ...]:
+    """The kernels of gemv_int8.c this CPU can run, fastest first (asked of LLVM once: ~100 us a time)."""
     from llvmlite import binding
     features = binding.get_host_cpu_features()
-    return all(features.get(f, False) for f in _NEEDS)
+    return tuple(v for v, (_, needs) in VARIANTS.items() if all(features.get(f, False) for f in needs))
 
 
 def _compiler() -> str | None:
@@ -76,16 +81,20 @@ def _build(cc: str, fresh: bool = False) -> Path:
     raise RuntimeError("no writable directory for the compiled kernel: " + "; ".join(errors))
 
 
-def gemv_int8_address() -> int:
-    """The address of `jt_gemv_int8` (gemv_int8.c), or 0 where it cannot run (see the module docstring)."""
-    if "address" in _state:
-        return _state["address"]
+def gemv_int8_address(variant: str | None = None) -> int:
+    """The address of gemv_int8.c's kernel for this CPU (`variant`: that one of VARIANTS, if this CPU runs it),
+    or 0 where none can run (see the module docstring). JAMBATRT_NATIVE=0 turns them off, =avx2 picks that one."""
+    choice = os.environ.get("JAMBATRT_NATIVE", "1")
+    if variant is None and choice == "0":
+        return 0
+    runnable = runnable_variants()
+    variant = variant or (choice if choice in VARIANTS else (runnable[0] if runnable else None))
+    if variant not in runnable:
+        return 0                                     # the numba loop is this CPU's kernel: nothing to warn about
+    if variant in _state:
+        return _state[variant]
     address, why = 0, None
-    if os.environ.get("JAMBATRT_NATIVE", "1") == "0":
-        why = None                                   # asked for: no warning
-    elif not _cpu_ok():
-        why = None                                   # the numba loop is this CPU's kernel: nothing to warn about
-    elif (cc := _compiler()) is None:
+    if (cc := _compiler()) is None:
         why = "no C compiler (set CC)"
     else:
         try:
@@ -94,13 +103,13 @@ def gemv_int8_address() -> int:
             except OSError:                          # a cached library that does not load: build it again
                 lib = ctypes.CDLL(str(_build(cc, fresh=True)))
             _state["lib"] = lib                      # keep it loaded
-            address = ctypes.cast(lib.jt_gemv_int8, ctypes.c_void_p).value or 0
+            address = ctypes.cast(getattr(lib, VARIANTS[variant][0]), ctypes.c_void_p).value or 0
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             why = str(exc)
     if why:
-        warnings.warn(f"jambatrt: the AVX512-VNNI int8 GEMV is not available ({why}); decode uses the "
+        warnings.warn(f"jambatrt: the native int8 GEMV ({variant}) is not available ({why}); decode uses the "
                       "numba kernel (~0.7x its speed)", RuntimeWarning, stacklevel=2)
-    _state["address"] = address
+    _state[variant] = address
     return address
 
 
