@@ -1,5 +1,7 @@
-/* The int8 GEMV of the ORT engine's decode step on CPUs with AVX512-VNNI (native.py builds and loads it;
-   linear_int8.py's `_gemv_int8` calls it and keeps its numba loop for every other CPU).
+/* The int8 GEMV of the ORT engine's decode step on x86-64 CPUs with AVX512-VNNI (jt_gemv_int8) or AVX2
+   (jt_gemv_int8_avx2, below); each function names its instruction set, so one build serves both and
+   native.py loads the one the CPU runs. linear_int8.py's `_gemv_int8` calls it and keeps its numba loop
+   for every other CPU.
 
    out[m, n] = xs[m] * scale[n] * sum_k xq[m, k] * w[n, k]
 

@@ -5,11 +5,11 @@ accumulation. The ORT pass list lowers Cast(int8) -> Transpose -> MatMul -> Mul(
 
 Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GEMM for many):
 - decode (a few rows): `_gemv_int8` reads the int8 weights once (a quarter of the bytes of the
-  float32 layer); output channels are split over the threads. On CPUs with AVX512-VNNI it runs
-  gemv_int8.c (native.py), which takes x as 31-bit fixed point and sums exact integer products: 31.5
-  against 22.3 GB/s for the numba loop, which widens the weights to float32 and accumulates in fp32
-  lanes and was compute-bound at that (2 threads, 12 matrices of 16 MB, interleaved; reading one byte
-  per cache line: 35.3 GB/s). Decode is bound by the bytes read, so this is where int8 pays;
+  float32 layer); output channels are split over the threads. On CPUs with AVX512-VNNI or AVX2 it
+  runs gemv_int8.c (native.py), which takes x as 31-bit fixed point and sums exact integer products:
+  31.5 against 22.3 GB/s for the numba loop, which widens the weights to float32 and accumulates in
+  fp32 lanes and was compute-bound at that (AVX512-VNNI, 2 threads, 12 matrices of 16 MB, interleaved;
+  reading one byte per cache line: 35.3 GB/s). Decode is bound by the bytes read, so this is where int8 pays;
 - prefill (many rows): the rows of w are dequantised a block at a time (no scale: it multiplies the
   outputs) and multiplied by torch's fp32 GEMM, which runs at the machine's GEMM rate; a block is
   read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K).

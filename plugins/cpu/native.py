@@ -108,7 +108,7 @@ def gemv_int8_address(variant: str | None = None) -> int:
             why = str(exc)
     if why:
         warnings.warn(f"jambatrt: the native int8 GEMV ({variant}) is not available ({why}); decode uses the "
-                      "numba kernel (~0.7x its speed)", RuntimeWarning, stacklevel=2)
+                      "numba kernel (~0.7x its speed on AVX512-VNNI)", RuntimeWarning, stacklevel=2)
     _state[variant] = address
     return address
 
