@@ -195,6 +195,22 @@ def test_kernels_reject_bad_shapes():
         attention(q, k, v, pk[:, :, :1], pv)
 
 
+def test_moe_one_token_fast_path_equals_the_general_path():
+    """moe_int8's decode call (one float32 token, well-formed arrays) skips the tensor conversions and
+    checks of moe_int8_torch: the same routing and kernel, so the same bits; a malformed one-token call
+    still takes the general path and its error."""
+    from jambatrt.plugins.cpu.moe_int8 import _one_token_ready, moe_int8_torch
+    x, logits, w13, s13, w2, s2, k, *_ = make("moe_int8", "odd")
+    for t in range(2):
+        args = [_np(a) for a in (x[t:t + 1], logits[t:t + 1], w13, s13, w2, s2)]
+        assert _one_token_ready(*args, k, 0)
+        want = moe_int8_torch(*map(torch.from_numpy, args), k, 0).numpy()
+        np.testing.assert_array_equal(moe_int8(*args, k, 0), want)
+    with pytest.raises(ValueError, match="w2_scale"):
+        moe_int8(*args[:5], args[5][:, :3], k)
+    assert not _one_token_ready(*args[:5], args[5][:, :3], k, 0)
+
+
 # ---- ONNX Runtime --------------------------------------------------------------------------------
 def one_node_model(op: str, **attrs):
     """A model with one jamba::<SPEC.onnx_op_type> node whose inputs/outputs are the graph's."""
