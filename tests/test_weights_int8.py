@@ -356,3 +356,19 @@ def test_native_gemv_falls_back_with_a_warning_and_leaves_no_partial_library(tmp
     key_path.write_bytes(b"not a shared object")
     assert native.gemv_int8_address() != 0
     assert key_path.read_bytes()[:4] == b"\x7fELF"
+
+
+@pytest.mark.parametrize("variant", _variants())
+def test_native_gemv_takes_strided_arrays_as_the_loop_does(variant):
+    """The C kernel reads w, scale and out as C-contiguous rows: strided views run the numba loop and give
+    what the contiguous copies give, within the float32 loop's bound."""
+    from jambatrt.plugins.cpu.linear_int8 import _gemv_int8_serial
+    from jambatrt.plugins.cpu.native import gemv_int8_address
+    rng = np.random.default_rng(9)
+    w = rng.integers(-127, 128, (64, 200), dtype=np.int8)[:, ::2]          # rows of stride 200
+    x = rng.standard_normal((1, 100)).astype(np.float32)
+    scale = rng.random(128).astype(np.float32)[::2]
+    out = np.zeros((1, 128), np.float32)[:, ::2]
+    _gemv_int8_serial(x, w, scale, out, gemv_int8_address(variant))
+    want = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
+    assert (np.abs(out - want) <= _dot_bound(x, w.astype(np.float32)) * scale).all()

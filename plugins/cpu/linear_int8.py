@@ -68,12 +68,13 @@ def _fixed_point_rows(x, xh, xl, xs):
 def _gemv_int8(x, w, scale, out, native=0):
     """out[m, n] = scale[n] * sum_k x[m, k] * w[n, k]; x [M,K] float32, w [N,K] int8, scale [N] float32.
     native: the address of gemv_int8.c's kernel (native.gemv_int8_address(); 0: none), which takes x as
-    31-bit fixed point and splits the rows of w over the threads in contiguous ranges.
+    31-bit fixed point and splits the rows of w over the threads in contiguous ranges (w, scale and out
+    C-contiguous; others run the loop below).
     Else fastmath lets LLVM reassociate the K-long sums into vector lanes (fp32 throughout), and the rows
     ahead are prefetched non-temporally (prefetch.py: the weights do not evict the rest of the step)."""
     M, K = x.shape
     N = w.shape[0]
-    if native != 0:
+    if native != 0 and w.flags.c_contiguous and scale.flags.c_contiguous and out.flags.c_contiguous:
         Kp = (K + 31) // 32 * 32
         xh = np.zeros((M, Kp), np.int16)
         xl = np.zeros((M, Kp), np.int16)
