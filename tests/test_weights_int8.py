@@ -332,11 +332,17 @@ def test_native_gemv_propagates_nan_and_inf_and_zero_rows(variant):
 def test_native_gemv_falls_back_with_a_warning_and_leaves_no_partial_library(tmp_path, monkeypatch):
     """A compile that fails (here: a flag the compiler refuses) warns once, names why, returns 0 (the numba
     loop runs) and leaves nothing in the cache directory; a cached library that does not load is rebuilt;
-    JAMBATRT_NATIVE=0 turns it off without a warning."""
+    JAMBATRT_NATIVE=0 turns it off without a warning, a value it does not know is named in one."""
     import warnings
 
     from jambatrt.plugins.cpu import native
-    monkeypatch.setattr(native, "_cache_dirs", lambda: [tmp_path])
+    monkeypatch.setattr(native, "_cache_dirs", lambda: [tmp_path / "other"])
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("JAMBATRT_NATIVE", "off")              # a value it does not know: said, then the default
+    with pytest.warns(RuntimeWarning, match="'off' is not one of 0, 1, avx512vnni, avx2"):
+        native.gemv_int8_address()
+    lib_dir = tmp_path / "lib"
+    monkeypatch.setattr(native, "_cache_dirs", lambda: [lib_dir])
     monkeypatch.setenv("JAMBATRT_NATIVE", "0")
     monkeypatch.setattr(native, "_state", {})
     with warnings.catch_warnings():
@@ -349,7 +355,7 @@ def test_native_gemv_falls_back_with_a_warning_and_leaves_no_partial_library(tmp
     monkeypatch.setattr(native, "_FLAGS", (*native._FLAGS, "-fno-such-flag-jambatrt"))
     with pytest.warns(RuntimeWarning, match="not available.*exited"):
         assert native.gemv_int8_address() == 0
-    assert list(tmp_path.iterdir()) == []
+    assert list(lib_dir.iterdir()) == []
     monkeypatch.setattr(native, "_FLAGS", native._FLAGS[:-1])
     monkeypatch.setattr(native, "_state", {})
     key_path = native._build(native._compiler())     # a good build, then corrupted in place

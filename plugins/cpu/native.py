@@ -31,12 +31,12 @@ _FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instructio
 # the kernels, fastest first: name -> (symbol, the CPU features it needs, as llvmlite names them)
 VARIANTS = {"avx512vnni": ("jt_gemv_int8", ("avx512f", "avx512bw", "avx512vl", "avx512vnni")),
             "avx2": ("jt_gemv_int8_avx2", ("avx2",))}
-_state: dict[str, object] = {}
+_state: dict = {}      # variant -> address, "lib" -> the loaded library, ("warned", value)
 
 
 @functools.cache
 def runnable_variants() -> tuple[str, ...]:
-    """The kernels of gemv_int8.c this CPU can run, fastest first (asked of LLVM once: ~100 us a time)."""
+    """The kernels of gemv_int8.c this CPU can run, fastest first (asked of LLVM once: ~350 us a time)."""
     from llvmlite import binding
     features = binding.get_host_cpu_features()
     return tuple(v for v, (_, needs) in VARIANTS.items() if all(features.get(f, False) for f in needs))
@@ -87,6 +87,10 @@ def gemv_int8_address(variant: str | None = None) -> int:
     choice = os.environ.get("JAMBATRT_NATIVE", "1")
     if variant is None and choice == "0":
         return 0
+    if choice not in ("1", *VARIANTS) and not _state.get(("warned", choice)):
+        _state[("warned", choice)] = True
+        warnings.warn(f"jambatrt: JAMBATRT_NATIVE={choice!r} is not one of 0, 1, {', '.join(VARIANTS)}; "
+                      "using 1 (the best kernel this CPU runs)", RuntimeWarning, stacklevel=2)
     runnable = runnable_variants()
     variant = variant or (choice if choice in VARIANTS else (runnable[0] if runnable else None))
     if variant not in runnable:
