@@ -10,10 +10,10 @@ and ~2x faster than ONNX Runtime's QMoE (bench/kernels.json). Per expert and tok
 - `linear_int8` (plugins/cpu/linear_int8.py) for large ones: its int8 GEMV for up to 4 tokens (4x
   less memory traffic than a dequantised copy), else blocks dequantised on numba's threads + GEMM.
 A float32 decode step (one token, or a few tokens of small experts) runs whole in one numba call
-(`_moe_few_tokens`) after the routing, on linear_int8's GEMV (AVX512-VNNI where the CPU has it): the
-~25 small torch calls of the general path cost ~300 us at the bench preset's sizes, against ~20 us of
-arithmetic, and the row gathers and dispatches between them 0.87-0.91x the decode step at H 1024,
-I 2816, 8 experts top-2 (issue 18). With several tokens it would read a large expert once per token
+(`_moe_few_tokens`) after the routing, on linear_int8's GEMV (native where the CPU has AVX512-VNNI or
+AVX2): the ~25 small torch calls of the general path cost ~300 us at the bench preset's sizes, against
+~20 us of arithmetic, and skipping them and the row gathers between them made the decode step 0.87-0.91x
+as long at H 1024, I 2816, 8 experts top-2 (issue 18). With several tokens it would read a large expert once per token
 routed to it, so a few tokens of large experts take the general path.
 bfloat16 activations (torch path) take the general path, which rounds the SwiGLU activations to
 bfloat16."""
@@ -41,7 +41,7 @@ def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y, nat
     """Every (token, slot) of a few tokens: x [T,H] float32; experts [T,k] int64 (global ids) and
     weights [T,k] float32 from routing_weights; w13 [G,2I,H], w2 [G,H,I] int8 with scales [G,2I],
     [G,H] for experts expert_offset..+G-1; y [T,H] float32 zeros -> y += weight * expert(x), the
-    experts added in slot order. Each matrix product is linear_int8's GEMV (`native`: its AVX512-VNNI
+    experts added in slot order. Each matrix product is linear_int8's GEMV (`native`: its native
     kernel's address, or 0), on both threads for matrices of >= _SERIAL_MAX_WEIGHTS; a chosen expert is
     read once per token routed to it."""
     T, k = experts.shape
@@ -61,6 +61,16 @@ def _moe_few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset, y, nat
             wt = weights[t, j]
             for c in range(H):
                 y[t, c] += o[0, c] * wt
+
+
+def _few_tokens(x, experts, weights, w13, s13, w2, s2, expert_offset) -> np.ndarray:
+    """`_moe_few_tokens` from Python: x and the int8 weights and fp32 scales as C-contiguous arrays, the
+    routing (experts, weights) as routing_weights returns it; returns y [T,H] float32."""
+    y = np.zeros(x.shape, np.float32)
+    numba.get_num_threads()                 # starts numba's threads (gemv_int8_into's precondition)
+    _moe_few_tokens(x, experts.numpy(), weights.contiguous().numpy(), w13, s13, w2, s2, expert_offset, y,
+                    gemv_int8_address())
+    return y
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, compute: str = "float32") -> torch.Tensor:
@@ -105,12 +115,9 @@ def moe_int8_torch(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tens
     weights, experts = routing_weights(router_logits, top_k)        # [T,k] fp32, [T,k]: the ref's own
     small = w13[0].numel() < _INT8_PATH_MIN_WEIGHTS and w2[0].numel() < _INT8_PATH_MIN_WEIGHTS
     if x.dtype == torch.float32 and (T == 1 or (T <= _FEW_TOKENS and small)):
-        y = np.zeros((T, H), np.float32)
-        numba.get_num_threads()                 # starts numba's threads (gemv_int8_into's precondition)
-        _moe_few_tokens(x.contiguous().numpy(), experts.numpy(), weights.contiguous().numpy(), w13.contiguous().numpy(),
-                        w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(),
-                        w2_scale.float().contiguous().numpy(), expert_offset, y, gemv_int8_address())
-        return torch.from_numpy(y)
+        return torch.from_numpy(_few_tokens(x.contiguous().numpy(), experts, weights, w13.contiguous().numpy(),
+                                            w13_scale.float().contiguous().numpy(), w2.contiguous().numpy(),
+                                            w2_scale.float().contiguous().numpy(), expert_offset))
     flat = experts.reshape(-1)
     order = torch.argsort(flat, stable=True)                        # (token, slot) pairs grouped by expert
     counts = torch.bincount(flat, minlength=E).tolist()
@@ -138,11 +145,7 @@ def moe_int8(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offse
     ~100 us a call there, a tenth of the layer's time at the peer preset's sizes."""
     if _one_token_ready(x, router_logits, w13, w13_scale, w2, w2_scale, top_k, expert_offset):
         weights, experts = routing_weights(torch.from_numpy(router_logits), int(top_k))
-        y = np.zeros(x.shape, np.float32)
-        numba.get_num_threads()                 # starts numba's threads (gemv_int8_into's precondition)
-        _moe_few_tokens(x, experts.numpy(), weights.numpy(), w13, w13_scale, w2, w2_scale, int(expert_offset), y,
-                        gemv_int8_address())
-        return y
+        return _few_tokens(x, experts, weights, w13, w13_scale, w2, w2_scale, int(expert_offset))
     f32 = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
            for a in (x, router_logits, w13_scale, w2_scale)]
     w13, w2 = (torch.from_numpy(np.ascontiguousarray(w)) for w in (w13, w2))
