@@ -74,6 +74,98 @@ def test_linear_int8_bfloat16_gemm_within_its_rounding_bound(M):
         linear_int8(x, w, scale, compute="float16")
 
 
+def _integer_gemm_or_skip():
+    from jambatrt.plugins.cpu import linear_int8 as li
+    if not li.integer_gemm():
+        pytest.skip("the integer-limb GEMM needs a CPU with AVX512-VNNI or AVX-VNNI (oneDNN's int8 GEMM "
+                    "saturates 16-bit pair sums without them) and torch._int_mm")
+    return li
+
+
+@pytest.mark.parametrize("M, N, K", [(GEMV_MAX_ROWS + 1, 300, 1037), (300, 520, 128), (77, 256, 3001)])
+def test_linear_int8_integer_gemm_within_its_fixed_point_bound(M, N, K, monkeypatch):
+    """The GEMM path on 24-bit fixed-point limbs (torch._int_mm on int8): every row of x rounded to
+    2^-23 of its max (error <= 1.008 * 2^-24 max|x_m| per element), exact integer sums, float64 scaling,
+    one float32 rounding: |y - exact| <= scale * 1.008 * 2^-24 max|x_m| sum_k |w_nk| + 2^-24 |exact|, inside
+    the float32 GEMM's own bound. x holds a 1000x outlier, a row of zeros and both signs of the row max
+    (the top limb's extremes); w holds -128. Blocks of output columns (a ragged last one) give the same
+    bits as one block; JAMBATRT_NATIVE=0 runs the dequantised float32 GEMM."""
+    li = _integer_gemm_or_skip()
+    rng = np.random.default_rng(K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[1, K // 3], x[1, K // 2], x[2] = 1000.0, -1000.0, 0.0
+    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
+    w[:, 0] = -128
+    scale = rng.random(N).astype(np.float32)
+    calls = []
+    real = li._limb_gemm
+    monkeypatch.setattr(li, "_limb_gemm", lambda *a: calls.append(1) or real(*a))
+    got = linear_int8(x, w, scale)
+    assert calls, "the integer GEMM did not run"
+    exact = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
+    top = np.abs(x).max(axis=1, keepdims=True).astype(np.float64)
+    bound = scale * 1.008 * 2.0 ** -24 * top * np.abs(w).astype(np.float64).sum(axis=1) + 2.0 ** -24 * np.abs(exact)
+    assert (np.abs(got - exact) <= bound).all()
+    assert (np.abs(got - exact) <= _dot_bound(x, w.astype(np.float32)) * scale).all()    # float32's bound
+    assert (got[2] == 0).all()
+    monkeypatch.setattr(li, "_LIMB_BLOCK_BYTES", 12 * M * 100)       # blocks of 100 columns
+    np.testing.assert_array_equal(linear_int8(x, w, scale), got)
+    monkeypatch.setenv("JAMBATRT_NATIVE", "0")
+    n = len(calls)
+    off = linear_int8(x, w, scale)
+    assert len(calls) == n and not np.array_equal(off, got)
+    assert (np.abs(off - exact) <= _dot_bound(x, w.astype(np.float32)) * scale).all()
+
+
+def test_linear_int8_integer_gemm_leaves_nan_and_inf_rows_to_the_float_path():
+    """A NaN or an infinity in x has no fixed-point form: the call runs the float32 GEMM, which
+    propagates them as the dequantised matmul does."""
+    _integer_gemm_or_skip()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((9, 300)).astype(np.float32)
+    x[3, 7], x[5, 2] = np.nan, np.inf
+    w = rng.integers(-127, 128, (260, 300), dtype=np.int8)
+    got = linear_int8(x, w, np.ones(260, np.float32))
+    assert np.isnan(got[3]).all() and not np.isfinite(got[5]).any() and np.isfinite(np.delete(got, [3, 5], 0)).all()
+
+
+def test_integer_gemm_only_where_its_sums_are_exact(monkeypatch):
+    """Without VNNI (oneDNN's AVX2/AVX-512 int8 kernels saturate 16-bit pair sums), or when torch's int8
+    GEMM disagrees with int64 arithmetic on the extreme values, the float32 GEMM runs."""
+    import jambatrt.plugins.cpu.linear_int8 as li
+    monkeypatch.setattr(li, "host_has", lambda f: False)
+    li._integer_gemm_exact.cache_clear()
+    try:
+        assert not li.integer_gemm()
+        monkeypatch.setattr(li, "host_has", lambda f: f == "avxvnni")
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.long() @ b.long()).clamp(-2 ** 15, 2 ** 15 - 1).int())
+        li._integer_gemm_exact.cache_clear()
+        assert not li.integer_gemm()                     # a saturating kernel is caught by the check
+    finally:
+        monkeypatch.undo()
+        li._integer_gemm_exact.cache_clear()
+
+
+def test_integer_gemm_engine_matches_eager(int8_artifact, monkeypatch):
+    """The int8 engine's prefill with every LinearInt8 and mixer projection on the integer GEMM (its
+    size thresholds lowered to reach the tiny preset's layers) equals the eager int8 model (F.linear on
+    the dequantised weights) within the float32 model tolerances, argmax for argmax."""
+    li = _integer_gemm_or_skip()
+    monkeypatch.setattr(li, "_LIMB_MIN_N", 1)
+    monkeypatch.setattr(li, "_LIMB_MIN_K", 1)
+    calls = []
+    real = li._limb_gemm
+    monkeypatch.setattr(li, "_limb_gemm", lambda *a: calls.append(a[1].shape) or real(*a))
+    ids = np.random.default_rng(3).integers(0, 512, (2, 150))
+    with OrtEngine.load(int8_artifact) as e:
+        got = e.prefill(ids)[0]
+        cfg = e.config
+    assert len(set(calls)) >= 5, calls                 # in/out/x/dt projections, MLP and attention layers
+    want = EagerReference(int8_artifact).prefill(ids)
+    assert_same_model_sums(got, want, cfg, 150, "prefill")
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
 def test_prefill_compute_bfloat16_engine(int8_artifact, tmp_path, monkeypatch):
     """build --backend ort --prefill-compute bfloat16: recorded in the engine entry, validated at the
     bfloat16 tolerances (compute_dtype); a decode step and a chunk of up to GEMV_MAX_ROWS rows

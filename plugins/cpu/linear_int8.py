@@ -10,9 +10,16 @@ Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GE
   31.5 against 22.3 GB/s for the numba loop, which widens the weights to float32 and accumulates in
   fp32 lanes and was compute-bound at that (AVX512-VNNI, 2 threads, 12 matrices of 16 MB, interleaved;
   reading one byte per cache line: 35.3 GB/s). Decode is bound by the bytes read, so this is where int8 pays;
-- prefill (many rows): the rows of w are dequantised a block at a time (no scale: it multiplies the
-  outputs) and multiplied by torch's fp32 GEMM, which runs at the machine's GEMM rate; a block is
-  read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K).
+- prefill (many rows), on CPUs with integer dot products (AVX512-VNNI, AVX-VNNI): each row of x
+  becomes 24-bit fixed point, three int8 limbs (x ~ xs * (65536 q0 + 256 q1 + q2)), and one integer
+  GEMM (torch._int_mm, oneDNN's VNNI kernel, 4-5x the fp32 GEMM rate here) multiplies the three
+  against the int8 weights as stored; the int32 sums are exact, and are combined in int64 and scaled
+  in float64. Error <= 1.008 * 2^-24 * max|x_m| * sum_k |w_nk| * scale_n plus one float32 rounding:
+  the float32 GEMM's own class (its bound is K * 2^-24 * sum |x w|), at 1.4-1.6x its speed (issue 18).
+  Elsewhere (no VNNI: oneDNN's int8 kernels then saturate 16-bit pair sums; NaN/inf rows;
+  JAMBATRT_NATIVE=0) the rows of w are dequantised a block at a time (no scale: it multiplies the
+  outputs) and multiplied by torch's fp32 GEMM; a block is read once per call, so the dequantisation
+  costs O(N*K) against the GEMM's O(M*N*K).
   compute="bfloat16" (the ORT engine's `--prefill-compute bfloat16`, for CPUs with AVX512-BF16 or
   AMX): the blocks are dequantised to bfloat16 (exact: an int8 has at most 8 significant bits), the
   activations rounded to bfloat16 and the GEMM run in bfloat16 with fp32 accumulation, its outputs
@@ -22,18 +29,26 @@ Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GE
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 from numba import njit, prange
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.native import call_gemv_int8, gemv_int8_address
+from jambatrt.plugins.cpu.native import call_gemv_int8, gemv_int8_address, host_has
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import session_op
 
 GEMV_MAX_ROWS = 4            # up to here the int8 dot loop; beyond, dequantised blocks + GEMM
 _GEMM_BLOCK_WEIGHTS = 1 << 21  # weights dequantised at a time for the GEMM path (8 MB of float32)
 _NATIVE_PARTS = 32            # row ranges of the native GEMV; numba gives each thread a contiguous run of them
+_LIMB_BLOCK_BYTES = 1 << 25   # the integer GEMM's int32 outputs (3 per output) held at a time
+_LIMB_TOP = 127 * 65536        # |x| max -> this fixed-point value: the top limb stays within int8
+_LIMB_MIN_N, _LIMB_MIN_K = 256, 128   # below, the float32 path: the int8 GEMM is slow on narrow outputs
+                                      # (N 96: 0.6x), and combining the limbs costs as much as a short-K GEMM
+_LIMB_MAX_K = 1 << 17          # int32 sums of K products of two int8 stay exact below this
 COMPUTES = ("float32", "bfloat16")   # the GEMM path's precision (`compute`)
 _SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs ~15-20 us, as much as it saves
                                # (idle machine, 2 cores: 512K weights 38 vs 40 us, 1M 93 vs 66 us, 4M 349 vs
@@ -129,6 +144,84 @@ def _dequant_rows_bf16(w, table, out):
             out[n, k] = table[np.int32(w[n, k]) + 128]
 
 
+@njit(cache=True, parallel=True)
+def _limbs(x, q, xs):
+    """Each row of x [M,K] float32 as 24-bit fixed point in three int8 limbs: x[m] ~ xs[m] * (65536 q[m] +
+    256 q[M+m] + q[2M+m]) (q [3M, K] int8, rounded to nearest; xs [M] float64). False, with nothing
+    promised of the outputs, when a row holds a NaN or an infinity."""
+    M, K = x.shape
+    bad = np.zeros(M, np.bool_)
+    for m in prange(M):
+        top = 0.0
+        for k in range(K):
+            a = abs(np.float64(x[m, k]))
+            if not a <= 3.5e38:
+                bad[m] = True
+            top = max(top, a)
+        xs[m] = top / _LIMB_TOP
+        inv = _LIMB_TOP / top if top > 0.0 and not bad[m] else 0.0
+        for k in range(K):
+            v = np.int64(np.rint(np.float64(x[m, k]) * inv))
+            lo = ((v + 128) & 255) - 128
+            v = (v - lo) >> 8
+            mid = ((v + 128) & 255) - 128
+            q[2 * M + m, k] = lo
+            q[M + m, k] = mid
+            q[m, k] = (v - mid) >> 8
+    return not bad.any()
+
+
+@njit(cache=True, parallel=True)
+def _combine_limbs(y, xs, scale, out, c0):
+    """out[m, c0 + j] = xs[m] * scale[c0 + j] * (65536 y[m, j] + 256 y[M+m, j] + y[2M+m, j]): the integer
+    GEMM's exact int32 sums of the three limbs (y [3M, n]) combined in int64, scaled in float64."""
+    M = xs.shape[0]
+    n = y.shape[1]
+    for m in prange(M):
+        for j in range(n):
+            v = np.int64(y[m, j]) * 65536 + np.int64(y[M + m, j]) * 256 + np.int64(y[2 * M + m, j])
+            out[m, c0 + j] = np.float32(np.float64(v) * xs[m] * np.float64(scale[c0 + j]))
+
+
+def _limb_gemm(x: np.ndarray, w: np.ndarray, scale: np.ndarray, out: np.ndarray) -> bool:
+    """out = (x @ w.T) * scale through the integer GEMM on x's 24-bit fixed-point limbs (see the module
+    docstring); x [M,K], out [M,N] float32 and scale C-contiguous. False (out untouched) for a NaN/inf row."""
+    M, K = x.shape
+    N = w.shape[0]
+    q = np.empty((3 * M, K), np.int8)
+    xs = np.empty(M, np.float64)
+    if not _limbs(x, q, xs):
+        return False
+    qt, wt = torch.from_numpy(q), torch.from_numpy(w)
+    step = max(16, min(N, _LIMB_BLOCK_BYTES // (12 * M)))
+    for c in range(0, N, step):
+        y = torch._int_mm(qt, wt[c:c + step].t())          # [3M, n] int32, exact (VNNI: no saturation)
+        _combine_limbs(y.numpy(), xs, scale, out, c)
+    return True
+
+
+@functools.cache
+def _integer_gemm_exact() -> bool:
+    """Whether this CPU has integer dot products without saturation (AVX512-VNNI or AVX-VNNI, as LLVM
+    reads the host) and torch's int8 GEMM is exact on it for the extreme limb values (checked once)."""
+    if not (host_has("avx512vnni") or host_has("avxvnni")) or not hasattr(torch, "_int_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (48, 1100), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (40, 1100), dtype=torch.int8, generator=g)
+    a[:, ::2], b[:, ::3] = -128, 127                          # the largest products, runs of them
+    try:
+        got = torch._int_mm(a, b.t())
+    except RuntimeError:
+        return False
+    return bool(torch.equal(got.long(), a.long() @ b.long().t()))
+
+
+def integer_gemm() -> bool:
+    """Whether linear_int8's GEMM path runs on integer limbs here (JAMBATRT_NATIVE=0 turns it off)."""
+    return os.environ.get("JAMBATRT_NATIVE", "1") != "0" and _integer_gemm_exact()
+
+
 def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = "float32") -> np.ndarray:
     """x [..., K] float32; w [N,K] int8; scale [N] float32 -> y [..., N] float32 (a new array).
     compute: the precision of the GEMM path (more than GEMV_MAX_ROWS rows), one of COMPUTES."""
@@ -144,6 +237,9 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = 
     out = np.empty((M, N), np.float32)
     if M <= GEMV_MAX_ROWS:
         (_gemv_int8_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_int8)(x2, w, s, out, gemv_int8_address())
+    elif compute == "float32" and _LIMB_MIN_N <= N and _LIMB_MIN_K <= K < _LIMB_MAX_K and integer_gemm() \
+            and _limb_gemm(x2, w, s, out):
+        pass
     else:
         step = max(1, min(N, _GEMM_BLOCK_WEIGHTS // K))
         xt, ot = torch.from_numpy(x2), torch.from_numpy(out)

@@ -8,7 +8,8 @@ and ~2x faster than ONNX Runtime's QMoE (bench/kernels.json). Per expert and tok
 - dequantise the int8 matrix to float32 (no scale: scales multiply the outputs) and run a GEMM: for
   small matrices (under ~1M weights) at any group size;
 - `linear_int8` (plugins/cpu/linear_int8.py) for large ones: its int8 GEMV for up to 4 tokens (4x
-  less memory traffic than a dequantised copy), else blocks dequantised on numba's threads + GEMM.
+  less memory traffic than a dequantised copy), else its integer GEMM on VNNI CPUs (float32-class
+  error, 1.3-2.3x the float32 GEMM's speed at these sizes) or dequantised blocks + float32 GEMM.
 A float32 decode step (one token, or a few tokens of small experts) runs whole in one numba call
 (`_moe_few_tokens`) after the routing, on linear_int8's GEMV (native where the CPU has AVX512-VNNI or
 AVX2): the ~25 small torch calls of the general path cost ~300 us at the bench preset's sizes, against
@@ -77,9 +78,9 @@ def _linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, compute: str 
     """x [n,H] float32 @ (int8 w [O,H]).T, then * scale [O] per output channel -> [n,O] float32.
     compute: linear_int8's GEMM precision for large experts (small ones stay float32)."""
     if w.numel() >= _INT8_PATH_MIN_WEIGHTS:
-        # the --weights-int8 kernel: a GEMV on the int8 weights for a few rows, else blocks dequantised on
-        # numba's threads into one reused buffer + torch's GEMM (w.float() is one thread and a fresh array):
-        # 0.89x the MoE layer's time at T 512, H 1024, I 2816, 8 experts top-2
+        # the --weights-int8 kernel: a GEMV on the int8 weights for a few rows, else its integer GEMM or
+        # blocks dequantised on numba's threads into one reused buffer + torch's GEMM (w.float() is one
+        # thread and a fresh array)
         return torch.from_numpy(linear_int8(x.contiguous().numpy(), w.contiguous().numpy(),
                                             scale.contiguous().numpy(), compute))
     return F.linear(x, w.float()) * scale

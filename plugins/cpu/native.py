@@ -6,7 +6,7 @@ else cc/gcc), loads it, and returns the address of the kernel this CPU runs best
 (`call_gemv_int8`: the address is an argument, not a constant, so numba's on-disk cache of the callers
 stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU has
 neither instruction set, no compiler is found or the compile fails (one warning says why), or
-JAMBATRT_NATIVE=0. The shared object goes to `__pycache__/` beside the source, or to
+JAMBATRT_NATIVE=0 (which also turns off linear_int8's integer GEMM). The shared object goes to `__pycache__/` beside the source, or to
 ~/.cache/jambatrt when that is not writable, written under a temporary name and renamed: a concurrent
 or interrupted build never leaves a half-written library to be loaded."""
 
@@ -37,9 +37,18 @@ _state: dict = {}      # variant -> address, "lib" -> the loaded library, ("warn
 @functools.cache
 def runnable_variants() -> tuple[str, ...]:
     """The kernels of gemv_int8.c this CPU can run, fastest first (asked of LLVM once: ~350 us a time)."""
+    return tuple(v for v, (_, needs) in VARIANTS.items() if all(host_has(f) for f in needs))
+
+
+def host_has(feature: str) -> bool:
+    """Whether this CPU has `feature` (an LLVM feature name: "avx512vnni", "avxvnni", ...)."""
+    return _host_features().get(feature, False)
+
+
+@functools.cache
+def _host_features() -> dict:
     from llvmlite import binding
-    features = binding.get_host_cpu_features()
-    return tuple(v for v, (_, needs) in VARIANTS.items() if all(features.get(f, False) for f in needs))
+    return dict(binding.get_host_cpu_features())
 
 
 def _compiler() -> str | None:
