@@ -583,8 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ort only: our memory-flat attention kernel (default) or com.microsoft::GroupQueryAttention")
     b.add_argument("--prefill-compute", default=None, choices=["float32", "bfloat16"],
                    help="ort only, --weights-int8 artifacts: the int8 kernels' GEMMs over prefill chunks in float32 "
-                        "(default) or bfloat16 (CPUs with AVX512-BF16 or AMX: ~2.8x their rate, ~2^-8 relative error; "
-                        "validate then uses the bfloat16 tolerances); decode stays float32")
+                        "(default; on CPUs with VNNI an exact integer GEMM on 24-bit fixed-point activations, float32's "
+                        "error class) or bfloat16 (CPUs with AVX512-BF16 or AMX: ~1.2x faster again, ~2^-8 relative "
+                        "error; validate then uses the bfloat16 tolerances); decode stays float32")
     b.add_argument("--max-batch", type=COUNT, default=None, help="tensorrt, aoti: largest batch (default 4)")
     b.add_argument("--max-seq", type=TOKENS, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=TOKENS, default=None,

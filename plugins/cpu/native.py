@@ -6,9 +6,10 @@ else cc/gcc), loads it, and returns the address of the kernel this CPU runs best
 (`call_gemv_int8`: the address is an argument, not a constant, so numba's on-disk cache of the callers
 stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU has
 neither instruction set, no compiler is found or the compile fails (one warning says why), or
-JAMBATRT_NATIVE=0 (which also turns off linear_int8's integer GEMM). The shared object goes to `__pycache__/` beside the source, or to
-~/.cache/jambatrt when that is not writable, written under a temporary name and renamed: a concurrent
-or interrupted build never leaves a half-written library to be loaded."""
+JAMBATRT_NATIVE=0 (which also turns off linear_int8's integer GEMM). The shared object goes to
+`__pycache__/` beside the source, or to ~/.cache/jambatrt when that is not writable, written under a
+temporary name and renamed: a concurrent or interrupted build never leaves a half-written library to
+be loaded."""
 
 from __future__ import annotations
 
