@@ -81,6 +81,14 @@ def build_schema(name: str) -> defs.OpSchema:
     return schema
 
 
+def _infer_linear(ctx) -> None:
+    """y [..., N] of x [..., K] and w [N, K] (the lowered linear layers)."""
+    tx, tw = ctx.get_input_type(0), ctx.get_input_type(1)
+    dx, dw = _dims(tx), _dims(tw)
+    n = dw[0] if dw else None
+    ctx.set_output_type(0, _tensor_type(tx.tensor_type.elem_type, None if dx is None else [*dx[:-1], n]))
+
+
 def _linear_int8_schema() -> defs.OpSchema:
     """jamba::LinearInt8(x [..., K], w [N,K] int8, scale [N] fp32) -> y [..., N]: not an exported op but
     the ORT pass list's lowering of --weights-int8 linear layers (graph/passes/lower_linear_int8.py)."""
@@ -90,13 +98,19 @@ def _linear_int8_schema() -> defs.OpSchema:
                            outputs=[P("y", "T")],
                            type_constraints=[("T", FLOAT_T, "activations")])
 
-    def infer(ctx) -> None:
-        tx, tw = ctx.get_input_type(0), ctx.get_input_type(1)
-        dx, dw = _dims(tx), _dims(tw)
-        n = dw[0] if dw else None
-        ctx.set_output_type(0, _tensor_type(tx.tensor_type.elem_type, None if dx is None else [*dx[:-1], n]))
+    schema.set_type_and_shape_inference_function(_infer_linear)
+    return schema
 
-    schema.set_type_and_shape_inference_function(infer)
+
+def _linear_f32_schema() -> defs.OpSchema:
+    """jamba::LinearF32(x [..., K], w [N,K] fp32) -> y [..., N] = x @ w^T: the ORT pass list's lowering of
+    float32 linear layers (graph/passes/lower_linear_f32.py)."""
+    P = defs.OpSchema.FormalParameter
+    schema = defs.OpSchema("LinearF32", DOMAIN, DOMAIN_VERSION, doc="x @ w^T, w [N, K] as stored",
+                           inputs=[P("x", "T"), P("w", "T")], outputs=[P("y", "T")],
+                           type_constraints=[("T", FLOAT_T, "activations and weights")])
+
+    schema.set_type_and_shape_inference_function(_infer_linear)
     return schema
 
 
@@ -125,11 +139,13 @@ def _mamba_mixer_int8_schema() -> defs.OpSchema:
 
 
 def register_schemas() -> None:
-    """Idempotent: registers every jamba op schema with onnx.defs (and the ORT lowering's LinearInt8)."""
+    """Idempotent: registers every jamba op schema with onnx.defs (and the ORT lowerings' own ops)."""
     for name, spec in SPECS.items():
         if not defs.has(spec.onnx_op_type, DOMAIN):
             defs.register_schema(build_schema(name))
     if not defs.has("LinearInt8", DOMAIN):
         defs.register_schema(_linear_int8_schema())
+    if not defs.has("LinearF32", DOMAIN):
+        defs.register_schema(_linear_f32_schema())
     if not defs.has("MambaMixerInt8", DOMAIN):
         defs.register_schema(_mamba_mixer_int8_schema())

@@ -184,6 +184,20 @@ def _linear_int8_case(mapped: bool):
     return case
 
 
+def _linear_f32_case(mapped: bool):
+    def case(g, bind):
+        from conftest import assert_sums_close
+        x = _randn(g, 3, 1037)                       # K % 16 != 0: the GEMV's masked tail
+        w = _randn(g, 45, 1037)
+        x64, w64 = x.double().numpy(), w.double().numpy()
+
+        def check(out):
+            assert_sums_close(out[0], x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, n_terms=1037, what="LinearF32")
+        x, w = x.numpy(), w.numpy()
+        return ([x], {"weights": bind((w,))}, check) if mapped else ([x, w], {}, check)
+    return case
+
+
 def _moe_int8_mapped_case(g, bind):
     from jambatrt.export.ops import reference
     args = make("moe_int8", "expert_group")
@@ -255,6 +269,8 @@ def _mamba_mixer_case(mapped: bool):
 SESSION_ROWS = {
     "LinearInt8": _linear_int8_case(mapped=False),
     "LinearInt8Mapped": _linear_int8_case(mapped=True),
+    "LinearF32": _linear_f32_case(mapped=False),
+    "LinearF32Mapped": _linear_f32_case(mapped=True),
     "MoEInt8Mapped": _moe_int8_mapped_case,
     "CausalAttentionCached": _attention_cached_case,
     "MambaMixerInt8": _mamba_mixer_case(mapped=False),

@@ -122,17 +122,20 @@ def test_decode_after_prefill_equals_longer_prefill(engine):
 
 
 def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):
-    """The default session runs MoE as MoEInt8Mapped (expert weights mapped from the engine's data
-    file, not copied in on every call); a session of the engine file as written gives the same
-    logits and state bit for bit (decode: to fp32 rounding, see below), and closing an engine releases
-    its mapped weights."""
+    """The default session runs MoE as MoEInt8Mapped and the float linear layers as LinearF32Mapped
+    (weights mapped from the engine's data file, not copied in on every call); a session of the engine
+    file as written gives the same logits and state bit for bit (decode: to fp32 rounding, see below),
+    and closing an engine releases its mapped weights."""
     from jambatrt.plugins.cpu import ort_ops
     cfg = engine.config
     n_moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
     n_attn = sum(cfg.is_attention(i) for i in range(cfg.num_hidden_layers))
+    n_linear = 4 * cfg.num_mamba_layers + 4 * cfg.num_attention_layers + 3 * cfg.num_dense_layers + 1
     weights = [ort_ops.bound(k) for k in engine.bound if isinstance(ort_ops.bound(k), tuple)]
-    assert len(weights) == n_moe and len(engine.bound) == n_moe + n_attn      # + one in-place KV cache per attention
-    w13 = weights[0][0]
+    moe = [w for w in weights if len(w) == 4]
+    assert len(moe) == n_moe and len(weights) == n_moe + n_linear
+    assert len(engine.bound) == n_moe + n_linear + n_attn      # + one in-place KV cache per attention
+    w13 = moe[0][0]
     assert w13.dtype == np.int8 and w13.ndim == 3 and not w13.flags.owndata      # a view of the mapped file
     ids = _ids(2, 33, seed=5)
     with OrtEngine.load(tiny_artifact, verify=False) as mapped:

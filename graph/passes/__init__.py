@@ -17,6 +17,7 @@ from jambatrt.graph.passes.fuse_rms_norm import fuse_rms_norm
 from jambatrt.graph.passes.infer_shapes import infer_shapes
 from jambatrt.graph.passes.lower_attention_gqa import lower_attention_gqa
 from jambatrt.graph.passes.lower_conv_native import lower_conv_native
+from jambatrt.graph.passes.lower_linear_f32 import lower_linear_f32
 from jambatrt.graph.passes.lower_linear_int8 import lower_linear_int8
 from jambatrt.graph.passes.lower_moe_grouped import lower_moe_grouped
 from jambatrt.graph.passes.materialize_optional_inputs import materialize_optional_inputs
@@ -56,10 +57,11 @@ def ort_passes(settings: PassSettings) -> list[Pass]:
     passes.append(materialize_optional_inputs)
     if settings.conv == "native":
         passes.append(lower_conv_native)
+    # float32 linear layers on our GEMV, their weights mapped as stored (not transposed into a copy);
     # --weights-int8 artifacts: int8 weights read as int8 by our kernel, not dequantised per call;
     # RMSNorms in the form ONNX Runtime fuses into one kernel each; then each int8 Mamba mixer one node
     # (a fused dense MLP was measured too: 0.99x the decode step, not worth its code)
-    passes += [lower_linear_int8, fuse_rms_norm, fuse_mamba_mixer]
+    passes += [lower_linear_f32, lower_linear_int8, fuse_rms_norm, fuse_mamba_mixer]
     if settings.slice_logits:
         passes.append(slice_logits)
     return passes + [infer_shapes, check_memory_flat]

@@ -11,6 +11,7 @@ from onnx import helper, numpy_helper
 from jambatrt.export.ops import DOMAIN
 
 LINEAR_INT8 = "LinearInt8"      # lower_linear_int8.py's op
+LINEAR_F32 = "LinearF32"        # lower_linear_f32.py's op
 
 
 class NodeBuilder:

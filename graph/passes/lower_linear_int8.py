@@ -29,25 +29,21 @@ import onnx
 from onnx import helper
 
 from jambatrt.graph.passes._build import LINEAR_INT8 as OP_TYPE
-from jambatrt.graph.passes._build import drop_unused_initializers
+from jambatrt.graph.passes._build import GraphIndex, drop_unused_initializers, splice
 
 
 def lower_linear_int8(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    ix = GraphIndex(g)
 
     def only(name: str, op_type: str):
-        c = consumers.get(name, [])
+        c = ix.consumers.get(name, [])
         return c[0] if len(c) == 1 and c[0].op_type == op_type and c[0].domain == "" else None
 
-    drop, replace = set(), {}
+    fusions = []
     for cast in g.node:
         w = cast.input[0] if cast.op_type == "Cast" and cast.input else None
-        if w not in inits or inits[w].data_type != onnx.TensorProto.INT8 or len(inits[w].dims) != 2:
+        if w not in ix.inits or ix.inits[w].data_type != onnx.TensorProto.INT8 or len(ix.inits[w].dims) != 2:
             continue
         tr = only(cast.output[0], "Transpose")
         if tr is None or [a.ints for a in tr.attribute if a.name == "perm"] not in ([], [[1, 0]]):
@@ -57,15 +53,11 @@ def lower_linear_int8(model: onnx.ModelProto, settings) -> onnx.ModelProto:
             continue
         mul = only(mm.output[0], "Mul")
         scale = mul.input[1] if mul is not None and mul.input[0] == mm.output[0] else None
-        if scale not in inits or list(inits[scale].dims) != [inits[w].dims[0]]:
+        if scale not in ix.inits or list(ix.inits[scale].dims) != [ix.inits[w].dims[0]]:
             continue
-        drop.update(id(n) for n in (cast, tr, mm))
-        replace[id(mul)] = helper.make_node(OP_TYPE, [mm.input[0], w, scale], [mul.output[0]],
-                                            name=f"{mul.name or mm.name}/linear_int8", domain="jamba")
-    if not replace:
-        return model
-    nodes = [replace.get(id(n), n) for n in g.node if id(n) not in drop]
-    del g.node[:]
-    g.node.extend(nodes)
-    drop_unused_initializers(g, set())
+        fusions.append((helper.make_node(OP_TYPE, [mm.input[0], w, scale], [mul.output[0]],
+                                         name=f"{mul.name or mm.name}/linear_int8", domain="jamba"), [cast, tr, mm, mul]))
+    if fusions:
+        splice(g, fusions)
+        drop_unused_initializers(g, set())
     return model

@@ -18,11 +18,11 @@ import onnx
 from onnx import TensorProto, helper
 
 from jambatrt.errors import ArtifactError
-from jambatrt.graph.passes._build import LINEAR_INT8, NodeBuilder
+from jambatrt.graph.passes._build import LINEAR_F32, LINEAR_INT8, NodeBuilder
 
 LOGITS = "logits"
 POSITIONS = "logits_positions"
-_LINEAR = {("", "MatMul"), ("jamba", LINEAR_INT8)}
+_LINEAR = {("", "MatMul"), ("jamba", LINEAR_INT8), ("jamba", LINEAR_F32)}
 
 
 def slice_logits(model: onnx.ModelProto, settings) -> onnx.ModelProto:
@@ -33,7 +33,7 @@ def slice_logits(model: onnx.ModelProto, settings) -> onnx.ModelProto:
     head = g.node[at] if at is not None else None
     if head is None or (head.domain, head.op_type) not in _LINEAR:
         found = "none" if head is None else f"{head.domain or 'ai.onnx'}::{head.op_type}"
-        raise ArtifactError(f"slice_logits: `{LOGITS}` must come from a linear layer (MatMul or jamba::{LINEAR_INT8}); "
+        raise ArtifactError(f"slice_logits: `{LOGITS}` must come from a linear layer (MatMul, jamba::{LINEAR_F32} or jamba::{LINEAR_INT8}); "
                             f"its producer is {found}")
     b = NodeBuilder(g, "slice_logits")
     g.input.append(helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, [1]))

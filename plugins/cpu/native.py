@@ -32,13 +32,17 @@ _FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instructio
 # the kernels, fastest first: name -> (symbol, the CPU features it needs, as llvmlite names them)
 VARIANTS = {"avx512vnni": ("jt_gemv_int8", ("avx512f", "avx512bw", "avx512vl", "avx512vnni")),
             "avx2": ("jt_gemv_int8_avx2", ("avx2",))}
-_state: dict = {}      # variant -> address, "lib" -> the loaded library, ("warned", value)
+F32_VARIANTS = {"avx512": ("jt_gemv_f32", ("avx512f",)),          # the float32 GEMV (linear_f32.py)
+                "avx2": ("jt_gemv_f32_avx2", ("avx2", "fma"))}
+_TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS}
+_state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
 
 
 @functools.cache
-def runnable_variants() -> tuple[str, ...]:
-    """The kernels of gemv_int8.c this CPU can run, fastest first (asked of LLVM once: ~350 us a time)."""
-    return tuple(v for v, (_, needs) in VARIANTS.items() if all(host_has(f) for f in needs))
+def runnable_variants(table: str = "int8") -> tuple[str, ...]:
+    """The kernels of gemv_int8.c this CPU can run (`table`: "int8", VARIANTS, or "f32", F32_VARIANTS),
+    fastest first (LLVM is asked for the CPU's features once: ~350 us a time)."""
+    return tuple(v for v, (_, needs) in _TABLES[table].items() if all(host_has(f) for f in needs))
 
 
 def host_has(feature: str) -> bool:
@@ -92,38 +96,51 @@ def _build(cc: str, fresh: bool = False) -> Path:
 
 
 def gemv_int8_address(variant: str | None = None) -> int:
-    """The address of gemv_int8.c's kernel for this CPU (`variant`: that one of VARIANTS, if this CPU runs it),
-    or 0 where none can run (see the module docstring). JAMBATRT_NATIVE=0 turns them off, =avx2 picks that one."""
+    """The address of gemv_int8.c's int8 kernel for this CPU (`variant`: that one of VARIANTS, if this CPU runs
+    it), or 0 where none can run (see the module docstring). JAMBATRT_NATIVE=0 turns them off, =avx2 picks that one."""
+    return _address("int8", variant)
+
+
+def gemv_f32_address(variant: str | None = None) -> int:
+    """The address of gemv_int8.c's float32 kernel for this CPU (`variant`: one of F32_VARIANTS), or 0 (as
+    gemv_int8_address; JAMBATRT_NATIVE=avx2 picks the AVX2 kernel here too)."""
+    return _address("f32", variant)
+
+
+def _address(table: str, variant: str | None) -> int:
     choice = os.environ.get("JAMBATRT_NATIVE", "1")
     if variant is None and choice == "0":
         return 0
     if choice not in ("1", *VARIANTS) and not _state.get(("warned", choice)):
         _state[("warned", choice)] = True
         warnings.warn(f"jambatrt: JAMBATRT_NATIVE={choice!r} is not one of 0, 1, {', '.join(VARIANTS)}; "
-                      "using 1 (the best kernel this CPU runs)", RuntimeWarning, stacklevel=2)
-    runnable = runnable_variants()
-    variant = variant or (choice if choice in VARIANTS else (runnable[0] if runnable else None))
+                      "using 1 (the best kernel this CPU runs)", RuntimeWarning, stacklevel=3)
+    runnable = runnable_variants(table)
+    variant = variant or (choice if choice in _TABLES[table] else (runnable[0] if runnable else None))
     if variant not in runnable:
         return 0                                     # the numba loop is this CPU's kernel: nothing to warn about
-    if variant in _state:
-        return _state[variant]
+    if (table, variant) in _state:
+        return _state[table, variant]
     address, why = 0, None
     if (cc := _compiler()) is None:
         why = "no C compiler (set CC)"
     else:
         try:
-            try:
-                lib = ctypes.CDLL(str(_build(cc)))
-            except OSError:                          # a cached library that does not load: build it again
-                lib = ctypes.CDLL(str(_build(cc, fresh=True)))
-            _state["lib"] = lib                      # keep it loaded
-            address = ctypes.cast(getattr(lib, VARIANTS[variant][0]), ctypes.c_void_p).value or 0
+            if "lib" not in _state:
+                try:
+                    _state["lib"] = ctypes.CDLL(str(_build(cc)))     # kept loaded
+                except OSError:                      # a cached library that does not load: build it again
+                    _state["lib"] = ctypes.CDLL(str(_build(cc, fresh=True)))
+            symbol = _TABLES[table][variant][0]
+            address = ctypes.cast(getattr(_state["lib"], symbol), ctypes.c_void_p).value or 0
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             why = str(exc)
     if why:
-        warnings.warn(f"jambatrt: the native int8 GEMV ({variant}) is not available ({why}); decode uses the "
-                      "numba kernel (~0.7x its speed on AVX512-VNNI)", RuntimeWarning, stacklevel=2)
-    _state[variant] = address
+        what = "int8 GEMV" if table == "int8" else "float32 GEMV"
+        warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses the "
+                      "numba kernel" + (" (~0.7x its speed on AVX512-VNNI)" if table == "int8" else ""),
+                      RuntimeWarning, stacklevel=3)
+    _state[table, variant] = address
     return address
 
 
@@ -150,3 +167,25 @@ def call_gemv_int8(typingctx, address, xh, xl, xs, Kp, w, scale, n0, n1, out):
         builder.call(fn, [ptr[0], ptr[1], ptr[2], M, kp, ptr[3], K, ptr[4], a0, a1, ptr[5], ldo])
         return context.get_dummy_value()
     return types.void(address, xh, xl, xs, Kp, w, scale, n0, n1, out), codegen
+
+
+@intrinsic
+def call_gemv_f32(typingctx, address, x, w, n0, n1, out):
+    """jt_gemv_f32(x, M, K, w, n0, n1, out, ldo) at `address`, from numba code: x [M, K], w [N, K], out
+    [M, ldo] float32, C-contiguous."""
+    def codegen(context, builder, sig, args):
+        addr, ax, aw, a0, a1, aout = args
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+        addr, a0, a1 = (context.cast(builder, v, t, types.int64) for v, t in
+                        ((addr, sig.args[0]), (a0, sig.args[3]), (a1, sig.args[4])))
+        xa, wa, oa = (context.make_array(t)(context, builder, v) for t, v in
+                      zip((sig.args[1], sig.args[2], sig.args[5]), (ax, aw, aout)))
+        M = builder.extract_value(xa.shape, 0)
+        K = builder.extract_value(xa.shape, 1)
+        ldo = builder.extract_value(oa.shape, 1)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i64, i64, i8p, i64, i64, i8p, i64])
+        fn = builder.inttoptr(addr, fnty.as_pointer())
+        builder.call(fn, [builder.bitcast(xa.data, i8p), M, K, builder.bitcast(wa.data, i8p), a0, a1,
+                          builder.bitcast(oa.data, i8p), ldo])
+        return context.get_dummy_value()
+    return types.void(address, x, w, n0, n1, out), codegen
