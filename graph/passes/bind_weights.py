@@ -1,6 +1,7 @@
 """Bind layers' weights outside the graph: every MoEInt8 node whose four weights (w13, w13_scale,
-w2, w2_scale) are initializers, every LinearInt8 node (--weights-int8) whose weight and scale are, every LinearF32 whose weight is,
-and every fused MambaMixerInt8 whose eight int8 weights and scales are, becomes the op type `mapped` names for it, with its activation inputs, its attributes and
+w2, w2_scale) are initializers, every LinearInt8 node (--weights-int8) whose weight and scale are,
+every LinearF32 whose weight is, and every fused MambaMixerInt8 whose eight int8 weights and scales
+are, becomes the op type `mapped` names for it, with its activation inputs, its attributes and
 `weights=<key>`, where `bind(node, [its weight TensorProtos])` returns the key the op's body finds
 the weights by; those initializers leave the graph (so ONNX Runtime never loads them).
 

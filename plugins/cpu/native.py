@@ -136,9 +136,9 @@ def _address(table: str, variant: str | None) -> int:
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             why = str(exc)
     if why:
-        what = "int8 GEMV" if table == "int8" else "float32 GEMV"
-        warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses the "
-                      "numba kernel" + (" (~0.7x its speed on AVX512-VNNI)" if table == "int8" else ""),
+        what, instead = (("int8 GEMV", "the numba kernel (~0.7x its speed on AVX512-VNNI)") if table == "int8"
+                         else ("float32 GEMV", "torch's GEMV"))
+        warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses {instead}",
                       RuntimeWarning, stacklevel=3)
     _state[table, variant] = address
     return address
