@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from jambatrt.graph.passes._build import LINEAR_F32 as OP_TYPE
-from jambatrt.graph.passes._build import GraphIndex, drop_unused_initializers, splice
+from jambatrt.graph.passes._build import GraphIndex, splice
 
 
 def lower_linear_f32(model: onnx.ModelProto, settings) -> onnx.ModelProto:
@@ -37,5 +37,4 @@ def lower_linear_f32(model: onnx.ModelProto, settings) -> onnx.ModelProto:
                                       name=f"{mm.name or tr.name}/linear_f32"), [tr, mm]) for mm in users]
     if fusions:
         splice(g, fusions)
-        drop_unused_initializers(g, set())
     return model

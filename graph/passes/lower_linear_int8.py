@@ -29,7 +29,7 @@ import onnx
 from onnx import helper
 
 from jambatrt.graph.passes._build import LINEAR_INT8 as OP_TYPE
-from jambatrt.graph.passes._build import GraphIndex, drop_unused_initializers, splice
+from jambatrt.graph.passes._build import GraphIndex, splice
 
 
 def lower_linear_int8(model: onnx.ModelProto, settings) -> onnx.ModelProto:
@@ -59,5 +59,4 @@ def lower_linear_int8(model: onnx.ModelProto, settings) -> onnx.ModelProto:
                                          name=f"{mul.name or mm.name}/linear_int8", domain="jamba"), [cast, tr, mm, mul]))
     if fusions:
         splice(g, fusions)
-        drop_unused_initializers(g, set())
     return model

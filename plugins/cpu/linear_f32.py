@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 
-import numba
 import numpy as np
 import torch
 from numba import njit, prange
@@ -47,11 +46,7 @@ def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     native = gemv_f32_address() if x2.shape[0] <= GEMV_MAX_ROWS and w.flags.c_contiguous else 0
     if native:
         out = np.empty((x2.shape[0], N), np.float32)
-        if N * K < _SERIAL_MAX_WEIGHTS:
-            _gemv_f32_serial(x2, w, out, native)
-        else:
-            numba.get_num_threads()         # starts numba's threads before the first parallel call from here
-            _gemv_f32(x2, w, out, native)
+        (_gemv_f32_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_f32)(x2, w, out, native)
     elif _onednn_linear():
         out = torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x2), torch.from_numpy(w), None, "none", [None],
                                                  "").numpy()

@@ -57,20 +57,30 @@ _SERIAL_MAX_WEIGHTS = 1 << 19  # below this one thread: waking the second costs 
 
 
 @njit(inline="always")
+def _row_fixed_point(x, m, full, xs):
+    """Row m of x in fixed point whose largest |value| is `full`: sets xs[m] (the value of one unit, float64)
+    and returns the factor that takes x to units (0 for a row of zeros), or -1 when the row holds a NaN or an
+    infinity."""
+    top = 0.0
+    for k in range(x.shape[1]):
+        a = abs(np.float64(x[m, k]))
+        if not a <= 3.5e38:
+            return -1.0
+        top = max(top, a)
+    xs[m] = top / full
+    return full / top if top > 0.0 else 0.0
+
+
+@njit(inline="always")
 def _fixed_point_rows(x, xh, xl, xs):
     """Each row of x [M,K] float32 as 31-bit fixed point for gemv_int8.c: x = xs[m] * (65536 * xh + xl)
     rounded (xh, xl int16 [M, Kp], zero past K; xs float64). False, with nothing promised of the outputs,
     when a row holds a NaN or an infinity (the float32 loop then runs, and propagates them)."""
     M, K = x.shape
     for m in range(M):
-        top = 0.0
-        for k in range(K):
-            a = abs(np.float64(x[m, k]))
-            if not a <= 3.5e38:
-                return False
-            top = max(top, a)
-        xs[m] = top / 1073741824.0
-        inv = 1073741824.0 / top if top > 0.0 else 0.0
+        inv = _row_fixed_point(x, m, 1073741824.0, xs)
+        if inv < 0.0:
+            return False
         for k in range(K):
             q = np.int64(np.rint(np.float64(x[m, k]) * inv))
             hi = (q + 32768) >> 16
@@ -152,14 +162,10 @@ def _limbs(x, q, xs):
     M, K = x.shape
     bad = np.zeros(M, np.bool_)
     for m in prange(M):
-        top = 0.0
-        for k in range(K):
-            a = abs(np.float64(x[m, k]))
-            if not a <= 3.5e38:
-                bad[m] = True
-            top = max(top, a)
-        xs[m] = top / _LIMB_TOP
-        inv = _LIMB_TOP / top if top > 0.0 and not bad[m] else 0.0
+        inv = _row_fixed_point(x, m, np.float64(_LIMB_TOP), xs)
+        if inv < 0.0:
+            bad[m] = True
+            continue
         for k in range(K):
             v = np.int64(np.rint(np.float64(x[m, k]) * inv))
             lo = ((v + 128) & 255) - 128
