@@ -194,14 +194,16 @@ def cmd_build(a) -> int:
     from jambatrt.engines import engine_class
     from jambatrt.errors import InputError
 
-    if a.prefill_compute is not None and (a.backend != "ort" or a.stages is not None or a.stage_plan is not None):
-        raise InputError("--prefill-compute is a setting of the single ONNX Runtime engine (build --backend ort, "
-                         "without --stages)")
+    for flag, value in (("--prefill-compute", a.prefill_compute), ("--kv-cache", a.kv_cache)):
+        if value is not None and (a.backend != "ort" or a.stages is not None or a.stage_plan is not None):
+            raise InputError(f"{flag} is a setting of the single ONNX Runtime engine (build --backend ort, "
+                             "without --stages)")
     if a.stages is not None or a.stage_plan is not None:
         return _build_stages(a)
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
-        settings = ({"attention": a.attention, "prefill_compute": a.prefill_compute} if a.backend == "ort" else
+        settings = ({"attention": a.attention, "prefill_compute": a.prefill_compute, "kv_cache": a.kv_cache}
+                    if a.backend == "ort" else
                     {"max_batch": a.max_batch, "max_seq": a.max_seq, "prefill_chunk": a.prefill_chunk})
         if a.backend == "tensorrt":
             settings["moe"] = a.moe
@@ -242,12 +244,17 @@ def cmd_validate(a) -> int:
     from jambatrt.validate.parity import run_parity
     from jambatrt.validate.reference import make_reference
     from jambatrt.validate.report import check_report_paths, parity_plot_paths, parity_report_paths, write_parity
+    from jambatrt.errors import InputError
 
     path = Path(a.report) if a.report else Path(a.out) / "reports" / f"parity-{a.backend}-{a.reference}.json"
     check_report_paths(parity_report_paths(path), "--report")      # before the run, not after it
     engine = engine_class(a.backend).load(a.out)
     _check_run_size(engine, a.lengths, a.batch, "validate", copies=PARITY_BYTES_PER_LOGIT)
-    reference = make_reference(a.reference, a.out)
+    kv_cache = getattr(engine, "kv_cache", "float32")
+    if kv_cache != "float32" and a.reference != "eager":
+        raise InputError(f"this {a.backend} engine keeps an {kv_cache} KV cache; --reference {a.reference} attends over "
+                         "float keys and values (accepted: --reference eager, which rounds them as the cache does)")
+    reference = make_reference(a.reference, a.out, **({"kv_cache": kv_cache} if kv_cache != "float32" else {}))
     with _progress() as prog:
         task = prog.add_task("parity", total=len(a.lengths))
 
@@ -586,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default; on CPUs with VNNI an exact integer GEMM on 24-bit fixed-point activations, float32's "
                         "error class) or bfloat16 (CPUs with AVX512-BF16 or AMX: ~1.2x faster again, ~2^-8 relative "
                         "error; validate then uses the bfloat16 tolerances); decode stays float32")
+    b.add_argument("--kv-cache", default=None, choices=["float32", "int8"],
+                   help="ort only: the attention layers' KV cache in float32 (default) or int8 with a float32 scale per "
+                        "token, head and 32 channels (3.6x less memory at long context; attention reads the "
+                        "quantised keys and values, and validate compares with an eager model that rounds them "
+                        "the same way)")
     b.add_argument("--max-batch", type=COUNT, default=None, help="tensorrt, aoti: largest batch (default 4)")
     b.add_argument("--max-seq", type=TOKENS, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=TOKENS, default=None,

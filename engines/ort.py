@@ -15,6 +15,7 @@ from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.manifest import Manifest
 
 ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
+KV_CACHES = ("float32", "int8")  # the in-place KV cache's storage (KVCache)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class OrtSettings:
     # "bfloat16" on CPUs with bf16 dot products (AVX512-BF16, AMX): ~2.8x their rate, ~2^-8 relative
     # error (plugins/cpu/linear_int8.py); decode steps stay float32
     prefill_compute: str = "float32"
+    # the attention layers' in-place KV cache (attention="kernel"): "float32", or "int8" with a float32
+    # scale per token, head and 32 channels (plugins/cpu/kv_int8.py): 3.6x less memory and bytes read
+    kv_cache: str = "float32"
 
     @classmethod
     def from_kwargs(cls, **kw) -> "OrtSettings":
@@ -35,6 +39,11 @@ class OrtSettings:
             raise InputError(f"attention={s.attention!r} (accepted: kernel, gqa)")
         if s.prefill_compute not in COMPUTES:
             raise InputError(f"prefill_compute={s.prefill_compute!r} (accepted: {', '.join(COMPUTES)})")
+        if s.kv_cache not in KV_CACHES:
+            raise InputError(f"kv_cache={s.kv_cache!r} (accepted: {', '.join(KV_CACHES)})")
+        if s.kv_cache != "float32" and s.attention != "kernel":
+            raise InputError(f"kv_cache={s.kv_cache} needs attention=kernel: com.microsoft::GroupQueryAttention keeps "
+                             "its float32 KV in the graph (accepted with attention=gqa: kv_cache=float32)")
         return s
 
 
@@ -78,38 +87,92 @@ def _initializer_array(t, weights_dir: Path) -> np.ndarray:
 class KVCache:
     """Preallocated, in-place KV cache of one attention layer, bound to a session's
     CausalAttentionCached node (graph/passes/bind_kv_caches.py; the op's body is in
-    plugins/cpu/attention.py): k, v [B, capacity, Hkv, d] float32 buffers whose first `length`
-    positions hold the past. The engine sizes them before a run; the op appends the step's keys and
-    values and attends over the first length + L positions, so no step copies the cache (ONNX Runtime
-    never sees it)."""
+    plugins/cpu/attention.py): k, v [B, capacity, Hkv, d] buffers whose first `length` positions
+    hold the past, float32, or int8 with float32 scales ks, vs [B, capacity, Hkv, G]
+    (`dtype="int8"`, plugins/cpu/kv_int8.py). The engine sizes them before a run; the op appends the
+    step's keys and values and attends over the first length + L positions, so no step copies the
+    cache (ONNX Runtime never sees it)."""
 
-    def __init__(self):
-        self.k = self.v = None
+    def __init__(self, dtype: str = "float32"):
+        if dtype not in KV_CACHES:
+            raise InputError(f"KV cache dtype {dtype!r} (accepted: {', '.join(KV_CACHES)})")
+        self.dtype = dtype
+        self.k = self.v = self.ks = self.vs = None
         self.length = 0
-        self.views = (None, None)       # the (k, v) state arrays the engine last handed out
+        self.views = (None, None)       # the (k, v) state tensors the engine last handed out
 
-    def reset(self, past_k: np.ndarray, past_v: np.ndarray, need: int) -> None:
+    def _alloc(self, B: int, cap: int, Hkv: int, d: int) -> tuple:
+        if self.dtype == "float32":
+            return np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32), None, None
+        from jambatrt.plugins.cpu.kv_int8 import kv_group
+        G = d // kv_group(d)
+        return (np.empty((B, cap, Hkv, d), np.int8), np.empty((B, cap, Hkv, d), np.int8),
+                np.empty((B, cap, Hkv, G), np.float32), np.empty((B, cap, Hkv, G), np.float32))
+
+    def _move(self, bufs: tuple, P: int) -> None:
+        """The first P positions of this cache into bufs (a larger allocation), which it then uses."""
+        for new, old in zip(bufs, (self.k, self.v, self.ks, self.vs)):
+            if new is not None:
+                new[:, :P] = old[:, :P]
+        self.k, self.v, self.ks, self.vs = bufs
+
+    def reset(self, past_k, past_v, need: int) -> None:
+        """Start over from a state this cache did not hand out: arrays (quantised here for int8), or
+        an int8 cache's QuantizedKV (its values taken as they are)."""
+        from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
         B, P, Hkv, d = past_k.shape
-        cap = max(need, 2 * P, 256)
-        k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
-        k[:, :P], v[:, :P] = past_k, past_v
-        self.k, self.v, self.length = k, v, P
+        bufs = self._alloc(B, max(need, 2 * P, 256), Hkv, d)
+        if self.dtype == "float32":
+            bufs[0][:, :P], bufs[1][:, :P] = past_k, past_v
+        elif isinstance(past_k, QuantizedKV) and isinstance(past_v, QuantizedKV) and past_k.s.shape == bufs[2][:, :P].shape:
+            bufs[0][:, :P], bufs[1][:, :P], bufs[2][:, :P], bufs[3][:, :P] = past_k.q, past_v.q, past_k.s, past_v.s
+        else:
+            self.k, self.v, self.ks, self.vs = bufs
+            self.length = 0
+            self.append(np.asarray(past_k, np.float32), np.asarray(past_v, np.float32))
+        self.k, self.v, self.ks, self.vs = bufs
+        self.length = P
 
     def reserve(self, need: int) -> None:
         """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
         if need > self.k.shape[1]:
-            B, _, Hkv, d = self.k.shape
-            P, cap = self.length, max(need, 2 * self.k.shape[1])
-            k, v = np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32)
-            k[:, :P], v[:, :P] = self.k[:, :P], self.v[:, :P]
-            self.k, self.v = k, v
+            B, cap, Hkv, d = self.k.shape
+            self._move(self._alloc(B, max(need, 2 * cap), Hkv, d), self.length)
+
+    def append(self, k: np.ndarray, v: np.ndarray) -> None:
+        """Writes k, v [B, L, Hkv, d] at positions length..length+L-1 (quantised for int8); `length`
+        is the caller's to advance."""
+        P, L = self.length, k.shape[1]
+        if self.dtype == "float32":
+            self.k[:, P:P + L], self.v[:, P:P + L] = k, v
+            return
+        from jambatrt.plugins.cpu.kv_int8 import quantize_kv
+        (self.k[:, P:P + L], self.ks[:, P:P + L]), (self.v[:, P:P + L], self.vs[:, P:P + L]) = \
+            quantize_kv(k), quantize_kv(v)
+
+    def present(self, n: int) -> tuple:
+        """The first n positions as the attention kernels take them: (k, v, ks, vs); scales None for
+        float32."""
+        if self.dtype == "float32":
+            return self.k[:, :n], self.v[:, :n], None, None
+        return self.k[:, :n], self.v[:, :n], self.ks[:, :n], self.vs[:, :n]
+
+    def state_views(self) -> tuple:
+        """The past as the engine hands it out as state: float32 views, or an int8 cache's
+        QuantizedKV views (np.asarray reads them as float32); no copy either way."""
+        k, v, ks, vs = self.present(self.length)
+        if ks is None:
+            return k, v
+        from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
+        return QuantizedKV(k, ks), QuantizedKV(v, vs)
 
 
-def session_graph(path: Path, kv_caches: bool, compute: str = "float32") -> tuple:
+def session_graph(path: Path, kv_cache: str | None, compute: str = "float32") -> tuple:
     """The engine graph at `path` as this process hands it to a session: the weights of MoE layers
     and (--weights-int8) linear layers mapped from the data file beside it and bound outside the
     graph (graph/passes/bind_weights.py; onnxruntime-extensions would copy them on every call), and
-    with `kv_caches` the attention layers' KV in in-place `KVCache`s (graph/passes/bind_kv_caches.py);
+    with `kv_cache` (a KV_CACHES dtype) the attention layers' KV in in-place `KVCache`s of that
+    dtype (graph/passes/bind_kv_caches.py);
     the weights' kernels run their prefill GEMMs in `compute` (ort_ops.Weights).
     Returns (model bytes, {past input name: (key, "k"|"v")}, keys); `ort_ops.release(keys)` frees
     what was bound, and nothing stays bound when this raises."""
@@ -129,14 +192,14 @@ def session_graph(path: Path, kv_caches: bool, compute: str = "float32") -> tupl
         model = bind_weights(onnx.load(str(path), load_external_data=False),
                              lambda node, tensors: keep(Weights((_initializer_array(t, path.parent) for t in tensors), compute),
                                                         node))
-        cached = bind_kv_caches(model, lambda node: keep(KVCache(), node)) if kv_caches else {}
+        cached = bind_kv_caches(model, lambda node: keep(KVCache(kv_cache), node)) if kv_cache else {}
         return model.SerializeToString(), cached, keys
     except BaseException:
         release(keys)
         raise
 
 
-def load_session(path: Path, threads: int | None, kv_caches: bool, map_weights: bool = True,
+def load_session(path: Path, threads: int | None, kv_cache: str | None, map_weights: bool = True,
                  what: str = "engine", compute: str = "float32") -> tuple:
     """An ONNX Runtime session of the engine graph at `path`: as `session_graph` hands it with
     `map_weights`, else the file as written (every weight and cache an op input). Returns (session,
@@ -152,7 +215,7 @@ def load_session(path: Path, threads: int | None, kv_caches: bool, map_weights: 
         so = _session_options(threads)
         source, cached = str(path), {}
         if map_weights:
-            source, cached, keys = session_graph(path, kv_caches, compute)
+            source, cached, keys = session_graph(path, kv_cache, compute)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]), cached, keys
     except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
@@ -202,7 +265,8 @@ class OrtEngine(Engine):
         onnx.save_model(model, out)
         check(out)
         return {"path": ENGINE, "onnxruntime": onnxruntime.__version__, "passes": [p.__name__ for p in passes],
-                "settings": {"attention": s.attention, "prefill_compute": s.prefill_compute}, "weights": manifest.weights}
+                "settings": {"attention": s.attention, "prefill_compute": s.prefill_compute, "kv_cache": s.kv_cache},
+                "weights": manifest.weights}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
         """map_weights: the session as `session_graph` hands it (weights mapped once, KV caches in
@@ -212,8 +276,9 @@ class OrtEngine(Engine):
         from jambatrt.plugins.cpu.ort_ops import release
 
         path = self.manifest.file(self.entry["path"])
-        self.session, self.kv_cached, keys = load_session(path, threads, self.entry["settings"]["attention"] == "kernel",
-                                                          map_weights, compute=self.prefill_compute)
+        kv_cache = self.kv_cache if self.entry["settings"]["attention"] == "kernel" else None
+        self.session, self.kv_cached, keys = load_session(path, threads, kv_cache, map_weights,
+                                                          compute=self.prefill_compute)
         self.bound = keys          # what this session keeps outside its graph (ort_ops.bind)
         self._release = weakref.finalize(self, release, keys)     # the mapped weights and KV caches go with it
         self.input_names = [i.name for i in self.step_program.inputs]      # the full state, in order
@@ -224,6 +289,11 @@ class OrtEngine(Engine):
     @property
     def prefill_compute(self) -> str:
         return self.entry["settings"].get("prefill_compute", "float32")
+
+    @property
+    def kv_cache(self) -> str:
+        """The in-place KV cache's storage: "float32", or "int8" (plugins/cpu/kv_int8.py)."""
+        return self.entry["settings"].get("kv_cache", "float32")
 
     @property
     def compute_dtype(self) -> str:
@@ -264,6 +334,6 @@ class OrtEngine(Engine):
         for name, (key, part) in self.kv_cached.items():
             c = bound(key)
             if part == "k":
-                c.views = (c.k[:, :c.length], c.v[:, :c.length])
+                c.views = c.state_views()
             outs[name.replace("past.", "present.", 1)] = c.views[0 if part == "k" else 1]
         return outs["logits"], [outs[n] for n in self.output_names[1:]]

@@ -175,7 +175,7 @@ class StageSession:
 
         self.stage = stage
         path = manifest.file(stage["path"])
-        self.session, _, keys = load_session(path, threads, kv_caches=False, what="stage")
+        self.session, _, keys = load_session(path, threads, kv_cache=None, what="stage")
         self._release = weakref.finalize(self, release, keys)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -201,6 +201,7 @@ class JambaLM(nn.Module):
                  impl: str = "custom", weights_int8: bool = False):
         super().__init__()
         self.config, self.experts_int8, self.weights_int8, self.impl = cfg, experts_int8, weights_int8, impl
+        self.kv_round = None     # validation only: attention's k, v through this (an engine's int8 KV cache)
         self.model = Backbone(cfg, experts_int8, dtype, weights_int8)
         self.lm_head = linear(cfg.hidden_size, cfg.vocab_size, False, weights_int8 and not cfg.tie_word_embeddings)
         if cfg.tie_word_embeddings:
@@ -222,13 +223,23 @@ class JambaLM(nn.Module):
     def run_layers(self, h: torch.Tensor, state: Optional[list], a: int, b: int):
         """Decoder layers [a, b) on h [B,L,H]; state: those layers' part of the flat state (or None)
         -> (h, their new state). A pipeline stage (export/trace.py StageProgram) is such a range."""
-        ops = IMPLS[self.impl]
+        ops = with_kv_rounding(IMPLS[self.impl], self.kv_round)
         new_state = []
         for i in range(a, b):
             j = 2 * (i - a)
             h, s = self.model.layers[i](h, ops, (None, None) if state is None else state[j:j + 2])
             new_state += s
         return h, new_state
+
+
+def with_kv_rounding(ops: SimpleNamespace, kv_round) -> SimpleNamespace:
+    """`ops` whose attention takes the step's keys and values through `kv_round` before it stores and
+    attends over them (the eager twin of an engine's quantised KV cache); `ops` itself when None."""
+    if kv_round is None:
+        return ops
+    attention = ops.attention
+    return SimpleNamespace(**{**vars(ops), "attention": lambda q, k, v, past_k=None, past_v=None: attention(
+        q, kv_round(k).to(k.dtype), kv_round(v).to(v.dtype), past_k, past_v)})
 
 
 def state_shapes(cfg: JambaConfig, batch: int, past: int) -> list[tuple[str, tuple[int, ...], torch.dtype | None]]:

@@ -21,8 +21,10 @@ STATE_TOLERANCES = {
 }
 
 
-def compare_state(engine: np.ndarray, reference: np.ndarray, tol: dict) -> dict:
-    """One state tensor, engine vs reference -> {max_abs_err, max_abs_ref, nonfinite, passed}."""
+def compare_state(engine: np.ndarray, reference: np.ndarray, tol: dict, step=None) -> dict:
+    """One state tensor, engine vs reference -> {max_abs_err, max_abs_ref, nonfinite, passed}.
+    step: a quantised state's rounding step per element (an int8 KV cache: `kv_int8.quant_step`),
+    added to the bound: an element a float rounding away from a rounding boundary may round apart."""
     e = np.asarray(engine).astype(np.float64)
     out = {"engine_nonfinite": int((~np.isfinite(e)).sum())}
     if reference is None:
@@ -32,7 +34,7 @@ def compare_state(engine: np.ndarray, reference: np.ndarray, tol: dict) -> dict:
         return {**out, "passed": False, "shape": [list(e.shape), list(r.shape)]}
     d = np.abs(e - r)
     finite = np.isfinite(d)
-    bound = tol["atol"] + tol["rtol"] * np.abs(r)
+    bound = tol["atol"] + tol["rtol"] * np.abs(r) + (0.0 if step is None else step)
     return {**out, "max_abs_err": float(np.nanmax(np.where(finite, d, np.nan))) if finite.any() else float("nan"),
             "max_abs_ref": float(np.abs(r[np.isfinite(r)]).max()) if np.isfinite(r).any() else float("nan"),
             "passed": bool(finite.all() and (d <= bound).all())}
@@ -45,10 +47,11 @@ def _layer_of(name: str) -> int:
 
 def check_health(engine_states: dict[str, np.ndarray] | None, reference_states: dict[str, np.ndarray] | None,
                  reference_layers: list[dict], num_layers: int, dtype: str,
-                 logits_nonfinite: int = 0, logits_passed: bool = True) -> dict:
+                 logits_nonfinite: int = 0, logits_passed: bool = True, steps: dict | None = None) -> dict:
     """-> {"first_bad_layer": int | None, "problem": str | None, "where": str | None,
     "layers": [{"layer", "kind", "states": {name: compare_state(...)}, "reference_nonfinite",
-    "reference_max_abs", "ok"}], "state_tolerances": {...}}."""
+    "reference_max_abs", "ok"}], "state_tolerances": {...}}. steps: {state name: its rounding step}
+    for quantised states (compare_state)."""
     tol = STATE_TOLERANCES[dtype]
     ref_by_layer = {d["layer"]: d for d in reference_layers}
     layers = []
@@ -57,7 +60,8 @@ def check_health(engine_states: dict[str, np.ndarray] | None, reference_states: 
         entry = {"layer": i, "kind": ref.get("kind", ""), "states": {},
                  "reference_nonfinite": ref.get("nonfinite"), "reference_max_abs": ref.get("max_abs")}
         for name in sorted(n for n in (engine_states or {}) if _layer_of(n) == i):
-            entry["states"][name] = compare_state(engine_states[name], (reference_states or {}).get(name), tol)
+            entry["states"][name] = compare_state(engine_states[name], (reference_states or {}).get(name), tol,
+                                                  (steps or {}).get(name))
         entry["ok"] = (not ref.get("nonfinite")) and all(s["passed"] for s in entry["states"].values())
         layers.append(entry)
 
@@ -76,7 +80,8 @@ def check_health(engine_states: dict[str, np.ndarray] | None, reference_states: 
                 problems.append(f"engine {name} has shape {s['shape'][0]}, reference {s['shape'][1]}")
             elif not s["passed"]:
                 problems.append(f"{name} drifts: max |diff| {s['max_abs_err']:.3e} (reference max |x| "
-                                f"{s['max_abs_ref']:.3e}; atol {tol['atol']}, rtol {tol['rtol']})")
+                                f"{s['max_abs_ref']:.3e}; atol {tol['atol']}, rtol {tol['rtol']}"
+                                + (", + one int8 rounding step" if name in (steps or {}) else "") + ")")
         report.update(first_bad_layer=i, problem="; ".join(problems), where=_where(i, layers))
         return report
     if logits_nonfinite or not logits_passed:

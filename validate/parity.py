@@ -95,7 +95,7 @@ def _runner(name: str, source, with_state: bool = True):
             self.seconds = self.inference_time = time.perf_counter() - t0
             out = OrderedDict(logits=np.asarray(logits, dtype=np.float32))
             for k, v in ((states or {}) if with_state else {}).items():   # bf16 states compare as fp32 (no bf16 in Polygraphy)
-                out[k] = v.astype(np.float32) if v.dtype.name == "bfloat16" else v
+                out[k] = np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else np.asarray(v)   # int8 KV: float32
             return out
 
     return PrefillRunner()
@@ -192,6 +192,11 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
 
     G_LOGGER.module_severity = G_LOGGER.CRITICAL   # our own report lists every mismatch
     tol, stol = TOLERANCES[dtype], STATE_TOLERANCES[dtype]
+    # an int8 KV cache against a reference that rounds K/V the same way: its K/V states may differ by
+    # one rounding step where a float rounding crossed a boundary (plugins/cpu/kv_int8.py)
+    kv_int8 = getattr(reference, "kv_cache", "float32") == "int8"
+    if kv_int8:
+        from jambatrt.plugins.cpu.kv_int8 import quant_step
     vocab = vocab or engine.config.vocab_size
     rng = np.random.default_rng(seed)
     eng = _runner(f"engine-{engine.backend}", engine)
@@ -212,7 +217,9 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
             run = _drop_tokens(run, undecided)
         (_, [e_out]), (_, [r_out]) = run
         common = [k for k in e_out.keys() if k in r_out]      # the logits, plus states the reference keeps
-        atol = {k: (tol if k == "logits" else stol)["atol"] for k in common}
+        steps = {k: quant_step(r_out[k]) for k in common if kv_int8 and k.endswith((".k", ".v"))}
+        atol = {k: (tol if k == "logits" else stol)["atol"] + (float(steps[k].max(initial=0.0)) if k in steps else 0.0)
+                for k in common}
         rtol = {k: (tol if k == "logits" else stol)["rtol"] for k in common}
         poly = Comparator.compare_accuracy(run, compare_func=_simple_compare(atol=atol, rtol=rtol,
                                                                              check_error_stat="elemwise"))
@@ -225,7 +232,7 @@ def run_parity(engine, reference, lengths: list[int], dtype: str, batch: int = 1
         e_states = {k: e_out[k] for k in e_out.keys() if k != "logits"}
         r_states = {k: r_out[k] for k in r_out.keys() if k != "logits"} or None
         health = check_health(e_states, r_states, ref.extras or [], engine.config.num_hidden_layers, dtype,
-                              logits_nonfinite=m["nonfinite"], logits_passed=m["passed"])
+                              logits_nonfinite=m["nonfinite"], logits_passed=m["passed"], steps=steps)
         states = {n: s for layer in health["layers"] for n, s in layer["states"].items() if r_states}
         for layer in health["layers"]:
             if layer["layer"] in routing["min_margin_by_layer"]:

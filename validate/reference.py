@@ -39,7 +39,7 @@ from jambatrt.engines.base import cut_past
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
 from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
-from jambatrt.export.model import state_shapes
+from jambatrt.export.model import state_shapes, with_kv_rounding
 from jambatrt.export.quantize import dequantize_experts, dequantize_linear
 from jambatrt.export.weights import load_artifact_model, open_store
 from jambatrt.manifest import Manifest
@@ -227,13 +227,21 @@ class EagerReference(Reference):
 
     name = "eager"
 
-    def __init__(self, artifact, chunk: int = 8192, impl: str = "auto", long_from: int = LONG_FROM):
+    def __init__(self, artifact, chunk: int = 8192, impl: str = "auto", long_from: int = LONG_FROM,
+                 kv_cache: str = "float32"):
+        """kv_cache: "int8" rounds attention's keys and values as the ORT engine's int8 KV cache
+        stores them (plugins/cpu/kv_int8.py `fake_quant_kv`), the model the engine is validated against."""
         super().__init__(artifact, chunk)
         if impl not in IMPLS:
             raise InputError(f"unknown eager reference impl {impl!r} (accepted: {', '.join(IMPLS)})")
-        self.impl, self.long_from = impl, long_from
+        if kv_cache not in ("float32", "int8"):
+            raise InputError(f"unknown KV cache {kv_cache!r} (accepted: float32, int8)")
+        self.impl, self.long_from, self.kv_cache = impl, long_from, kv_cache
         # the weights stay in the artifact's store, mapped: pages are read as layers use them
         self.model = load_artifact_model(self.artifact, self.manifest, impl="custom" if impl == "custom" else "ref")
+        if kv_cache == "int8":
+            from jambatrt.plugins.cpu.kv_int8 import fake_quant_kv
+            self.model.kv_round = fake_quant_kv
 
     def _impl_for(self, length: int) -> str:
         if self.impl == "auto":
@@ -241,10 +249,11 @@ class EagerReference(Reference):
         return self.impl
 
     def describe(self, length: int) -> str:
+        kv = ", K/V rounded to the int8 KV cache" if self.kv_cache == "int8" else ""
         return {"ref": f"eager, <op>_ref ops, chunks of {self.chunk}",
                 "custom": f"eager, torch.ops.jamba custom ops, chunks of {self.chunk}",
                 "long": "eager-long, layer by layer: <op>_ref conv/MoE, selective_scan_chunked, "
-                        "attention_flash (SDPA)"}[self._impl_for(length)]
+                        "attention_flash (SDPA)"}[self._impl_for(length)] + kv
 
     @torch.no_grad()
     def prefill(self, input_ids):
@@ -311,7 +320,7 @@ class EagerReference(Reference):
         """Layer-major: each layer runs over the whole sequence before the next. Mamba mixers and
         feed-forwards go in chunks of `self.chunk` tokens (state carried); attention runs at once
         through `attention_flash`. Memory: a few [B,L,H] hidden tensors and the logits, no L x L."""
-        ops, c, m = long_ops(), self.chunk, self.model.model
+        ops, c, m = with_kv_rounding(long_ops(), self.model.kv_round), self.chunk, self.model.model
         B, L = ids.shape
         h = torch.cat([m.embed_tokens(ids[:, s:s + c]) for s in range(0, L, c)], dim=1)   # [B,L,H]
         state, layer_stats = [], []

@@ -32,9 +32,11 @@ import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from jambatrt.plugins.cpu import serial_twin
+from jambatrt.plugins.cpu.kv_int8 import dequantize_kv
 from jambatrt.plugins.cpu.selective_scan import exp32
 from jambatrt.plugins.registry import implements, session_op
 
@@ -111,12 +113,41 @@ _TILE = 64            # keys per tile of the decode kernel (its scores stay in L
 _SPLIT_MIN = 1024     # fewest keys per parallel job of the decode kernel
 
 
+def _cache_row(k, ks, b, t, h, buf):
+    """The [d] float32 row (b, t, h) of a cache: a view of a float32 cache, or an int8 cache's row
+    dequantised into buf (numba only)."""
+    raise NotImplementedError
+
+
+# float32 or int8 cache (plugins/cpu/kv_int8.py, scales per group of d / G channels): numba compiles the
+# kernel for each. The int8 row is converted once for the g query heads that read it; its loop runs from
+# 0 (range(gs) + base, not range(lo, hi)): numba's negative-index wraparound on a non-zero start kept
+# it from vectorising (5x slower).
+@overload(_cache_row, inline="always")
+def _cache_row_impl(k, ks, b, t, h, buf):
+    if isinstance(ks, types.NoneType):
+        return lambda k, ks, b, t, h, buf: k[b, t, h]
+
+    def dequantized(k, ks, b, t, h, buf):
+        G = ks.shape[3]
+        gs = k.shape[3] // G
+        for c in range(G):
+            base = c * gs
+            sc = ks[b, t, h, c]
+            for x in range(gs):
+                buf[base + x] = np.float32(k[b, t, h, base + x]) * sc
+        return buf
+    return dequantized
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _decode_kernel(q, k, v, nsplit, o):
+def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None):
     """q [B,Hq,d] (already scaled by d^-0.5); k, v [B,S,Hkv,d]; o [B,Hq,d]; all float32,
     C-contiguous; 1 <= nsplit <= S. One job per (batch, split of the keys): online softmax over
     tiles of _TILE keys (scores [Hq, tile] so the exponentials vectorise), then the splits' partial
-    softmaxes are merged. fastmath only lets the d-long dot products be reassociated (vectorised)."""
+    softmaxes are merged. fastmath only lets the d-long dot products be reassociated (vectorised).
+    An int8 cache (plugins/cpu/kv_int8.py): k, v int8 with scales ks, vs [B,S,Hkv,G] of groups of
+    d / G channels, applied per group (numba compiles the float32 kernel without those branches)."""
     B, S, Hkv, d = k.shape
     Hq = q.shape[1]
     g = Hq // Hkv
@@ -132,15 +163,17 @@ def _decode_kernel(q, k, v, nsplit, o):
         l = np.zeros(Hq, np.float32)
         acc = np.zeros((Hq, d), np.float32)
         sc = np.empty((Hq, _TILE), np.float32)
+        row = np.empty(d, np.float32)                   # an int8 cache's row, dequantised
         for t0 in range(lo, hi, _TILE):
             nt = min(_TILE, hi - t0)
             for i in range(nt):
                 for h in range(Hkv):
+                    kr = _cache_row(k, ks, b, t0 + i, h, row)
                     for j in range(g):
                         hq = h * g + j
                         a = np.float32(0.0)
                         for x in range(d):
-                            a += q[b, hq, x] * k[b, t0 + i, h, x]
+                            a += q[b, hq, x] * kr[x]
                         sc[hq, i] = a
             for hq in range(Hq):
                 mt = m[hq]
@@ -158,11 +191,12 @@ def _decode_kernel(q, k, v, nsplit, o):
                     acc[hq, x] *= alpha
             for i in range(nt):
                 for h in range(Hkv):
+                    vr = _cache_row(v, vs, b, t0 + i, h, row)
                     for j in range(g):
                         hq = h * g + j
                         p = sc[hq, i]
                         for x in range(d):
-                            acc[hq, x] += p * v[b, t0 + i, h, x]
+                            acc[hq, x] += p * vr[x]
         for hq in range(Hq):
             m_all[b, s, hq] = m[hq]
             l_all[b, s, hq] = l[hq]
@@ -190,10 +224,12 @@ def _decode_kernel(q, k, v, nsplit, o):
 _decode_kernel_serial = serial_twin(_decode_kernel, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
-def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray | None = None,
+                     vs: np.ndarray | None = None) -> np.ndarray:
     """One query per sequence over all S keys (no mask): q [B,1,Hq,d]; k, v [B,S,Hkv,d] with S >= 1,
     float32, each sequence's [S,Hkv,d] contiguous (k, v are read in place: C-contiguous arrays, or
-    the batch-strided views of the ORT engine's in-place cache). Returns o [B,1,Hq,d] float32 (fresh)."""
+    the batch-strided views of the ORT engine's in-place cache); or int8 with scales ks, vs
+    [B,S,Hkv,G] (plugins/cpu/kv_int8.py). Returns o [B,1,Hq,d] float32 (fresh)."""
     B, L, Hq, d = q.shape
     S = k.shape[1]
     if L != 1 or S < 1:
@@ -202,7 +238,7 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
     jobs_wanted = -(-4 * numba.get_num_threads() // B)        # a few jobs per thread, for balance
     nsplit = max(1, min(S // _SPLIT_MIN, jobs_wanted))
     o = np.empty((B, 1, Hq, d), np.float32)
-    (_decode_kernel_serial if B * nsplit == 1 else _decode_kernel)(qs, k, v, nsplit, o.reshape(B, Hq, d))
+    (_decode_kernel_serial if B * nsplit == 1 else _decode_kernel)(qs, k, v, nsplit, o.reshape(B, Hq, d), ks, vs)
     return o
 
 
@@ -266,12 +302,17 @@ def attention(q, k, v, past_k=None, past_v=None, *, scratch_inputs: bool = False
     return o.numpy(), present_k, present_v
 
 
-def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray, P: int) -> np.ndarray:
+def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray, P: int,
+                     ks: np.ndarray | None = None, vs: np.ndarray | None = None) -> np.ndarray:
     """o [B,L,Hq,d] float32 for q at positions P..P+L-1 over a cache that already holds them:
-    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (engines/ort.py KVCache), never copied."""
+    present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (engines/ort.py KVCache), float32 or
+    int8 with scales ks/vs [B,P+L,Hkv,G]. Decode reads them in place; a chunk of an int8 cache
+    attends over a float32 copy of it (dequantised: O(P) per chunk, next to the chunk's own work)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
-        return decode_attention(q, present_k, present_v)
+        return decode_attention(q, present_k, present_v, ks, vs)
+    if ks is not None:
+        present_k, present_v = dequantize_kv(present_k, ks), dequantize_kv(present_v, vs)
     return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()
 
 
@@ -305,7 +346,8 @@ def attention_cached_op(q, k, v, cache):
         raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
                          f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
                          f"{k.shape[0]} (the engine reserves room before every run)")
-    c.k[:, P:P + L], c.v[:, P:P + L] = k, v
-    o = attention_cached(q, c.k[:, :P + L], c.v[:, :P + L], P)
+    c.append(k, v)
+    pk, pv, ks, vs = c.present(P + L)
+    o = attention_cached(q, pk, pv, P, ks, vs)
     c.length = P + L
     return o

@@ -1,0 +1,186 @@
+"""The int8 KV cache of the ORT engine (`build --backend ort --kv-cache int8`, plugins/cpu/kv_int8.py):
+the quantiser against its torch twin, the decode kernel over int8 against the attention oracle on
+the dequantised cache, the engine's cache and state hand-out, and the engine against the eager model
+that rounds K/V the same way (what `jambatrt validate` checks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from jambatrt.export.ops import reference
+from jambatrt.plugins.cpu.kv_int8 import (KV_GROUP, QuantizedKV, dequantize_kv, fake_quant_kv, kv_group, quant_step,
+                                          quantize_kv)
+from op_test_data import F32, attn_args
+from op_test_data import check_outputs as _check
+
+
+def _values(shape, seed=0):
+    """Normal values with a zero group, a 1000x outlier and a tiny group, in [..., d]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    flat = x.reshape(-1, shape[-1])
+    g = kv_group(shape[-1])
+    flat[0, :g] = 0.0
+    flat[1, 3] = 1000.0
+    flat[2, :g] *= 1e-30
+    return x
+
+
+@pytest.mark.parametrize("d", [8, 32, 48, 128])
+def test_quantize_matches_torch_twin_and_bounds(d):
+    x = _values((3, 37, 2, d))
+    q, s = quantize_kv(x)
+    G = d // kv_group(d)
+    assert q.dtype == np.int8 and s.dtype == np.float32 and s.shape == (3, 37, 2, G)
+    assert kv_group(d) == (KV_GROUP if d % KV_GROUP == 0 else d)
+    assert np.abs(q.astype(np.int32)).max() == 127 and q.min() >= -127
+    deq = dequantize_kv(q, s)
+    # the eager reference's rounding (torch) gives the same float32 numbers
+    np.testing.assert_array_equal(deq, fake_quant_kv(torch.from_numpy(x)).numpy())
+    # round to nearest: half a step per element (+ the float32 rounding of q * s and of the scale)
+    step = quant_step(x)
+    assert (np.abs(deq.astype(np.float64) - x) <= 0.5 * step * (1 + 1e-6) + np.finfo(np.float32).eps * np.abs(x)).all()
+    assert (deq.reshape(-1, d)[0, :kv_group(d)] == 0).all()          # a zero group stays zero (scale 0)
+    # quantising what was handed out gives it back: a state returned to a cache is not rounded twice
+    q2, s2 = quantize_kv(deq)
+    np.testing.assert_array_equal(q2, q)
+    np.testing.assert_array_equal(s2, s)
+
+
+def test_quantize_nonfinite_group_reads_nan():
+    x = _values((2, 5, 1, 64))
+    x[0, 1, 0, 40] = np.nan
+    x[1, 2, 0, 3] = np.inf
+    deq = dequantize_kv(*quantize_kv(x))
+    ref = fake_quant_kv(torch.from_numpy(x)).numpy()
+    for b, t, lo in ((0, 1, 32), (1, 2, 0)):
+        assert np.isnan(deq[b, t, 0, lo:lo + 32]).all() and np.isnan(ref[b, t, 0, lo:lo + 32]).all()
+    finite = np.isfinite(x).all(-1, keepdims=True)
+    assert np.isfinite(deq[np.broadcast_to(finite, x.shape)]).all()
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 3000), (3, 6, 3, 16, 777), (2, 8, 2, 128, 1500),
+                                         (1, 4, 4, 64, 5)])
+def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P):
+    """decode_attention over int8 K/V with scales == the attention oracle over their float32 values,
+    within the op's float32 tolerance: the kernel dequantises as it reads, nothing else differs."""
+    from jambatrt.plugins.cpu.attention import decode_attention
+    q, k, v, pk, pv = attn_args(torch.Generator().manual_seed(3), B=B, L=1, P=P, Hq=Hq, Hkv=Hkv, d=d)
+    kk, vv = torch.cat([pk, k], 1).numpy(), torch.cat([pv, v], 1).numpy()
+    (kq, ks), (vq, vs) = quantize_kv(kk), quantize_kv(vv)
+    kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
+    o_ref, _, _ = reference("attention")(q, kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1])
+    o = decode_attention(q.numpy(), kq, vq, ks, vs)
+    assert o.shape == (B, 1, Hq, d) and o.dtype == np.float32
+    _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
+    if B > 1:      # the engine's cache views: batch-strided (capacity > length)
+        cap = P + 40
+        kb, vb = np.zeros((B, cap, Hkv, d), np.int8), np.zeros((B, cap, Hkv, d), np.int8)
+        sk, sv = np.zeros((B, cap, Hkv, d // kv_group(d)), np.float32), np.zeros_like(ks, shape=(B, cap) + ks.shape[2:])
+        kb[:, :P + 1], vb[:, :P + 1], sk[:, :P + 1], sv[:, :P + 1] = kq, vq, ks, vs
+        o2 = decode_attention(q.numpy(), kb[:, :P + 1], vb[:, :P + 1], sk[:, :P + 1], sv[:, :P + 1])
+        np.testing.assert_array_equal(o2, o)
+
+
+def test_kv_cache_int8_append_grow_reset_and_state_views():
+    from jambatrt.engines.ort import KVCache
+    from jambatrt.errors import InputError
+    with pytest.raises(InputError, match="accepted: float32, int8"):
+        KVCache("float16")
+    x = _values((2, 300, 2, 64), seed=1)
+    c = KVCache("int8")
+    c.reset(x[:, :0], x[:, :0], 10)
+    assert c.k.dtype == np.int8 and c.ks.shape[-1] == 2 and c.length == 0
+    for lo, hi in ((0, 7), (7, 8), (8, 300)):       # a chunk, a token, a long chunk (grows the buffers)
+        c.reserve(hi)
+        c.append(x[:, lo:hi], x[:, lo:hi] * 2)
+        c.length = hi
+    k, v = c.state_views()
+    assert isinstance(k, QuantizedKV) and k.shape == (2, 300, 2, 64) and k.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(k), fake_quant_kv(torch.from_numpy(x)).numpy())
+    np.testing.assert_array_equal(np.asarray(v), fake_quant_kv(torch.from_numpy(x * 2)).numpy())
+    assert k.nbytes == 2 * 300 * 2 * (64 + 2 * 4)          # 1.125 bytes per element at groups of 32
+    cut = k[:, :100]                                        # cut_past slices without converting
+    assert isinstance(cut, QuantizedKV) and cut.shape == (2, 100, 2, 64)
+    np.testing.assert_array_equal(np.asarray(cut), np.asarray(k)[:, :100])
+    np.testing.assert_array_equal(k[1, 5], np.asarray(k)[1, 5])
+    # another cache restarts from the handed-out state: int8 values taken as they are ...
+    c2 = KVCache("int8")
+    c2.reset(k, v, 400)
+    assert c2.length == 300 and np.array_equal(c2.k[:, :300], c.k[:, :300]) and np.array_equal(c2.vs[:, :300], c.vs[:, :300])
+    # ... or float32 arrays, quantised (a float32 engine's state); and a float32 cache reads an int8 state
+    c3 = KVCache("int8")
+    c3.reset(np.asarray(k), np.asarray(v), 300)
+    assert np.array_equal(c3.k[:, :300], c.k[:, :300]) and np.array_equal(c3.ks[:, :300], c.ks[:, :300])
+    c4 = KVCache("float32")
+    c4.reset(k, v, 300)
+    np.testing.assert_array_equal(c4.k[:, :300], np.asarray(k))
+
+
+@pytest.fixture(scope="module")
+def kv_artifact(tiny_artifact, tmp_path_factory):
+    from conftest import private_artifact
+    art = private_artifact(tiny_artifact, tmp_path_factory, "kvint8")
+    run_cli("build", art, "--backend", "ort", "--kv-cache", "int8", check=True)
+    return art
+
+
+def test_engine_int8_kv_matches_rounding_eager_model_prefill_and_decode(kv_artifact):
+    """Prefill (chunks, so later chunks attend over the quantised past) and decode steps of the int8-KV
+    engine against the eager model with K/V through fake_quant_kv, at validate's float32 tolerances,
+    K/V states within one rounding step (validate/parity.py); and the gap to the float-KV model."""
+    from jambatrt.engines.ort import OrtEngine
+    from jambatrt.validate.parity import TOLERANCES
+    from jambatrt.validate.reference import EagerReference
+    tol = TOLERANCES["float32"]
+    ids = np.random.default_rng(5).integers(0, 512, (2, 150))
+    with OrtEngine.load(kv_artifact) as e:
+        assert e.kv_cache == "int8"
+        ref, flt = EagerReference(kv_artifact, kv_cache="int8"), EagerReference(kv_artifact)
+        logits, st = e.prefill(ids, chunk=64)
+        r_logits, r_st = ref.model(torch.from_numpy(ids), None)
+        np.testing.assert_allclose(logits, r_logits.numpy(), atol=tol["atol"], rtol=tol["rtol"])
+        kv = [i for i, spec in enumerate(e.step_program.state) if "past" in spec.shape]
+        assert kv and all(isinstance(st[i], QuantizedKV) for i in kv)
+        for i in kv:
+            r = r_st[i].numpy()
+            assert (np.abs(np.asarray(st[i]) - r) <= 1e-6 + quant_step(r)).all()
+        f_logits, _ = flt.model(torch.from_numpy(ids), None)
+        gap = np.abs(logits - f_logits.numpy()).max()
+        assert 0 < gap < 0.05 * np.abs(f_logits.numpy()).max(), gap      # rounded, and only by rounding
+        tok = logits[:, -1].argmax(-1)
+        for _ in range(5):
+            out, st = e.decode(tok, st)
+            r_out, r_st = ref.model(torch.from_numpy(tok.reshape(-1, 1)), r_st)
+            np.testing.assert_allclose(out, r_out[:, -1].numpy(), atol=tol["atol"], rtol=tol["rtol"])
+            tok = out.argmax(-1)
+        # the state handed out continues in a fresh engine (its cache restarts from the int8 values)
+        with OrtEngine.load(kv_artifact) as e2:
+            a, _ = e.decode(tok, st)
+            b, _ = e2.decode(tok, st)
+            np.testing.assert_array_equal(a, b)
+
+
+def test_validate_int8_kv_engine(kv_artifact, tmp_path):
+    r = run_cli("validate", kv_artifact, "--backend", "ort", "--lengths", "1,40,300",
+                "--report", tmp_path / "p.json", check=True)
+    assert "parity passed" in r.stdout
+    import json
+    rep = json.loads((tmp_path / "p.json").read_text())
+    assert all("K/V rounded to the int8 KV cache" in x["reference_impl"] for x in rep["results"])
+    r = run_cli("validate", kv_artifact, "--backend", "ort", "--reference", "hf", "--lengths", "1")
+    assert r.returncode != 0 and "--reference eager" in r.stderr
+
+
+def test_kv_cache_setting_refusals(tiny_artifact, tmp_path):
+    from jambatrt.engines.ort import OrtSettings
+    from jambatrt.errors import InputError
+    with pytest.raises(InputError, match="needs attention=kernel"):
+        OrtSettings.from_kwargs(attention="gqa", kv_cache="int8")
+    with pytest.raises(InputError, match="accepted: float32, int8"):
+        OrtSettings.from_kwargs(kv_cache="fp8")
+    r = run_cli("build", tiny_artifact, "--backend", "aoti", "--kv-cache", "int8")
+    assert r.returncode != 0 and "--kv-cache is a setting of the single ONNX Runtime engine" in r.stderr
