@@ -85,6 +85,50 @@ def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P
         np.testing.assert_array_equal(o2, o)
 
 
+def _attention_variants() -> list:
+    from jambatrt.plugins.cpu.native import ATTENTION_VARIANTS, _compiler, runnable_variants
+    return ["numba"] + [pytest.param(v, marks=pytest.mark.skipif(
+        v not in runnable_variants("attention") or _compiler() is None,
+        reason=f"the {v} decode attention kernel needs a CPU with {', '.join(needs)} and a C compiler"))
+        for v, (_, needs) in ATTENTION_VARIANTS.items()]
+
+
+@pytest.mark.parametrize("variant", _attention_variants())
+@pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 5000), (2, 8, 2, 128, 1500), (1, 6, 2, 16, 70),
+                                         (3, 16, 1, 64, 130), (1, 64, 4, 16, 33), (2, 6, 3, 48, 300)])
+def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, monkeypatch):
+    """decode_attention on each kernel (the numba loop, attention_decode.c per instruction set), over
+    a float32 cache and an int8 one, against the attention oracle (on the dequantised values for
+    int8) at the op's float32 tolerance: query heads per kv head 1, 2, 3 (not unrolled), 4 and 16, 64
+    query heads, batch-strided cache views, tiles with tails, splits over threads. d 48 with int8
+    (groups of 48 channels) is not the native kernel's and takes the numba loop."""
+    from jambatrt.plugins.cpu import attention as att
+    from jambatrt.plugins.cpu.native import attention_decode_address
+    if variant == "numba":
+        monkeypatch.setenv("JAMBATRT_NATIVE", "0")
+    else:
+        address = attention_decode_address(variant)
+        assert address, f"the {variant} kernel did not build or load (see the RuntimeWarning)"
+        monkeypatch.setattr(att, "attention_decode_address", lambda: address)
+    q, k, v, pk, pv = attn_args(torch.Generator().manual_seed(d), B=B, L=1, P=P, Hq=Hq, Hkv=Hkv, d=d)
+    cap = P + 41                          # the engine's cache: capacity beyond the length, views of it
+    kk, vv = np.zeros((B, cap, Hkv, d), np.float32), np.zeros((B, cap, Hkv, d), np.float32)
+    kk[:, :P + 1], vv[:, :P + 1] = torch.cat([pk, k], 1).numpy(), torch.cat([pv, v], 1).numpy()
+    kk, vv = kk[:, :P + 1], vv[:, :P + 1]
+    o_ref, _, _ = reference("attention")(q, k, v, pk, pv)
+    o = att.decode_attention(q.numpy(), kk, vv)
+    kt, vt = torch.from_numpy(np.ascontiguousarray(kk)), torch.from_numpy(np.ascontiguousarray(vv))
+    _check("attention", (torch.from_numpy(o), kt, vt), (o_ref, kt, vt), F32)
+    (kq, ks), (vq, vs) = quantize_kv(kk), quantize_kv(vv)
+    kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
+    o_ref, _, _ = reference("attention")(q, kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1])
+    o = att.decode_attention(q.numpy(), kq, vq, ks, vs)
+    _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
+    if variant != "numba":
+        assert att._native_fits(kk, vv, None, None, Hq)
+        assert att._native_fits(kq, vq, ks, vs, Hq) == (d != 48)
+
+
 def test_kv_cache_int8_append_grow_reset_and_state_views():
     from jambatrt.engines.ort import KVCache
     from jambatrt.errors import InputError

@@ -37,6 +37,7 @@ from numba.extending import overload
 
 from jambatrt.plugins.cpu import serial_twin
 from jambatrt.plugins.cpu.kv_int8 import dequantize_kv
+from jambatrt.plugins.cpu.native import attention_decode_address, call_native
 from jambatrt.plugins.cpu.selective_scan import exp32
 from jambatrt.plugins.registry import implements, session_op
 
@@ -140,14 +141,31 @@ def _cache_row_impl(k, ks, b, t, h, buf):
     return dequantized
 
 
+def _scales(ks, b, lo, h):
+    """(address of ks[b, lo, h], its row stride in floats, channels per scale) of an int8 cache's scales,
+    (0, 0, 0) for a float32 cache (numba only)."""
+    raise NotImplementedError
+
+
+@overload(_scales, inline="always")
+def _scales_impl(ks, b, lo, h):
+    if isinstance(ks, types.NoneType):
+        return lambda ks, b, lo, h: (0, 0, 0)
+    return lambda ks, b, lo, h: (ks.ctypes.data + b * ks.strides[0] + lo * ks.strides[1] + h * ks.strides[2],
+                                 ks.strides[1] // 4, 0)
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None):
+def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
     """q [B,Hq,d] (already scaled by d^-0.5); k, v [B,S,Hkv,d]; o [B,Hq,d]; all float32,
     C-contiguous; 1 <= nsplit <= S. One job per (batch, split of the keys): online softmax over
     tiles of _TILE keys (scores [Hq, tile] so the exponentials vectorise), then the splits' partial
     softmaxes are merged. fastmath only lets the d-long dot products be reassociated (vectorised).
     An int8 cache (plugins/cpu/kv_int8.py): k, v int8 with scales ks, vs [B,S,Hkv,G] of groups of
-    d / G channels, applied per group (numba compiles the float32 kernel without those branches)."""
+    d / G channels, applied per group (numba compiles the float32 kernel without those branches).
+    native: the address of attention_decode.c's kernel (native.attention_decode_address(); 0: these
+    loops), which runs each job and needs d a multiple of 16, d / G / 16 a power of two, Hq / Hkv <= 16,
+    Hq <= 64 and each position's [Hkv, d] contiguous (`_native_fits`)."""
     B, S, Hkv, d = k.shape
     Hq = q.shape[1]
     g = Hq // Hkv
@@ -159,6 +177,22 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None):
         s = job % nsplit
         lo = S * s // nsplit
         hi = S * (s + 1) // nsplit
+        if native != 0:
+            for hq in range(Hq):
+                m_all[b, s, hq] = -np.inf
+                l_all[b, s, hq] = 0.0
+                for x in range(d):
+                    acc_all[b, s, hq, x] = 0.0
+            ka, lds, _ = _scales(ks, b, lo, 0)
+            va, _, _ = _scales(vs, b, lo, 0)
+            call_native(native, (q.ctypes.data + b * Hq * d * 4, Hkv, g, d,
+                                 k.ctypes.data + b * k.strides[0] + lo * k.strides[1],
+                                 v.ctypes.data + b * v.strides[0] + lo * v.strides[1],
+                                 k.strides[1] // k.itemsize, ka, va, lds, 16 if ks is None else d // ks.shape[3],
+                                 hi - lo, m_all.ctypes.data + (b * nsplit + s) * Hq * 4,
+                                 l_all.ctypes.data + (b * nsplit + s) * Hq * 4,
+                                 acc_all.ctypes.data + (b * nsplit + s) * Hq * d * 4, 0 if ks is None else 1))
+            continue
         m = np.full(Hq, -np.inf, np.float32)
         l = np.zeros(Hq, np.float32)
         acc = np.zeros((Hq, d), np.float32)
@@ -224,6 +258,15 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None):
 _decode_kernel_serial = serial_twin(_decode_kernel, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
+def _native_fits(k, v, ks, vs, Hq: int) -> bool:
+    """Whether attention_decode.c takes this cache (see _decode_kernel)."""
+    d, Hkv = k.shape[3], k.shape[2]
+    gs = 16 if ks is None else d // ks.shape[3]
+    rows = all(a.strides[3] == a.itemsize and a.strides[2] == a.shape[3] * a.itemsize
+               for a in (k, v) + (() if ks is None else (ks, vs)))
+    return d % 16 == 0 and gs % 16 == 0 and (gs // 16) & (gs // 16 - 1) == 0 and Hq // Hkv <= 16 and Hq <= 64 and rows
+
+
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray | None = None,
                      vs: np.ndarray | None = None) -> np.ndarray:
     """One query per sequence over all S keys (no mask): q [B,1,Hq,d]; k, v [B,S,Hkv,d] with S >= 1,
@@ -238,7 +281,9 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray
     jobs_wanted = -(-4 * numba.get_num_threads() // B)        # a few jobs per thread, for balance
     nsplit = max(1, min(S // _SPLIT_MIN, jobs_wanted))
     o = np.empty((B, 1, Hq, d), np.float32)
-    (_decode_kernel_serial if B * nsplit == 1 else _decode_kernel)(qs, k, v, nsplit, o.reshape(B, Hq, d), ks, vs)
+    native = attention_decode_address() if _native_fits(k, v, ks, vs, Hq) else 0
+    (_decode_kernel_serial if B * nsplit == 1 else _decode_kernel)(qs, k, v, nsplit, o.reshape(B, Hq, d), ks, vs,
+                                                                   native)
     return o
 
 

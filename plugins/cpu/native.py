@@ -1,8 +1,11 @@
 """Native (C) kernels beside the numba ones, for what numba's code generation cannot reach: `gemv_int8.c`,
-the int8 GEMV with integer dot products, on AVX512-VNNI or AVX2 (linear_int8.py explains when it runs).
+the int8 and float32 GEMVs of decode (linear_int8.py, linear_f32.py explain when they run), and
+`attention_decode.c`, decode attention over a float32 or int8 KV cache (attention.py), each on AVX-512
+or AVX2.
 
-`gemv_int8_address()` compiles the C source once per source version with the system C compiler (`$CC`,
-else cc/gcc), loads it, and returns the address of the kernel this CPU runs best for numba code to call
+`gemv_int8_address()` (and `gemv_f32_address()`, `attention_decode_address()`) compiles the C sources
+into one library, once per source version, with the system C compiler (`$CC`, else cc/gcc), loads it,
+and returns the address of the kernel this CPU runs best for numba code to call
 (`call_gemv_int8`: the address is an argument, not a constant, so numba's on-disk cache of the callers
 stays valid across processes). It returns 0, and the callers keep their numba loops, when the CPU has
 neither instruction set, no compiler is found or the compile fails (one warning says why), or
@@ -27,21 +30,24 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-_SOURCE = Path(__file__).with_name("gemv_int8.c")
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv_int8.c", "attention_decode.c"))
 _FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instruction set (target attributes)
+_LIBS = ("-lm",)
 # the kernels, fastest first: name -> (symbol, the CPU features it needs, as llvmlite names them)
 VARIANTS = {"avx512vnni": ("jt_gemv_int8", ("avx512f", "avx512bw", "avx512vl", "avx512vnni")),
             "avx2": ("jt_gemv_int8_avx2", ("avx2",))}
 F32_VARIANTS = {"avx512": ("jt_gemv_f32", ("avx512f",)),          # the float32 GEMV (linear_f32.py)
                 "avx2": ("jt_gemv_f32_avx2", ("avx2", "fma"))}
-_TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS}
+ATTENTION_VARIANTS = {"avx512": ("jt_attn_decode", ("avx512f",)),     # decode attention (attention.py)
+                      "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
+_TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS}
 _state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
 
 
 @functools.cache
 def runnable_variants(table: str = "int8") -> tuple[str, ...]:
-    """The kernels of gemv_int8.c this CPU can run (`table`: "int8", VARIANTS, or "f32", F32_VARIANTS),
-    fastest first (LLVM is asked for the CPU's features once: ~350 us a time)."""
+    """The native kernels this CPU can run (`table`: "int8", VARIANTS; "f32", F32_VARIANTS; "attention",
+    ATTENTION_VARIANTS), fastest first (LLVM is asked for the CPU's features once: ~350 us a time)."""
     return tuple(v for v, (_, needs) in _TABLES[table].items() if all(host_has(f) for f in needs))
 
 
@@ -64,13 +70,13 @@ def _compiler() -> str | None:
 
 
 def _cache_dirs() -> list[Path]:
-    return [_SOURCE.parent / "__pycache__", Path.home() / ".cache" / "jambatrt"]
+    return [_SOURCES[0].parent / "__pycache__", Path.home() / ".cache" / "jambatrt"]
 
 
 def _build(cc: str, fresh: bool = False) -> Path:
-    """The compiled library's path: a cached build of this source and these flags unless `fresh`."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join((cc, *_FLAGS)).encode()).hexdigest()[:16]
-    name = f"gemv_int8-{key}.so"
+    """The compiled library's path: a cached build of these sources and flags unless `fresh`."""
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join((cc, *_FLAGS, *_LIBS)).encode())
+    name = f"jt_native-{key.hexdigest()[:16]}.so"
     for d in _cache_dirs():
         if (d / name).is_file() and not fresh:
             return d / name
@@ -78,13 +84,14 @@ def _build(cc: str, fresh: bool = False) -> Path:
     for d in _cache_dirs():
         try:
             d.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=d, prefix=".gemv_int8-", suffix=".so")
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".jt_native-", suffix=".so")
             os.close(fd)
         except OSError as exc:
             errors.append(f"{d}: {exc}")
             continue
         try:
-            run = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True, timeout=120)
+            run = subprocess.run([cc, *_FLAGS, "-o", tmp, *map(str, _SOURCES), *_LIBS], capture_output=True, text=True,
+                                 timeout=120)
             if run.returncode != 0:
                 raise RuntimeError(f"{cc} exited {run.returncode}: {run.stderr.strip()[-400:]}")
             os.replace(tmp, d / name)
@@ -105,6 +112,12 @@ def gemv_f32_address(variant: str | None = None) -> int:
     """The address of gemv_int8.c's float32 kernel for this CPU (`variant`: one of F32_VARIANTS), or 0 (as
     gemv_int8_address; JAMBATRT_NATIVE=avx2 picks the AVX2 kernel here too)."""
     return _address("f32", variant)
+
+
+def attention_decode_address(variant: str | None = None) -> int:
+    """The address of attention_decode.c's kernel for this CPU (`variant`: one of ATTENTION_VARIANTS), or 0
+    (as gemv_int8_address)."""
+    return _address("attention", variant)
 
 
 def _address(table: str, variant: str | None) -> int:
@@ -136,8 +149,9 @@ def _address(table: str, variant: str | None) -> int:
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             why = str(exc)
     if why:
-        what, instead = (("int8 GEMV", "the numba kernel (~0.7x its speed on AVX512-VNNI)") if table == "int8"
-                         else ("float32 GEMV", "torch's GEMV"))
+        what, instead = {"int8": ("int8 GEMV", "the numba kernel (~0.7x its speed on AVX512-VNNI)"),
+                         "f32": ("float32 GEMV", "torch's GEMV"),
+                         "attention": ("decode attention", "the numba kernel")}[table]
         warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses {instead}",
                       RuntimeWarning, stacklevel=3)
     _state[table, variant] = address
@@ -189,3 +203,21 @@ def call_gemv_f32(typingctx, address, x, w, n0, n1, out):
                           builder.bitcast(oa.data, i8p), ldo])
         return context.get_dummy_value()
     return types.void(address, x, w, n0, n1, out), codegen
+
+
+@intrinsic
+def call_native(typingctx, address, args):
+    """The C function at `address` called with `args`, a tuple of integers (pointers as addresses:
+    `arr.ctypes.data` + byte offsets), each passed as int64; it returns nothing. From numba code."""
+    if not isinstance(args, types.BaseTuple) or not all(isinstance(t, types.Integer) for t in args):
+        return None
+
+    def codegen(context, builder, sig, llargs):
+        i64 = ir.IntType(64)
+        addr = context.cast(builder, llargs[0], sig.args[0], types.int64)
+        vals = [context.cast(builder, builder.extract_value(llargs[1], i), t, types.int64)
+                for i, t in enumerate(sig.args[1])]
+        fn = builder.inttoptr(addr, ir.FunctionType(ir.VoidType(), [i64] * len(vals)).as_pointer())
+        builder.call(fn, vals)
+        return context.get_dummy_value()
+    return types.void(address, args), codegen
