@@ -70,11 +70,13 @@ bench-peer: setup
 	$(PY) -m jambatrt.validate.peer --out bench/peer --cache build/peer $(PEER_ARGS)
 
 # Decode per-token time at 1K..64K of context on the bench preset, the contexts interleaved step by step
-# (one engine per context in one process): bench/decode-flat.json. Not part of `make test`.
+# (one engine per context in one process): bench/decode-flat-$(KV_CACHE).json. KV_CACHE=int8 for the
+# int8 KV cache. Not part of `make test`.
+KV_CACHE ?= float32
 bench-flat: setup
 	$(VENV)/bin/jambatrt export --preset bench -o bench/flat-art --force
-	$(VENV)/bin/jambatrt build bench/flat-art --backend ort
-	$(PY) -m jambatrt.validate.decode_flat bench/flat-art --report bench/decode-flat.json
+	$(VENV)/bin/jambatrt build bench/flat-art --backend ort --kv-cache $(KV_CACHE)
+	$(PY) -m jambatrt.validate.decode_flat bench/flat-art --report bench/decode-flat-$(KV_CACHE).json
 
 clean:
 	rm -rf out bench .pytest_cache .numba_cache

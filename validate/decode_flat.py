@@ -1,7 +1,7 @@
 """Decode per-token time against context length, the contexts interleaved step by step.
 
     python -m jambatrt.validate.decode_flat ARTIFACT [--contexts 1024,4096,16384,65536]
-        [--steps 64] [--report bench/decode-flat.json]
+        [--steps 64] [--report bench/decode-flat-float32.json]
 
 One ORT engine per context in one process (each has its own in-place KV cache: a cache is only
 kept by the engine that handed its state out last, so one engine would restart its cache whenever

@@ -123,7 +123,11 @@ def gguf(cache: Path, bins: Path, vendored: Path, ckpt: Path) -> dict[str, Path]
     return {"float32": f32, "int8": q8}
 
 
-def artifacts(cache: Path, ckpt: Path) -> dict[str, Path]:
+# --kv-cache: jambatrt's engine setting, and llama-bench's matching cache (q8_0 K and V need its flash attention)
+KV_CACHES = {"float32": [], "int8": ["-fa", 1, "-ctk", "q8_0", "-ctv", "q8_0"]}
+
+
+def artifacts(cache: Path, ckpt: Path, kv_cache: str = "float32") -> dict[str, Path]:
     out = {"float32": cache / "art-float32", "int8": cache / "art-int8"}
     jt = [sys.executable, "-m", "jambatrt"]
     for prec, art in out.items():
@@ -131,7 +135,7 @@ def artifacts(cache: Path, ckpt: Path) -> dict[str, Path]:
             _run(jt + ["export", ckpt, "-o", art, "--force"] + (["--weights-int8"] if prec == "int8" else []),
                  stdout=subprocess.DEVNULL)
         # rebuilt every run (seconds: graph passes only), so a cached artifact runs the current pass list
-        _run(jt + ["build", art, "--backend", "ort"], stdout=subprocess.DEVNULL)
+        _run(jt + ["build", art, "--backend", "ort", "--kv-cache", kv_cache], stdout=subprocess.DEVNULL)
     return out
 
 
@@ -156,8 +160,10 @@ def _wait_rss(cmd, env=None) -> tuple[str, int]:
     return p.stdout, int(p.stderr.strip().splitlines()[-1]) * 1024
 
 
-def llama_bench(bins: Path, model: Path, mode: str, length: int, decode_tokens: int, threads: int) -> dict:
+def llama_bench(bins: Path, model: Path, mode: str, length: int, decode_tokens: int, threads: int,
+                kv_cache: str = "float32") -> dict:
     args = ["-p", length, "-n", 0] if mode == "prefill" else ["-p", 0, "-n", decode_tokens, "-d", length]
+    args += KV_CACHES[kv_cache]
     # llama.cpp runs with its own OpenMP defaults, not the wait settings this package sets for its kernels
     env = {k: v for k, v in os.environ.items() if k not in OMP_ENV}
     out, rss = _wait_rss([bins / "llama-bench", "-m", model, "-t", threads, "-r", 1, "-o", "json", *args], env=env)
@@ -177,7 +183,7 @@ def jambatrt_profile(art: Path, lengths: list[int], decode_tokens: int, report: 
 
 
 def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: Path,
-               prefill_lengths=None) -> list[dict]:
+               prefill_lengths=None, kv_cache: str = "float32") -> list[dict]:
     """Pairs measured back to back: for each precision and length, jambatrt's child (prefill L, then
     decode after L) and llama-bench's tests at L run one right after the other, in turn first (odd
     rounds jambatrt first, even rounds llama.cpp first), so that a pair spans minutes, not a round.
@@ -194,7 +200,7 @@ def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: 
                     res = {}
                     for mode in modes:
                         _log(f"round {r + 1}/{rounds}, {prec}: llama.cpp {mode} {L}")
-                        res[mode] = llama_bench(bins, ggufs[prec], mode, L, decode_tokens, threads)
+                        res[mode] = llama_bench(bins, ggufs[prec], mode, L, decode_tokens, threads, kv_cache)
                     return res
 
                 def ours():
@@ -277,7 +283,10 @@ SEMANTICS = [
     "The float32 rows compare llama.cpp F32 (float experts) with jambatrt's default artifact, whose experts are "
     "ExpertsInt8 (jambatrt's float-experts export is a dense comparison path, E/top_k times the work): fewer bytes "
     "per token on jambatrt's side. The logits check compares F32 with jambatrt's float model.",
-    "llama.cpp keeps the KV cache in f16 by default; jambatrt in float32.",
+    "KV caches: by default llama.cpp keeps f16 (2 bytes an element), jambatrt float32 (4); with --kv-cache int8 "
+    "jambatrt keeps int8 with a float32 scale per 32 channels (1.125 bytes) and llama-bench runs with "
+    "-ctk q8_0 -ctv q8_0 -fa 1 (int8 with an f16 scale per 32: 1.0625 bytes; a quantised V cache needs its "
+    "flash attention).",
     "llama-bench runs with OpenMP's defaults (the OMP_WAIT_POLICY/GOMP_SPINCOUNT this package sets for its own "
     "kernels, threads.py, are removed from its environment); before 2026-12-02 it inherited `make`'s "
     "OMP_WAIT_POLICY=PASSIVE, which made its decode ~2x slower and the ratios of earlier reports too high.",
@@ -293,6 +302,7 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
     gb = 1e9
     md = [f"# jambatrt ORT vs llama.cpp ({meta['llama_cpp']}), preset `{PRESET}`", "",
           f"{meta['machine']}; {meta['threads']} threads; {meta['rounds']} interleaved rounds; "
+          f"KV cache {meta['kv_cache']} (see the semantic differences); "
           "ratio = jambatrt tok/s / llama.cpp tok/s per round, then the median.", "",
           "| precision | test | ratios per round | median | jambatrt tok/s | llama.cpp tok/s | jambatrt peak GB | llama.cpp peak GB |",
           "|---|---|---|---|---|---|---|---|"]
@@ -350,6 +360,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no-logits", action="store_true")
+    p.add_argument("--kv-cache", default="float32", choices=sorted(KV_CACHES),
+                   help="both engines' KV cache: float32 (jambatrt float32, llama.cpp its default f16) or int8 "
+                        "(jambatrt --kv-cache int8, llama.cpp q8_0 K and V with flash attention)")
     a = p.parse_args(argv)
     out, cache = Path(a.out), Path(a.cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,12 +373,14 @@ def main(argv=None) -> int:
     bins, vendored, version = llama_cpp(cache)
     ckpt = checkpoint(cache)
     ggufs = gguf(cache, bins, vendored, ckpt)
-    arts = artifacts(cache, ckpt)
+    arts = artifacts(cache, ckpt, a.kv_cache)
     logits = [] if a.no_logits else logits_check(bins, ggufs, arts, ckpt, out)
     if logits:
         _log("logits: " + json.dumps(logits))
-    rows = run_rounds(bins, ggufs, arts, lengths, a.rounds, a.decode_tokens, a.threads, out, prefill_lengths)
+    rows = run_rounds(bins, ggufs, arts, lengths, a.rounds, a.decode_tokens, a.threads, out, prefill_lengths,
+                      a.kv_cache)
     meta = {"llama_cpp": f"llama-cpp-python {version} sdist, vendored llama.cpp", "threads": a.threads,
+            "kv_cache": a.kv_cache,
             "rounds": a.rounds, "lengths": lengths, "prefill_lengths": prefill_lengths or lengths, "decode_tokens": a.decode_tokens,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "artifacts": {k: str(v) for k, v in arts.items()}, "gguf": {k: str(v) for k, v in ggufs.items()}}

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from jambatrt.plugins.cpu import serial_twin
+
 KV_GROUP = 32
 _Q = 127.0
 
@@ -50,6 +52,11 @@ def _quantize(x, q, s):
                 q[r, j, i] = np.int8(min(max(np.rint(x[r, j, i] * inv), -np.float32(_Q)), np.float32(_Q)))
 
 
+# a decode step's few rows on the calling thread: waking numba's threads costs more than they save
+_quantize_serial = serial_twin(_quantize, cache=True, error_model="numpy")
+_SERIAL_MAX = 1 << 16           # elements
+
+
 def quantize_kv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x [..., d] float32 -> (q [..., d] int8, s [..., G] float32), G = d / kv_group(d)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -58,7 +65,8 @@ def quantize_kv(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     q = np.empty(x.shape, np.int8)
     s = np.empty(x.shape[:-1] + (d // g,), np.float32)
     if x.size:
-        _quantize(x.reshape(-1, d // g, g), q.reshape(-1, d // g, g), s.reshape(-1, d // g))
+        (_quantize_serial if x.size <= _SERIAL_MAX else _quantize)(
+            x.reshape(-1, d // g, g), q.reshape(-1, d // g, g), s.reshape(-1, d // g))
     return q, s
 
 
