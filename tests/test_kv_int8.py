@@ -129,6 +129,23 @@ def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, mo
         assert att._native_fits(kq, vq, ks, vs, Hq) == (d != 48)
 
 
+@pytest.mark.parametrize("P", [0, 130])
+def test_chunk_over_int8_cache_dequantises_block_by_block(P, monkeypatch):
+    """A prefill chunk (L > 1) over an int8 cache: the past dequantised 37 positions at a time (the
+    partial softmaxes merged), the chunk's own keys causal, against the oracle on the dequantised cache."""
+    from jambatrt.plugins.cpu import attention as att
+    monkeypatch.setattr(att, "_DEQUANT_BLOCK", 37)
+    q, k, v, pk, pv = attn_args(torch.Generator().manual_seed(7), B=2, L=9, P=P, Hq=4, Hkv=2, d=32)
+    kk = k.numpy() if P == 0 else torch.cat([pk, k], 1).numpy()
+    vv = v.numpy() if P == 0 else torch.cat([pv, v], 1).numpy()
+    (kq, ks), (vq, vs) = quantize_kv(kk), quantize_kv(vv)
+    kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
+    past = (None, None) if P == 0 else (kd[:, :P], vd[:, :P])
+    o_ref, _, _ = reference("attention")(q, kd[:, P:], vd[:, P:], *past)
+    o = att.attention_cached(q.numpy(), kq, vq, P, ks, vs)
+    _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
+
+
 def test_kv_cache_int8_append_grow_reset_and_state_views():
     from jambatrt.engines.ort import KVCache
     from jambatrt.errors import InputError

@@ -94,20 +94,52 @@ def _attend(q: torch.Tensor, present_k: torch.Tensor, present_v: torch.Tensor, P
 
 def _chunk_with_past(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, P: int) -> torch.Tensor:
     """qf [B,Hq,L,d]; kf, vf [B,Hkv,P+L,d] float32 -> o [B,Hq,L,d]: causal with offset P."""
+    return _attend_past_blocks(qf, [(kf[:, :, :P], vf[:, :, :P])], kf[:, :, P:], vf[:, :, P:])
+
+
+def _merge_softmax(o_a, lse_a, o_b, lse_b):
+    """Two partial attentions (outputs [..., L, d], log-sum-exps [..., L]) over disjoint keys as one."""
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - m).exp_(), (lse_b - m).exp_()
+    w = w_a + w_b
+    return (o_a * w_a.unsqueeze(-1) + o_b * w_b.unsqueeze(-1)) / w.unsqueeze(-1), m + w.log_()
+
+
+def _attend_past_blocks(qf: torch.Tensor, past, k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """qf [B,Hq,L,d] at the L positions after the past; past: (k, v) blocks [B,Hkv,n,d] float32 in order
+    (the whole past in one, or an int8 cache's dequantised a block at a time); k_new, v_new [B,Hkv,L,d]
+    -> o [B,Hq,L,d]: every query sees the whole past and new keys 0..i."""
     B, Hq, L, d = qf.shape
-    Hkv = kf.shape[1]
+    Hkv = k_new.shape[1]
     g = Hq // Hkv
-    # past keys: visible to every query, so the g heads sharing a kv head become one query of g*L rows
-    o_past, lse_past = _flash_with_lse(qf.reshape(B, Hkv, g * L, d), kf[:, :, :P], vf[:, :, :P])
-    o_past, lse_past = o_past.reshape(B, Hq, L, d), lse_past.reshape(B, Hq, L)
+    o = lse = None
+    for kb, vb in past:
+        # past keys: visible to every query, so the g heads sharing a kv head become one query of g*L rows
+        ob, lb = _flash_with_lse(qf.reshape(B, Hkv, g * L, d), kb, vb)
+        o, lse = (ob, lb) if o is None else _merge_softmax(o, lse, ob, lb)
     # new keys: query i sees new keys 0..i -- top-left causal; repeating them costs only O(L)
-    k_new = kf[:, :, P:].repeat_interleave(g, dim=1)
-    v_new = vf[:, :, P:].repeat_interleave(g, dim=1)
-    o_new, lse_new = _flash_with_lse(qf, k_new, v_new, is_causal=True)
-    m = torch.maximum(lse_past, lse_new)
-    w_past = (lse_past - m).exp_().unsqueeze(-1)
-    w_new = (lse_new - m).exp_().unsqueeze(-1)
-    return (o_past * w_past + o_new * w_new) / (w_past + w_new)
+    o_new, lse_new = _flash_with_lse(qf, k_new.repeat_interleave(g, dim=1), v_new.repeat_interleave(g, dim=1),
+                                     is_causal=True)
+    return _merge_softmax(o.reshape(B, Hq, L, d), lse.reshape(B, Hq, L), o_new, lse_new)[0]
+
+
+_DEQUANT_BLOCK = 1 << 14      # positions of an int8 cache dequantised at a time by a prefill chunk
+
+
+def _attend_int8(q: np.ndarray, k8: np.ndarray, v8: np.ndarray, ks: np.ndarray, vs: np.ndarray, P: int) -> np.ndarray:
+    """`_attend` for q [B,L,Hq,d] at positions P..P+L-1 over an int8 cache (k8, v8 [B,P+L,Hkv,d], scales
+    ks, vs): the past dequantised _DEQUANT_BLOCK positions at a time, so a chunk's float32 copy is of
+    one block, never of the whole cache (which would cost the memory the int8 cache saves)."""
+    def deq(a, s, lo, hi):
+        return torch.from_numpy(dequantize_kv(a[:, lo:hi], s[:, lo:hi])).transpose(1, 2)       # [B,Hkv,n,d]
+    n = k8.shape[1]
+    if P == 0:
+        return _attend(torch.from_numpy(q), deq(k8, ks, 0, n).transpose(1, 2), deq(v8, vs, 0, n).transpose(1, 2),
+                       0).numpy()
+    past = ((deq(k8, ks, lo, min(lo + _DEQUANT_BLOCK, P)), deq(v8, vs, lo, min(lo + _DEQUANT_BLOCK, P)))
+            for lo in range(0, P, _DEQUANT_BLOCK))
+    o = _attend_past_blocks(torch.from_numpy(q).transpose(1, 2), past, deq(k8, ks, P, n), deq(v8, vs, P, n))
+    return o.transpose(1, 2).contiguous().numpy()
 
 
 _TILE = 64            # keys per tile of the decode kernel (its scores stay in L1)
@@ -351,13 +383,13 @@ def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray
                      ks: np.ndarray | None = None, vs: np.ndarray | None = None) -> np.ndarray:
     """o [B,L,Hq,d] float32 for q at positions P..P+L-1 over a cache that already holds them:
     present_k/present_v [B,P+L,Hkv,d] views of an in-place cache (engines/ort.py KVCache), float32 or
-    int8 with scales ks/vs [B,P+L,Hkv,G]. Decode reads them in place; a chunk of an int8 cache
-    attends over a float32 copy of it (dequantised: O(P) per chunk, next to the chunk's own work)."""
+    int8 with scales ks/vs [B,P+L,Hkv,G]. Decode reads them in place; a chunk over an int8 cache
+    dequantises it a block at a time (`_attend_int8`)."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
         return decode_attention(q, present_k, present_v, ks, vs)
     if ks is not None:
-        present_k, present_v = dequantize_kv(present_k, ks), dequantize_kv(present_v, vs)
+        return _attend_int8(q, present_k, present_v, ks, vs, P)
     return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()
 
 
