@@ -121,16 +121,15 @@ class KVCache:
         an int8 cache's QuantizedKV (its values taken as they are)."""
         from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
         B, P, Hkv, d = past_k.shape
-        bufs = self._alloc(B, max(need, 2 * P, 256), Hkv, d)
+        self.k, self.v, self.ks, self.vs = self._alloc(B, max(need, 2 * P, 256), Hkv, d)
         if self.dtype == "float32":
-            bufs[0][:, :P], bufs[1][:, :P] = past_k, past_v
-        elif isinstance(past_k, QuantizedKV) and isinstance(past_v, QuantizedKV) and past_k.s.shape == bufs[2][:, :P].shape:
-            bufs[0][:, :P], bufs[1][:, :P], bufs[2][:, :P], bufs[3][:, :P] = past_k.q, past_v.q, past_k.s, past_v.s
+            self.k[:, :P], self.v[:, :P] = past_k, past_v
+        elif (isinstance(past_k, QuantizedKV) and isinstance(past_v, QuantizedKV)
+              and past_k.s.shape == self.ks[:, :P].shape):
+            self.k[:, :P], self.v[:, :P], self.ks[:, :P], self.vs[:, :P] = past_k.q, past_v.q, past_k.s, past_v.s
         else:
-            self.k, self.v, self.ks, self.vs = bufs
             self.length = 0
             self.append(np.asarray(past_k, np.float32), np.asarray(past_v, np.float32))
-        self.k, self.v, self.ks, self.vs = bufs
         self.length = P
 
     def reserve(self, need: int) -> None:

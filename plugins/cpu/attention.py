@@ -173,18 +173,17 @@ def _cache_row_impl(k, ks, b, t, h, buf):
     return dequantized
 
 
-def _scales(ks, b, lo, h):
-    """(address of ks[b, lo, h], its row stride in floats, channels per scale) of an int8 cache's scales,
-    (0, 0, 0) for a float32 cache (numba only)."""
+def _scales(ks, b, lo):
+    """(address of ks[b, lo], its position stride in floats) of an int8 cache's scales; (0, 0) for a
+    float32 cache (numba only)."""
     raise NotImplementedError
 
 
 @overload(_scales, inline="always")
-def _scales_impl(ks, b, lo, h):
+def _scales_impl(ks, b, lo):
     if isinstance(ks, types.NoneType):
-        return lambda ks, b, lo, h: (0, 0, 0)
-    return lambda ks, b, lo, h: (ks.ctypes.data + b * ks.strides[0] + lo * ks.strides[1] + h * ks.strides[2],
-                                 ks.strides[1] // 4, 0)
+        return lambda ks, b, lo: (0, 0)
+    return lambda ks, b, lo: (ks.ctypes.data + b * ks.strides[0] + lo * ks.strides[1], ks.strides[1] // 4)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
@@ -215,8 +214,8 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
                 l_all[b, s, hq] = 0.0
                 for x in range(d):
                     acc_all[b, s, hq, x] = 0.0
-            ka, lds, _ = _scales(ks, b, lo, 0)
-            va, _, _ = _scales(vs, b, lo, 0)
+            ka, lds = _scales(ks, b, lo)
+            va, _ = _scales(vs, b, lo)
             call_native(native, (q.ctypes.data + b * Hq * d * 4, Hkv, g, d,
                                  k.ctypes.data + b * k.strides[0] + lo * k.strides[1],
                                  v.ctypes.data + b * v.strides[0] + lo * v.strides[1],
