@@ -484,6 +484,9 @@ def cmd_inspect(a) -> int:
         t.add_row("weights experts-int8", f"{plan['weight_bytes']['experts_int8'] / gib:.2f} GiB")
         t.add_row("KV cache per token (bf16)", f"{plan['kv_bytes_per_token']:,} B")
         t.add_row("KV cache at context", f"{plan['kv_bytes_at_context'] / gib:.2f} GiB")
+        kv_ort = plan["kv_bytes_at_context_ort"]
+        t.add_row("KV cache at context, ort engine (float32 / --kv-cache int8)",
+                  f"{kv_ort['float32'] / gib:.2f} / {kv_ort['int8'] / gib:.2f} GiB")
         t.add_row("Mamba state per sequence", f"{plan['state_bytes_per_sequence'] / (1 << 20):.2f} MiB")
         host = plan["host_bytes"]
         t.add_row("host memory: export / ort build (streamed)",

@@ -234,6 +234,11 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
     groups = moe_expert_groups(cfg) if moe_layers else [(0, cfg.num_experts)]
     act_bytes = activation_bytes(cfg, batch, chunk or 1)
     kv_at_context = kv_per_token * context * batch
+    # the ORT engine's KV cache (engines/ort.py KVCache): float32, or --kv-cache int8 (plugins/cpu/kv_int8.py:
+    # int8 plus a float32 scale per position, kv head and group of 32 channels, or of the head when d % 32)
+    group = 32 if cfg.head_dim % 32 == 0 else cfg.head_dim
+    kv_elements = kv_per_token // 2 * context * batch
+    kv_ort = {"float32": 4 * kv_elements, "int8": kv_elements + 4 * kv_elements // group}
     total = {k: w + kv_at_context + state * batch + act_bytes for k, w in weights.items()}
     fits = {k: v <= gpu_bytes for k, v in total.items()}
     gpus = {k: math.ceil(v / gpu_bytes) for k, v in total.items()}
@@ -254,6 +259,7 @@ def memory_plan(cfg: JambaConfig, context: int | None = None, batch: int = 1, ch
         "context": context,
         "batch": batch,
         "kv_bytes_at_context": kv_at_context,
+        "kv_bytes_at_context_ort": kv_ort,
         "state_bytes_at_batch": state * batch,
         # chunked prefill: TensorRT volumes are int32
         "tensor_limit": TENSOR_LIMIT,

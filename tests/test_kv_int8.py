@@ -164,6 +164,12 @@ def test_kv_cache_int8_append_grow_reset_and_state_views():
     np.testing.assert_array_equal(np.asarray(k), fake_quant_kv(torch.from_numpy(x)).numpy())
     np.testing.assert_array_equal(np.asarray(v), fake_quant_kv(torch.from_numpy(x * 2)).numpy())
     assert k.nbytes == 2 * 300 * 2 * (64 + 2 * 4)          # 1.125 bytes per element at groups of 32
+    from jambatrt.config import preset
+    from jambatrt.export.plan import memory_plan
+    cfg = preset("tiny")                                    # d 16: one scale per head; `inspect` counts the same
+    kq, ks = quantize_kv(np.zeros((1, 10, cfg.num_key_value_heads, cfg.head_dim), np.float32))
+    per_layer = 2 * (kq.nbytes + ks.nbytes)
+    assert memory_plan(cfg, context=10)["kv_bytes_at_context_ort"]["int8"] == per_layer * cfg.num_attention_layers
     cut = k[:, :100]                                        # cut_past slices without converting
     assert isinstance(cut, QuantizedKV) and cut.shape == (2, 100, 2, 64)
     np.testing.assert_array_equal(np.asarray(cut), np.asarray(k)[:, :100])

@@ -55,6 +55,7 @@ def test_memory_plan_mini_fits_80gb_with_int8_experts():
                 "layers", "context", "batch", "kv_bytes_at_context", "state_bytes_at_batch"):
         assert key in plan
     assert plan["kv_bytes_at_context"] == 4 * 2 ** 30                  # 4 attention layers x 16 KiB x 256K
+    assert plan["kv_bytes_at_context_ort"] == {"float32": 8 * 2 ** 30, "int8": 2 ** 31 + 2 ** 31 // 8}
     assert plan["prefill_chunk"] >= 1024 and plan["largest_activation"]["under_limit"]
     total = plan["total_bytes"]
     assert total["experts_int8"] == (plan["weight_bytes"]["experts_int8"] + plan["kv_bytes_at_context"]
