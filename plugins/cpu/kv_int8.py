@@ -9,7 +9,7 @@ quantised values: the step's own keys too, so a chunked prefill and token-by-tok
 over the same numbers. `fake_quant_kv` is the same rounding in torch, for the eager reference the
 engine is validated against (validate/reference.py). Elements within a float rounding of a
 rounding boundary can round apart in two computations of the same key (k_proj on another kernel):
-one step of 1/127 of the group's max, which validate grades like an undecided MoE route."""
+one step of 1/127 of the group's max, which validate allows on K/V states (`quant_step`)."""
 
 from __future__ import annotations
 
