@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from jambatrt.config import JambaConfig
 from jambatrt.engines.base import cut_past
+from jambatrt.engines.ort import KV_CACHES
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.export import ops as jops
 from jambatrt.export.checkpoint import DTYPES, hf_tensor_shapes
@@ -234,8 +235,8 @@ class EagerReference(Reference):
         super().__init__(artifact, chunk)
         if impl not in IMPLS:
             raise InputError(f"unknown eager reference impl {impl!r} (accepted: {', '.join(IMPLS)})")
-        if kv_cache not in ("float32", "int8"):
-            raise InputError(f"unknown KV cache {kv_cache!r} (accepted: float32, int8)")
+        if kv_cache not in KV_CACHES:
+            raise InputError(f"unknown KV cache {kv_cache!r} (accepted: {', '.join(KV_CACHES)})")
         self.impl, self.long_from, self.kv_cache = impl, long_from, kv_cache
         # the weights stay in the artifact's store, mapped: pages are read as layers use them
         self.model = load_artifact_model(self.artifact, self.manifest, impl="custom" if impl == "custom" else "ref")

@@ -130,12 +130,13 @@ def _attend_int8(q: np.ndarray, k8: np.ndarray, v8: np.ndarray, ks: np.ndarray, 
     """`_attend` for q [B,L,Hq,d] at positions P..P+L-1 over an int8 cache (k8, v8 [B,P+L,Hkv,d], scales
     ks, vs): the past dequantised _DEQUANT_BLOCK positions at a time, so a chunk's float32 copy is of
     one block, never of the whole cache (which would cost the memory the int8 cache saves)."""
+    if P == 0:
+        return _attend(torch.from_numpy(q), torch.from_numpy(dequantize_kv(k8, ks)),
+                       torch.from_numpy(dequantize_kv(v8, vs)), 0).numpy()
+
     def deq(a, s, lo, hi):
         return torch.from_numpy(dequantize_kv(a[:, lo:hi], s[:, lo:hi])).transpose(1, 2)       # [B,Hkv,n,d]
     n = k8.shape[1]
-    if P == 0:
-        return _attend(torch.from_numpy(q), deq(k8, ks, 0, n).transpose(1, 2), deq(v8, vs, 0, n).transpose(1, 2),
-                       0).numpy()
     past = ((deq(k8, ks, lo, min(lo + _DEQUANT_BLOCK, P)), deq(v8, vs, lo, min(lo + _DEQUANT_BLOCK, P)))
             for lo in range(0, P, _DEQUANT_BLOCK))
     o = _attend_past_blocks(torch.from_numpy(q).transpose(1, 2), past, deq(k8, ks, P, n), deq(v8, vs, P, n))

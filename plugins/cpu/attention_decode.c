@@ -1,18 +1,20 @@
-/* Decode attention's inner loop (attention.py `_decode_kernel` calls it once per sequence, split of the
-   cached positions and kv head; native.py builds it with gemv_int8.c): the g query heads q [g, d] (already
-   scaled by d^-0.5) of one kv head against n cached positions, whose keys and values are rows of d at
-   k + t * ld and v + t * ld, float32, or int8 with one float32 scale per group of gs channels at
-   ks + t * lds and vs + t * lds (kv_int8.py). An online softmax over tiles of TILE positions updates in
-   place m [g] (running max; start -inf), l [g] (sum of exp(score - m); start 0) and acc [g, d] (sum of
-   exp(score - m) * value; start 0); attention.py merges the splits.
+/* Decode attention's inner loop (attention.py `_decode_kernel` calls it once per sequence and split of the
+   cached positions; native.py builds it with gemv_int8.c): the hkv * g query heads q [hkv * g, d] (already
+   scaled by d^-0.5; heads h*g .. h*g+g-1 share kv head h) against n cached positions, whose keys and values
+   are rows of hkv * d at k + t * ld and v + t * ld, float32, or int8 with one float32 scale per group of gs
+   channels at ks + t * lds and vs + t * lds (kv_int8.py). An online softmax over tiles of TILE positions
+   updates in place m [hq] (running max; start -inf), l [hq] (sum of exp(score - m); start 0) and acc [hq, d]
+   (sum of exp(score - m) * value; start 0); attention.py merges the splits.
 
-   What makes it faster than the numba loop it replaces (which stays for other CPUs): a key row is
-   loaded (and dequantised) once for the g query heads, whose dot products accumulate in registers;
-   the values go chunk by chunk (16 channels) through every position of the tile with the g
-   accumulators in registers, so the tile's weighted sum costs one multiply-add per weight and the
-   int8 values one conversion each; the softmax exponentials are vectorised. g is a compile-time
-   constant for 1, 2, 4 and 8 query heads per kv head (the loops unroll). d must be a multiple of 16
-   and gs / 16 a power of two (gs = 16 for a float32 cache); attention.py checks before calling. */
+   What makes it faster than the numba loop it replaces (which stays for other CPUs): a key row is loaded
+   (and dequantised) once for its g query heads, whose dot products accumulate in registers; the softmax
+   exponentials are vectorised. On AVX-512 the scores keep two accumulator chains a head and reduce four
+   sums at once, the value rows are prefetched while the scores run, and the values go through the tile in
+   blocks of 16 / g chunks of 16 channels whose sums stay in registers (one multiply-add per weight, one
+   conversion per int8 value); the AVX2 entry point keeps the simpler loop (values row by row, the sums in
+   acc). g is a compile-time constant for 1, 2, 4 and 8 query heads per kv head (the loops unroll). d must
+   be a multiple of 16 and gs / 16 a power of two (gs = 16 for a float32 cache); attention.py checks before
+   calling. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -190,7 +192,7 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
     }
 }
 
-/* ---- AVX2 + FMA: the same with 8 lanes --------------------------------------------------------------- */
+/* ---- AVX2 + FMA: 8 lanes, the simpler loop ------------------------------------------------------------- */
 
 __attribute__((target("avx2,fma")))
 static inline __m256 exp8(__m256 x) {
