@@ -194,7 +194,7 @@ def cmd_build(a) -> int:
     from jambatrt.engines import engine_class
     from jambatrt.errors import InputError
 
-    for flag, value in (("--prefill-compute", a.prefill_compute), ("--kv-cache", a.kv_cache)):
+    for flag, value in (("--prefill-compute", a.prefill_compute), ("--kv-cache", a.kv_cache), ("--decode", a.decode)):
         if value is not None and (a.backend != "ort" or a.stages is not None or a.stage_plan is not None):
             raise InputError(f"{flag} is a setting of the single ONNX Runtime engine (build --backend ort, "
                              "without --stages)")
@@ -202,7 +202,8 @@ def cmd_build(a) -> int:
         return _build_stages(a)
     cls = engine_class(a.backend)
     with console.status(f"building the {a.backend} engine for {a.out}"):
-        settings = ({"attention": a.attention, "prefill_compute": a.prefill_compute, "kv_cache": a.kv_cache}
+        settings = ({"attention": a.attention, "prefill_compute": a.prefill_compute, "kv_cache": a.kv_cache,
+                     "decode": a.decode}
                     if a.backend == "ort" else
                     {"max_batch": a.max_batch, "max_seq": a.max_seq, "prefill_chunk": a.prefill_chunk})
         if a.backend == "tensorrt":
@@ -601,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "token, head and 32 channels (3.6x less memory at long context; attention reads the "
                         "quantised keys and values, and validate compares with an eager model that rounds them "
                         "the same way)")
+    b.add_argument("--decode", default=None, choices=["native", "graph"],
+                   help="ort only: decode steps (one token) through the native step, every layer on the same CPU kernels "
+                        "with no ONNX Runtime graph in between (default; models it does not cover, e.g. float experts or "
+                        "--attention gqa, decode through the graph), or through the ONNX Runtime graph as prefill")
     b.add_argument("--max-batch", type=COUNT, default=None, help="tensorrt, aoti: largest batch (default 4)")
     b.add_argument("--max-seq", type=TOKENS, default=None, help="tensorrt, aoti: longest context (default: the model's)")
     b.add_argument("--prefill-chunk", type=TOKENS, default=None,

@@ -3,7 +3,9 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from jambatrt.manifest import Manifest
 
 ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
 KV_CACHES = ("float32", "int8")  # the in-place KV cache's storage (KVCache)
+DECODES = ("native", "graph")      # what runs a decode step (OrtSettings.decode)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class OrtSettings:
     # the attention layers' in-place KV cache (attention="kernel"): "float32", or "int8" with a float32
     # scale per token, head and 32 channels (plugins/cpu/kv_int8.py): 3.6x less memory and bytes read
     kv_cache: str = "float32"
+    # decode steps (one token): "native", every layer through plugins/cpu/decode_step.py's kernels with no
+    # ONNX Runtime graph in between (the graph runs prefill; models the step does not cover decode through
+    # it), or "graph": through the ONNX Runtime graph too
+    decode: str = "native"
 
     @classmethod
     def from_kwargs(cls, **kw) -> "OrtSettings":
@@ -41,6 +48,8 @@ class OrtSettings:
             raise InputError(f"prefill_compute={s.prefill_compute!r} (accepted: {', '.join(COMPUTES)})")
         if s.kv_cache not in KV_CACHES:
             raise InputError(f"kv_cache={s.kv_cache!r} (accepted: {', '.join(KV_CACHES)})")
+        if s.decode not in DECODES:
+            raise InputError(f"decode={s.decode!r} (accepted: {', '.join(DECODES)})")
         if s.kv_cache != "float32" and s.attention != "kernel":
             raise InputError(f"kv_cache={s.kv_cache} needs attention=kernel: com.microsoft::GroupQueryAttention keeps "
                              "its float32 KV in the graph (accepted with attention=gqa: kv_cache=float32)")
@@ -70,17 +79,23 @@ def _session_options(threads: int | None = None):
     return so
 
 
-def _initializer_array(t, weights_dir: Path) -> np.ndarray:
+def _initializer_array(t, weights_dir: Path, maps: dict | None = None) -> np.ndarray:
     """An initializer's values: mapped from its external data file (copy-on-write, so the array is
-    writable for torch.from_numpy yet the file is never written), or decoded when stored inline."""
+    writable for torch.from_numpy yet the file is never written), or decoded when stored inline.
+    maps {path: mmap}: files already mapped (the engine's weight store, which its native decode step
+    reads too: one mapping, so resident pages are not counted twice)."""
     from onnx import helper, numpy_helper
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
     if not uses_external_data(t):
         return numpy_helper.to_array(t).copy()         # small, stored inline; a writable copy
     info = ExternalDataInfo(t)
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    shape = tuple(int(d) for d in t.dims)
+    shared = (maps or {}).get((Path(weights_dir) / info.location).resolve())
+    if shared is not None:
+        return np.frombuffer(shared, dtype=dtype, count=math.prod(shape), offset=int(info.offset or 0)).reshape(shape)
     mapped = np.memmap(Path(weights_dir) / info.location, dtype=dtype, mode="c", offset=int(info.offset or 0),
-                       shape=tuple(int(d) for d in t.dims))
+                       shape=shape)
     return mapped.view(np.ndarray)          # a plain array (numba, torch) that keeps the mapping alive
 
 
@@ -166,13 +181,14 @@ class KVCache:
         return QuantizedKV(k, ks), QuantizedKV(v, vs)
 
 
-def session_graph(path: Path, kv_cache: str | None, compute: str = "float32") -> tuple:
+def session_graph(path: Path, kv_cache: str | None, compute: str = "float32", maps: dict | None = None) -> tuple:
     """The engine graph at `path` as this process hands it to a session: the weights of MoE layers
     and (--weights-int8) linear layers mapped from the data file beside it and bound outside the
     graph (graph/passes/bind_weights.py; onnxruntime-extensions would copy them on every call), and
     with `kv_cache` (a KV_CACHES dtype) the attention layers' KV in in-place `KVCache`s of that
     dtype (graph/passes/bind_kv_caches.py);
-    the weights' kernels run their prefill GEMMs in `compute` (ort_ops.Weights).
+    the weights' kernels run their prefill GEMMs in `compute` (ort_ops.Weights); `maps` as
+    `_initializer_array` takes it.
     Returns (model bytes, {past input name: (key, "k"|"v")}, keys); `ort_ops.release(keys)` frees
     what was bound, and nothing stays bound when this raises."""
     import onnx
@@ -189,7 +205,8 @@ def session_graph(path: Path, kv_cache: str | None, compute: str = "float32") ->
 
     try:
         model = bind_weights(onnx.load(str(path), load_external_data=False),
-                             lambda node, tensors: keep(Weights((_initializer_array(t, path.parent) for t in tensors), compute),
+                             lambda node, tensors: keep(Weights((_initializer_array(t, path.parent, maps) for t in tensors),
+                                                                           compute),
                                                         node))
         cached = bind_kv_caches(model, lambda node: keep(KVCache(kv_cache), node)) if kv_cache else {}
         return model.SerializeToString(), cached, keys
@@ -199,7 +216,7 @@ def session_graph(path: Path, kv_cache: str | None, compute: str = "float32") ->
 
 
 def load_session(path: Path, threads: int | None, kv_cache: str | None, map_weights: bool = True,
-                 what: str = "engine", compute: str = "float32") -> tuple:
+                 what: str = "engine", compute: str = "float32", maps: dict | None = None) -> tuple:
     """An ONNX Runtime session of the engine graph at `path`: as `session_graph` hands it with
     `map_weights`, else the file as written (every weight and cache an op input). Returns (session,
     cached, keys) as session_graph does. ArtifactError when ONNX Runtime cannot load it."""
@@ -214,7 +231,7 @@ def load_session(path: Path, threads: int | None, kv_cache: str | None, map_weig
         so = _session_options(threads)
         source, cached = str(path), {}
         if map_weights:
-            source, cached, keys = session_graph(path, kv_cache, compute)
+            source, cached, keys = session_graph(path, kv_cache, compute, maps)
             so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"]), cached, keys
     except Exception as e:   # ORT raises its own exception types (Fail, InvalidGraph, NoSuchFile, ...)
@@ -264,7 +281,8 @@ class OrtEngine(Engine):
         onnx.save_model(model, out)
         check(out)
         return {"path": ENGINE, "onnxruntime": onnxruntime.__version__, "passes": [p.__name__ for p in passes],
-                "settings": {"attention": s.attention, "prefill_compute": s.prefill_compute, "kv_cache": s.kv_cache},
+                "settings": {"attention": s.attention, "prefill_compute": s.prefill_compute, "kv_cache": s.kv_cache,
+                             "decode": s.decode},
                 "weights": manifest.weights}
 
     def __init__(self, artifact, manifest=None, threads: int | None = None, map_weights: bool = True):
@@ -274,16 +292,39 @@ class OrtEngine(Engine):
         super().__init__(artifact, manifest)
         from jambatrt.plugins.cpu.ort_ops import release
 
+        from jambatrt.export.store import MappedStore
+        from jambatrt.plugins.cpu.ort_ops import bound
+
         path = self.manifest.file(self.entry["path"])
         kv_cache = self.kv_cache if self.entry["settings"]["attention"] == "kernel" else None
+        store = MappedStore(self.manifest.file(self.manifest.weights)) if map_weights else None
+        maps = {store.path.resolve(): store.mapping} if store is not None else None
         self.session, self.kv_cached, keys = load_session(path, threads, kv_cache, map_weights,
-                                                          compute=self.prefill_compute)
+                                                          compute=self.prefill_compute, maps=maps)
         self.bound = keys          # what this session keeps outside its graph (ort_ops.bind)
         self._release = weakref.finalize(self, release, keys)     # the mapped weights and KV caches go with it
+        self.decoder = None        # plugins/cpu/decode_step.py's NativeDecoder, when it runs this model's decode
+        self.decode_path = "graph"
+        if store is not None and self.entry["settings"].get("decode", "native") == "native":
+            self.decode_path = self._native_decoder(store, {n: bound(k) for n, (k, part) in self.kv_cached.items()
+                                                            if part == "k"})
         self.input_names = [i.name for i in self.step_program.inputs]      # the full state, in order
         self.output_names = [o.name for o in self.step_program.outputs]
         self.session_inputs = {i.name for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
+
+    def _native_decoder(self, store, caches: dict) -> str:
+        """Sets self.decoder when the native decode step runs this model; returns what runs decode
+        steps: "native", or "graph (why)"."""
+        from jambatrt.plugins.cpu.decode_step import NativeDecoder
+        layers = {int(re.search(r"layer(\d+)\.k$", n).group(1)): c for n, c in caches.items()}
+        attention = [i for i in range(self.config.num_hidden_layers) if self.config.is_attention(i)]
+        why = (None if sorted(layers) == attention else "attention without the in-place KV cache (attention=gqa)")
+        why = why or NativeDecoder.supports(self.config, store)
+        if why:
+            return f"graph ({why})"
+        self.decoder = NativeDecoder(self.config, store, layers)
+        return "native"
 
     @property
     def prefill_compute(self) -> str:
@@ -320,7 +361,7 @@ class OrtEngine(Engine):
         from jambatrt.plugins.cpu.ort_ops import bound, run_checked   # raises OrtKernelError on kernel failures
 
         feeds = dict(zip(self.input_names, [input_ids, *state]))
-        L = input_ids.shape[1]
+        B, L = input_ids.shape
         feeds[POSITIONS] = np.array([1 if last_only else L], np.int64)     # an input of engines built since slice_logits
         for name, (key, _) in self.kv_cached.items():        # in-place caches: reuse, or restart from the state
             if name.endswith(".k"):
@@ -328,6 +369,9 @@ class OrtEngine(Engine):
                 if c.k is None or c.views[0] is not pk or c.views[1] is not pv:
                     c.reset(pk, pv, pk.shape[1] + L)    # a state this engine did not hand out last
                 c.reserve(c.length + L)
+        if L == 1 and self.decoder is not None:
+            self.check_state(state, B)            # the graph checks its inputs; the native step relies on this
+            return self.decoder.step(np.ascontiguousarray(input_ids, dtype=np.int64), state)
         outs = dict(zip(self.session_outputs, run_checked(self.session, self.session_outputs,
                                                           {n: feeds[n] for n in self.session_inputs})))
         for name, (key, part) in self.kv_cached.items():

@@ -266,6 +266,11 @@ class MappedStore:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    @property
+    def mapping(self):
+        """The whole file's mapping (mmap; None for an empty file)."""
+        return self._map
+
     def names(self) -> list[str]:
         return list(self.entries)
 

@@ -165,6 +165,28 @@ def compare_steps(got_engine, want_engine, check, seed: int) -> None:
             check(g, w, f"decode {step} state {i}")
 
 
+def native_decode_matches_graph(artifact, seed: int = 0, kv_int8: bool = False) -> None:
+    """The ORT engine's native decode step (plugins/cpu/decode_step.py) against the same engine decoding
+    through its ONNX Runtime graph: compare_steps' prefill and decode steps at batch 2, one fp32 model in
+    two summation orders. kv_int8: the K/V states may also differ by one rounding step of the int8 cache
+    (the step's keys computed by two kernels can round apart), as validate allows."""
+    from jambatrt.engines.ort import OrtEngine
+    from jambatrt.plugins.cpu.kv_int8 import quant_step
+    with OrtEngine.load(artifact) as native, OrtEngine.load(artifact) as graph:
+        assert native.decode_path == "native", native.decode_path
+        graph.decoder, graph.decode_path = None, "graph"
+        kv = {n for n, spec in enumerate(native.step_program.state) if "past" in spec.shape}
+
+        def check(got, want, what):
+            i = int(what.split("state ")[1].split()[0]) if "state " in what else None
+            if kv_int8 and i in kv:
+                w = np.asarray(want, np.float32)
+                assert (np.abs(np.asarray(got, np.float32) - w) <= 1e-6 + quant_step(w)).all(), what
+            else:
+                assert_same_model_sums(got, want, native.config, 40, what)
+        compare_steps(native, graph, check, seed)
+
+
 def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
     """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
     sequence model is fed by client.step."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_model_sums, hf_model, run_cli
+from conftest import assert_same_model_sums, hf_model, native_decode_matches_graph, run_cli
 from jambatrt.engines.generate import Sampling, generate
 from jambatrt.engines.ort import OrtEngine
 from jambatrt.errors import ArtifactError, InputError
@@ -119,6 +119,32 @@ def test_decode_after_prefill_equals_longer_prefill(engine):
     assert_same_model_sums(step, full[:, -1], engine.config, 50, "logits")
     for a, b in zip(state2, state_full):
         assert_same_model_sums(a, b, engine.config, 50, "state")
+
+
+def test_native_decode_matches_graph_decode(engine, tiny_artifact):
+    assert engine.decode_path == "native"
+    native_decode_matches_graph(tiny_artifact)
+
+
+def test_native_decode_of_tied_biased_model_and_graph_fallbacks(make_checkpoint, tiny_ckpt, tmp_path_factory):
+    """The native step on a model with tied embeddings, Mamba projection biases and no conv bias; the graph
+    decodes when the build asks for it, with --attention gqa and with float experts."""
+    art = tmp_path_factory.mktemp("allmoe") / "art"
+    run_cli("export", make_checkpoint("allmoe"), "-o", art, check=True)
+    run_cli("build", art, "--backend", "ort", check=True)
+    native_decode_matches_graph(art, seed=2)
+    for flags, path in ((("--decode", "graph"), "graph"),
+                        (("--attention", "gqa"), "graph (attention without the in-place KV cache (attention=gqa))")):
+        run_cli("build", art, "--backend", "ort", *flags, check=True)
+        with OrtEngine.load(art) as e:
+            assert e.decode_path == path and e.decoder is None
+    dense = tmp_path_factory.mktemp("dense") / "art"
+    run_cli("export", tiny_ckpt, "-o", dense, "--no-experts-int8", check=True)
+    run_cli("build", dense, "--backend", "ort", check=True)
+    with OrtEngine.load(dense) as e:
+        assert e.decode_path == "graph (float experts (the dense comparison export))"
+    with pytest.raises(InputError, match="accepted: native, graph"):
+        OrtEngine.Settings.from_kwargs(decode="fast")
 
 
 def test_mapped_expert_weights_change_nothing_but_copies(engine, tiny_artifact):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import native_decode_matches_graph, run_cli
 from jambatrt.export.ops import reference
 from jambatrt.plugins.cpu.kv_int8 import (KV_GROUP, QuantizedKV, dequantize_kv, fake_quant_kv, kv_group, quant_step,
                                           quantize_kv)
@@ -229,6 +229,10 @@ def test_engine_int8_kv_matches_rounding_eager_model_prefill_and_decode(kv_artif
             a, _ = e.decode(tok, st)
             b, _ = e2.decode(tok, st)
             np.testing.assert_array_equal(a, b)
+
+
+def test_native_decode_matches_graph_decode_int8_kv(kv_artifact):
+    native_decode_matches_graph(kv_artifact, seed=4, kv_int8=True)
 
 
 def test_validate_int8_kv_engine(kv_artifact, tmp_path):

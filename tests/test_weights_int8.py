@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_same_model_sums, run_cli
+from conftest import assert_same_model_sums, native_decode_matches_graph, run_cli
 from jambatrt.engines.ort import OrtEngine
 from jambatrt.export.checkpoint import Checkpoint
 from jambatrt.export.quantize import dequantize_linear, quantize_linear
@@ -475,3 +475,7 @@ def test_native_gemv_takes_strided_arrays_as_the_loop_does(variant):
     _gemv_int8_serial(x, w, scale, out, gemv_int8_address(variant))
     want = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
     assert (np.abs(out - want) <= _dot_bound(x, w.astype(np.float32)) * scale).all()
+
+
+def test_native_decode_matches_graph_decode_int8_weights(int8_artifact):
+    native_decode_matches_graph(int8_artifact, seed=3)

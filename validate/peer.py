@@ -178,7 +178,8 @@ def jambatrt_profile(art: Path, lengths: list[int], decode_tokens: int, report: 
     rep = run_profile(art, "ort", lengths, reference=None, repeats=1, warmup_tokens=64, decode_tokens=decode_tokens,
                       decode_warmup=2, budget_s=1.0)
     report.write_text(json.dumps(rep, indent=1))
-    return {(r["mode"], r["length"]): {"tokens_per_s": r["tokens_per_s"], "peak_rss_bytes": r["peak_rss_bytes"]}
+    return {(r["mode"], r["length"]): {"tokens_per_s": r["tokens_per_s"], "peak_rss_bytes": r["peak_rss_bytes"],
+                                       "decode_path": rep.get("engine_decode")}
             for r in rep["results"]}
 
 
@@ -216,6 +217,7 @@ def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: 
                     j, peer = j_all[(mode, L)], peer_all[mode]
                     rows.append({"round": r + 1, "precision": prec, "mode": mode, "length": L,
                                  "jambatrt_tokens_per_s": j["tokens_per_s"], "jambatrt_peak_rss_bytes": j["peak_rss_bytes"],
+                                 "jambatrt_decode": j["decode_path"],
                                  "llama_cpp_tokens_per_s": peer["tokens_per_s"],
                                  "llama_cpp_peak_rss_bytes": peer["peak_rss_bytes"], "llama_cpp_settings": peer["settings"],
                                  "ratio": j["tokens_per_s"] / peer["tokens_per_s"]})
@@ -303,7 +305,8 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
     md = [f"# jambatrt ORT vs llama.cpp ({meta['llama_cpp']}), preset `{PRESET}`", "",
           f"{meta['machine']}; {meta['threads']} threads; {meta['rounds']} interleaved rounds; "
           f"KV cache {meta['kv_cache']} (see the semantic differences); "
-          "ratio = jambatrt tok/s / llama.cpp tok/s per round, then the median.", "",
+          "ratio = jambatrt tok/s / llama.cpp tok/s per round, then the median; jambatrt's decode steps ran "
+          f"through: {', '.join(sorted({str(r.get('jambatrt_decode')) for r in rows}))}.", "",
           "| precision | test | ratios per round | median | jambatrt tok/s | llama.cpp tok/s | jambatrt peak GB | llama.cpp peak GB |",
           "|---|---|---|---|---|---|---|---|"]
     for s in summary:

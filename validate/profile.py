@@ -74,7 +74,8 @@ def _side(spec: dict):
     if spec["side"] == "engine":
         from jambatrt.engines import engine_class
         engine = engine_class(spec["backend"]).load(spec["artifact"])
-        return engine, {"chunk": engine.default_chunk(spec["batch"])}
+        return engine, {"chunk": engine.default_chunk(spec["batch"]),
+                        "decode_path": getattr(engine, "decode_path", "graph")}
     import torch
 
     from jambatrt.validate.reference import EagerReference   # `import jambatrt` registered the CPU kernels
@@ -227,6 +228,8 @@ def run_profile(artifact, backend: str, lengths: list[int], reference: str | Non
             "reference_description": REFERENCE_DESCRIPTION.format(chunk=reference_chunk) if reference else None,
             "reference_kernels": (ref_info or {}).get("custom_op_kernels"),
             "engine_chunk": next((c["info"].get("chunk") for c in children if c["side"] == "engine"), None),
+            # what ran the engine's decode steps (the ORT engine: "native" or "graph (why)")
+            "engine_decode": next((c["info"].get("decode_path") for c in children if c["side"] == "engine"), None),
             "settings": settings, "results": results}
 
 

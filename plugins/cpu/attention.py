@@ -417,10 +417,15 @@ def attention_cached_op(q, k, v, cache):
     first `length` positions hold the past, room reserved before every run): the step's keys and
     values are appended and attended over in place, so no step copies the cache."""
     from jambatrt.plugins.cpu.ort_ops import bound
-    c = bound(cache)
+    return attend_in_cache(bound(cache), q, k, v, cache)
+
+
+def attend_in_cache(c, q: np.ndarray, k: np.ndarray, v: np.ndarray, name: str = "") -> np.ndarray:
+    """o [B,L,Hq,d] for q over the KVCache `c` (engines/ort.py) with the step's k, v [B,L,Hkv,d]
+    appended to it in place; the cache then holds L more positions. The engine reserved the room."""
     P, L = c.length, k.shape[1]
     if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
-        raise ValueError(f"KV cache {cache!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
+        raise ValueError(f"KV cache {name!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
                          f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
                          f"{k.shape[0]} (the engine reserves room before every run)")
     c.append(k, v)

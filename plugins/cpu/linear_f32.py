@@ -15,25 +15,46 @@ import functools
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.linear_int8 import _NATIVE_PARTS, _SERIAL_MAX_WEIGHTS, GEMV_MAX_ROWS
+from jambatrt.plugins.cpu.linear_int8 import _NATIVE_PARTS, _SERIAL_MAX_WEIGHTS, GEMV_MAX_ROWS, gemv_int8_into
 from jambatrt.plugins.cpu.native import call_gemv_f32, gemv_f32_address
 from jambatrt.plugins.registry import session_op
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
 def _gemv_f32(x, w, out, native):
     """out [M,N] = x [M,K] @ w[N,K]^T through the native kernel at `native`, rows of w in _NATIVE_PARTS
-    contiguous ranges over the threads; all float32, C-contiguous."""
+    contiguous ranges over the threads; all float32, C-contiguous. native 0: a numba loop (fastmath lets
+    LLVM put the K-long sums in vector lanes)."""
+    M, K = x.shape
     N = w.shape[0]
-    parts = min(N, _NATIVE_PARTS)
-    for p in prange(parts):
-        call_gemv_f32(native, x, w, p * N // parts, (p + 1) * N // parts, out)
+    if native != 0:
+        parts = min(N, _NATIVE_PARTS)
+        for p in prange(parts):
+            call_gemv_f32(native, x, w, p * N // parts, (p + 1) * N // parts, out)
+        return
+    for n in prange(N):
+        for m in range(M):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * w[n, k]
+            out[m, n] = acc
 
 
-_gemv_f32_serial = serial_twin(_gemv_f32, cache=True)
+_gemv_f32_serial = serial_twin(_gemv_f32, cache=True, fastmath={"reassoc", "contract"})
+
+
+@njit(inline="always")
+def gemv_f32_into(x, w, out, native):
+    """`_gemv_f32` from numba code, on the calling thread for matrices under _SERIAL_MAX_WEIGHTS (the
+    precondition of linear_int8.gemv_int8_into holds here too)."""
+    if w.shape[0] * w.shape[1] < _SERIAL_MAX_WEIGHTS:
+        _gemv_f32_serial(x, w, out, native)
+    else:
+        _gemv_f32(x, w, out, native)
 
 
 def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -84,3 +105,20 @@ def linear_f32_mapped(x, weights):
     from jambatrt.plugins.cpu.ort_ops import bound_weights
     (w,), _ = bound_weights(weights)
     return linear_f32(x, w)
+
+
+def gemv_into(x, w, scale, out, native8, native32):
+    """out [M,N] = x [M,K] @ w [N,K]^T, times scale [N] when w is int8 (linear_int8's GEMV at the
+    native kernel `native8`) or plain for float32 w (`_gemv_f32` at `native32`; scale is not read):
+    one call for numba code that runs on either kind of weights (the decode step of an artifact with or
+    without --weights-int8). Numba code only."""
+    raise TypeError("gemv_into is called from numba code")
+
+
+@overload(gemv_into)
+def _gemv_into(x, w, scale, out, native8, native32):
+    if isinstance(w, types.Array) and w.dtype == types.int8:
+        return lambda x, w, scale, out, native8, native32: gemv_int8_into(x, w, scale, out, native8)
+    if isinstance(w, types.Array) and w.dtype == types.float32:
+        return lambda x, w, scale, out, native8, native32: gemv_f32_into(x, w, out, native32)
+    return None

@@ -23,7 +23,8 @@ from numba import njit
 
 from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
 from jambatrt.plugins.cpu.causal_conv1d import _conv_step_kernel, causal_conv1d
-from jambatrt.plugins.cpu.linear_int8 import gemv_int8_into, linear_int8
+from jambatrt.plugins.cpu.linear_f32 import gemv_into
+from jambatrt.plugins.cpu.linear_int8 import linear_int8
 from jambatrt.plugins.cpu.native import gemv_int8_address
 from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _step_kernel, _step_kernel_serial,
                                                  selective_scan)
@@ -46,14 +47,19 @@ def _rms_norm_into(x, w, eps, out):
 
 @njit(cache=True, error_model="numpy")
 def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_norm, b_norm, c_norm,
-                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out, native):
+                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out, native, native32=0,
+                in_b=None, out_b=None):
     """One token of B sequences: h [B,H] -> y [B,H]; conv_state -> conv_out [B,D,K-1], ssm_state ->
-    ssm_out [B,D,N]. All float32 (weights int8), C-contiguous."""
+    ssm_out [B,D,N]. All float32, C-contiguous; the weights int8 with their scales (GEMVs at the native
+    kernel `native`), or float32 (at `native32`; their scales are not read): linear_f32.gemv_into.
+    in_b [2D], out_b [H]: in_proj's and out_proj's biases (Jamba's mamba_proj_bias), or None."""
     B = h.shape[0]
     D, N = A.shape
     R = dt_w.shape[1]
     xz = np.empty((B, 2 * D), np.float32)
-    gemv_int8_into(h, in_w, in_s, xz, native)
+    gemv_into(h, in_w, in_s, xz, native, native32)
+    if in_b is not None:
+        xz += in_b
     xs = np.empty((B, D, 1), np.float32)
     z = np.empty((B, D, 1), np.float32)
     for b in range(B):
@@ -63,7 +69,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     xc = np.empty((B, D, 1), np.float32)
     _conv_step_kernel(xs, conv_w, conv_b, conv_state, xc, conv_out)
     xdbl = np.empty((B, R + 2 * N), np.float32)
-    gemv_int8_into(xc.reshape(B, D), x_w, x_s, xdbl, native)
+    gemv_into(xc.reshape(B, D), x_w, x_s, xdbl, native, native32)
     dtn = np.empty((B, R), np.float32)
     Bm = np.empty((B, N), np.float32)
     Cm = np.empty((B, N), np.float32)
@@ -71,7 +77,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     _rms_norm_into(xdbl[:, R:R + N], b_norm, eps, Bm)
     _rms_norm_into(xdbl[:, R + N:], c_norm, eps, Cm)
     delta = np.empty((B, D), np.float32)
-    gemv_int8_into(dtn, dt_w, dt_s, delta, native)
+    gemv_into(dtn, dt_w, dt_s, delta, native, native32)
     ys = np.empty((B, D, 1), np.float32)
     args = (xc, delta.reshape(B, D, 1), A, Bm.reshape(B, N, 1), Cm.reshape(B, N, 1), Dskip, z, True, dt_bias,
             ssm_state, ys, ssm_out)
@@ -79,7 +85,9 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
         _step_kernel_serial(*args)
     else:
         _step_kernel(*args)
-    gemv_int8_into(ys.reshape(B, D), out_w, out_s, y, native)
+    gemv_into(ys.reshape(B, D), out_w, out_s, y, native, native32)
+    if out_b is not None:
+        y += out_b
 
 
 def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
