@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -240,7 +241,12 @@ def cut_past(specs, state: list, keep: int) -> list:
 
 def dtype_name(t) -> str:
     """A numpy array's or torch tensor's dtype as the step program names it ("bfloat16", "int64")."""
-    return str(t.dtype).removeprefix("torch.")
+    return _dtype_name(t.dtype)
+
+
+@functools.cache
+def _dtype_name(dtype) -> str:     # str(dtype) costs ~5 us, and a decode step checks every state tensor's
+    return str(dtype).removeprefix("torch.")
 
 
 def to_torch(a: np.ndarray, device: str = "cpu"):

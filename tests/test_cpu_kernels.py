@@ -118,6 +118,52 @@ def test_selective_state_update_is_one_scan_step():
     np.testing.assert_array_equal(h1, h)
 
 
+def _native_scan_or_skip():
+    from jambatrt.plugins.cpu.native import _compiler, runnable_variants, scan_step_address
+    if "avx512" not in runnable_variants("scan") or _compiler() is None:
+        pytest.skip("the native scan step needs an AVX-512 CPU and a C compiler (elsewhere numba's step kernel runs)")
+    return scan_step_address()
+
+
+@pytest.mark.parametrize("B,D", [(1, 2048), (2, 531)])
+def test_native_scan_step_matches_numba_step(B, D):
+    """mamba_step.c's scan step (d_state 16; the native decode step's) against numba's `_step_kernel`: the
+    same exp/log polynomials, C . h summed in another order, so within float32 rounding of each quantity's
+    terms; D 531 leaves a masked tail in a 512-channel job and in a 16-channel block."""
+    from conftest import sum_error_bound
+    from jambatrt.plugins.cpu.mamba_mixer import _scan_step_native
+    from jambatrt.plugins.cpu.selective_scan import _step_kernel_serial
+    address = _native_scan_or_skip()
+    rng = np.random.default_rng(D)
+    f = lambda *shape, s=1.0: (rng.standard_normal(shape) * s).astype(np.float32)
+    N = 16
+    u, z = f(B, D, 1), f(B, D, 1, s=3.0)
+    delta = np.concatenate([f(B, D - 4, 1, s=2.0), np.array([[[25.0], [-30.0], [1e-8], [-90.0]]] * B, np.float32)], 1)
+    A, Bm, Cm = -np.exp(f(D, N)), f(B, N, 1), f(B, N, 1)
+    Dskip, bias, h0 = f(D), f(D, s=0.5), f(B, D, N)
+    want_y, want_h = np.empty((B, D, 1), np.float32), np.empty((B, D, N), np.float32)
+    _step_kernel_serial(u, delta, A, Bm, Cm, Dskip, z, True, bias, h0, want_y, want_h)
+    y, h = np.full((B, D, 1), np.nan, np.float32), np.full((B, D, N), np.nan, np.float32)
+    _scan_step_native(u, delta, A, Bm.reshape(B, N), Cm.reshape(B, N), Dskip, z, bias, h0, y, h, address)
+    eps = float(np.finfo(np.float32).eps)
+    # h = exp(dt A) h0 + dt u B: exp(dt A) <= 1 and |dt u B| <= |h| + |h0|, each a few roundings
+    bound_h = 16 * eps * (np.abs(want_h) + np.abs(h0))
+    assert np.isfinite(h).all() and (np.abs(h - want_h) <= bound_h).all(), float(np.abs(h - want_h).max())
+    # y = (C . h + Dskip u) silu(z), |silu(z)| <= |z|: the 17-term sum in either order, h's differences, a few roundings
+    C = np.abs(Cm.transpose(0, 2, 1))                                     # [B, 1, N]
+    abs_sum = (np.abs(want_h) * C).sum(-1, keepdims=True) + np.abs(Dskip[None, :, None] * u)
+    bound_y = (2 * sum_error_bound(abs_sum, N + 1) + (bound_h * C).sum(-1, keepdims=True)) * np.abs(z) \
+        + 8 * eps * np.abs(want_y)
+    assert np.isfinite(y).all() and (np.abs(y - want_y) <= bound_y).all(), float(np.abs(y - want_y).max())
+
+
+def test_native_scan_step_off_with_avx2_choice(monkeypatch):
+    """JAMBATRT_NATIVE=avx2 stands for a CPU without AVX-512: no native scan step there (numba's runs)."""
+    from jambatrt.plugins.cpu.native import scan_step_address
+    monkeypatch.setenv("JAMBATRT_NATIVE", "avx2")
+    assert scan_step_address() == 0
+
+
 def test_causal_conv1d_update_is_one_conv_step():
     x, w, b, state = map(_np, make("causal_conv1d", "odd_state"))
     y1, s1 = causal_conv1d_update(x[:, :, 0], w, b, state)

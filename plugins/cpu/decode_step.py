@@ -31,7 +31,7 @@ from numba import njit
 from jambatrt.plugins.cpu.linear_f32 import gemv_into
 from jambatrt.plugins.cpu.mamba_mixer import _mixer_step, _rms_norm_into
 from jambatrt.plugins.cpu.moe_int8 import _moe_few_tokens
-from jambatrt.plugins.cpu.native import gemv_f32_address, gemv_int8_address
+from jambatrt.plugins.cpu.native import gemv_f32_address, gemv_int8_address, scan_step_address
 from jambatrt.plugins.cpu.selective_scan import swiglu_into
 
 _NO_SCALE = np.ones(0, np.float32)      # the scale argument of a float32 weight (gemv_into does not read it)
@@ -93,7 +93,7 @@ class NativeDecoder:
 
     def __init__(self, config, store, caches: dict):
         self.cfg, self.caches = config, caches
-        self.n8, self.n32 = gemv_int8_address(), gemv_f32_address()
+        self.n8, self.n32, self.nscan = gemv_int8_address(), gemv_f32_address(), scan_step_address()
         self.eps = np.float32(config.rms_norm_eps)
         self.embed = store.array("model.embed_tokens.weight")
         self.final_norm = store.array("model.final_layernorm.weight")
@@ -156,7 +156,8 @@ class NativeDecoder:
             if mixer[0] == "mamba":
                 conv, ssm = (np.ascontiguousarray(s, dtype=np.float32) for s in state[2 * i:2 * i + 2])
                 conv_out, ssm_out = np.empty_like(conv), np.empty_like(ssm)
-                _mixer_step(x, conv, ssm, *mixer[1], *mixer[2], eps, y, conv_out, ssm_out, n8, n32, *mixer[3])
+                _mixer_step(x, conv, ssm, *mixer[1], *mixer[2], eps, y, conv_out, ssm_out, (n8, n32, self.nscan),
+                            *mixer[3])
                 new_state += [conv_out, ssm_out]
             else:
                 new_state += self._attention(i, x, mixer[1:], y)

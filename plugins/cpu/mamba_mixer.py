@@ -19,16 +19,18 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
 from jambatrt.plugins.cpu.causal_conv1d import _conv_step_kernel, causal_conv1d
 from jambatrt.plugins.cpu.linear_f32 import gemv_into
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
-from jambatrt.plugins.cpu.native import gemv_int8_address
+from jambatrt.plugins.cpu.native import call_native, gemv_int8_address, scan_step_address
 from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _step_kernel, _step_kernel_serial,
                                                  selective_scan)
 from jambatrt.plugins.registry import session_op
+
+_SCAN_CHANNELS = 512     # channels per job of the native scan step: D 2048 is four jobs on numba's threads
 
 
 
@@ -45,19 +47,36 @@ def _rms_norm_into(x, w, eps, out):
             out[b, i] = x[b, i] / r * w[i]
 
 
+@njit(cache=True, parallel=True)
+def _scan_step_native(u, delta, A, Bm, Cm, Dskip, z, dt_bias, h0, y, h_out, address):
+    """mamba_step.c's scan step (d_state 16) at `address` over the sequences and ranges of _SCAN_CHANNELS
+    channels, on numba's threads; arrays as `_step_kernel` takes them, C-contiguous float32."""
+    Bsz, D, _ = u.shape
+    parts = (D + _SCAN_CHANNELS - 1) // _SCAN_CHANNELS
+    for job in prange(Bsz * parts):
+        b = job // parts
+        d0 = (job % parts) * _SCAN_CHANNELS
+        d1 = min(D, d0 + _SCAN_CHANNELS)
+        r, s = b * D * 4, b * D * 16 * 4          # byte offsets of sequence b's rows: [D] and [D, 16]
+        call_native(address, (u.ctypes.data + r, delta.ctypes.data + r, A.ctypes.data, Bm.ctypes.data + b * 64,
+                              Cm.ctypes.data + b * 64, Dskip.ctypes.data, z.ctypes.data + r, 1, dt_bias.ctypes.data,
+                              h0.ctypes.data + s, y.ctypes.data + r, h_out.ctypes.data + s, d0, d1))
+
+
 @njit(cache=True, error_model="numpy")
 def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_norm, b_norm, c_norm,
-                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out, native, native32=0,
-                in_b=None, out_b=None):
+                in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s, eps, y, conv_out, ssm_out, natives, in_b=None,
+                out_b=None):
     """One token of B sequences: h [B,H] -> y [B,H]; conv_state -> conv_out [B,D,K-1], ssm_state ->
-    ssm_out [B,D,N]. All float32, C-contiguous; the weights int8 with their scales (GEMVs at the native
-    kernel `native`), or float32 (at `native32`; their scales are not read): linear_f32.gemv_into.
+    ssm_out [B,D,N]. All float32, C-contiguous; the weights int8 with their scales, or float32 (their scales
+    not read): linear_f32.gemv_into. natives: the native kernels' addresses (0: none), (int8 GEMV, float32
+    GEMV, scan step: mamba_step.c, taken for d_state 16).
     in_b [2D], out_b [H]: in_proj's and out_proj's biases (Jamba's mamba_proj_bias), or None."""
     B = h.shape[0]
     D, N = A.shape
     R = dt_w.shape[1]
     xz = np.empty((B, 2 * D), np.float32)
-    gemv_into(h, in_w, in_s, xz, native, native32)
+    gemv_into(h, in_w, in_s, xz, natives[0], natives[1])
     if in_b is not None:
         xz += in_b
     xs = np.empty((B, D, 1), np.float32)
@@ -69,7 +88,7 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     xc = np.empty((B, D, 1), np.float32)
     _conv_step_kernel(xs, conv_w, conv_b, conv_state, xc, conv_out)
     xdbl = np.empty((B, R + 2 * N), np.float32)
-    gemv_into(xc.reshape(B, D), x_w, x_s, xdbl, native, native32)
+    gemv_into(xc.reshape(B, D), x_w, x_s, xdbl, natives[0], natives[1])
     dtn = np.empty((B, R), np.float32)
     Bm = np.empty((B, N), np.float32)
     Cm = np.empty((B, N), np.float32)
@@ -77,15 +96,17 @@ def _mixer_step(h, conv_state, ssm_state, conv_w, conv_b, A, Dskip, dt_bias, dt_
     _rms_norm_into(xdbl[:, R:R + N], b_norm, eps, Bm)
     _rms_norm_into(xdbl[:, R + N:], c_norm, eps, Cm)
     delta = np.empty((B, D), np.float32)
-    gemv_into(dtn, dt_w, dt_s, delta, native, native32)
+    gemv_into(dtn, dt_w, dt_s, delta, natives[0], natives[1])
     ys = np.empty((B, D, 1), np.float32)
     args = (xc, delta.reshape(B, D, 1), A, Bm.reshape(B, N, 1), Cm.reshape(B, N, 1), Dskip, z, True, dt_bias,
             ssm_state, ys, ssm_out)
-    if B * D * N <= _SERIAL_MAX_UPDATES:
+    if natives[2] != 0 and N == 16:
+        _scan_step_native(xc, delta.reshape(B, D, 1), A, Bm, Cm, Dskip, z, dt_bias, ssm_state, ys, ssm_out, natives[2])
+    elif B * D * N <= _SERIAL_MAX_UPDATES:
         _step_kernel_serial(*args)
     else:
         _step_kernel(*args)
-    gemv_into(ys.reshape(B, D), out_w, out_s, y, native, native32)
+    gemv_into(ys.reshape(B, D), out_w, out_s, y, natives[0], natives[1])
     if out_b is not None:
         y += out_b
 
@@ -130,7 +151,7 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
         conv_out = np.empty_like(conv_state)
         ssm_out = np.empty_like(ssm_state)
         _mixer_step(h.reshape(Bsz, H), conv_state, ssm_state, *params, *weights, np.float32(eps), y, conv_out, ssm_out,
-                    gemv_int8_address())
+                    (gemv_int8_address(), 0, scan_step_address()))
         return y.reshape(Bsz, 1, H), conv_out, ssm_out
     conv_w, conv_b, A, Dskip, dt_b, dt_n, b_n, c_n = params
     in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights

@@ -30,7 +30,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-_SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv_int8.c", "attention_decode.c"))
+_SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv_int8.c", "attention_decode.c", "mamba_step.c"))
+_HEADERS = (Path(__file__).with_name("simd_math.h"),)
 _FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instruction set (target attributes)
 _LIBS = ("-lm",)
 # the kernels, fastest first: name -> (symbol, the CPU features it needs, as llvmlite names them)
@@ -40,7 +41,8 @@ F32_VARIANTS = {"avx512": ("jt_gemv_f32", ("avx512f",)),          # the float32 
                 "avx2": ("jt_gemv_f32_avx2", ("avx2", "fma"))}
 ATTENTION_VARIANTS = {"avx512": ("jt_attn_decode", ("avx512f",)),     # decode attention (attention.py)
                       "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
-_TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS}
+SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",))}           # the scan's decode step (mamba_mixer.py)
+_TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS, "scan": SCAN_VARIANTS}
 _state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
 
 
@@ -75,7 +77,7 @@ def _cache_dirs() -> list[Path]:
 
 def _build(cc: str, fresh: bool = False) -> Path:
     """The compiled library's path: a cached build of these sources and flags unless `fresh`."""
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + " ".join((cc, *_FLAGS, *_LIBS)).encode())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in (*_SOURCES, *_HEADERS)) + " ".join((cc, *_FLAGS, *_LIBS)).encode())
     name = f"jt_native-{key.hexdigest()[:16]}.so"
     for d in _cache_dirs():
         if (d / name).is_file() and not fresh:
@@ -120,6 +122,12 @@ def attention_decode_address(variant: str | None = None) -> int:
     return _address("attention", variant)
 
 
+def scan_step_address(variant: str | None = None) -> int:
+    """The address of mamba_step.c's scan step for this CPU (`variant`: one of SCAN_VARIANTS), or 0 (as
+    gemv_int8_address; AVX-512 only: elsewhere numba's `_step_kernel`)."""
+    return _address("scan", variant)
+
+
 def _address(table: str, variant: str | None) -> int:
     choice = os.environ.get("JAMBATRT_NATIVE", "1")
     if variant is None and choice == "0":
@@ -128,6 +136,8 @@ def _address(table: str, variant: str | None) -> int:
         _state[("warned", choice)] = True
         warnings.warn(f"jambatrt: JAMBATRT_NATIVE={choice!r} is not one of 0, 1, {', '.join(VARIANTS)}; "
                       "using 1 (the best kernel this CPU runs)", RuntimeWarning, stacklevel=3)
+    if variant is None and choice == "avx2" and "avx2" not in _TABLES[table]:
+        return 0                                     # as on a CPU without AVX-512: this kernel has no AVX2 form
     runnable = runnable_variants(table)
     variant = variant or (choice if choice in _TABLES[table] else (runnable[0] if runnable else None))
     if variant not in runnable:
@@ -151,7 +161,8 @@ def _address(table: str, variant: str | None) -> int:
     if why:
         what, instead = {"int8": ("int8 GEMV", "the numba kernel (~0.7x its speed on AVX512-VNNI)"),
                          "f32": ("float32 GEMV", "torch's GEMV"),
-                         "attention": ("decode attention", "the numba kernel")}[table]
+                         "attention": ("decode attention", "the numba kernel"),
+                         "scan": ("scan step", "the numba kernel")}[table]
         warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses {instead}",
                       RuntimeWarning, stacklevel=3)
     _state[table, variant] = address
