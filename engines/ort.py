@@ -205,9 +205,8 @@ def session_graph(path: Path, kv_cache: str | None, compute: str = "float32", ma
 
     try:
         model = bind_weights(onnx.load(str(path), load_external_data=False),
-                             lambda node, tensors: keep(Weights((_initializer_array(t, path.parent, maps) for t in tensors),
-                                                                           compute),
-                                                        node))
+                             lambda node, tensors: keep(Weights((_initializer_array(t, path.parent, maps)
+                                                                 for t in tensors), compute), node))
         cached = bind_kv_caches(model, lambda node: keep(KVCache(kv_cache), node)) if kv_cache else {}
         return model.SerializeToString(), cached, keys
     except BaseException:
@@ -290,10 +289,8 @@ class OrtEngine(Engine):
         place); False: the engine file as written, which onnxruntime-extensions copies every weight
         and cache of on every call (for comparison)."""
         super().__init__(artifact, manifest)
-        from jambatrt.plugins.cpu.ort_ops import release
-
         from jambatrt.export.store import MappedStore
-        from jambatrt.plugins.cpu.ort_ops import bound
+        from jambatrt.plugins.cpu.ort_ops import bound, release
 
         path = self.manifest.file(self.entry["path"])
         kv_cache = self.kv_cache if self.entry["settings"]["attention"] == "kernel" else None
@@ -312,6 +309,10 @@ class OrtEngine(Engine):
         self.output_names = [o.name for o in self.step_program.outputs]
         self.session_inputs = {i.name for i in self.session.get_inputs()}
         self.session_outputs = [o.name for o in self.session.get_outputs()]
+        state_index = {n: i for i, n in enumerate(self.input_names[1:])}
+        # (k's and v's index in the state, their KVCache) per attention layer with an in-place cache
+        self._kv_slots = [(state_index[n], state_index[n[:-2] + ".v"], bound(key))
+                          for n, (key, part) in self.kv_cached.items() if part == "k"]
 
     def _native_decoder(self, store, caches: dict) -> str:
         """Sets self.decoder when the native decode step runs this model; returns what runs decode
@@ -353,25 +354,27 @@ class OrtEngine(Engine):
         return self.run_step(input_ids, state, last_only=True)
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.decoder = None
+        self._kv_slots = []
         self._release()
 
     def _run(self, input_ids, state, last_only: bool = False):
         from jambatrt.graph.passes.slice_logits import POSITIONS
         from jambatrt.plugins.cpu.ort_ops import bound, run_checked   # raises OrtKernelError on kernel failures
 
-        feeds = dict(zip(self.input_names, [input_ids, *state]))
         B, L = input_ids.shape
-        feeds[POSITIONS] = np.array([1 if last_only else L], np.int64)     # an input of engines built since slice_logits
-        for name, (key, _) in self.kv_cached.items():        # in-place caches: reuse, or restart from the state
-            if name.endswith(".k"):
-                c, pk, pv = bound(key), feeds[name], feeds[name[:-2] + ".v"]
-                if c.k is None or c.views[0] is not pk or c.views[1] is not pv:
-                    c.reset(pk, pv, pk.shape[1] + L)    # a state this engine did not hand out last
-                c.reserve(c.length + L)
-        if L == 1 and self.decoder is not None:
+        native = L == 1 and self.decoder is not None
+        if native:
             self.check_state(state, B)            # the graph checks its inputs; the native step relies on this
+        for i, j, c in self._kv_slots:            # in-place caches: reuse, or restart from the state
+            pk, pv = state[i], state[j]
+            if c.k is None or c.views[0] is not pk or c.views[1] is not pv:
+                c.reset(pk, pv, pk.shape[1] + L)    # a state this engine did not hand out last
+            c.reserve(c.length + L)
+        if native:
             return self.decoder.step(np.ascontiguousarray(input_ids, dtype=np.int64), state)
+        feeds = dict(zip(self.input_names, [input_ids, *state]))
+        feeds[POSITIONS] = np.array([1 if last_only else L], np.int64)     # an input of engines built since slice_logits
         outs = dict(zip(self.session_outputs, run_checked(self.session, self.session_outputs,
                                                           {n: feeds[n] for n in self.session_inputs})))
         for name, (key, part) in self.kv_cached.items():
