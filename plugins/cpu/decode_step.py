@@ -152,7 +152,7 @@ class NativeDecoder:
         n8, n32, eps = self.n8, self.n32, self.eps
         new_state: list = []
         _norm(h, self.layers[0][0][0], eps, x)
-        for i, ((ln_in, ln_ff), mixer, ffn) in enumerate(self.layers):
+        for i, ((_, ln_ff), mixer, ffn) in enumerate(self.layers):    # input norms: applied before the layer
             if mixer[0] == "mamba":
                 conv, ssm = (np.ascontiguousarray(s, dtype=np.float32) for s in state[2 * i:2 * i + 2])
                 conv_out, ssm_out = np.empty_like(conv), np.empty_like(ssm)
