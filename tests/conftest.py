@@ -187,12 +187,20 @@ def native_decode_matches_graph(artifact, seed: int = 0, kv_int8: bool = False) 
         compare_steps(native, graph, check, seed)
 
 
-def offline_logits(engine, prompt: list[int], fed: list[int]) -> np.ndarray:
+def offline_logits(engine, prompt: list[int], fed: list[int], graph: bool = False) -> np.ndarray:
     """Logits [V] the offline engine gives after `prompt` and then `fed` one token per step, as a
-    sequence model is fed by client.step."""
-    logits, state = engine.prefill(np.array([prompt]), last_only=True)
-    for tok in fed:
-        logits, state = engine.decode([tok], state)
+    sequence model is fed by client.step. graph: its decode steps through the ONNX Runtime graph (as
+    stage engines decode), not its native step, which sums in another order."""
+    decoder = getattr(engine, "decoder", None)
+    if graph:
+        engine.decoder = None
+    try:
+        logits, state = engine.prefill(np.array([prompt]), last_only=True)
+        for tok in fed:
+            logits, state = engine.decode([tok], state)
+    finally:
+        if graph:
+            engine.decoder = decoder
     return logits[0]
 
 

@@ -206,7 +206,9 @@ def test_validate_report_markdown_plots_and_states(built, tmp_path):
 def _perturb_engine_initializer(artifact: Path, name: str, factor: float) -> None:
     """Scale one expert's row of an initializer of the BUILT engine (stored inline in its graph, so the
     artifact's weights stay as they are), then re-record the engine's sha256 in the manifest (as a
-    rebuild would): the engine computes a wrong function."""
+    rebuild would): the engine computes a wrong function. Its decode steps go through the graph too (as
+    `build --decode graph` records it): the native decode step reads the artifact's weight store, which
+    this leaves intact."""
     import onnx
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor
@@ -222,6 +224,7 @@ def _perturb_engine_initializer(artifact: Path, name: str, factor: float) -> Non
     arr[0] *= factor
     init.CopyFrom(numpy_helper.from_array(arr, name))
     onnx.save(model, str(path))
+    manifest["engines"]["ort"]["settings"]["decode"] = "graph"
     record_files(artifact, manifest, [manifest["engines"]["ort"]["path"]])
 
 
