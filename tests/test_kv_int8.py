@@ -11,6 +11,7 @@ import torch
 
 from conftest import native_decode_matches_graph, run_cli
 from jambatrt.export.ops import reference
+from jambatrt.export.ops.attention import SPEC as ATTENTION_SPEC
 from jambatrt.plugins.cpu.kv_int8 import (KV_GROUP, QuantizedKV, dequantize_kv, fake_quant_kv, kv_group, quant_step,
                                           quantize_kv)
 from op_test_data import F32, attn_args
@@ -62,20 +63,72 @@ def test_quantize_nonfinite_group_reads_nan():
     assert np.isfinite(deq[np.broadcast_to(finite, x.shape)]).all()
 
 
+def _takes_vnni(address: int, d: int) -> bool:
+    """Whether the decode kernel at `address` runs attention_decode.c's integer path (attn_vnni) on an int8
+    cache of head dimension d: the AVX512-VNNI entry point, groups of 32 channels, d <= 256."""
+    from jambatrt.plugins.cpu.native import ATTENTION_VARIANTS, attention_decode_address, runnable_variants
+    return ("avx512vnni" in ATTENTION_VARIANTS and "avx512vnni" in runnable_variants("attention")
+            and address != 0 and address == attention_decode_address("avx512vnni")
+            and kv_group(d) == 32 and d <= 256)
+
+
+def _query_rounded_to_int16(q: torch.Tensor) -> torch.Tensor:
+    """q [B,1,Hq,d] as attn_vnni uses it: q * d^-0.5 rounded per group of 32 channels to qi * (max|q| /
+    32767), qi = rint(q * (32767 / max|q|)) in float32, then divided by d^-0.5 again for the oracle."""
+    d = q.shape[-1]
+    qs = (q.numpy() * np.float32(d ** -0.5)).astype(np.float32).reshape(*q.shape[:-1], d // 32, 32)
+    top = np.abs(qs).max(-1, keepdims=True)
+    inv = np.where(top > 0, np.float32(32767) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    qr = np.rint(qs * inv) * (top / np.float32(32767))
+    return torch.from_numpy((qr.reshape(q.shape) / np.float32(d ** -0.5)).astype(np.float32))
+
+
+def _check_int8(o, q, kd, vd, vq, vs, vnni: bool):
+    """o (decode over the int8 cache) against the attention oracle over its dequantised values kd, vd at
+    the op's float32 tolerance. When the integer path ran (vnni): the oracle takes the query as that path
+    rounds it (_query_rounded_to_int16), and o may differ further by the rounding of the softmax weights
+    times the value scales to 16 bits per tile (<= 64 positions): each p' = p vs by at most half a step of
+    its tile's largest, so by at most min(p', max p' within 63 positions / 65534) relative to the global
+    maximum, and the numerator by the sum over t of that times |v_int| (over the softmax's sum; x2 for
+    slack)."""
+    B, _, Hq, d = q.shape
+    k_new, v_new, k_past, v_past = kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1]
+    qq = _query_rounded_to_int16(q) if vnni else q
+    o_ref, _, _ = reference("attention")(qq, k_new, v_new, k_past, v_past)
+    extra = torch.zeros_like(o_ref)
+    if vnni:
+        g = Hq // kd.shape[2]
+        kh = kd.double().repeat_interleave(g, dim=2)                                 # [B, S, Hq, d]
+        s = torch.einsum("bhd,bthd->bht", qq[:, 0].double() * d ** -0.5, kh)
+        p = torch.exp(s - s.amax(-1, keepdim=True))                                 # [B, Hq, S]
+        vsh = torch.from_numpy(vs).double().repeat_interleave(g, dim=2)              # [B, S, Hq, G]
+        pv = p.transpose(1, 2)[..., None] * vsh                                      # p', [B, S, Hq, G]
+        near = torch.nn.functional.max_pool1d(pv.permute(0, 2, 3, 1).reshape(-1, 1, pv.shape[1]), 127, 1, 63)
+        near = near.reshape(pv.shape[0], *pv.shape[2:], pv.shape[1]).permute(0, 3, 1, 2)  # max p' within 63
+        err_t = torch.minimum(pv, near / 65534)                                      # rounding error of p'
+        vint = torch.from_numpy(vq).double().abs().repeat_interleave(g, dim=2)       # [B, S, Hq, d]
+        num = (err_t.repeat_interleave(32, dim=-1) * vint).sum(1)                    # [B, Hq, d]
+        extra = (2 * num / p.sum(-1)[..., None]).float()[:, None]
+    atol, rtol = ATTENTION_SPEC.tolerances[torch.float32]
+    err = (torch.as_tensor(o) - o_ref).abs()
+    bound = atol + rtol * o_ref.abs() + extra
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g} (max error {err.max().item():.3g})"
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 3000), (3, 6, 3, 16, 777), (2, 8, 2, 128, 1500),
                                          (1, 4, 4, 64, 5)])
 def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P):
     """decode_attention over int8 K/V with scales == the attention oracle over their float32 values,
-    within the op's float32 tolerance: the kernel dequantises as it reads, nothing else differs."""
-    from jambatrt.plugins.cpu.attention import decode_attention
+    within the op's float32 tolerance: the kernel dequantises as it reads, nothing else differs (on
+    AVX512-VNNI, but for the integer path's two roundings to 16 bits, _check_int8)."""
+    from jambatrt.plugins.cpu.attention import attention_decode_address, decode_attention
     q, k, v, pk, pv = attn_args(torch.Generator().manual_seed(3), B=B, L=1, P=P, Hq=Hq, Hkv=Hkv, d=d)
     kk, vv = torch.cat([pk, k], 1).numpy(), torch.cat([pv, v], 1).numpy()
     (kq, ks), (vq, vs) = quantize_kv(kk), quantize_kv(vv)
     kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
-    o_ref, _, _ = reference("attention")(q, kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1])
     o = decode_attention(q.numpy(), kq, vq, ks, vs)
     assert o.shape == (B, 1, Hq, d) and o.dtype == np.float32
-    _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
+    _check_int8(torch.from_numpy(o), q, kd, vd, vq, vs, _takes_vnni(attention_decode_address(), d))
     if B > 1:      # the engine's cache views: batch-strided (capacity > length)
         cap = P + 40
         kb, vb = np.zeros((B, cap, Hkv, d), np.int8), np.zeros((B, cap, Hkv, d), np.int8)
@@ -95,12 +148,15 @@ def _attention_variants() -> list:
 
 @pytest.mark.parametrize("variant", _attention_variants())
 @pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 5000), (2, 8, 2, 128, 1500), (1, 6, 2, 16, 70),
-                                         (3, 16, 1, 64, 130), (1, 64, 4, 16, 33), (2, 6, 3, 48, 300)])
+                                         (3, 16, 1, 64, 130), (1, 64, 4, 16, 33), (2, 6, 3, 48, 300),
+                                         (1, 16, 2, 96, 200), (1, 2, 2, 256, 90)])
 def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, monkeypatch):
     """decode_attention on each kernel (the numba loop, attention_decode.c per instruction set), over
     a float32 cache and an int8 one, against the attention oracle (on the dequantised values for
-    int8) at the op's float32 tolerance: query heads per kv head 1, 2, 3 (not unrolled), 4 and 16, 64
-    query heads, batch-strided cache views, tiles with tails, splits over threads. d 48 with int8
+    int8) at the op's float32 tolerance (the AVX512-VNNI kernel's integer path on int8 within the bound of
+    its roundings, _check_int8): query heads per kv head 1, 2, 3 (not unrolled), 4, 8 and 16, 64 query
+    heads, batch-strided cache views, tiles with tails, splits over threads, head dimensions of one to
+    eight groups of 32 (96: a half block of the integer path's 64-channel transposes). d 48 with int8
     (groups of 48 channels) is not the native kernel's and takes the numba loop."""
     from jambatrt.plugins.cpu import attention as att
     from jambatrt.plugins.cpu.native import attention_decode_address
@@ -121,9 +177,9 @@ def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, mo
     _check("attention", (torch.from_numpy(o), kt, vt), (o_ref, kt, vt), F32)
     (kq, ks), (vq, vs) = quantize_kv(kk), quantize_kv(vv)
     kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
-    o_ref, _, _ = reference("attention")(q, kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1])
     o = att.decode_attention(q.numpy(), kq, vq, ks, vs)
-    _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
+    _check_int8(torch.from_numpy(o), q, kd, vd, vq, vs,
+                variant != "numba" and _takes_vnni(att.attention_decode_address(), d))
     if variant != "numba":
         assert att._native_fits(kk, vv, None, None, Hq)
         assert att._native_fits(kq, vq, ks, vs, Hq) == (d != 48)

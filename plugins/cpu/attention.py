@@ -16,6 +16,9 @@ Decode (L == 1, P > 0, float32) skips torch: `decode_attention` is a numba kerne
 [B,S,Hkv,d] cache once, in its own layout, for all q heads at once (split over keys across threads,
 partial softmaxes merged at the end). torch's SDPA on the transposed cache views (strided GQA) took
 4.5 ms at 64K keys (B 1, Hkv 2, d 32) where this takes 2.3 ms, about the time of reading the cache.
+Each job runs attention_decode.c where the CPU and the cache's layout allow (`_native_fits`): on
+AVX512-VNNI an int8 cache in groups of 32 channels goes through 16-bit integer dot products (the query
+and the softmax weights rounded to 16 bits; see that file).
 
 Copies of the KV cache. `attention_torch` must return fresh present tensors, so it concatenates
 once (torch.cat) and computes over the result: no other copy of the cache (`.float()` is a no-op

@@ -1,7 +1,7 @@
 """Native (C) kernels beside the numba ones, for what numba's code generation cannot reach: `gemv_int8.c`,
 the int8 and float32 GEMVs of decode (linear_int8.py, linear_f32.py explain when they run), and
 `attention_decode.c`, decode attention over a float32 or int8 KV cache (attention.py), each on AVX-512
-or AVX2.
+(with VNNI: integer dot products over an int8 cache) or AVX2; `mamba_step.c`, the scan's decode step.
 
 `gemv_int8_address()` (and `gemv_f32_address()`, `attention_decode_address()`) compiles the C sources
 into one library, once per source version, with the system C compiler (`$CC`, else cc/gcc), loads it,
@@ -39,7 +39,8 @@ VARIANTS = {"avx512vnni": ("jt_gemv_int8", ("avx512f", "avx512bw", "avx512vl", "
             "avx2": ("jt_gemv_int8_avx2", ("avx2",))}
 F32_VARIANTS = {"avx512": ("jt_gemv_f32", ("avx512f",)),          # the float32 GEMV (linear_f32.py)
                 "avx2": ("jt_gemv_f32_avx2", ("avx2", "fma"))}
-ATTENTION_VARIANTS = {"avx512": ("jt_attn_decode", ("avx512f",)),     # decode attention (attention.py)
+ATTENTION_VARIANTS = {"avx512vnni": ("jt_attn_decode_vnni", ("avx512f", "avx512bw", "avx512vnni")),   # decode attention
+                      "avx512": ("jt_attn_decode", ("avx512f",)),                                   # (attention.py)
                       "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
 SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",))}           # the scan's decode step (mamba_mixer.py)
 _TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS, "scan": SCAN_VARIANTS}
