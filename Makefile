@@ -63,7 +63,8 @@ bench-scale: setup
 	$(PY) -m jambatrt.validate.scale --dir bench/scale
 
 # The ORT engine against llama.cpp on the same checkpoint (preset `peer`), interleaved rounds: builds llama.cpp
-# once from the llama-cpp-python sdist into build/peer (kept by `make clean`), GGUF F32 + Q8_0, logits check;
+# once from the llama-cpp-python sdist into build/peer (kept by `make clean`), GGUF F32 + Q8_0, logits check,
+# decode per token at 1K..64K of context;
 # bench/peer/peer.{json,md,png}. Not part of `make test`. PEER_ARGS="--rounds 2 --lengths 512,4096" for less.
 bench-peer: setup
 	$(PY) -m pip install -q sentencepiece

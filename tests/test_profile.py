@@ -97,3 +97,26 @@ def test_peer_bench_peak_rss_is_the_childs_own():
     _, small = _wait_rss([sys.executable, "-c", "pass"])
     _, large = _wait_rss([sys.executable, "-c", "b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096])"])
     assert held.sum() and small < 200 << 20 <= (300 << 20) <= large < (300 + 200) << 20
+
+
+def test_peer_bench_flat_decode_report(tiny_artifact, tmp_path):
+    """`make bench-peer`'s decode per token against context: validate/decode_flat.py in a child on a built
+    artifact (two contexts, three steps), read back into peer.json, peer.md's table and the plot's
+    third panel. (The table's other rows here are made up: this checks the report, not a measurement.)"""
+    from jambatrt.validate import peer
+    run_cli("build", tiny_artifact, "--backend", "ort", check=True)
+    flat = peer.flat_decode({"float32": tiny_artifact}, [40, 8], 3, tmp_path)
+    f = flat[0]
+    assert [r["context"] for r in f["rows"]] == [8, 40] and f["rows"][0]["ratio_to_shortest_median"] == 1.0
+    assert all(r["decode_ms_median"] > 0 for r in f["rows"]) and f["steps"] == 3
+    assert f["flat"] == (f["worst_median_ratio"] <= peer.FLAT_WITHIN)
+    rows = [{"round": 1, "precision": "float32", "mode": "decode", "length": 512, "jambatrt_tokens_per_s": 2.0,
+             "jambatrt_peak_rss_bytes": 1, "jambatrt_decode": "native", "llama_cpp_tokens_per_s": 1.0,
+             "llama_cpp_peak_rss_bytes": 1, "llama_cpp_settings": {}, "ratio": 2.0}]
+    meta = {"llama_cpp": "x", "threads": 2, "kv_cache": "float32", "rounds": 1, "machine": "cpu"}
+    peer.write_report(tmp_path, peer.summarise(rows), rows, [], meta, flat)
+    md = (tmp_path / "peer.md").read_text()
+    assert "decode per token against context" in md and "| float32 | " in md and "(x1.00)" in md
+    assert json.loads((tmp_path / "peer.json").read_text())["flat_decode"] == flat
+    import matplotlib.image
+    assert matplotlib.image.imread(str(tmp_path / "peer.png")).shape[1] > 1500      # three panels at 110 dpi

@@ -2,6 +2,7 @@
 
     python -m jambatrt.validate.peer --out bench/peer --cache build/peer [--rounds 3]
         [--lengths 512,4096,16384] [--prefill-lengths 512,4096] [--decode-tokens 16] [--threads 2]
+        [--kv-cache float32|int8] [--flat-contexts 1024,4096,16384,65536] [--flat-steps 32]
 
 1. llama.cpp, built once from the copy vendored in the `llama-cpp-python` sdist on the registry
    (`pip download --no-deps --no-binary :all:`), CPU only, cached under --cache.
@@ -17,7 +18,10 @@
    llama.cpp: `llama-bench -p L -n 0` (prefill) and `-p 0 -n T -d L` (T tokens after L of
    context), one process per test so each has its own peak RSS (wait4). jambatrt: `jambatrt
    profile` (a fresh child per length: prefill L, then T decode steps from that state).
-5. Logits: llama.cpp's (`llama-debug --save-logits`, the last prompt position) against this
+5. Decode per token against context (`validate/decode_flat.py` in a child, each artifact: one engine
+   per context, 1K to 64K by default, the steps round-robin over the contexts, ratios to the shortest
+   context's step of the same round): flat means every median ratio within FLAT_WITHIN.
+6. Logits: llama.cpp's (`llama-debug --save-logits`, the last prompt position) against this
    package's eager model on the same ids: F32 GGUF vs the float model, Q8_0 vs the
    --weights-int8 artifact.
 
@@ -43,6 +47,7 @@ from jambatrt.threads import OMP_ENV
 
 PRESET = "peer"
 TARGET = 1.2        # the issue's bar: >= 1.2x llama.cpp at equal precision
+FLAT_WITHIN = 1.2   # and decode per token within 20% from 1K to 64K of context
 LLAMA_TOOLS = ("llama-bench", "llama-quantize", "llama-debug")
 
 
@@ -225,6 +230,21 @@ def run_rounds(bins, ggufs, arts, lengths, rounds, decode_tokens, threads, out: 
     return rows
 
 
+def flat_decode(arts: dict, contexts: list[int], steps: int, out: Path) -> list[dict]:
+    """validate/decode_flat.py on each artifact, in a child (its engines, one per context, hold the
+    caches of every context at once): per precision, the median decode ms and ratio per context."""
+    res = []
+    for prec, art in arts.items():
+        rep = out / f"flat-{prec}.json"
+        _run([sys.executable, "-m", "jambatrt.validate.decode_flat", art, "--contexts", ",".join(map(str, contexts)),
+              "--steps", steps, "--flat-within", FLAT_WITHIN, "--report", rep])
+        doc = json.loads(rep.read_text())
+        res.append({"precision": prec, "flat": doc["flat"], "worst_median_ratio": doc["worst_median_ratio"],
+                    "steps": steps, "rows": [{k: r[k] for k in ("context", "decode_ms_median", "ratio_to_shortest_median")}
+                                             for r in doc["rows"]]})
+    return res
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     out = []
     keys = sorted({(r["precision"], r["mode"], r["length"]) for r in rows}, key=lambda k: (k[0], k[1] != "prefill", k[2]))
@@ -298,8 +318,10 @@ SEMANTICS = [
 
 
 # ---- report ----------------------------------------------------------------------------------
-def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[dict], meta: dict) -> None:
-    doc = {"target_ratio": TARGET, "summary": summary, "rows": rows, "logits": logits, "semantics": SEMANTICS, **meta}
+def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[dict], meta: dict,
+                 flat: list[dict] = ()) -> None:
+    doc = {"target_ratio": TARGET, "summary": summary, "rows": rows, "logits": logits, "semantics": SEMANTICS,
+           "flat_within": FLAT_WITHIN, "flat_decode": list(flat), **meta}
     (out / "peer.json").write_text(json.dumps(doc, indent=1))
     gb = 1e9
     md = [f"# jambatrt ORT vs llama.cpp ({meta['llama_cpp']}), preset `{PRESET}`", "",
@@ -315,6 +337,16 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
                   f"**{s['median_ratio']:.2f}x**{'' if s['meets_target'] else ' (< 1.2)'} | "
                   f"{s['jambatrt_tokens_per_s']:.2f} | {s['llama_cpp_tokens_per_s']:.2f} | "
                   f"{s['jambatrt_peak_rss_bytes'] / gb:.2f} | {s['llama_cpp_peak_rss_bytes'] / gb:.2f} |")
+    if flat:
+        ctx = [r["context"] for r in flat[0]["rows"]]
+        md += ["", f"## jambatrt decode per token against context (KV cache {meta['kv_cache']})", "",
+               f"Median ms a token, and in brackets the median over {flat[0]['steps']} rounds of its ratio to the "
+               f"shortest context's step in the same round; flat = every ratio within {FLAT_WITHIN}.", "",
+               "| precision | " + " | ".join(f"{c:,}" for c in ctx) + " | flat |", "|---|" + "---|" * (len(ctx) + 1)]
+        for f in flat:
+            md.append(f"| {f['precision']} | " + " | ".join(f"{r['decode_ms_median']:.2f} (x{r['ratio_to_shortest_median']:.2f})"
+                                                             for r in f["rows"]) +
+                      f" | {'yes' if f['flat'] else 'no'} (worst x{f['worst_median_ratio']:.2f}) |")
     md += ["", "## Logits (last prompt position)", "", "| precision | ours | tokens | max abs diff | rel. | top-1 equal | top-5 overlap |",
            "|---|---|---|---|---|---|---|"]
     for lg in logits:
@@ -322,15 +354,26 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
                   f"{lg['relative_max_diff']:.2e} | {lg['top1_equal']} | {lg['top5_overlap']:.1f} |")
     md += ["", "## Semantic differences", ""] + [f"- {s}" for s in SEMANTICS]
     (out / "peer.md").write_text("\n".join(md) + "\n")
-    _plot(out / "peer.png", summary)
+    _plot(out / "peer.png", summary, flat)
 
 
-def _plot(path: Path, summary: list[dict]) -> None:
+def _plot(path: Path, summary: list[dict], flat: list[dict] = ()) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, mode in zip(axes, ("prefill", "decode")):
+    fig, axes = plt.subplots(1, 3 if flat else 2, figsize=(16 if flat else 11, 4))
+    if flat:
+        ax = axes[2]
+        for f, marker in zip(flat, ("o", "s")):
+            ax.plot([r["context"] for r in f["rows"]], [r["ratio_to_shortest_median"] for r in f["rows"]],
+                    marker=marker, label=f"{f['precision']} weights")
+        ax.axhline(FLAT_WITHIN, ls="--", color="red", lw=1, label=f"flat within {FLAT_WITHIN}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context")
+        ax.set_ylabel("decode time / at the shortest context")
+        ax.set_title("jambatrt decode against context")
+        ax.legend(fontsize=8)
+    for ax, mode in zip(axes[:2], ("prefill", "decode")):
         for prec, marker in (("float32", "o"), ("int8", "s")):
             pts = [(s["length"], s["median_ratio"], s["ratios"]) for s in summary
                    if s["mode"] == mode and s["precision"] == prec]
@@ -363,6 +406,9 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--no-logits", action="store_true")
+    p.add_argument("--flat-contexts", default="1024,4096,16384,65536",
+                   help="contexts of the decode-per-token-against-context test ('' skips it)")
+    p.add_argument("--flat-steps", type=int, default=32, help="decode steps at each of --flat-contexts")
     p.add_argument("--kv-cache", default="float32", choices=sorted(KV_CACHES),
                    help="both engines' KV cache: float32 (jambatrt float32, llama.cpp its default f16) or int8 "
                         "(jambatrt --kv-cache int8, llama.cpp q8_0 K and V with flash attention)")
@@ -380,6 +426,8 @@ def main(argv=None) -> int:
     logits = [] if a.no_logits else logits_check(bins, ggufs, arts, ckpt, out)
     if logits:
         _log("logits: " + json.dumps(logits))
+    flat_contexts = sorted(int(x) for x in a.flat_contexts.split(",") if x.strip())
+    flat = flat_decode(arts, flat_contexts, a.flat_steps, out) if flat_contexts else []
     rows = run_rounds(bins, ggufs, arts, lengths, a.rounds, a.decode_tokens, a.threads, out, prefill_lengths,
                       a.kv_cache)
     meta = {"llama_cpp": f"llama-cpp-python {version} sdist, vendored llama.cpp", "threads": a.threads,
@@ -388,7 +436,7 @@ def main(argv=None) -> int:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
             "artifacts": {k: str(v) for k, v in arts.items()}, "gguf": {k: str(v) for k, v in ggufs.items()}}
     summary = summarise(rows)
-    write_report(out, summary, rows, logits, meta)
+    write_report(out, summary, rows, logits, meta, flat)
     print((out / "peer.md").read_text())
     return 0
 
