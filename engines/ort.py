@@ -3,6 +3,8 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 import re
@@ -77,6 +79,32 @@ def _session_options(threads: int | None = None):
     # spinning ORT workers starve the numba/torch threads of our kernels on few cores
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
+
+
+@functools.cache
+def _prefill_run_options():
+    """Run options of a multi-token run: ONNX Runtime's CPU arena gives back what it grew for the run's
+    intermediate tensors when the run ends (a chunk's activations: hundreds of MB at 2048 tokens of the peer
+    preset), instead of holding it through the decode that follows."""
+    import onnxruntime as ort
+    ro = ort.RunOptions()
+    ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return ro
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim        # glibc; elsewhere nothing to call
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc malloc_trim): the custom ops' numpy temporaries
+    of a prefill (each under glibc's mmap threshold) otherwise stay resident after they are freed."""
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
 
 
 def _initializer_array(t, weights_dir: Path, maps: dict | None = None) -> np.ndarray:
@@ -353,6 +381,15 @@ class OrtEngine(Engine):
     def run_step_last(self, input_ids, state):
         return self.run_step(input_ids, state, last_only=True)
 
+    def prefill(self, input_ids, state=None, chunk=None, last_only=False):
+        """Engine.prefill, then the memory its chunks' intermediates held returned to the system (the arena
+        shrinks after every multi-token run, `trim_heap` at the end): int8 peer preset, 4096 tokens, resident
+        0.95 GB afterwards instead of 1.61-1.66, prefill time unchanged (7.6-8.1 s either way)."""
+        try:
+            return super().prefill(input_ids, state, chunk, last_only)
+        finally:
+            trim_heap()
+
     def close(self) -> None:
         self.session = self.decoder = None
         self._kv_slots = []
@@ -376,7 +413,8 @@ class OrtEngine(Engine):
         feeds = dict(zip(self.input_names, [input_ids, *state]))
         feeds[POSITIONS] = np.array([1 if last_only else L], np.int64)     # an input of engines built since slice_logits
         outs = dict(zip(self.session_outputs, run_checked(self.session, self.session_outputs,
-                                                          {n: feeds[n] for n in self.session_inputs})))
+                                                          {n: feeds[n] for n in self.session_inputs},
+                                                          _prefill_run_options() if L > 1 else None)))
         for name, (key, part) in self.kv_cached.items():
             c = bound(key)
             if part == "k":

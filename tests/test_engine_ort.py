@@ -293,3 +293,25 @@ def test_default_prefill_chunk_bounds_the_logits():
     assert chunk(512, 1) == 16384                          # the test presets: unchanged
     assert chunk(32000, 1) == 2048 and 4 * 2048 * 32000 <= LOGITS_CHUNK_BYTES < 4 * 2304 * 32000
     assert chunk(65536, 4) == 512 and chunk(256000, 8) == 512
+
+
+def test_prefill_gives_back_its_intermediates(engine, monkeypatch):
+    """A prefill's multi-token runs ask ONNX Runtime to shrink its CPU arena when they end, decode steps
+    through the graph do not, and the prefill then trims the C heap (engines/ort.py `OrtEngine.prefill`):
+    what a prefill's chunks held does not stay resident through the decode that follows."""
+    from jambatrt.engines import ort as ort_engine
+    from jambatrt.plugins.cpu import ort_ops
+    ort_engine.trim_heap()                                     # the real one runs (glibc) or does nothing
+    seen, trims = [], []
+    real = ort_ops.run_checked
+    monkeypatch.setattr(ort_ops, "run_checked",
+                        lambda s, names, feeds, ro=None: (seen.append(ro), real(s, names, feeds, ro))[1])
+    monkeypatch.setattr(ort_engine, "trim_heap", lambda: trims.append(1))
+    ids = np.random.default_rng(2).integers(0, engine.config.vocab_size, (1, 20))
+    logits, st = engine.prefill(ids, chunk=8)
+    assert len(seen) == 3 and trims == [1]
+    assert all(ro.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0" for ro in seen)
+    seen.clear()
+    monkeypatch.setattr(engine, "decoder", None)                # decode through the graph: one-token runs
+    engine.decode(logits[:, -1].argmax(-1), st)
+    assert seen == [None] and trims == [1]

@@ -114,10 +114,10 @@ def raise_pending_errors() -> None:
 
 
 
-def run_checked(session, output_names, feeds: dict) -> list:
+def run_checked(session, output_names, feeds: dict, run_options=None) -> list:
     """session.run, then raise OrtKernelError if any jamba op failed during it."""
     take_errors()                      # stale errors belong to an earlier, already-reported run
-    outputs = session.run(output_names, feeds)
+    outputs = session.run(output_names, feeds, run_options)
     raise_pending_errors()
     return outputs
 
