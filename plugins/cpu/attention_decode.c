@@ -12,9 +12,10 @@
    sums at once, the value rows are prefetched while the scores run, and the values go through the tile in
    blocks of 16 / g chunks of 16 channels whose sums stay in registers (one multiply-add per weight, one
    conversion per int8 value); the AVX2 entry point keeps the simpler loop (values row by row, the sums in
-   acc). g is a compile-time constant for 1, 2, 4 and 8 query heads per kv head (the loops unroll). d must
-   be a multiple of 16 and gs / 16 a power of two (gs = 16 for a float32 cache); attention.py checks before
-   calling. */
+   acc). The AVX512-VNNI entry point runs an int8 cache in groups of 32 channels through 16-bit integer
+   dot products (attn_vnni, below) and everything else as the AVX-512 one. g is a compile-time constant for
+   1, 2, 4 and 8 query heads per kv head (the loops unroll). d must be a multiple of 16 and gs / 16 a power
+   of two (gs = 16 for a float32 cache); attention.py checks before calling. */
 
 #include <immintrin.h>
 #include <math.h>
