@@ -283,16 +283,36 @@ def test_tampered_artifact_refused(tiny_artifact, engine, tmp_path, damage):
         OrtEngine.load(art)
 
 
-def test_default_prefill_chunk_bounds_the_logits():
-    """Prefill chunks keep their float32 logits [batch, chunk, vocab] within LOGITS_CHUNK_BYTES, as a
-    multiple of 256 tokens between 512 and 16384."""
-    from types import SimpleNamespace
+def test_default_prefill_chunk_bounds_the_logits_and_activations():
+    """Prefill chunks keep their float32 logits [batch, chunk, vocab] within LOGITS_CHUNK_BYTES and their
+    largest other activation (export/plan.py activation_tensors) within ACTIVATION_CHUNK_BYTES: the longest
+    such multiple of 256 tokens, between 512 and 16384."""
+    import math
 
-    from jambatrt.engines.base import LOGITS_CHUNK_BYTES, Engine
-    chunk = lambda vocab, batch: Engine.default_chunk(SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)), batch)
-    assert chunk(512, 1) == 16384                          # the test presets: unchanged
-    assert chunk(32000, 1) == 2048 and 4 * 2048 * 32000 <= LOGITS_CHUNK_BYTES < 4 * 2304 * 32000
-    assert chunk(65536, 4) == 512 and chunk(256000, 8) == 512
+    from jambatrt.config import preset
+    from jambatrt.engines.base import ACTIVATION_CHUNK_BYTES, LOGITS_CHUNK_BYTES, default_chunk
+    from jambatrt.export.plan import activation_tensors
+
+    def largest(cfg, batch, c):
+        t = activation_tensors(cfg, batch, c)
+        other = max(math.prod(s) for n, s in t.items() if not n.startswith(("logits", "attention.kv", "mamba.ssm")))
+        return 4 * math.prod(t["logits [B,C,V]"]), 4 * other
+
+    def fits(cfg, batch, c):
+        logits, other = largest(cfg, batch, c)
+        return logits <= LOGITS_CHUNK_BYTES and other <= ACTIVATION_CHUNK_BYTES
+
+    assert default_chunk(preset("tiny"), 1) == 16384                 # the test presets: unchanged
+    for name in ("tiny", "bench", "peer", "jamba-1.5-mini"):
+        for batch in (1, 2, 4):
+            cfg = preset(name)
+            c = default_chunk(cfg, batch)
+            assert c % 256 == 0 and 512 <= c <= 16384
+            assert c == 512 or fits(cfg, batch, c), (name, batch, c)
+            assert c == 16384 or not fits(cfg, batch, c + 256), (name, batch, c)
+    assert default_chunk(preset("peer"), 1) == 1280 and default_chunk(preset("jamba-1.5-mini"), 1) == 512
+    # a wide vocabulary alone: the logits bound
+    assert default_chunk(preset("tiny", vocab_size=32000), 1) == 2048
 
 
 def test_prefill_gives_back_its_intermediates(engine, monkeypatch):
