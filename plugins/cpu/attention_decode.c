@@ -62,6 +62,21 @@ static float exp_sum16(float *sc, int64_t n, float mt) {
     return _mm512_reduce_add_ps(sum);
 }
 
+/* the online softmax's update for a tile of nt scores a head (rows of TILE in sc): the running max m and sum l,
+   the scores turned into exp(score - m) in place, acc [hq, d] rescaled to the new max */
+__attribute__((target("avx512f")))
+static void softmax_update(float *sc, int64_t nt, int64_t hq, int64_t d, float *m, float *l, float *acc) {
+    for (int64_t j = 0; j < hq; j++) {
+        const float mt = max16(sc + j * TILE, nt, m[j]);
+        const float alpha = expf(m[j] - mt);                   /* 0 on the first tile (m = -inf) */
+        m[j] = mt;
+        l[j] = l[j] * alpha + exp_sum16(sc + j * TILE, nt, mt);
+        const __m512 al = _mm512_set1_ps(alpha);
+        for (int64_t c = 0; c < d; c += 16)
+            _mm512_storeu_ps(acc + j * d + c, _mm512_mul_ps(_mm512_loadu_ps(acc + j * d + c), al));
+    }
+}
+
 __attribute__((target("avx512f"), always_inline))
 static inline void attn512(const float *q, int64_t hkv, const int g, int64_t d, const void *k, const void *v,
                            int64_t ld, const float *ks, const float *vs, int64_t lds, int64_t gs, int64_t n,
@@ -116,15 +131,7 @@ static inline void attn512(const float *q, int64_t hkv, const int g, int64_t d, 
                     sc[(h * g + j) * TILE + i] = _mm512_reduce_add_ps(a[j]);
             }
         }
-        for (int64_t j = 0; j < hq; j++) {                     /* the online softmax's update */
-            const float mt = max16(sc + j * TILE, nt, m[j]);
-            const float alpha = expf(m[j] - mt);               /* 0 on the first tile (m = -inf) */
-            m[j] = mt;
-            l[j] = l[j] * alpha + exp_sum16(sc + j * TILE, nt, mt);
-            const __m512 al = _mm512_set1_ps(alpha);
-            for (int64_t c = 0; c < C; c++)
-                _mm512_storeu_ps(acc + j * d + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + j * d + c * 16), al));
-        }
+        softmax_update(sc, nt, hq, d, m, l, acc);
         /* values: per kv head, blocks of CB = 16 / g chunks of 16 channels whose g x CB sums stay in
            registers through the tile (its rows were prefetched by the score loop) */
         const int CB = GMAX / g;
@@ -316,15 +323,7 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     _mm512_storeu_ps(sc + (h * g + j) * TILE + i0, s[j]);
             }
         }
-        for (int64_t j = 0; j < hq; j++) {                     /* the online softmax's update, as attn512 */
-            const float mt = max16(sc + j * TILE, nt, m[j]);
-            const float alpha = expf(m[j] - mt);
-            m[j] = mt;
-            l[j] = l[j] * alpha + exp_sum16(sc + j * TILE, nt, mt);
-            const __m512 al = _mm512_set1_ps(alpha);
-            for (int64_t c = 0; c < d; c += 16)
-                _mm512_storeu_ps(acc + j * d + c, _mm512_mul_ps(_mm512_loadu_ps(acc + j * d + c), al));
-        }
+        softmax_update(sc, nt, hq, d, m, l, acc);
         for (int64_t h = 0; h < hkv; h++)
             for (int64_t grp = 0; grp < G; grp++) {
                 float s16[GMAX];
