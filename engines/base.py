@@ -27,10 +27,9 @@ ACTIVATION_CHUNK_BYTES = 64 << 20   # a prefill chunk's largest other float32 ac
 
 def default_chunk(cfg, batch: int) -> int:
     """Engine.default_chunk for a JambaConfig."""
-    from jambatrt.export.plan import activation_tensors
-    per_token = max(math.prod(shape) for name, shape in activation_tensors(cfg, batch, 1).items()
-                    if not name.startswith(("logits", "attention.kv", "mamba.ssm_state")))   # those do not grow with C
-    fit = min(LOGITS_CHUNK_BYTES // (4 * batch * cfg.vocab_size), ACTIVATION_CHUNK_BYTES // (4 * per_token)) // 256 * 256
+    from jambatrt.export.plan import chunk_activation_elements
+    logits, other = chunk_activation_elements(cfg, batch, 1)     # per token of the chunk
+    fit = min(LOGITS_CHUNK_BYTES // (4 * logits), ACTIVATION_CHUNK_BYTES // (4 * other)) // 256 * 256
     return int(min(16384, max(512, fit)))
 
 

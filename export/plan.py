@@ -148,6 +148,16 @@ def activation_tensors(cfg: JambaConfig, batch: int, chunk: int, past: int = 0,
     return out
 
 
+def chunk_activation_elements(cfg: JambaConfig, batch: int, chunk: int) -> tuple[int, int]:
+    """Elements of a prefill chunk's logits [B,C,V] and of its largest other activation that grows with
+    the chunk (activation_tensors less the KV cache and the Mamba state, which do not): what
+    engines/base.py `default_chunk` bounds."""
+    t = activation_tensors(cfg, batch, chunk)
+    other = max(math.prod(shape) for name, shape in t.items()
+                if not name.startswith(("logits", "attention.kv", "mamba.ssm_state")))
+    return math.prod(t["logits [B,C,V]"]), other
+
+
 def largest(tensors: dict[str, tuple[int, ...]]) -> tuple[str, int]:
     name = max(tensors, key=lambda n: math.prod(tensors[n]))
     return name, math.prod(tensors[name])

@@ -287,20 +287,13 @@ def test_default_prefill_chunk_bounds_the_logits_and_activations():
     """Prefill chunks keep their float32 logits [batch, chunk, vocab] within LOGITS_CHUNK_BYTES and their
     largest other activation (export/plan.py activation_tensors) within ACTIVATION_CHUNK_BYTES: the longest
     such multiple of 256 tokens, between 512 and 16384."""
-    import math
-
     from jambatrt.config import preset
     from jambatrt.engines.base import ACTIVATION_CHUNK_BYTES, LOGITS_CHUNK_BYTES, default_chunk
-    from jambatrt.export.plan import activation_tensors
-
-    def largest(cfg, batch, c):
-        t = activation_tensors(cfg, batch, c)
-        other = max(math.prod(s) for n, s in t.items() if not n.startswith(("logits", "attention.kv", "mamba.ssm")))
-        return 4 * math.prod(t["logits [B,C,V]"]), 4 * other
+    from jambatrt.export.plan import chunk_activation_elements
 
     def fits(cfg, batch, c):
-        logits, other = largest(cfg, batch, c)
-        return logits <= LOGITS_CHUNK_BYTES and other <= ACTIVATION_CHUNK_BYTES
+        logits, other = chunk_activation_elements(cfg, batch, c)
+        return 4 * logits <= LOGITS_CHUNK_BYTES and 4 * other <= ACTIVATION_CHUNK_BYTES
 
     assert default_chunk(preset("tiny"), 1) == 16384                 # the test presets: unchanged
     for name in ("tiny", "bench", "peer", "jamba-1.5-mini"):

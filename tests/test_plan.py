@@ -8,7 +8,7 @@ from conftest import run_cli
 from jambatrt.config import preset
 from jambatrt.engines.chunking import plan_chunks, step_tensors
 from jambatrt.errors import InputError
-from jambatrt.export.plan import TENSOR_LIMIT, memory_plan
+from jambatrt.export.plan import TENSOR_LIMIT, activation_tensors, chunk_activation_elements, memory_plan
 
 LIMIT = 2 ** 31 - 1
 
@@ -31,6 +31,21 @@ def test_chunk_plan_keeps_every_tensor_under_2_31(name):
     assert worst == plan.largest_elements <= LIMIT
     # what the plan prevents: the whole prompt in one step overflows (logits alone: 2^34 elements)
     assert max(step_tensors(cfg, 1, total, past=0).values()) > LIMIT
+
+
+@pytest.mark.parametrize("name", ["tiny", "peer", "jamba-1.5-mini"])
+def test_chunk_activation_elements_are_the_ones_that_grow_with_the_chunk(name):
+    """What default_chunk bounds: the logits and the largest of the other activations whose size is
+    proportional to the chunk (found here by doubling it after 4096 past tokens), never the KV cache (past
+    and chunk) or the Mamba state."""
+    import math
+    cfg = preset(name)
+    for batch, c in ((1, 512), (2, 1280)):
+        one, two = (activation_tensors(cfg, batch, n, past=4096) for n in (c, 2 * c))
+        growing = {n: math.prod(s) for n, s in one.items() if math.prod(two[n]) == 2 * math.prod(s)}
+        assert not any(n.startswith(("attention.kv", "mamba.ssm_state")) for n in growing)
+        logits = growing.pop("logits [B,C,V]")
+        assert chunk_activation_elements(cfg, batch, c) == (logits, max(growing.values()))
 
 
 def test_chunk_plan_large_flags_stacked_expert_weights():
