@@ -118,22 +118,26 @@ def test_selective_state_update_is_one_scan_step():
     np.testing.assert_array_equal(h1, h)
 
 
-def _native_scan_or_skip():
-    from jambatrt.plugins.cpu.native import _compiler, runnable_variants, scan_step_address
-    if "avx512" not in runnable_variants("scan") or _compiler() is None:
-        pytest.skip("the native scan step needs an AVX-512 CPU and a C compiler (elsewhere numba's step kernel runs)")
-    return scan_step_address()
+def _scan_variants():
+    from jambatrt.plugins.cpu.native import SCAN_VARIANTS, _compiler, runnable_variants
+    return [pytest.param(v, marks=pytest.mark.skipif(
+        v not in runnable_variants("scan") or _compiler() is None,
+        reason=f"the {v} scan step needs a CPU with {', '.join(needs)} and a C compiler (elsewhere numba's "
+               "step kernel runs)")) for v, (_, needs) in SCAN_VARIANTS.items()]
 
 
+@pytest.mark.parametrize("variant", _scan_variants())
 @pytest.mark.parametrize("B,D", [(1, 2048), (2, 531)])
-def test_native_scan_step_matches_numba_step(B, D):
+def test_native_scan_step_matches_numba_step(B, D, variant):
     """mamba_step.c's scan step (d_state 16; the native decode step's) against numba's `_step_kernel`: the
     same exp/log polynomials, C . h summed in another order, so within float32 rounding of each quantity's
-    terms; D 531 leaves a masked tail in a 512-channel job and in a 16-channel block."""
+    terms; D 531 leaves a masked tail in a 512-channel job and in a 16- (8-, AVX2) channel block."""
     from conftest import sum_error_bound
     from jambatrt.plugins.cpu.mamba_mixer import _scan_step_native
+    from jambatrt.plugins.cpu.native import scan_step_address
     from jambatrt.plugins.cpu.selective_scan import _step_kernel_serial
-    address = _native_scan_or_skip()
+    address = scan_step_address(variant)
+    assert address, f"the {variant} scan step did not build or load (see the RuntimeWarning)"
     rng = np.random.default_rng(D)
     f = lambda *shape, s=1.0: (rng.standard_normal(shape) * s).astype(np.float32)
     N = 16
@@ -157,10 +161,13 @@ def test_native_scan_step_matches_numba_step(B, D):
     assert np.isfinite(y).all() and (np.abs(y - want_y) <= bound_y).all(), float(np.abs(y - want_y).max())
 
 
-def test_native_scan_step_off_with_avx2_choice(monkeypatch):
-    """JAMBATRT_NATIVE=avx2 stands for a CPU without AVX-512: no native scan step there (numba's runs)."""
-    from jambatrt.plugins.cpu.native import scan_step_address
+def test_native_scan_step_follows_the_native_choice(monkeypatch):
+    """JAMBATRT_NATIVE=avx2 stands for a CPU without AVX-512: its scan step is the AVX2 one; =0: none (numba's
+    step kernel runs)."""
+    from jambatrt.plugins.cpu.native import runnable_variants, scan_step_address
     monkeypatch.setenv("JAMBATRT_NATIVE", "avx2")
+    assert scan_step_address() == (scan_step_address("avx2") if "avx2" in runnable_variants("scan") else 0)
+    monkeypatch.setenv("JAMBATRT_NATIVE", "0")
     assert scan_step_address() == 0
 
 

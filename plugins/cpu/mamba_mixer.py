@@ -10,7 +10,7 @@ export/model.py's MambaMixer, composed of this package's kernels:
     out   = out_proj(y)
 
 A decode step (L = 1) runs whole in one numba call (`_mixer_step`), which calls the same kernels
-(the GEMVs, `_conv_step_kernel`, and mamba_step.c's scan step on AVX-512 CPUs, `_step_kernel`
+(the GEMVs, `_conv_step_kernel`, and mamba_step.c's scan step on AVX-512 or AVX2 CPUs, `_step_kernel`
 elsewhere): the ~21 ONNX Runtime nodes and six Python op calls a layer costs in between (each run
 with the caches just flushed by the weights streaming through) are what it saves. The ORT engine's
 native decode step (decode_step.py) calls `_mixer_step` too, for int8 or float32 weights. Longer

@@ -42,7 +42,8 @@ F32_VARIANTS = {"avx512": ("jt_gemv_f32", ("avx512f",)),          # the float32 
 ATTENTION_VARIANTS = {"avx512vnni": ("jt_attn_decode_vnni", ("avx512f", "avx512bw", "avx512vnni")),   # decode attention
                       "avx512": ("jt_attn_decode", ("avx512f",)),                                   # (attention.py)
                       "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
-SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",))}           # the scan's decode step (mamba_mixer.py)
+SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",)),           # the scan's decode step (mamba_mixer.py)
+                 "avx2": ("jt_scan_step16_avx2", ("avx2", "fma"))}
 _TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS, "scan": SCAN_VARIANTS}
 _state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
 
@@ -125,7 +126,7 @@ def attention_decode_address(variant: str | None = None) -> int:
 
 def scan_step_address(variant: str | None = None) -> int:
     """The address of mamba_step.c's scan step for this CPU (`variant`: one of SCAN_VARIANTS), or 0 (as
-    gemv_int8_address; AVX-512 only: elsewhere numba's `_step_kernel`)."""
+    gemv_int8_address; AVX-512 or AVX2 + FMA: elsewhere numba's `_step_kernel`)."""
     return _address("scan", variant)
 
 

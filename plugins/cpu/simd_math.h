@@ -1,4 +1,4 @@
-/* Vectorised float32 exp (and log) shared by the C kernels (attention_decode.c, mamba_step.c): the
+/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2) shared by the C kernels (attention_decode.c, mamba_step.c): the
    Cephes expf / logf approach of selective_scan.py's exp32 / _log32, ~1e-7 relative error. */
 
 #ifndef JT_SIMD_MATH_H
@@ -62,6 +62,27 @@ static inline __m256 exp8(__m256 x) {
     p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
     __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The same log on 8 lanes (AVX2 + FMA) */
+__attribute__((target("avx2,fma")))
+static inline __m256 log8(__m256 m) {
+    __m256i bits = _mm256_castps_si256(m);
+    __m256i e = _mm256_sub_epi32(_mm256_and_si256(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(255)),
+                                 _mm256_set1_epi32(127));
+    __m256 f = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                   _mm256_set1_epi32(0x3F800000)));
+    __m256 big = _mm256_cmp_ps(f, _mm256_set1_ps(1.4142135f), _CMP_GT_OQ);
+    f = _mm256_blendv_ps(f, _mm256_mul_ps(f, _mm256_set1_ps(0.5f)), big);
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(big));            /* a true lane is -1: e + 1 */
+    __m256 s = _mm256_div_ps(_mm256_sub_ps(f, _mm256_set1_ps(1.0f)), _mm256_add_ps(f, _mm256_set1_ps(1.0f)));
+    __m256 s2 = _mm256_mul_ps(s, s);
+    __m256 p = _mm256_set1_ps(2.0f / 9.0f);
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 7.0f));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 5.0f));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 3.0f));
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f));
+    return _mm256_fmadd_ps(p, s, _mm256_mul_ps(_mm256_cvtepi32_ps(e), _mm256_set1_ps(0.6931471805599453f)));
 }
 
 #endif
