@@ -460,19 +460,42 @@ static inline void attn256(const float *q, int64_t hkv, const int g, int64_t d, 
             for (int64_t c = 0; c < C; c++)
                 _mm256_storeu_ps(acc + j * d + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + j * d + c * 8), al));
         }
-        for (int64_t i = 0; i < nt; i++) {
-            const int64_t t = t0 + i;
-            for (int64_t h = 0; h < hkv; h++) {
-                __m256 p[GMAX];
-                for (int j = 0; j < g; j++)
-                    p[j] = _mm256_set1_ps(sc[(h * g + j) * TILE + i]);
-                for (int64_t c = 0; c < C; c++) {
-                    __m256 r = row8(v, t * ld + h * d + c * 8, quant, quant ? vs[t * lds + ((h * d / 8 + c) >> sh)] : 1.0f);
-                    for (int j = 0; j < g; j++) {
-                        float *o = acc + (h * g + j) * d + c * 8;
-                        _mm256_storeu_ps(o, _mm256_fmadd_ps(p[j], r, _mm256_loadu_ps(o)));
+        /* values. int8: 8 channels of the g heads' outputs in registers through the tile's positions (the
+           tile's int8 value rows, 64 x d bytes a head, stay in L1 across the channel blocks); each output
+           takes the positions in order, as the float loop below does, at a third of its loads and stores.
+           AMD Zen 3, 2 threads, 8 / 2 heads, d 128, the same bits: 0.85x the time at 16K positions, 0.96x
+           at 64K. float32 (4x the bytes: the tile's rows leave L1): 1.33x, so that loop stays as it was. */
+        if (!quant) {
+            for (int64_t i = 0; i < nt; i++) {
+                const int64_t t = t0 + i;
+                for (int64_t h = 0; h < hkv; h++) {
+                    __m256 p[GMAX];
+                    for (int j = 0; j < g; j++)
+                        p[j] = _mm256_set1_ps(sc[(h * g + j) * TILE + i]);
+                    for (int64_t c = 0; c < C; c++) {
+                        __m256 r = row8(v, t * ld + h * d + c * 8, 0, 1.0f);
+                        for (int j = 0; j < g; j++) {
+                            float *o = acc + (h * g + j) * d + c * 8;
+                            _mm256_storeu_ps(o, _mm256_fmadd_ps(p[j], r, _mm256_loadu_ps(o)));
+                        }
                     }
                 }
+            }
+            continue;
+        }
+        for (int64_t h = 0; h < hkv; h++) {
+            for (int64_t c = 0; c < C; c++) {
+                __m256 o[GMAX];
+                for (int j = 0; j < g; j++)
+                    o[j] = _mm256_loadu_ps(acc + (h * g + j) * d + c * 8);
+                for (int64_t i = 0; i < nt; i++) {
+                    const int64_t t = t0 + i;
+                    __m256 r = row8(v, t * ld + h * d + c * 8, 1, vs[t * lds + ((h * d / 8 + c) >> sh)]);
+                    for (int j = 0; j < g; j++)
+                        o[j] = _mm256_fmadd_ps(_mm256_set1_ps(sc[(h * g + j) * TILE + i]), r, o[j]);
+                }
+                for (int j = 0; j < g; j++)
+                    _mm256_storeu_ps(acc + (h * g + j) * d + c * 8, o[j]);
             }
         }
     }
