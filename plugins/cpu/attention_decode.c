@@ -402,13 +402,6 @@ static inline __m256 row8(const void *base, int64_t off, int quant, float scale)
 }
 
 __attribute__((target("avx2,fma")))
-static inline float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-__attribute__((target("avx2,fma")))
 static float exp_sum8(float *sc, int64_t n, float mt) {
     __m256 sum = _mm256_setzero_ps(), mx = _mm256_set1_ps(mt);
     int64_t i = 0;

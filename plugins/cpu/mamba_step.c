@@ -55,13 +55,6 @@ void jt_scan_step16(const float *u, const float *delta, const float *A, const fl
 /* jt_scan_step16 on AVX2 + FMA. AMD Zen 3, the int8 peer preset's Mamba mixer step (D 2048): 197 us above
    its GEMVs with numba's `_step_kernel` (see _mixer_step). */
 __attribute__((target("avx2,fma")))
-static inline float hsum8f(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-__attribute__((target("avx2,fma")))
 void jt_scan_step16_avx2(const float *u, const float *delta, const float *A, const float *Bv, const float *Cv,
                          const float *Dskip, const float *z, int64_t has_z, const float *dbias, const float *h0,
                          float *y, float *h_out, int64_t d0, int64_t d1) {
@@ -90,7 +83,7 @@ void jt_scan_step16_avx2(const float *u, const float *delta, const float *A, con
                                         _mm256_loadu_ps(h0 + 16 * d + 8), _mm256_mul_ps(tuj, B1));
             _mm256_storeu_ps(h_out + 16 * d, ha);
             _mm256_storeu_ps(h_out + 16 * d + 8, hb);
-            sums[j] = hsum8f(_mm256_fmadd_ps(ha, C0, _mm256_mul_ps(hb, C1)));
+            sums[j] = hsum8(_mm256_fmadd_ps(ha, C0, _mm256_mul_ps(hb, C1)));
         }
         __m256 out = _mm256_fmadd_ps(_mm256_maskload_ps(Dskip + c, m), uu, _mm256_maskload_ps(sums, m));
         if (has_z) {

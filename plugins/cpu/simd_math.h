@@ -1,4 +1,4 @@
-/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2) shared by the C kernels (attention_decode.c, mamba_step.c): the
+/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2), and an 8-lane sum, shared by the C kernels (attention_decode.c, mamba_step.c): the
    Cephes expf / logf approach of selective_scan.py's exp32 / _log32, ~1e-7 relative error. */
 
 #ifndef JT_SIMD_MATH_H
@@ -83,6 +83,14 @@ static inline __m256 log8(__m256 m) {
     p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f / 3.0f));
     p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(2.0f));
     return _mm256_fmadd_ps(p, s, _mm256_mul_ps(_mm256_cvtepi32_ps(e), _mm256_set1_ps(0.6931471805599453f)));
+}
+
+/* The sum of 8 float lanes (AVX2) */
+__attribute__((target("avx2,fma")))
+static inline float hsum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
 #endif
