@@ -1,5 +1,6 @@
-/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2), and an 8-lane sum, shared by the C kernels (attention_decode.c, mamba_step.c): the
-   Cephes expf / logf approach of selective_scan.py's exp32 / _log32, ~1e-7 relative error. */
+/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2), and an 8-lane sum, shared by the C
+   kernels (attention_decode.c, mamba_step.c): the Cephes expf / logf approach of selective_scan.py's exp32 /
+   _log32, ~1e-7 relative error. */
 
 #ifndef JT_SIMD_MATH_H
 #define JT_SIMD_MATH_H
