@@ -314,3 +314,14 @@ def serve_env_or_fail(prefix=None):
 def serve_env():
     """The numpy<2 environment tritonserver's Python backend runs in (`make serve-setup`)."""
     return serve_env_or_fail()
+
+
+def native_variants(table: str, kernel: str) -> list:
+    """One pytest param per native kernel of `table` (plugins/cpu/native.py: "int8", "f32", "attention",
+    "scan"), skipped, naming what is missing, only where this CPU lacks its instructions or there is no C
+    compiler (a kernel that fails to build where both exist fails its tests). `kernel` names it in the reason."""
+    from jambatrt.plugins.cpu.native import _TABLES, _compiler, runnable_variants
+    return [pytest.param(v, marks=pytest.mark.skipif(
+        v not in runnable_variants(table) or _compiler() is None,
+        reason=f"the {v} {kernel} needs a CPU with {', '.join(needs)} and a C compiler"))
+        for v, (_, needs) in _TABLES[table].items()]

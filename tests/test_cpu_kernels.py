@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from conftest import assert_sums_close
+from conftest import assert_sums_close, native_variants
 from jambatrt.export.ops import DOMAIN, SPECS, reference
 from jambatrt.plugins.cpu import register_torch_kernels
 from jambatrt.plugins.cpu.attention import attention
@@ -118,15 +118,7 @@ def test_selective_state_update_is_one_scan_step():
     np.testing.assert_array_equal(h1, h)
 
 
-def _scan_variants():
-    from jambatrt.plugins.cpu.native import SCAN_VARIANTS, _compiler, runnable_variants
-    return [pytest.param(v, marks=pytest.mark.skipif(
-        v not in runnable_variants("scan") or _compiler() is None,
-        reason=f"the {v} scan step needs a CPU with {', '.join(needs)} and a C compiler (elsewhere numba's "
-               "step kernel runs)")) for v, (_, needs) in SCAN_VARIANTS.items()]
-
-
-@pytest.mark.parametrize("variant", _scan_variants())
+@pytest.mark.parametrize("variant", native_variants("scan", "scan step"))
 @pytest.mark.parametrize("B,D", [(1, 2048), (2, 531)])
 def test_native_scan_step_matches_numba_step(B, D, variant):
     """mamba_step.c's scan step (d_state 16; the native decode step's) against numba's `_step_kernel`: the

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import native_decode_matches_graph, run_cli
+from conftest import native_decode_matches_graph, native_variants, run_cli
 from jambatrt.export.ops import reference
 from jambatrt.export.ops.attention import SPEC as ATTENTION_SPEC
 from jambatrt.plugins.cpu.kv_int8 import (KV_GROUP, QuantizedKV, dequantize_kv, fake_quant_kv, kv_group, quant_step,
@@ -139,11 +139,7 @@ def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P
 
 
 def _attention_variants() -> list:
-    from jambatrt.plugins.cpu.native import ATTENTION_VARIANTS, _compiler, runnable_variants
-    return ["numba"] + [pytest.param(v, marks=pytest.mark.skipif(
-        v not in runnable_variants("attention") or _compiler() is None,
-        reason=f"the {v} decode attention kernel needs a CPU with {', '.join(needs)} and a C compiler"))
-        for v, (_, needs) in ATTENTION_VARIANTS.items()]
+    return ["numba"] + native_variants("attention", "decode attention kernel")
 
 
 @pytest.mark.parametrize("variant", _attention_variants())

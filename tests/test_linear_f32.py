@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import assert_same_model_sums, run_cli
+from conftest import assert_same_model_sums, native_variants, run_cli
 from jambatrt.engines.ort import OrtEngine
 from jambatrt.plugins.cpu.linear_f32 import linear_f32
 from jambatrt.plugins.cpu.linear_int8 import GEMV_MAX_ROWS
@@ -15,11 +15,7 @@ EPS = float(np.finfo(np.float32).eps)
 
 
 def _f32_variants() -> list:
-    from jambatrt.plugins.cpu.native import F32_VARIANTS, _compiler, runnable_variants
-    return [pytest.param(v, marks=pytest.mark.skipif(
-        v not in runnable_variants("f32") or _compiler() is None,
-        reason=f"the {v} float32 GEMV needs a CPU with {', '.join(needs)} and a C compiler"))
-            for v, (_, needs) in F32_VARIANTS.items()]
+    return native_variants("f32", "float32 GEMV")
 
 
 def _check(x, w, got):

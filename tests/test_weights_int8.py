@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import assert_same_model_sums, native_decode_matches_graph, run_cli
+from conftest import assert_same_model_sums, native_decode_matches_graph, native_variants, run_cli
 from jambatrt.engines.ort import OrtEngine
 from jambatrt.export.checkpoint import Checkpoint
 from jambatrt.export.quantize import dequantize_linear, quantize_linear
@@ -352,13 +352,8 @@ def test_fused_mixer_step_is_a_process_first_parallel_kernel():
 
 # ---- the native int8 GEMV (plugins/cpu/gemv_int8.c) ---------------------------------------------------
 def _variants() -> list:
-    """One param per kernel of gemv_int8.c: skipped, naming what is missing, only where this CPU lacks its
-    instructions or there is no C compiler (a kernel that fails to build where both exist fails its tests)."""
-    from jambatrt.plugins.cpu.native import VARIANTS, _compiler, runnable_variants
-    return [pytest.param(v, marks=pytest.mark.skipif(
-        v not in runnable_variants() or _compiler() is None,
-        reason=f"the {v} int8 GEMV needs a CPU with {', '.join(needs)} and a C compiler"))
-            for v, (_, needs) in VARIANTS.items()]
+    """One param per kernel of gemv_int8.c (conftest.native_variants)."""
+    return native_variants("int8", "int8 GEMV")
 
 
 def _native_gemv(x, w, scale, variant):
