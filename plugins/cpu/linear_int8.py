@@ -16,10 +16,13 @@ Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GE
   against the int8 weights as stored; the int32 sums are exact, and are combined in int64 and scaled
   in float64. Error <= 1.008 * 2^-24 * max|x_m| * sum_k |w_nk| * scale_n plus one float32 rounding:
   the float32 GEMM's own class (its bound is K * 2^-24 * sum |x w|), at 1.4-1.6x its speed (issue 18).
-  Elsewhere (no VNNI: oneDNN's int8 kernels then saturate 16-bit pair sums; NaN/inf rows;
-  JAMBATRT_NATIVE=0) the rows of w are dequantised a block at a time (no scale: it multiplies the
-  outputs) and multiplied by torch's fp32 GEMM; a block is read once per call, so the dequantisation
-  costs O(N*K) against the GEMM's O(M*N*K).
+  On AVX2 CPUs without VNNI (oneDNN's int8 kernels then saturate 16-bit pair sums) and without
+  AVX-512 (where oneDNN's float32 GEMM has twice the vector width), gemm_int8.c: a packed float32 GEMM
+  that converts the int8 weights as it packs them, fp32 products and sums, the scale on the finished
+  sums: 1.2-1.7x the dequantise + torch path on AMD Zen 3 (most on a MoE expert's few hundred rows).
+  Elsewhere (NaN/inf rows on the limb path, no C compiler, JAMBATRT_NATIVE=0) the rows of w are
+  dequantised a block at a time (no scale: it multiplies the outputs) and multiplied by torch's fp32
+  GEMM; a block is read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K).
   compute="bfloat16" (the ORT engine's `--prefill-compute bfloat16`, for CPUs with AVX512-BF16 or
   AMX): the blocks are dequantised to bfloat16 (exact: an int8 has at most 8 significant bits), the
   activations rounded to bfloat16 and the GEMM run in bfloat16 with fp32 accumulation, its outputs
@@ -32,12 +35,14 @@ from __future__ import annotations
 import functools
 import os
 
+import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.native import call_gemv_int8, gemv_int8_address, host_has
+from jambatrt.plugins.cpu.native import (call_gemv_int8, call_native, gemm_int8_address, gemm_int8_scratch,
+                                         gemv_int8_address, host_has)
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import session_op
 
@@ -228,6 +233,37 @@ def integer_gemm() -> bool:
     return os.environ.get("JAMBATRT_NATIVE", "1") != "0" and _integer_gemm_exact()
 
 
+@njit(cache=True, parallel=True)
+def _gemm_int8(x, w, scale, out, native, scratch):
+    """out [M,N] = (x [M,K] @ w [N,K]^T) * scale through gemm_int8.c at `native`: the columns split over
+    scratch.shape[0] parts in multiples of 16 (its register tile's width), each part with its row of
+    scratch (its packed blocks). All C-contiguous."""
+    M, K = x.shape
+    N = w.shape[0]
+    parts = scratch.shape[0]
+    for p in prange(parts):
+        n0 = min(N, (p * N // parts + 15) // 16 * 16)
+        n1 = N if p == parts - 1 else min(N, ((p + 1) * N // parts + 15) // 16 * 16)
+        if n0 < n1:
+            call_native(native, (x.ctypes.data, M, K, w.ctypes.data, scale.ctypes.data, n0, n1, out.ctypes.data, N,
+                                 scratch[p].ctypes.data))
+
+
+_scratch: dict = {}      # numba's thread count -> gemm_int8.c's scratch, one row a thread (kept: ~2.3 MB a row)
+
+
+def native_gemm() -> tuple[int, np.ndarray | None]:
+    """(gemm_int8.c's address, the scratch for numba's threads) where linear_int8's float32 GEMM path runs
+    it: no integer limb GEMM here and no AVX-512 (JAMBATRT_NATIVE=avx2 picks it there too); (0, None) else."""
+    forced = os.environ.get("JAMBATRT_NATIVE") == "avx2"
+    if integer_gemm() or (host_has("avx512f") and not forced) or not (address := gemm_int8_address()):
+        return 0, None
+    threads = numba.get_num_threads()
+    if threads not in _scratch:
+        _scratch[threads] = np.empty((threads, gemm_int8_scratch()), np.float32)
+    return address, _scratch[threads]
+
+
 def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = "float32") -> np.ndarray:
     """x [..., K] float32; w [N,K] int8; scale [N] float32 -> y [..., N] float32 (a new array).
     compute: the precision of the GEMM path (more than GEMV_MAX_ROWS rows), one of COMPUTES."""
@@ -246,6 +282,8 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = 
     elif compute == "float32" and _LIMB_MIN_N <= N and _LIMB_MIN_K <= K < _LIMB_MAX_K and integer_gemm() \
             and _limb_gemm(x2, w, s, out):
         pass
+    elif compute == "float32" and w.flags.c_contiguous and (gemm := native_gemm())[0]:
+        _gemm_int8(x2, w, s, out, *gemm)
     else:
         step = max(1, min(N, _GEMM_BLOCK_WEIGHTS // K))
         xt, ot = torch.from_numpy(x2), torch.from_numpy(out)
