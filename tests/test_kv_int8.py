@@ -63,17 +63,17 @@ def test_quantize_nonfinite_group_reads_nan():
     assert np.isfinite(deq[np.broadcast_to(finite, x.shape)]).all()
 
 
-def _takes_vnni(address: int, d: int) -> bool:
-    """Whether the decode kernel at `address` runs attention_decode.c's integer path (attn_vnni) on an int8
-    cache of head dimension d: the AVX512-VNNI entry point, groups of 32 channels, d <= 256."""
-    from jambatrt.plugins.cpu.native import ATTENTION_VARIANTS, attention_decode_address, runnable_variants
-    return ("avx512vnni" in ATTENTION_VARIANTS and "avx512vnni" in runnable_variants("attention")
-            and address != 0 and address == attention_decode_address("avx512vnni")
-            and kv_group(d) == 32 and d <= 256)
+def _takes_integer_path(address: int, d: int) -> bool:
+    """Whether the decode kernel at `address` runs attention_decode.c's integer path (attn_vnni, attn_i16 on
+    AVX2) on an int8 cache of head dimension d: the AVX512-VNNI or AVX2 entry point, groups of 32 channels,
+    d <= 256."""
+    from jambatrt.plugins.cpu.native import attention_decode_address, runnable_variants
+    entries = [attention_decode_address(v) for v in ("avx512vnni", "avx2") if v in runnable_variants("attention")]
+    return address != 0 and address in entries and kv_group(d) == 32 and d <= 256
 
 
 def _query_rounded_to_int16(q: torch.Tensor) -> torch.Tensor:
-    """q [B,1,Hq,d] as attn_vnni uses it: q * d^-0.5 rounded per group of 32 channels to qi * (max|q| /
+    """q [B,1,Hq,d] as the integer path uses it: q * d^-0.5 rounded per group of 32 channels to qi * (max|q| /
     32767), qi = rint(q * (32767 / max|q|)) in float32, then divided by d^-0.5 again for the oracle."""
     d = q.shape[-1]
     qs = (q.numpy() * np.float32(d ** -0.5)).astype(np.float32).reshape(*q.shape[:-1], d // 32, 32)
@@ -83,9 +83,9 @@ def _query_rounded_to_int16(q: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy((qr.reshape(q.shape) / np.float32(d ** -0.5)).astype(np.float32))
 
 
-def _check_int8(o, q, kd, vd, vq, vs, vnni: bool):
+def _check_int8(o, q, kd, vd, vq, vs, integer: bool):
     """o (decode over the int8 cache) against the attention oracle over its dequantised values kd, vd at
-    the op's float32 tolerance. When the integer path ran (vnni): the oracle takes the query as that path
+    the op's float32 tolerance. When the integer path ran: the oracle takes the query as that path
     rounds it (_query_rounded_to_int16), and o may differ further by the rounding of the softmax weights
     times the value scales to 16 bits per tile (<= 64 positions): each p' = p vs by at most half a step of
     its tile's largest, so by at most min(p', max p' within 63 positions / 65534) relative to the global
@@ -93,10 +93,10 @@ def _check_int8(o, q, kd, vd, vq, vs, vnni: bool):
     slack)."""
     B, _, Hq, d = q.shape
     k_new, v_new, k_past, v_past = kd[:, -1:], vd[:, -1:], kd[:, :-1], vd[:, :-1]
-    qq = _query_rounded_to_int16(q) if vnni else q
+    qq = _query_rounded_to_int16(q) if integer else q
     o_ref, _, _ = reference("attention")(qq, k_new, v_new, k_past, v_past)
     extra = torch.zeros_like(o_ref)
-    if vnni:
+    if integer:
         g = Hq // kd.shape[2]
         kh = kd.double().repeat_interleave(g, dim=2)                                 # [B, S, Hq, d]
         s = torch.einsum("bhd,bthd->bht", qq[:, 0].double() * d ** -0.5, kh)
@@ -120,7 +120,7 @@ def _check_int8(o, q, kd, vd, vq, vs, vnni: bool):
 def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P):
     """decode_attention over int8 K/V with scales == the attention oracle over their float32 values,
     within the op's float32 tolerance: the kernel dequantises as it reads, nothing else differs (on
-    AVX512-VNNI, but for the integer path's two roundings to 16 bits, _check_int8)."""
+    AVX512-VNNI and AVX2, but for the integer path's two roundings to 16 bits, _check_int8)."""
     from jambatrt.plugins.cpu.attention import attention_decode_address, decode_attention
     q, k, v, pk, pv = attn_args(torch.Generator().manual_seed(3), B=B, L=1, P=P, Hq=Hq, Hkv=Hkv, d=d)
     kk, vv = torch.cat([pk, k], 1).numpy(), torch.cat([pv, v], 1).numpy()
@@ -128,7 +128,7 @@ def test_decode_kernel_int8_matches_oracle_on_dequantised_cache(B, Hq, Hkv, d, P
     kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
     o = decode_attention(q.numpy(), kq, vq, ks, vs)
     assert o.shape == (B, 1, Hq, d) and o.dtype == np.float32
-    _check_int8(torch.from_numpy(o), q, kd, vd, vq, vs, _takes_vnni(attention_decode_address(), d))
+    _check_int8(torch.from_numpy(o), q, kd, vd, vq, vs, _takes_integer_path(attention_decode_address(), d))
     if B > 1:      # the engine's cache views: batch-strided (capacity > length)
         cap = P + 40
         kb, vb = np.zeros((B, cap, Hkv, d), np.int8), np.zeros((B, cap, Hkv, d), np.int8)
@@ -149,8 +149,8 @@ def _attention_variants() -> list:
 def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, monkeypatch):
     """decode_attention on each kernel (the numba loop, attention_decode.c per instruction set), over
     a float32 cache and an int8 one, against the attention oracle (on the dequantised values for
-    int8) at the op's float32 tolerance (the AVX512-VNNI kernel's integer path on int8 within the bound of
-    its roundings, _check_int8): query heads per kv head 1, 2, 3 (not unrolled), 4, 8 and 16, 64 query
+    int8) at the op's float32 tolerance (the AVX512-VNNI and AVX2 kernels' integer path on int8 within the
+    bound of its roundings, _check_int8): query heads per kv head 1, 2, 3 (not unrolled), 4, 8 and 16, 64 query
     heads, batch-strided cache views, tiles with tails, splits over threads, head dimensions of one to
     eight groups of 32 (96: a half block of the integer path's 64-channel transposes). d 48 with int8
     (groups of 48 channels) is not the native kernel's and takes the numba loop."""
@@ -175,7 +175,7 @@ def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, mo
     kd, vd = torch.from_numpy(dequantize_kv(kq, ks)), torch.from_numpy(dequantize_kv(vq, vs))
     o = att.decode_attention(q.numpy(), kq, vq, ks, vs)
     _check_int8(torch.from_numpy(o), q, kd, vd, vq, vs,
-                variant != "numba" and _takes_vnni(att.attention_decode_address(), d))
+                variant != "numba" and _takes_integer_path(att.attention_decode_address(), d))
     if variant != "numba":
         assert att._native_fits(kk, vv, None, None, Hq)
         assert att._native_fits(kq, vq, ks, vs, Hq) == (d != 48)
