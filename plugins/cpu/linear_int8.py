@@ -19,7 +19,8 @@ Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GE
   On AVX2 CPUs without VNNI (oneDNN's int8 kernels then saturate 16-bit pair sums) and without
   AVX-512 (where oneDNN's float32 GEMM has twice the vector width), gemm_int8.c: a packed float32 GEMM
   that converts the int8 weights as it packs them, fp32 products and sums, the scale on the finished
-  sums: 1.2-1.7x the dequantise + torch path on AMD Zen 3 (most on a MoE expert's few hundred rows).
+  sums: 0.80-0.92x the time of the dequantise + torch path on AMD Zen 3 at 512 rows, 0.64-0.71x at 128
+  (a MoE expert's share of a 512-token chunk).
   Elsewhere (NaN/inf rows on the limb path, no C compiler, JAMBATRT_NATIVE=0) the rows of w are
   dequantised a block at a time (no scale: it multiplies the outputs) and multiplied by torch's fp32
   GEMM; a block is read once per call, so the dequantisation costs O(N*K) against the GEMM's O(M*N*K).
