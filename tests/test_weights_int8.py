@@ -209,53 +209,61 @@ def test_prefill_compute_bfloat16_needs_int8_linears(tiny_artifact, tmp_path):
         OrtEngine.build(art, prefill_compute="bfloat16")
 
 
-@pytest.mark.parametrize("variant", native_variants("gemm", "int8 prefill GEMM"))
+@pytest.mark.parametrize("variant", native_variants("gemm", "prefill GEMM"))
+@pytest.mark.parametrize("weights", ["int8", "float32"])
 @pytest.mark.parametrize("M, N, K", [(5, 16, 7), (97, 45, 1037), (130, 2080, 600), (13, 33, 8)])
-def test_native_gemm_within_the_float32_bound(M, N, K, variant):
-    """gemm_int8.c: float32 products and sums, the scale on the finished sums, so |y - exact| <= scale *
-    K 2^-24 sum_k |x w| + 2^-24 |exact| (the product with the scale). Shapes: partial register tiles in
-    both directions (M % 6, N % 16), more rows than one packed block of x (96), K over one block (512) and
-    not a multiple of 8 (the packing's scalar columns), more columns than one block of w (1024); two
-    parts (the columns split over threads), x with an outlier 1000x the rest."""
-    from jambatrt.plugins.cpu.linear_int8 import _gemm_int8
-    from jambatrt.plugins.cpu.native import gemm_int8_address, gemm_int8_scratch
+def test_native_gemm_within_the_float32_bound(M, N, K, weights, variant):
+    """gemm.c: float32 products and sums (and for int8 weights the scale on the finished sums), so |y -
+    exact| <= scale * K 2^-24 sum_k |x w| + 2^-24 |exact| (the product with the scale). Shapes: partial
+    register tiles in both directions (M % 6, N % 16), more rows than one packed block of x (96), K over one
+    block (512) and not a multiple of 8 (the packing's scalar columns), more columns than one block of w
+    (1024); two parts (the columns split over threads), x with an outlier 1000x the rest."""
+    from jambatrt.plugins.cpu.linear_int8 import _gemm
+    from jambatrt.plugins.cpu.native import gemm_address, gemm_scratch
     rng = np.random.default_rng(M * N + K)
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[:, K // 3] = 1000.0
-    w = rng.integers(-128, 128, (N, K), dtype=np.int8)
-    scale = rng.random(N).astype(np.float32)
-    address = gemm_int8_address(variant)
+    if weights == "int8":
+        w, scale = rng.integers(-128, 128, (N, K), dtype=np.int8), rng.random(N).astype(np.float32)
+    else:
+        w, scale = rng.standard_normal((N, K)).astype(np.float32), np.ones(0, np.float32)
+    address = gemm_address(variant)
     assert address, f"the {variant} GEMM did not build or load (see the RuntimeWarning)"
     got = np.full((M, N), np.nan, np.float32)
-    _gemm_int8(x, w, scale, got, address, np.empty((2, gemm_int8_scratch()), np.float32))
-    exact = (x.astype(np.float64) @ w.astype(np.float64).T) * scale
-    bound = scale * K * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64)).T) \
-        + 2.0 ** -24 * np.abs(exact)
+    _gemm(x, w, int(weights == "float32"), scale, got, address, np.empty((2, gemm_scratch()), np.float32))
+    s = scale.astype(np.float64) if scale.size else 1.0
+    w64 = w.astype(np.float64)
+    exact = (x.astype(np.float64) @ w64.T) * s
+    bound = s * K * 2.0 ** -24 * (np.abs(x).astype(np.float64) @ np.abs(w64).T) + 2.0 ** -24 * np.abs(exact)
     assert (np.abs(got - exact) <= bound).all()
 
 
-def test_linear_int8_runs_the_native_gemm_where_it_is_chosen(monkeypatch):
-    """Where native_gemm() gives the kernel (AVX2 without the integer limb GEMM; forced here as on such a
-    CPU), linear_int8's GEMM path is that kernel: the same bits as calling it; NaN and inf rows carry through
-    (float32 arithmetic, as torch's GEMM)."""
+def test_linear_layers_run_the_native_gemm_where_it_is_chosen(monkeypatch):
+    """Where native_gemm() gives the kernel (AVX2 without AVX-512, for int8 weights without the integer limb
+    GEMM; forced here as on such a CPU), the GEMM path of linear_int8 and of linear_f32 is that kernel: the
+    same bits as calling it; NaN and inf rows carry through (float32 arithmetic, as torch's GEMM)."""
     from jambatrt.plugins.cpu import linear_int8 as li
+    from jambatrt.plugins.cpu.linear_f32 import linear_f32
     from jambatrt.plugins.cpu.native import runnable_variants
     if "avx2" not in runnable_variants("gemm"):
-        pytest.skip("the int8 prefill GEMM needs a CPU with avx2, fma")
+        pytest.skip("the prefill GEMM needs a CPU with avx2, fma")
     monkeypatch.setenv("JAMBATRT_NATIVE", "avx2")
     monkeypatch.setattr(li, "integer_gemm", lambda: False)
     address, scratch = li.native_gemm()
-    assert address
+    assert address and li.native_gemm(int8=False)[0] == address
     rng = np.random.default_rng(4)
     x = rng.standard_normal((40, 300)).astype(np.float32)
     x[3, 5], x[7, 0] = np.nan, np.inf
     w = rng.integers(-128, 128, (70, 300), dtype=np.int8)
+    wf = rng.standard_normal((70, 300)).astype(np.float32)
     scale = rng.random(70).astype(np.float32)
-    want = np.empty((40, 70), np.float32)
-    li._gemm_int8(x, w, scale, want, address, scratch)
-    got = linear_int8(x, w, scale)
-    np.testing.assert_array_equal(got, want)
-    assert np.isnan(got[3]).all() and not np.isfinite(got[7]).any() and np.isfinite(np.delete(got, [3, 7], 0)).all()
+    for got, weights, flag, s in ((linear_int8(x, w, scale), w, 0, scale),
+                                  (linear_f32(x, wf), wf, 1, np.ones(0, np.float32))):
+        want = np.empty((40, 70), np.float32)
+        li._gemm(x, weights, flag, s, want, address, scratch)
+        np.testing.assert_array_equal(got, want)
+        assert np.isnan(got[3]).all() and not np.isfinite(got[7]).any()
+        assert np.isfinite(np.delete(got, [3, 7], 0)).all()
 
 
 def test_linear_int8_kernel_rejects_bad_shapes():

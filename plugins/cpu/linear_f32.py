@@ -7,7 +7,10 @@ nor transposes it).
   the rows of w split over the threads. ONNX Runtime's MatMul streamed the peer preset's 465 MB of
   float32 decode weights at 24.7 GB/s, this kernel at 32.7 (issue 18). Elsewhere (no such CPU, no C
   compiler, JAMBATRT_NATIVE=0) torch's GEMV;
-- prefill: oneDNN's float32 GEMM through torch on the weights in place (`_onednn_linear`), else torch's."""
+- prefill: on AVX2 CPUs without AVX-512, gemm.c's packed GEMM (linear_int8.native_gemm; AMD Zen 3, the
+  peer preset's shapes, interleaved: 0.89-1.08x the time of oneDNN's, 0.93x the float32 peer engine's
+  prefill of 512 tokens); elsewhere oneDNN's float32 GEMM through torch on the weights in place
+  (`_onednn_linear`), else torch's."""
 
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.linear_int8 import _NATIVE_PARTS, _SERIAL_MAX_WEIGHTS, GEMV_MAX_ROWS, gemv_int8_into
+from jambatrt.plugins.cpu.linear_int8 import (_NATIVE_PARTS, _SERIAL_MAX_WEIGHTS, GEMV_MAX_ROWS, _gemm, gemv_int8_into,
+                                              native_gemm)
 from jambatrt.plugins.cpu.native import call_gemv_f32, gemv_f32_address
 from jambatrt.plugins.registry import session_op
+
+_NO_SCALE = np.ones(0, np.float32)      # gemm.c's scale for float32 weights: none
 
 
 @njit(cache=True, parallel=True, fastmath={"reassoc", "contract"})
@@ -68,6 +74,9 @@ def linear_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if native:
         out = np.empty((x2.shape[0], N), np.float32)
         (_gemv_f32_serial if N * K < _SERIAL_MAX_WEIGHTS else _gemv_f32)(x2, w, out, native)
+    elif w.flags.c_contiguous and (gemm := native_gemm(int8=False))[0]:
+        out = np.empty((x2.shape[0], N), np.float32)
+        _gemm(x2, w, 1, _NO_SCALE, out, *gemm)
     elif _onednn_linear():
         out = torch.ops.mkldnn._linear_pointwise(torch.from_numpy(x2), torch.from_numpy(w), None, "none", [None],
                                                  "").numpy()

@@ -17,7 +17,7 @@ Two regimes, like llama.cpp's CPU matmul (a vector-dot loop for a few rows, a GE
   in float64. Error <= 1.008 * 2^-24 * max|x_m| * sum_k |w_nk| * scale_n plus one float32 rounding:
   the float32 GEMM's own class (its bound is K * 2^-24 * sum |x w|), at 1.4-1.6x its speed (issue 18).
   On AVX2 CPUs without VNNI (oneDNN's int8 kernels then saturate 16-bit pair sums) and without
-  AVX-512 (where oneDNN's float32 GEMM has twice the vector width), gemm_int8.c: a packed float32 GEMM
+  AVX-512 (where oneDNN's float32 GEMM has twice the vector width), gemm.c: a packed float32 GEMM
   that converts the int8 weights as it packs them, fp32 products and sums, the scale on the finished
   sums: 0.80-0.92x the time of the dequantise + torch path on AMD Zen 3 at 512 rows, 0.64-0.71x at 128
   (a MoE expert's share of a 512-token chunk).
@@ -42,8 +42,8 @@ import torch
 from numba import njit, prange
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.native import (call_gemv_int8, call_native, gemm_int8_address, gemm_int8_scratch,
-                                         gemv_int8_address, host_has)
+from jambatrt.plugins.cpu.native import (call_gemv_int8, call_native, gemm_address, gemm_scratch, gemv_int8_address,
+                                         host_has)
 from jambatrt.plugins.cpu.prefetch import AHEAD, prefetch_rows_nta
 from jambatrt.plugins.registry import session_op
 
@@ -235,33 +235,36 @@ def integer_gemm() -> bool:
 
 
 @njit(cache=True, parallel=True)
-def _gemm_int8(x, w, scale, out, native, scratch):
-    """out [M,N] = (x [M,K] @ w [N,K]^T) * scale through gemm_int8.c at `native`: the columns split over
-    scratch.shape[0] parts in multiples of 16 (its register tile's width), each part with its row of
-    scratch (its packed blocks). All C-contiguous."""
+def _gemm(x, w, w_f32, scale, out, native, scratch):
+    """out [M,N] = x [M,K] @ w [N,K]^T through gemm.c at `native`, times scale [N] (int8 w; w_f32 0) or plain
+    (float32 w, w_f32 1: scale is empty and not read): the columns split over scratch.shape[0] parts in
+    multiples of 16 (its register tile's width), each part with its row of scratch (its packed blocks).
+    All C-contiguous."""
     M, K = x.shape
     N = w.shape[0]
     parts = scratch.shape[0]
+    sp = np.int64(scale.ctypes.data) if scale.shape[0] > 0 else np.int64(0)    # uint64 | int would be float64
     for p in prange(parts):
         n0 = min(N, (p * N // parts + 15) // 16 * 16)
         n1 = N if p == parts - 1 else min(N, ((p + 1) * N // parts + 15) // 16 * 16)
         if n0 < n1:
-            call_native(native, (x.ctypes.data, M, K, w.ctypes.data, scale.ctypes.data, n0, n1, out.ctypes.data, N,
+            call_native(native, (x.ctypes.data, M, K, w.ctypes.data, w_f32, sp, n0, n1, out.ctypes.data, N,
                                  scratch[p].ctypes.data))
 
 
-_scratch: dict = {}      # numba's thread count -> gemm_int8.c's scratch, one row a thread (kept: ~2.3 MB a row)
+_scratch: dict = {}      # numba's thread count -> gemm.c's scratch, one row a thread (kept: ~2.3 MB a row)
 
 
-def native_gemm() -> tuple[int, np.ndarray | None]:
-    """(gemm_int8.c's address, the scratch for numba's threads) where linear_int8's float32 GEMM path runs
-    it: no integer limb GEMM here and no AVX-512 (JAMBATRT_NATIVE=avx2 picks it there too); (0, None) else."""
+def native_gemm(int8: bool = True) -> tuple[int, np.ndarray | None]:
+    """(gemm.c's address, the scratch for numba's threads) where the float32 GEMM path of linear_int8 (int8:
+    where the integer limb GEMM does not run) or of linear_f32 (int8 False) runs it: AVX2 without AVX-512
+    (JAMBATRT_NATIVE=avx2 picks it there too); (0, None) elsewhere."""
     forced = os.environ.get("JAMBATRT_NATIVE") == "avx2"
-    if integer_gemm() or (host_has("avx512f") and not forced) or not (address := gemm_int8_address()):
+    if (int8 and integer_gemm()) or (host_has("avx512f") and not forced) or not (address := gemm_address()):
         return 0, None
     threads = numba.get_num_threads()
     if threads not in _scratch:
-        _scratch[threads] = np.empty((threads, gemm_int8_scratch()), np.float32)
+        _scratch[threads] = np.empty((threads, gemm_scratch()), np.float32)
     return address, _scratch[threads]
 
 
@@ -284,7 +287,7 @@ def linear_int8(x: np.ndarray, w: np.ndarray, scale: np.ndarray, compute: str = 
             and _limb_gemm(x2, w, s, out):
         pass
     elif compute == "float32" and w.flags.c_contiguous and (gemm := native_gemm())[0]:
-        _gemm_int8(x2, w, s, out, *gemm)
+        _gemm(x2, w, 0, s, out, *gemm)
     else:
         step = max(1, min(N, _GEMM_BLOCK_WEIGHTS // K))
         xt, ot = torch.from_numpy(x2), torch.from_numpy(out)

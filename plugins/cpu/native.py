@@ -2,7 +2,7 @@
 the int8 and float32 GEMVs of decode (linear_int8.py, linear_f32.py explain when they run), and
 `attention_decode.c`, decode attention over a float32 or int8 KV cache (attention.py), each on AVX-512
 (with VNNI: integer dot products over an int8 cache) or AVX2; `mamba_step.c`, the scan's decode step;
-`gemm_int8.c`, linear_int8's prefill GEMM on AVX2 CPUs without VNNI.
+`gemm.c`, the prefill GEMM of linear_int8 and linear_f32 on AVX2 CPUs without AVX-512.
 
 `gemv_int8_address()` (and `gemv_f32_address()`, `attention_decode_address()`) compiles the C sources
 into one library, once per source version, with the system C compiler (`$CC`, else cc/gcc), loads it,
@@ -32,7 +32,7 @@ from numba import types
 from numba.extending import intrinsic
 
 _SOURCES = tuple(Path(__file__).with_name(n) for n in ("gemv_int8.c", "attention_decode.c", "mamba_step.c",
-                                                           "gemm_int8.c"))
+                                                           "gemm.c"))
 _HEADERS = (Path(__file__).with_name("simd_math.h"),)
 _FLAGS = ("-O3", "-shared", "-fPIC")        # each function names its instruction set (target attributes)
 _LIBS = ("-lm",)
@@ -46,7 +46,7 @@ ATTENTION_VARIANTS = {"avx512vnni": ("jt_attn_decode_vnni", ("avx512f", "avx512b
                       "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
 SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",)),           # the scan's decode step (mamba_mixer.py)
                  "avx2": ("jt_scan_step16_avx2", ("avx2", "fma"))}
-GEMM_VARIANTS = {"avx2": ("jt_gemm_int8_avx2", ("avx2", "fma"))}      # linear_int8's prefill GEMM
+GEMM_VARIANTS = {"avx2": ("jt_gemm_avx2", ("avx2", "fma"))}      # prefill GEMM (linear_int8, linear_f32)
 _TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS, "scan": SCAN_VARIANTS,
            "gemm": GEMM_VARIANTS}
 _state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
@@ -134,18 +134,18 @@ def scan_step_address(variant: str | None = None) -> int:
     return _address("scan", variant)
 
 
-def gemm_int8_address(variant: str | None = None) -> int:
-    """The address of gemm_int8.c's GEMM (int8 weights, float32 activations) for this CPU (`variant`: one of
-    GEMM_VARIANTS), or 0 (as gemv_int8_address)."""
+def gemm_address(variant: str | None = None) -> int:
+    """The address of gemm.c's GEMM (int8 or float32 weights, float32 activations) for this CPU (`variant`: one
+    of GEMM_VARIANTS), or 0 (as gemv_int8_address)."""
     return _address("gemm", variant)
 
 
-def gemm_int8_scratch() -> int:
-    """The float32 scratch (packed blocks) one call of gemm_int8.c's GEMM needs; 0 when it is not loaded."""
+def gemm_scratch() -> int:
+    """The float32 scratch (packed blocks) one call of gemm.c's GEMM needs; 0 when it is not loaded."""
     lib = _state.get("lib")
     if lib is None:
         return 0
-    fn = lib.jt_gemm_int8_scratch
+    fn = lib.jt_gemm_scratch
     fn.restype = ctypes.c_int64
     return int(fn())
 
@@ -185,7 +185,7 @@ def _address(table: str, variant: str | None) -> int:
                          "f32": ("float32 GEMV", "torch's GEMV"),
                          "attention": ("decode attention", "the numba kernel"),
                          "scan": ("scan step", "the numba kernel"),
-                         "gemm": ("int8 prefill GEMM", "dequantised blocks and torch's GEMM")}[table]
+                         "gemm": ("prefill GEMM", "torch's GEMM (int8 weights dequantised in blocks)")}[table]
         warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses {instead}",
                       RuntimeWarning, stacklevel=3)
     _state[table, variant] = address
