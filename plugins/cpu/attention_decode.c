@@ -418,6 +418,23 @@ static float exp_sum8(float *sc, int64_t n, float mt) {
     return s;
 }
 
+/* the online softmax over a tile's scores sc [hq][TILE] (nt of them): the running max m and sum l, acc
+   rescaled to the new max, sc replaced by exp(score - max) */
+__attribute__((target("avx2,fma")))
+static void softmax_update8(float *sc, int64_t nt, int64_t hq, int64_t d, float *m, float *l, float *acc) {
+    for (int64_t j = 0; j < hq; j++) {
+        float mt = m[j];
+        for (int64_t i = 0; i < nt; i++)
+            mt = sc[j * TILE + i] > mt ? sc[j * TILE + i] : mt;
+        const float alpha = expf(m[j] - mt);
+        m[j] = mt;
+        l[j] = l[j] * alpha + exp_sum8(sc + j * TILE, nt, mt);
+        const __m256 al = _mm256_set1_ps(alpha);
+        for (int64_t c = 0; c < d / 8; c++)
+            _mm256_storeu_ps(acc + j * d + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + j * d + c * 8), al));
+    }
+}
+
 __attribute__((target("avx2,fma"), always_inline))
 static inline void attn256(const float *q, int64_t hkv, const int g, int64_t d, const void *k, const void *v,
                            int64_t ld, const float *ks, const float *vs, int64_t lds, int64_t gs, int64_t n,
@@ -442,17 +459,7 @@ static inline void attn256(const float *q, int64_t hkv, const int g, int64_t d, 
                     sc[(h * g + j) * TILE + i] = hsum8(a[j]);
             }
         }
-        for (int64_t j = 0; j < hq; j++) {
-            float mt = m[j];
-            for (int64_t i = 0; i < nt; i++)
-                mt = sc[j * TILE + i] > mt ? sc[j * TILE + i] : mt;
-            const float alpha = expf(m[j] - mt);
-            m[j] = mt;
-            l[j] = l[j] * alpha + exp_sum8(sc + j * TILE, nt, mt);
-            const __m256 al = _mm256_set1_ps(alpha);
-            for (int64_t c = 0; c < C; c++)
-                _mm256_storeu_ps(acc + j * d + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + j * d + c * 8), al));
-        }
+        softmax_update8(sc, nt, hq, d, m, l, acc);
         /* values. int8: 8 channels of the g heads' outputs in registers through the tile's positions (the
            tile's int8 value rows, 64 x d bytes a head, stay in L1 across the channel blocks); each output
            takes the positions in order, as the float loop below does, at a third of its loads and stores.
@@ -557,7 +564,7 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
     int32_t qp[HQMAX * DMAX / 2];                  /* head j, quad c: (q[4c], q[4c+2]), (q[4c+1], q[4c+3]) */
     float qsc[HQMAX * DMAX / 32];                  /* head j, group: the query's scale */
     int16_t p16[GMAX * TILE];
-    const int64_t G = d / 32, hq = hkv * g, QP = d / 2, C = d / 8;
+    const int64_t G = d / 32, hq = hkv * g, QP = d / 2;
     for (int64_t j = 0; j < hq; j++)
         for (int64_t grp = 0; grp < G; grp++) {
             int16_t w[32];
@@ -608,17 +615,7 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                     _mm256_storeu_ps(sc + (h * g + j) * TILE + i0, s[j]);
             }
         }
-        for (int64_t j = 0; j < hq; j++) {                    /* the online softmax, as attn256 */
-            float mt = m[j];
-            for (int64_t i = 0; i < nt; i++)
-                mt = sc[j * TILE + i] > mt ? sc[j * TILE + i] : mt;
-            const float alpha = expf(m[j] - mt);
-            m[j] = mt;
-            l[j] = l[j] * alpha + exp_sum8(sc + j * TILE, nt, mt);
-            const __m256 al = _mm256_set1_ps(alpha);
-            for (int64_t c = 0; c < C; c++)
-                _mm256_storeu_ps(acc + j * d + c * 8, _mm256_mul_ps(_mm256_loadu_ps(acc + j * d + c * 8), al));
-        }
+        softmax_update8(sc, nt, hq, d, m, l, acc);
         for (int64_t h = 0; h < hkv; h++)
             for (int64_t grp = 0; grp < G; grp++) {
                 float s16[GMAX];
