@@ -244,9 +244,9 @@ def test_linear_layers_run_the_native_gemm_where_it_is_chosen(monkeypatch):
     same bits as calling it; NaN and inf rows carry through (float32 arithmetic, as torch's GEMM)."""
     from jambatrt.plugins.cpu import linear_int8 as li
     from jambatrt.plugins.cpu.linear_f32 import linear_f32
-    from jambatrt.plugins.cpu.native import runnable_variants
-    if "avx2" not in runnable_variants("gemm"):
-        pytest.skip("the prefill GEMM needs a CPU with avx2, fma")
+    from jambatrt.plugins.cpu.native import _compiler, runnable_variants
+    if "avx2" not in runnable_variants("gemm") or _compiler() is None:
+        pytest.skip("the prefill GEMM needs a CPU with avx2, fma and a C compiler")
     monkeypatch.setenv("JAMBATRT_NATIVE", "avx2")
     monkeypatch.setattr(li, "integer_gemm", lambda: False)
     address, scratch = li.native_gemm()
