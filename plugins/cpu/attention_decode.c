@@ -424,7 +424,17 @@ __attribute__((target("avx2,fma")))
 static void softmax_update8(float *sc, int64_t nt, int64_t hq, int64_t d, float *m, float *l, float *acc) {
     for (int64_t j = 0; j < hq; j++) {
         float mt = m[j];
-        for (int64_t i = 0; i < nt; i++)
+        int64_t i = 0;
+        if (nt >= 8) {                      /* NaN scores are skipped, as by the comparison below */
+            __m256 mx = _mm256_set1_ps(mt);
+            for (; i + 8 <= nt; i += 8)
+                mx = _mm256_max_ps(_mm256_loadu_ps(sc + j * TILE + i), mx);
+            mx = _mm256_max_ps(mx, _mm256_permute2f128_ps(mx, mx, 1));
+            mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0x4E));
+            mx = _mm256_max_ps(mx, _mm256_shuffle_ps(mx, mx, 0xB1));
+            mt = _mm256_cvtss_f32(mx);
+        }
+        for (; i < nt; i++)
             mt = sc[j * TILE + i] > mt ? sc[j * TILE + i] : mt;
         const float alpha = expf(m[j] - mt);
         m[j] = mt;
@@ -505,11 +515,14 @@ static inline void attn256(const float *q, int64_t hkv, const int g, int64_t d, 
    (the query to int16 per group of 32, the softmax weights times the value scales to int16 per tile), so
    tests/test_kv_int8.py's bound of them holds for both. Without VNNI a 16-bit multiply-add is VPMADDWD and
    an add; 8 positions are the lanes (an 8 x 8 transpose of their keys' dwords), so a score needs no
-   horizontal sum and no per-element conversion or scale; keys and values are prefetched a tile ahead. AMD
-   Zen 3, 2 threads, d 128, interleaved against attn256: 8 / 2 heads 0.85x the time at 16K positions, 0.82x
-   at 64K; 32 / 8 heads at 64K 0.95x. In the cache, one thread, both take ~100 ns a position (8 / 2 heads):
-   the multiply-adds bound both there. The values go through the tile 16 channels and up to 4 query heads at
-   a time (their sums in 8 registers). */
+   horizontal sum and no per-element conversion or scale; keys and values are prefetched a tile ahead. The
+   values go through the tile 16 channels and up to 4 query heads at a time (their sums in 8 registers).
+   AMD Zen 3 (two multiply-adds and four vector ALU operations a cycle), 8 / 2 heads, d 128, one thread, in the
+   cache: 77 ns a position, 0.81x the first version's time with the same bits (the query pairs broadcast once
+   instead of in the key loop, whose ALU slots they shared; the scale columns gathered, not stored and
+   reloaded; no sum of the values loop spilled), against attn256 0.85x at 16K positions, 0.82x at 64K
+   (2 threads, the first version). Of the 77 ns: the scores ~30, rounding the weights ~11, the values ~18, the
+   softmax ~9 (llvm-mca: the key loop's ~7 cycles an iteration of 16 multiply-adds, the transposes besides). */
 
 /* x[r] dword c -> x[c] dword r (r, c < 8) */
 __attribute__((target("avx2"), always_inline))
@@ -531,13 +544,16 @@ static inline void transpose8(__m256i x[8]) {
     }
 }
 
-/* 8 lanes of rows r < nr: the float at base + r * stride + off (0 beyond) */
+/* 8 lanes of rows r < nr: the float at base + r * stride + off (0 beyond); one gather (scalar stores and a
+   vector load of them would stall on store forwarding) */
 __attribute__((target("avx2"), always_inline))
 static inline __m256 column8(const float *base, int64_t stride, int64_t off, int nr) {
-    float c[8];
-    for (int r = 0; r < 8; r++)
-        c[r] = r < nr ? base[r * stride + off] : 0.0f;
-    return _mm256_loadu_ps(c);
+    const __m256i r = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i idx = _mm256_mullo_epi32(r, _mm256_set1_epi32((int)stride));
+    if (nr >= 8)
+        return _mm256_i32gather_ps(base + off, idx, 4);
+    const __m256 mask = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(nr), r));
+    return _mm256_mask_i32gather_ps(_mm256_setzero_ps(), base + off, idx, mask, 4);
 }
 
 /* round16x32 in scalar code: x[0..32) * 32767 / max|x| rounded to int16 (0 where max|x| is 0), the scale
@@ -561,18 +577,20 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                             int64_t ld, const float *ks, const float *vs, int64_t lds, int64_t n,
                             float *m, float *l, float *acc) {
     float sc[HQMAX * TILE];
-    int32_t qp[HQMAX * DMAX / 2];                  /* head j, quad c: (q[4c], q[4c+2]), (q[4c+1], q[4c+3]) */
     float qsc[HQMAX * DMAX / 32];                  /* head j, group: the query's scale */
     int16_t p16[GMAX * TILE];
     const int64_t G = d / 32, hq = hkv * g, QP = d / 2;
+    /* head j, quad c: (q[4c], q[4c+2]) then (q[4c+1], q[4c+3]) in every lane, memory operands of the key loop's
+       multiply-adds (broadcast there, they took two of its ALU slots a multiply-add); up to 256 KB (HQMAX, DMAX) */
+    __m256i qb[hq * QP];
     for (int64_t j = 0; j < hq; j++)
         for (int64_t grp = 0; grp < G; grp++) {
             int16_t w[32];
             qsc[j * G + grp] = round32(q + j * d + grp * 32, w);
             for (int c = 0; c < 8; c++) {
-                int32_t *pair = qp + j * QP + grp * 16 + 2 * c;
-                pair[0] = (int32_t)(uint16_t)w[4 * c] | (int32_t)((uint32_t)(uint16_t)w[4 * c + 2] << 16);
-                pair[1] = (int32_t)(uint16_t)w[4 * c + 1] | (int32_t)((uint32_t)(uint16_t)w[4 * c + 3] << 16);
+                __m256i *pair = qb + j * QP + grp * 16 + 2 * c;
+                pair[0] = _mm256_set1_epi32((int32_t)(uint16_t)w[4 * c] | (int32_t)((uint32_t)(uint16_t)w[4 * c + 2] << 16));
+                pair[1] = _mm256_set1_epi32((int32_t)(uint16_t)w[4 * c + 1] | (int32_t)((uint32_t)(uint16_t)w[4 * c + 3] << 16));
             }
         }
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
@@ -601,9 +619,9 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                         const __m256i lo = _mm256_srai_epi16(_mm256_slli_epi16(x[c], 8), 8);   /* channels 0, 2 */
                         const __m256i hi = _mm256_srai_epi16(x[c], 8);                          /* 1, 3 */
                         for (int j = 0; j < g; j++) {
-                            const int32_t *qj = qp + (h * g + j) * QP + grp * 16 + 2 * c;
-                            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(lo, _mm256_set1_epi32(qj[0])));
-                            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(hi, _mm256_set1_epi32(qj[1])));
+                            const __m256i *qj = qb + (h * g + j) * QP + grp * 16 + 2 * c;
+                            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(lo, qj[0]));
+                            a[j] = _mm256_add_epi32(a[j], _mm256_madd_epi16(hi, qj[1]));
                         }
                     }
                     const __m256 kst = column8(ks + t * lds, lds, h * G + grp, nr);
@@ -647,8 +665,9 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                     }
                 }
                 /* 16 channels and gb heads at a time: 2 gb sums in registers (gb, like g, a compile-time constant
-                   where g is one: the loops over j unroll, the sums are not spilled) */
+                   where g is one: the loops over j unroll) */
                 const int gb = g < 4 ? g : 4;
+                const int64_t ne = nt & ~(int64_t)1;    /* rows with a next row (a test of i + 1 < nt: 1.1x the time) */
                 for (int half = 0; half < 2; half++)
                     for (int j0 = 0; j0 < g; j0 += gb) {
                         const int gj = g - j0 < gb ? g - j0 : gb;
@@ -658,12 +677,17 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                         const int8_t *vr = v + t0 * ld + h * d + grp * 32 + half * 16;
                         for (int64_t i = 0; i < nt; i += 2) {  /* rows i, i + 1: a dword is a channel at both */
                             const __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(vr + i * ld)));
-                            const __m256i b = i + 1 < nt ? _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(vr + (i + 1) * ld)))
-                                                         : _mm256_setzero_si256();
+                            const __m256i b = i < ne ? _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(vr + (i + 1) * ld)))
+                                                     : _mm256_setzero_si256();
                             /* dwords: lo channels 0-3, 8-11; hi 4-7, 12-15 (unpacks stay within 128-bit lanes) */
                             const __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
                             for (int j = 0; j < gj; j++) {
-                                const __m256i pp = _mm256_set1_epi32(*(const int32_t *)(p16 + (j0 + j) * TILE + i));
+                                /* the pointer through an empty asm: gcc may not load the next head's pair before
+                                   this one's sums are updated (hoisted, the pairs take 4 registers and gcc spills
+                                   a sum, whose store-to-load chain then bounds the loop) */
+                                const int16_t *pj = p16 + (j0 + j) * TILE + i;
+                                __asm__ volatile("" : "+r"(pj) : "x"(alo[j > 0 ? j - 1 : 0]));
+                                const __m256i pp = _mm256_set1_epi32(*(const int32_t *)pj);
                                 alo[j] = _mm256_add_epi32(alo[j], _mm256_madd_epi16(lo, pp));
                                 ahi[j] = _mm256_add_epi32(ahi[j], _mm256_madd_epi16(hi, pp));
                             }
