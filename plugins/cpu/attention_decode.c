@@ -522,7 +522,7 @@ static inline void attn256(const float *q, int64_t hkv, const int g, int64_t d, 
    instead of in the key loop, whose ALU slots they shared; the scale columns gathered, not stored and
    reloaded; no sum of the values loop spilled), against attn256 0.85x at 16K positions, 0.82x at 64K
    (2 threads, the first version). Of the 77 ns: the scores ~30, rounding the weights ~11, the values ~18, the
-   softmax ~9 (llvm-mca: the key loop's ~7 cycles an iteration of 16 multiply-adds, the transposes besides). */
+   softmax ~6-9 (llvm-mca: the key loop's ~7 cycles an iteration of 8 multiply-adds, the transposes besides). */
 
 /* x[r] dword c -> x[c] dword r (r, c < 8) */
 __attribute__((target("avx2"), always_inline))
@@ -581,7 +581,8 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
     int16_t p16[GMAX * TILE];
     const int64_t G = d / 32, hq = hkv * g, QP = d / 2;
     /* head j, quad c: (q[4c], q[4c+2]) then (q[4c+1], q[4c+3]) in every lane, memory operands of the key loop's
-       multiply-adds (broadcast there, they took two of its ALU slots a multiply-add); up to 256 KB (HQMAX, DMAX) */
+       multiply-adds (broadcast there, each multiply-add brought a broadcast onto the vector pipes its shifts
+       and adds use); up to 256 KB (HQMAX, DMAX) */
     __m256i qb[hq * QP];
     for (int64_t j = 0; j < hq; j++)
         for (int64_t grp = 0; grp < G; grp++) {
