@@ -238,16 +238,14 @@ def test_native_gemm_within_the_float32_bound(M, N, K, weights, variant):
     assert (np.abs(got - exact) <= bound).all()
 
 
-def test_linear_layers_run_the_native_gemm_where_it_is_chosen(monkeypatch):
+@pytest.mark.parametrize("variant", native_variants("gemm", "prefill GEMM"))
+def test_linear_layers_run_the_native_gemm_where_it_is_chosen(monkeypatch, variant):
     """Where native_gemm() gives the kernel (AVX2 without AVX-512, for int8 weights without the integer limb
     GEMM; forced here as on such a CPU), the GEMM path of linear_int8 and of linear_f32 is that kernel: the
     same bits as calling it; NaN and inf rows carry through (float32 arithmetic, as torch's GEMM)."""
     from jambatrt.plugins.cpu import linear_int8 as li
     from jambatrt.plugins.cpu.linear_f32 import linear_f32
-    from jambatrt.plugins.cpu.native import _compiler, runnable_variants
-    if "avx2" not in runnable_variants("gemm") or _compiler() is None:
-        pytest.skip("the prefill GEMM needs a CPU with avx2, fma and a C compiler")
-    monkeypatch.setenv("JAMBATRT_NATIVE", "avx2")
+    monkeypatch.setenv("JAMBATRT_NATIVE", variant)
     monkeypatch.setattr(li, "integer_gemm", lambda: False)
     address, scratch = li.native_gemm()
     assert address and li.native_gemm(int8=False)[0] == address
