@@ -177,3 +177,5 @@ def test_killing_a_stage_mid_request_gives_an_error_not_a_hang(server):
     assert srv.is_ready()
     with JambaClient(srv.http_url, timeout=10) as c:
         assert c.ready()
+    # stage 1 cannot unload with its stub dead: a SIGTERM would wait tritonserver's exit timeout (30 s) for it
+    srv.kill()
