@@ -194,6 +194,35 @@ def test_conv_in_two_chunks_equals_one_call(split):
     np.testing.assert_array_equal(sb, s)
 
 
+@pytest.mark.parametrize("L", [1, 2, 70, 130])
+def test_time_major_conv_and_strided_scan_give_the_same_bits(L):
+    """The fused int8 mixer's prefill (mamba_mixer.py) keeps its activations time-major: `_conv_kernel_tl`
+    reads channels c0.. of a wider [B,L,C] row and the scan kernel takes transposed (strided) views. Both
+    give causal_conv1d's and selective_scan's bits, L shorter than the carried state included."""
+    from jambatrt.plugins.cpu.causal_conv1d import _conv_kernel_tl
+    from jambatrt.plugins.cpu.selective_scan import _scan_kernel, _scan_kernel_serial
+    rng = np.random.default_rng(L)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    B, D, N, K, c0 = 2, 40, 16, 4, 24
+    rows = f(B, L, c0 + D + 8)                         # x is channels c0 .. c0+D-1 of these rows
+    w, b, state = f(D, K), f(D), f(B, D, K - 1)
+    want, want_state = causal_conv1d(np.ascontiguousarray(rows[..., c0:c0 + D].transpose(0, 2, 1)), w, b, state)
+    y, s = np.empty((B, L, D), np.float32), np.empty((B, D, K - 1), np.float32)
+    _conv_kernel_tl(rows, c0, np.ascontiguousarray(w.T), b, state, y, s)
+    np.testing.assert_array_equal(y.transpose(0, 2, 1), want)
+    np.testing.assert_array_equal(s, want_state)
+    u, delta, z, Bm, Cm = f(B, L, D), f(B, L, D), f(B, L, D), f(B, L, N), f(B, L, N)
+    A, Dskip, bias, h0 = -np.exp(f(D, N)), f(D), f(D), f(B, D, N)
+    c = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1))
+    want_y, want_h = selective_scan(c(u), c(delta), A, c(Bm), c(Cm), Dskip, c(z), bias, h0)
+    t = lambda a: a.transpose(0, 2, 1)
+    for kernel in (_scan_kernel, _scan_kernel_serial):
+        y, h = np.empty((B, L, D), np.float32), np.empty((B, D, N), np.float32)
+        kernel(t(u), t(delta), A, t(Bm), t(Cm), Dskip, t(z), True, bias, h0, t(y), h)
+        np.testing.assert_array_equal(t(y), want_y)
+        np.testing.assert_array_equal(h, want_h)
+
+
 def test_attention_in_chunks_with_past_equals_one_call():
     q, k, v, _, _ = map(_np, make("attention", "prefill"))
     o, pk, pv = attention(q, k, v)

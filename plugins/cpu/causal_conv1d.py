@@ -62,6 +62,39 @@ def _conv_step_kernel(x, weight, bias, state, y, state_out):
             yb[d] = silu32(yb[d])
 
 
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=False)
+def _conv_kernel_tl(x, c0, weight_t, bias, state, y, state_out):
+    """`_conv_kernel` on time-major rows, so the fused Mamba mixer's prefill needs no transposes: the
+    input is channels c0 .. c0+D-1 of x [B,L,C] (in_proj's output, C-contiguous), y [B,L,D]; weight_t
+    [K,D] (the weight transposed); bias [D]; state, state_out [B,D,K-1]. The same sums in the same
+    order (bias, then tap 0 .. K-1), so the same bits; one vector loop over the channels per tap."""
+    Bsz, L, D = y.shape
+    K = weight_t.shape[0]
+    nb = (L + 63) // 64
+    for job in prange(Bsz * nb):
+        b = job // nb
+        t0 = (job % nb) * 64
+        for t in range(t0, min(t0 + 64, L)):
+            yr = y[b, t]
+            yr[:] = bias
+            for k in range(K):
+                s = t - (K - 1 - k)            # output t reads input s
+                wk = weight_t[k]
+                if s >= 0:
+                    for d in range(D):
+                        yr[d] += wk[d] * x[b, s, c0 + d]
+                else:                          # reaches back into the carried state
+                    for d in range(D):
+                        yr[d] += wk[d] * state[b, d, K - 1 + s]
+            for d in range(D):
+                yr[d] = silu32(yr[d])
+    for b in range(Bsz):
+        for d in range(D):
+            for i in range(K - 1):
+                j = L - (K - 1) + i
+                state_out[b, d, i] = x[b, j, c0 + d] if j >= 0 else state[b, d, K - 1 + j]
+
+
 # the same kernel on the calling thread, for decode-sized calls
 _conv_kernel_serial = serial_twin(_conv_kernel, cache=True, error_model="numpy", fastmath=False)
 _SERIAL_MAX_ELEMENTS = 1 << 15     # B*D*L below which waking the second thread costs more than it saves

@@ -14,22 +14,22 @@ A decode step (L = 1) runs whole in one numba call (`_mixer_step`), which calls 
 elsewhere): the ~21 ONNX Runtime nodes and six Python op calls a layer costs in between (each run
 with the caches just flushed by the weights streaming through) are what it saves. The ORT engine's
 native decode step (decode_step.py) calls `_mixer_step` too, for int8 or float32 weights. Longer
-chunks call the kernels from Python (their time is the GEMMs')."""
+chunks call the kernels from Python (their time is the GEMMs'), time-major: the conv reads in_proj's
+output where it lies and the scan reads and writes transposed views, no copies in between."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-import torch
 from numba import njit, prange
 
 from jambatrt.graph.passes.fuse_mamba_mixer import PARAMS, WEIGHTS
-from jambatrt.plugins.cpu.causal_conv1d import _conv_step_kernel, causal_conv1d
+from jambatrt.plugins.cpu.causal_conv1d import _conv_kernel_tl, _conv_step_kernel
 from jambatrt.plugins.cpu.linear_f32 import gemv_into
 from jambatrt.plugins.cpu.linear_int8 import linear_int8
 from jambatrt.plugins.cpu.native import call_native, gemv_int8_address, scan_step_address
-from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _step_kernel, _step_kernel_serial,
-                                                 selective_scan)
+from jambatrt.plugins.cpu.selective_scan import (_SERIAL_MAX_UPDATES, _scan_kernel, _scan_kernel_serial,
+                                                 _step_kernel, _step_kernel_serial)
 from jambatrt.plugins.registry import session_op
 
 _SCAN_CHANNELS = 512     # channels per job of the native scan step: D 2048 is four jobs on numba's threads
@@ -157,22 +157,28 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
         return y.reshape(Bsz, 1, H), conv_out, ssm_out
     conv_w, conv_b, A, Dskip, dt_b, dt_n, b_n, c_n = params
     in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights
+    # Time-major throughout ([B,L,channels], as the linear layers take and give them): the conv reads x from
+    # xz, and the scan's kernel, whose [B,D,L] arguments may be strided, reads and writes transposed views
+    # (the five [B,L,D] <-> [B,D,L] copies this replaces were 8% of the peer preset's int8 prefill)
     xz = linear_int8(h, in_w, in_s, compute)                                             # [B,L,2D]
-    x, z = _t(xz[..., :Dch]), _t(xz[..., Dch:])
-    x, conv_out = causal_conv1d(x, conv_w, conv_b, conv_state)                 # [B,D,L]
+    x = np.empty((Bsz, L, Dch), np.float32)
+    conv_out = np.empty_like(conv_state)
+    _conv_kernel_tl(xz, 0, np.ascontiguousarray(conv_w.T), conv_b, conv_state, x, conv_out)
     # x_proj and dt_proj (5% of the weights) stay float32: they make the scan's dt, B and C
-    xdbl = linear_int8(_t(x), x_w, x_s)                                                  # [B,L,R+2N]
+    xdbl = linear_int8(x, x_w, x_s)                                                      # [B,L,R+2N]
     dt = linear_int8(_rms_norm(xdbl[..., :R], dt_n, eps), dt_w, dt_s)                   # [B,L,D]
     Bm = _rms_norm(xdbl[..., R:R + N], b_n, eps)
     Cm = _rms_norm(xdbl[..., R + N:], c_n, eps)
-    y, ssm_out = selective_scan(x, _t(dt), A, _t(Bm), _t(Cm), Dskip, z, dt_b, ssm_state)
-    return linear_int8(_t(y), out_w, out_s, compute), conv_out, ssm_out
+    y = np.empty((Bsz, L, Dch), np.float32)
+    ssm_out = np.empty_like(ssm_state)
+    scan = _scan_kernel_serial if Bsz * Dch * L * N <= _SERIAL_MAX_UPDATES else _scan_kernel
+    scan(_tv(x), _tv(dt), A, _tv(Bm), _tv(Cm), Dskip, _tv(xz[..., Dch:]), True, dt_b, ssm_state, _tv(y), ssm_out)
+    return linear_int8(y, out_w, out_s, compute), conv_out, ssm_out
 
 
-def _t(a: np.ndarray) -> np.ndarray:
-    """a [B,X,Y] -> a C-contiguous [B,Y,X] (torch's blocked, threaded copy: numpy's strided one took
-    ~8 ms per [512, 4096] chunk here, 0.93x the layer's prefill in all)."""
-    return torch.from_numpy(a).transpose(1, 2).contiguous().numpy()
+def _tv(a: np.ndarray) -> np.ndarray:
+    """a [B,X,Y] seen as [B,Y,X] (a view: no copy)."""
+    return a.transpose(0, 2, 1)
 
 
 def _mixer_shapes(h, conv_state, ssm_state, *_):
