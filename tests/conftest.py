@@ -318,7 +318,7 @@ def serve_env():
 
 def native_variants(table: str, kernel: str) -> list:
     """One pytest param per native kernel of `table` (plugins/cpu/native.py: "int8", "f32", "attention",
-    "scan", "gemm"), skipped, naming what is missing, only where this CPU lacks its instructions or there is no C
+    "scan", "scan_chunk", "gemm"), skipped, naming what is missing, only where this CPU lacks its instructions or there is no C
     compiler (a kernel that fails to build where both exist fails its tests). `kernel` names it in the reason."""
     from jambatrt.plugins.cpu.native import _TABLES, _compiler, runnable_variants
     return [pytest.param(v, marks=pytest.mark.skipif(

@@ -153,6 +153,40 @@ def test_native_scan_step_matches_numba_step(B, D, variant):
     assert np.isfinite(y).all() and (np.abs(y - want_y) <= bound_y).all(), float(np.abs(y - want_y).max())
 
 
+@pytest.mark.parametrize("variant", native_variants("scan_chunk", "prefill scan"))
+@pytest.mark.parametrize("B,D,L", [(2, 40, 70), (1, 2048, 33)])
+def test_native_prefill_scan_matches_numba_scan(B, D, L, variant):
+    """mamba_step.c's prefill-chunk scan (the fused int8 mixer's, time-major rows) against numba's
+    `_scan_kernel` on the same rows: the same polynomials, C . h in four partial sums instead of one, so they
+    agree within float32 rounding of sums over the chunk's steps and states. D 40 leaves a masked block, L 70
+    a partial tile; softplus's two branches and an underflowing exp are in delta."""
+    from conftest import sum_error_bound
+    from jambatrt.plugins.cpu.mamba_mixer import _scan_chunk_native
+    from jambatrt.plugins.cpu.native import scan_chunk_address
+    from jambatrt.plugins.cpu.selective_scan import _scan_kernel
+    address = scan_chunk_address(variant)
+    assert address, f"the {variant} prefill scan did not build or load (see the RuntimeWarning)"
+    rng = np.random.default_rng(D + L)
+    f = lambda *shape, s=1.0: (rng.standard_normal(shape) * s).astype(np.float32)
+    N = 16
+    u, xz, Bm, Cm = f(B, L, D), f(B, L, 2 * D, s=3.0), f(B, L, N), f(B, L, N)
+    delta = f(B, L, D, s=2.0)
+    delta[:, 0, :4] = [25.0, -30.0, 1e-8, -90.0]
+    A, Dskip, bias, h0 = -np.exp(f(D, N)), f(D), f(D, s=0.5), f(B, D, N)
+    t = lambda a: a.transpose(0, 2, 1)
+    want_y, want_h = np.empty((B, L, D), np.float32), np.empty((B, D, N), np.float32)
+    _scan_kernel(t(u), t(delta), A, t(Bm), t(Cm), Dskip, t(xz[..., D:]), True, bias, h0, t(want_y), want_h)
+    y, h = np.full((B, L, D), np.nan, np.float32), np.full((B, D, N), np.nan, np.float32)
+    _scan_chunk_native(u, delta, xz, Bm, Cm, A, Dskip, bias, h0, y, h, address)
+    # each state is a sum of L decayed contributions (and h0), y a 17-term sum of them times silu(z): both sides
+    # round every term a few times; a wrong index or lane would be off by the terms themselves
+    n = 4 * L * (N + 1)
+    for got, want, what in ((h, want_h, "state"), (y, want_y, "y")):
+        bound = 2 * sum_error_bound(np.abs(want).max(axis=-1, keepdims=True) * (N + 1), n)
+        err = np.abs(got.astype(np.float64) - want)
+        assert np.isfinite(got).all() and (err <= bound).all(), (what, float(err.max()), float(bound.min()))
+
+
 def test_native_scan_step_follows_the_native_choice(monkeypatch):
     """JAMBATRT_NATIVE=avx2 stands for a CPU without AVX-512: its scan step is the AVX2 one; =0: none (numba's
     step kernel runs)."""
@@ -197,8 +231,9 @@ def test_conv_in_two_chunks_equals_one_call(split):
 @pytest.mark.parametrize("L", [1, 2, 70, 130])
 def test_time_major_conv_and_strided_scan_give_the_same_bits(L):
     """The fused int8 mixer's prefill (mamba_mixer.py) keeps its activations time-major: `_conv_kernel_tl`
-    reads channels c0.. of a wider [B,L,C] row and the scan kernel takes transposed (strided) views. Both
-    give causal_conv1d's and selective_scan's bits, L shorter than the carried state included."""
+    reads channels c0.. of a wider [B,L,C] row, and numba's scan kernel (the mixer's scan off AVX-512) takes
+    transposed (strided) views. Both give causal_conv1d's and selective_scan's bits, L shorter than the
+    carried state included."""
     from jambatrt.plugins.cpu.causal_conv1d import _conv_kernel_tl
     from jambatrt.plugins.cpu.selective_scan import _scan_kernel, _scan_kernel_serial
     rng = np.random.default_rng(L)

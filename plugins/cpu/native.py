@@ -1,7 +1,8 @@
 """Native (C) kernels beside the numba ones, for what numba's code generation cannot reach: `gemv_int8.c`,
 the int8 and float32 GEMVs of decode (linear_int8.py, linear_f32.py explain when they run), and
 `attention_decode.c`, decode attention over a float32 or int8 KV cache (attention.py), each on AVX-512
-(with VNNI: integer dot products over an int8 cache) or AVX2; `mamba_step.c`, the scan's decode step;
+(with VNNI: integer dot products over an int8 cache) or AVX2; `mamba_step.c`, the scan's decode step
+and (AVX-512) the fused int8 mixer's prefill scan;
 `gemm.c`, the prefill GEMM of linear_int8 and linear_f32 on AVX2 CPUs without AVX-512.
 
 `gemv_int8_address()` (and `gemv_f32_address()`, `attention_decode_address()`) compiles the C sources
@@ -46,9 +47,10 @@ ATTENTION_VARIANTS = {"avx512vnni": ("jt_attn_decode_vnni", ("avx512f", "avx512b
                       "avx2": ("jt_attn_decode_avx2", ("avx2", "fma"))}
 SCAN_VARIANTS = {"avx512": ("jt_scan_step16", ("avx512f",)),           # the scan's decode step (mamba_mixer.py)
                  "avx2": ("jt_scan_step16_avx2", ("avx2", "fma"))}
+SCAN_CHUNK_VARIANTS = {"avx512": ("jt_scan_chunk16", ("avx512f",))}   # the scan over a prefill chunk (mamba_mixer.py)
 GEMM_VARIANTS = {"avx2": ("jt_gemm_avx2", ("avx2", "fma"))}      # prefill GEMM (linear_int8, linear_f32)
 _TABLES = {"int8": VARIANTS, "f32": F32_VARIANTS, "attention": ATTENTION_VARIANTS, "scan": SCAN_VARIANTS,
-           "gemm": GEMM_VARIANTS}
+           "scan_chunk": SCAN_CHUNK_VARIANTS, "gemm": GEMM_VARIANTS}
 _state: dict = {}      # (table, variant) -> address, "lib" -> the loaded library, ("warned", value)
 
 
@@ -134,6 +136,12 @@ def scan_step_address(variant: str | None = None) -> int:
     return _address("scan", variant)
 
 
+def scan_chunk_address(variant: str | None = None) -> int:
+    """The address of mamba_step.c's prefill-chunk scan (`variant`: one of SCAN_CHUNK_VARIANTS), or 0 (as
+    gemv_int8_address; AVX-512: elsewhere numba's `_scan_kernel`)."""
+    return _address("scan_chunk", variant)
+
+
 def gemm_address(variant: str | None = None) -> int:
     """The address of gemm.c's GEMM (int8 or float32 weights, float32 activations) for this CPU (`variant`: one
     of GEMM_VARIANTS), or 0 (as gemv_int8_address)."""
@@ -185,8 +193,9 @@ def _address(table: str, variant: str | None) -> int:
                          "f32": ("float32 GEMV", "torch's GEMV"),
                          "attention": ("decode attention", "the numba kernel"),
                          "scan": ("scan step", "the numba kernel"),
+                         "scan_chunk": ("prefill scan", "the numba kernel"),
                          "gemm": ("prefill GEMM", "torch's GEMM (int8 weights dequantised in blocks)")}[table]
-        warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); decode uses {instead}",
+        warnings.warn(f"jambatrt: the native {what} ({variant}) is not available ({why}); {instead} runs instead",
                       RuntimeWarning, stacklevel=3)
     _state[table, variant] = address
     return address
