@@ -50,6 +50,14 @@ def _rms_norm_into(x, w, eps, out):
             out[b, i] = x[b, i] / r * w[i]
 
 
+@njit(inline="always")
+def _channel_job(job, parts, D):
+    """Job `job` of the scans' split (parts ranges of _SCAN_CHANNELS channels a sequence): its sequence and
+    channel range [d0, d1)."""
+    d0 = (job % parts) * _SCAN_CHANNELS
+    return job // parts, d0, min(D, d0 + _SCAN_CHANNELS)
+
+
 @njit(cache=True, parallel=True)
 def _scan_step_native(u, delta, A, Bm, Cm, Dskip, z, dt_bias, h0, y, h_out, address):
     """mamba_step.c's scan step (d_state 16) at `address` over the sequences and ranges of _SCAN_CHANNELS
@@ -57,9 +65,7 @@ def _scan_step_native(u, delta, A, Bm, Cm, Dskip, z, dt_bias, h0, y, h_out, addr
     Bsz, D, _ = u.shape
     parts = (D + _SCAN_CHANNELS - 1) // _SCAN_CHANNELS
     for job in prange(Bsz * parts):
-        b = job // parts
-        d0 = (job % parts) * _SCAN_CHANNELS
-        d1 = min(D, d0 + _SCAN_CHANNELS)
+        b, d0, d1 = _channel_job(job, parts, D)
         r, s = b * D * 4, b * D * 16 * 4          # byte offsets of sequence b's rows: [D] and [D, 16]
         call_native(address, (u.ctypes.data + r, delta.ctypes.data + r, A.ctypes.data, Bm.ctypes.data + b * 64,
                               Cm.ctypes.data + b * 64, Dskip.ctypes.data, z.ctypes.data + r, 1, dt_bias.ctypes.data,
@@ -74,9 +80,7 @@ def _scan_chunk_native(u, delta, xz, Bm, Cm, A, Dskip, dt_bias, h0, y, h_out, ad
     Bsz, L, D = u.shape
     parts = (D + _SCAN_CHANNELS - 1) // _SCAN_CHANNELS
     for job in prange(Bsz * parts):
-        b = job // parts
-        d0 = (job % parts) * _SCAN_CHANNELS
-        d1 = min(D, d0 + _SCAN_CHANNELS)
+        b, d0, d1 = _channel_job(job, parts, D)
         r, s, bc = b * L * D * 4, b * D * 16 * 4, b * L * 16 * 4     # byte offsets of sequence b
         call_native(address, (u.ctypes.data + r, D, delta.ctypes.data + r, D, xz.ctypes.data + 2 * r + D * 4, 2 * D,
                               Bm.ctypes.data + bc, Cm.ctypes.data + bc, 16, A.ctypes.data, Dskip.ctypes.data,
