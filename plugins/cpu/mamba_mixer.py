@@ -182,7 +182,7 @@ def mamba_mixer_int8(h, conv_state, ssm_state, conv_weight, conv_bias, A, D, dt_
     in_w, in_s, x_w, x_s, dt_w, dt_s, out_w, out_s = weights
     # Time-major throughout ([B,L,channels], as the linear layers take and give them): the conv reads x from
     # xz; the scan is mamba_step.c's chunk scan on AVX-512 (d_state 16), else numba's kernel, whose [B,D,L]
-    # arguments may be strided, on transposed views (the five [B,L,D] <-> [B,D,L] copies this replaces were
+    # arguments may be strided, on transposed views (the seven [B,L,D] <-> [B,D,L] copies this replaces were
     # 8% of the peer preset's int8 prefill; the C scan takes 0.95x the prefill of numba's)
     xz = linear_int8(h, in_w, in_s, compute)                                             # [B,L,2D]
     x = np.empty((Bsz, L, Dch), np.float32)

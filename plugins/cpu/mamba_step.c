@@ -15,24 +15,37 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "simd_math.h"
+
+/* softplus(x) as torch computes it (x above 20 stays x), 16 lanes */
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 softplus16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 e = exp16(x), mp = _mm512_add_ps(one, e);
+    /* log1p(e) = log(1 + e) * e / ((1 + e) - 1), exact for e below float32's epsilon (then 1 + e == 1) */
+    __m512 lp = _mm512_mul_ps(log16(mp), _mm512_div_ps(e, _mm512_sub_ps(mp, one)));
+    lp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mp, one, _CMP_EQ_OQ), lp, e);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), lp, x);
+}
+
+/* silu(z) = z / (1 + exp(-z)), 16 lanes */
+__attribute__((target("avx512f"), always_inline))
+static inline __m512 silu16(__m512 z) {
+    return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
+}
 
 __attribute__((target("avx512f")))
 void jt_scan_step16(const float *u, const float *delta, const float *A, const float *Bv, const float *Cv,
                     const float *Dskip, const float *z, int64_t has_z, const float *dbias, const float *h0,
                     float *y, float *h_out, int64_t d0, int64_t d1) {
-    const __m512 one = _mm512_set1_ps(1.0f), Bn = _mm512_loadu_ps(Bv), Cn = _mm512_loadu_ps(Cv);
+    const __m512 Bn = _mm512_loadu_ps(Bv), Cn = _mm512_loadu_ps(Cv);
     float dt[16], tu[16], sums[16];
     for (int64_t c = d0; c < d1; c += 16) {
         int64_t nw = d1 - c < 16 ? d1 - c : 16;
         __mmask16 m = (__mmask16)((1u << nw) - 1);
-        __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, delta + c), _mm512_maskz_loadu_ps(m, dbias + c));
-        __m512 e = exp16(x), mp = _mm512_add_ps(one, e);
-        /* log1p(e) = log(1 + e) * e / ((1 + e) - 1), exact for e below float32's epsilon (then 1 + e == 1) */
-        __m512 lp = _mm512_mul_ps(log16(mp), _mm512_div_ps(e, _mm512_sub_ps(mp, one)));
-        lp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mp, one, _CMP_EQ_OQ), lp, e);
-        __m512 t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), lp, x);
+        __m512 t = softplus16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, delta + c), _mm512_maskz_loadu_ps(m, dbias + c)));
         __m512 uu = _mm512_maskz_loadu_ps(m, u + c);
         _mm512_storeu_ps(dt, t);
         _mm512_storeu_ps(tu, _mm512_mul_ps(t, uu));
@@ -44,10 +57,8 @@ void jt_scan_step16(const float *u, const float *delta, const float *A, const fl
             sums[j] = _mm512_reduce_add_ps(_mm512_mul_ps(h, Cn));
         }
         __m512 out = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, Dskip + c), uu, _mm512_maskz_loadu_ps(m, sums));
-        if (has_z) {
-            __m512 zz = _mm512_maskz_loadu_ps(m, z + c);
-            out = _mm512_mul_ps(out, _mm512_div_ps(zz, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), zz)))));
-        }
+        if (has_z)
+            out = _mm512_mul_ps(out, silu16(_mm512_maskz_loadu_ps(m, z + c)));
         _mm512_mask_storeu_ps(y + c, m, out);
     }
 }
@@ -111,15 +122,9 @@ void jt_scan_chunk16(const float *u, int64_t ldu, const float *delta, int64_t ld
                      const float *Bm, const float *Cm, int64_t ldbc, const float *A, const float *Dskip,
                      const float *dbias, const float *h0, float *y, int64_t ldy, float *h_out,
                      int64_t L, int64_t d0, int64_t d1) {
-    const __m512 one = _mm512_set1_ps(1.0f);
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                             _mm512_set1_epi32(16));
-    for (int64_t c = d0; c < d1; c += 16) {           /* the states, [n][lane] in h_out's rows of the block */
-        const __mmask16 m = (__mmask16)((1u << (d1 - c < 16 ? d1 - c : 16)) - 1);
-        for (int n = 0; n < 16; n++)
-            _mm512_mask_i32scatter_ps(h_out + 16 * c + n, m, rows,
-                                      _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, h0 + 16 * c + n, 4), 4);
-    }
+    memcpy(h_out + 16 * d0, h0 + 16 * d0, (size_t)(d1 - d0) * 16 * sizeof(float));
     for (int64_t t0 = 0; t0 < L; t0 += TT) {
         const int64_t t1 = t0 + TT < L ? t0 + TT : L;
         for (int64_t c = d0; c < d1; c += 16) {
@@ -134,17 +139,12 @@ void jt_scan_chunk16(const float *u, int64_t ldu, const float *delta, int64_t ld
             const __m512 bias = _mm512_maskz_loadu_ps(m, dbias + c), dsk = _mm512_maskz_loadu_ps(m, Dskip + c);
             __m512 dts[TT], dtus[TT], dus[TT], szs[TT];    /* the tile's per-step terms first: off the states' chains */
             for (int64_t t = t0; t < t1; t++) {
-                __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, delta + t * ldd + c), bias);
-                __m512 e = exp16(x), mp = _mm512_add_ps(one, e);
-                __m512 lp = _mm512_mul_ps(log16(mp), _mm512_div_ps(e, _mm512_sub_ps(mp, one)));
-                lp = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(mp, one, _CMP_EQ_OQ), lp, e);
-                const __m512 dt = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(20.0f), _CMP_GT_OQ), lp, x);
+                const __m512 dt = softplus16(_mm512_add_ps(_mm512_maskz_loadu_ps(m, delta + t * ldd + c), bias));
                 const __m512 uu = _mm512_maskz_loadu_ps(m, u + t * ldu + c);
-                const __m512 zz = _mm512_maskz_loadu_ps(m, z + t * ldz + c);
                 dts[t - t0] = dt;
                 dtus[t - t0] = _mm512_mul_ps(dt, uu);
                 dus[t - t0] = _mm512_mul_ps(dsk, uu);
-                szs[t - t0] = _mm512_div_ps(zz, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), zz))));
+                szs[t - t0] = silu16(_mm512_maskz_loadu_ps(m, z + t * ldz + c));
             }
             for (int64_t t = t0; t < t1; t++) {
                 const __m512 dt = dts[t - t0], dtu = dtus[t - t0];
