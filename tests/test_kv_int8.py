@@ -145,15 +145,18 @@ def _attention_variants() -> list:
 @pytest.mark.parametrize("variant", _attention_variants())
 @pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 4, 2, 32, 5000), (2, 8, 2, 128, 1500), (1, 6, 2, 16, 70),
                                          (3, 16, 1, 64, 130), (1, 64, 4, 16, 33), (2, 6, 3, 48, 300),
-                                         (1, 16, 2, 96, 200), (1, 2, 2, 256, 90)])
+                                         (1, 16, 2, 96, 200), (1, 2, 2, 256, 90), (1, 20, 5, 128, 100),
+                                         (2, 18, 9, 128, 77)])
 def test_decode_attention_kernels_float32_and_int8(B, Hq, Hkv, d, P, variant, monkeypatch):
     """decode_attention on each kernel (the numba loop, attention_decode.c per instruction set), over
     a float32 cache and an int8 one, against the attention oracle (on the dequantised values for
     int8) at the op's float32 tolerance (the AVX512-VNNI and AVX2 kernels' integer path on int8 within the
     bound of its roundings, _check_int8): query heads per kv head 1, 2, 3 (not unrolled), 4, 8 and 16, 64 query
     heads, batch-strided cache views, tiles with tails, splits over threads, head dimensions of one to
-    eight groups of 32 (96: a half block of the integer path's 64-channel transposes). d 48 with int8
-    (groups of 48 channels) is not the native kernel's and takes the numba loop."""
+    eight groups of 32 (96: a half block of the integer path's 64-channel transposes), 20 scales a position
+    (the AVX512-VNNI path's scale transposes: a full and a partial block of 16 columns) and 36 (more than
+    it transposes: gathered). d 48 with int8 (groups of 48 channels) is not the native kernel's and takes the
+    numba loop."""
     from jambatrt.plugins.cpu import attention as att
     from jambatrt.plugins.cpu.native import attention_decode_address
     if variant == "numba":

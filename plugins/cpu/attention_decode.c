@@ -63,7 +63,8 @@ static float exp_sum16(float *sc, int64_t n, float mt) {
 }
 
 /* the online softmax's update for a tile of nt scores a head (rows of TILE in sc): the running max m and sum l,
-   the scores turned into exp(score - m) in place, acc [hq, d] rescaled to the new max */
+   the scores turned into exp(score - m) in place, acc [hq, d] rescaled to the new max (left as it is when the
+   max stayed: alpha 1, most tiles after the first few) */
 __attribute__((target("avx512f")))
 static void softmax_update(float *sc, int64_t nt, int64_t hq, int64_t d, float *m, float *l, float *acc) {
     for (int64_t j = 0; j < hq; j++) {
@@ -71,6 +72,8 @@ static void softmax_update(float *sc, int64_t nt, int64_t hq, int64_t d, float *
         const float alpha = expf(m[j] - mt);                   /* 0 on the first tile (m = -inf) */
         m[j] = mt;
         l[j] = l[j] * alpha + exp_sum16(sc + j * TILE, nt, mt);
+        if (alpha == 1.0f)
+            continue;
         const __m512 al = _mm512_set1_ps(alpha);
         for (int64_t c = 0; c < d; c += 16)
             _mm512_storeu_ps(acc + j * d + c, _mm512_mul_ps(_mm512_loadu_ps(acc + j * d + c), al));
@@ -195,9 +198,22 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    group's 32 channels stay in registers through the tile. Keys, values and scales are prefetched one tile
    ahead into L2 (into L1 it was slower: the transposed reads evicted them). 64K positions, 8 query heads
    of 128 over 2 kv heads, 2 threads: 1.9-2.7 ms against the loop above's 2.5-3.3 ms in the same runs
-   (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py bounds the roundings. */
+   (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py bounds the roundings.
+   AMD Zen 5, same shape, one thread, in the cache (C harness): 29.5-31 ns a position, 26-27.5 after the
+   multiply-adds were written in place (DPWSSD) and the scale columns transposed, not gathered (LDSMAX);
+   ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6, the weights' rounding
+   ~4, the softmax ~3, the prefetches ~3 (without them 64K positions took 3x the time). In the int8 peer
+   model's decode step after 64K tokens the two builds alternating in one process took the same time (1.012x):
+   there the kernel (1.34 ms of the step, 28 GB/s) is not what its compute alone would make it (1.05 ms on 2
+   threads in the harness). */
+
+/* acc += vpdpwssd(a, b), in place: GCC 12 copies the accumulators of _mm512_dpwssd_epi32 into other
+   registers and back around each one when several are live (two moves a multiply-add in both loops below:
+   ~7% of the kernel's time) */
+#define DPWSSD(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 
 #define DMAX 256        /* head dimension this path takes (query pairs on the stack) */
+#define LDSMAX 32       /* scales a position (kv heads x groups) whose columns are transposed; more: gathered */
 
 /* x[r] dword c -> x[c] dword r (r, c < 16): unpack 32- and 64-bit, then a 4 x 4 transpose of 128-bit blocks */
 __attribute__((target("avx512f"), always_inline))
@@ -257,6 +273,7 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
     int32_t qp[HQMAX * DMAX / 2];                  /* head j, quad c: (q[4c], q[4c+2]), (q[4c+1], q[4c+3]) */
     float qsc[HQMAX * DMAX / 32];                  /* head j, group: the query's scale */
     int16_t p16[GMAX * (TILE + 16)];
+    float kT[LDSMAX * 16], vT[LDSMAX * TILE];     /* scale column c: kT, 16 positions; vT, the tile */
     const int64_t G = d / 32, hq = hkv * g, QP = d / 2;
     /* word w of a group's 32 query channels -> the pair order of qp */
     const __m512i pairs = _mm512_set_epi16(31, 29, 30, 28, 27, 25, 26, 24, 23, 21, 22, 20, 19, 17, 18, 16,
@@ -281,6 +298,23 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     _mm_prefetch((const char *)(ks + (t + TILE) * lds) + bt, _MM_HINT_T1);
                     _mm_prefetch((const char *)(vs + (t + TILE) * lds) + bt, _MM_HINT_T1);
                 }
+            /* the 16 positions' key and value scales, 16 columns at a time: the transposes cost less than a
+               gather a column (on Zen 5 the gathers, one a position in all, took ~12% of the kernel's time,
+               these transposes ~8%) */
+            for (int64_t c0 = 0; lds <= LDSMAX && c0 < lds; c0 += 16) {
+                const __mmask16 cols = lds - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lds - c0)) - 1);
+                __m512i x[16], y[16];
+                for (int r = 0; r < 16; r++) {
+                    x[r] = r < nr ? _mm512_maskz_loadu_epi32(cols, ks + (t + r) * lds + c0) : _mm512_setzero_si512();
+                    y[r] = r < nr ? _mm512_maskz_loadu_epi32(cols, vs + (t + r) * lds + c0) : _mm512_setzero_si512();
+                }
+                transpose16(x);
+                transpose16(y);
+                for (int c = 0; c < 16 && c0 + c < lds; c++) {
+                    _mm512_storeu_si512(kT + (c0 + c) * 16, x[c]);
+                    _mm512_storeu_si512(vT + (c0 + c) * TILE + i0, y[c]);
+                }
+            }
             for (int64_t h = 0; h < hkv; h++) {
                 __m512 s[GMAX];
                 for (int j = 0; j < g; j++)
@@ -309,11 +343,12 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                             const int64_t cq = ch * 16 + c;
                             for (int j = 0; j < g; j++) {
                                 const int32_t *qj = qp + (h * g + j) * QP + 2 * cq;
-                                a[j] = _mm512_dpwssd_epi32(a[j], lo, _mm512_set1_epi32(qj[0]));
-                                a[j] = _mm512_dpwssd_epi32(a[j], hi, _mm512_set1_epi32(qj[1]));
+                                DPWSSD(a[j], lo, _mm512_set1_epi32(qj[0]));
+                                DPWSSD(a[j], hi, _mm512_set1_epi32(qj[1]));
                             }
                         }
-                        const __m512 kst = column16(ks + t * lds, lds, h * G + grp, nr);
+                        const __m512 kst = lds <= LDSMAX ? _mm512_loadu_ps(kT + (h * G + grp) * 16)
+                                                         : column16(ks + t * lds, lds, h * G + grp, nr);
                         for (int j = 0; j < g; j++)
                             s[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[j]),
                                                    _mm512_mul_ps(kst, _mm512_set1_ps(qsc[(h * g + j) * G + grp])), s[j]);
@@ -329,7 +364,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                 float s16[GMAX];
                 __m512 vst[TILE / 16];
                 for (int64_t i0 = 0; i0 < nt; i0 += 16)
-                    vst[i0 / 16] = column16(vs + (t0 + i0) * lds, lds, h * G + grp, nt - i0 < 16 ? (int)(nt - i0) : 16);
+                    vst[i0 / 16] = lds <= LDSMAX ? _mm512_loadu_ps(vT + (h * G + grp) * TILE + i0)
+                                                 : column16(vs + (t0 + i0) * lds, lds, h * G + grp, nt - i0 < 16 ? (int)(nt - i0) : 16);
                 for (int j = 0; j < g; j++) {          /* weight x value scale, rounded to int16 over the tile */
                     __m512 pw[TILE / 16], top = _mm512_setzero_ps();
                     __mmask16 bad = 0;
@@ -357,8 +393,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     const __m512i lo = _mm512_unpacklo_epi16(a, b), hi = _mm512_unpackhi_epi16(a, b);
                     for (int j = 0; j < g; j++) {
                         const __m512i pp = _mm512_set1_epi32(*(const int32_t *)(p16 + j * (TILE + 16) + i));
-                        alo[j] = _mm512_dpwssd_epi32(alo[j], lo, pp);
-                        ahi[j] = _mm512_dpwssd_epi32(ahi[j], hi, pp);
+                        DPWSSD(alo[j], lo, pp);
+                        DPWSSD(ahi[j], hi, pp);
                     }
                 }
                 for (int j = 0; j < g; j++) {
