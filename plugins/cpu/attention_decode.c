@@ -293,7 +293,7 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
         for (int64_t i0 = 0; i0 < nt; i0 += 16) {            /* scores of 16 positions a vector */
             const int nr = nt - i0 < 16 ? (int)(nt - i0) : 16;
             const int64_t t = t0 + i0;
-            if (t + TILE < n)                                   /* the scales one tile ahead (gathered) */
+            if (t + TILE < n)                                   /* the scales one tile ahead */
                 for (int64_t bt = 0; bt < 16 * lds * 4; bt += 64) {
                     _mm_prefetch((const char *)(ks + (t + TILE) * lds) + bt, _MM_HINT_T1);
                     _mm_prefetch((const char *)(vs + (t + TILE) * lds) + bt, _MM_HINT_T1);
