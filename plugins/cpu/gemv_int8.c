@@ -28,10 +28,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "simd_math.h"
+
 #define BLOCK 4096   /* weights per lane flush: K/32 products of <= 2^23 per lane stay < 2^31 up to 8192 */
 #define PREFETCH 8192
-/* acc += vpdpwssd(a, b) in place (GCC 12's intrinsic copies the accumulator out and back around each one) */
-#define DPWSSD(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 static inline __m512i widen_add(__m512i acc64, __m512i lanes32) {

@@ -1,11 +1,16 @@
-/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2), and an 8-lane sum, shared by the C
-   kernels (attention_decode.c, mamba_step.c): the Cephes expf / logf approach of selective_scan.py's exp32 /
-   _log32, ~1e-7 relative error. */
+/* Vectorised float32 exp and log (16 lanes on AVX-512, 8 on AVX2), an 8-lane sum, and VPDPWSSD in place,
+   shared by the C kernels (attention_decode.c, mamba_step.c, gemv_int8.c): the Cephes expf / logf approach of
+   selective_scan.py's exp32 / _log32, ~1e-7 relative error. */
 
 #ifndef JT_SIMD_MATH_H
 #define JT_SIMD_MATH_H
 
 #include <immintrin.h>
+
+/* acc += vpdpwssd(a, b) (AVX512-VNNI: 32 int16 pairs multiplied and added into 16 int32 lanes), in place: GCC
+   12's _mm512_dpwssd_epi32 copies the accumulators into other registers and back around each one when several
+   are live (two register moves a multiply-add in the int8 GEMV's and the decode attention's loops) */
+#define DPWSSD(acc, a, b) __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 
 /* float32 exp of 16 lanes: 2^k * p(r), x = k ln2 + r (Cephes expf coefficients, as exp32 in
    selective_scan.py; ~1e-7 relative); x clamped to [-87, 88]. */
