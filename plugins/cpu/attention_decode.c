@@ -201,11 +201,10 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py bounds the roundings.
    AMD Zen 5, same shape, one thread, in the cache (C harness): 29.5-31 ns a position, 26-27.5 after the
    multiply-adds were written in place (DPWSSD, simd_math.h: ~7%) and the scale columns transposed, not
-   gathered (LDSMAX); ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6, the weights' rounding
-   ~4, the softmax ~3, the prefetches ~3 (without them 64K positions took 3x the time). In the int8 peer
-   model's decode step after 64K tokens the two builds alternating in one process took the same time (1.012x):
-   there the kernel (1.34 ms of the step, 28 GB/s) is not what its compute alone would make it (1.05 ms on 2
-   threads in the harness). */
+   gathered (LDSMAX); ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6,
+   the weights' rounding ~4, the softmax ~3, the prefetches ~3 (without them 64K positions took 3x the time).
+   In the int8 peer model's decode step after 64K tokens the two builds alternating in one process took the
+   same time (1.012x): there the kernel takes 1.34 ms (28 GB/s), against 1.05 ms on 2 threads in the harness. */
 
 #define DMAX 256        /* head dimension this path takes (query pairs on the stack) */
 #define LDSMAX 32       /* scales a position (kv heads x groups) whose columns are transposed; more: gathered */
