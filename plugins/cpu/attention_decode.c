@@ -195,8 +195,9 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    scaled by its 16 positions' key scales -- no horizontal sums. Values: the softmax weights times the
    group's value scales are rounded to int16 per tile (at most 2^-16 of the tile's largest), two value
    rows are interleaved so that a dword is one channel at two positions, and the g query heads' sums of a
-   group's 32 channels stay in registers through the tile. Keys, values and scales are prefetched one tile
-   ahead into L2 (into L1 it was slower: the transposed reads evicted them). 64K positions, 8 query heads
+   group's 32 channels stay in registers through the tile. The scales are prefetched a tile ahead, the keys
+   half a tile ahead by the score loop, the values a tile ahead by the value loop (PREFETCHING below).
+   64K positions, 8 query heads
    of 128 over 2 kv heads, 2 threads: 1.9-2.7 ms against the loop above's 2.5-3.3 ms in the same runs
    (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py bounds the roundings.
    AMD Zen 5, same shape, one thread, in the cache (C harness): 29.5-31 ns a position, 26-27.5 after the
@@ -204,7 +205,19 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    gathered (LDSMAX); ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6,
    the weights' rounding ~4, the softmax ~3, the prefetches ~3 (without them 64K positions took 3x the time).
    In the int8 peer model's decode step after 64K tokens the two builds alternating in one process took the
-   same time (1.012x): there the kernel takes 1.34 ms (28 GB/s), against 1.05 ms on 2 threads in the harness. */
+   same time (1.012x): there the kernel takes 1.34 ms (28 GB/s), against 1.05 ms on 2 threads in the harness.
+
+   PREFETCHING (Zen 5, 2 threads, 64K positions, the harness flushing the L3 cache between runs as the decode
+   step's weights do): into L1 (T0), not L2 (T1): 1.5 ms against 2.2 (prefetcht1 went at about half the rate);
+   the value rows prefetched by the value loop rather than with the keys by the score loop, spreading the
+   prefetches over the whole tile: 1.15 against 1.3 ms; issued in sequential bursts of 16 rows they were
+   2x slower. Without the L3 flush the harness gets part of the 38 MB from the L3 (1.05 ms at best) and
+   hid all of this. The kernel loading the same lines without computing takes about as long (1.08 ms against
+   1.11), while a sequential read of those bytes takes 0.6-0.8 ms: the strided walk over the rows costs
+   that much; the arithmetic alone on 2 threads ~0.82 ms. In the int8 peer model's decode step at 64K: 0.81x
+   and 0.95x the step time of one tile ahead into L2 (two runs; the memory's speed moved between them).
+   attn_i16 below (AVX2) on the same Zen 5 and harness: T0 2.15 ms against T1 2.39 (it is compute-bound,
+   46 ns a position in the cache); not measured on Zen 3, the AVX2-only machines. */
 
 #define DMAX 256        /* head dimension this path takes (query pairs on the stack) */
 #define LDSMAX 32       /* scales a position (kv heads x groups) whose columns are transposed; more: gathered */
@@ -289,8 +302,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
             const int64_t t = t0 + i0;
             if (t + TILE < n)                                   /* the scales one tile ahead */
                 for (int64_t bt = 0; bt < 16 * lds * 4; bt += 64) {
-                    _mm_prefetch((const char *)(ks + (t + TILE) * lds) + bt, _MM_HINT_T1);
-                    _mm_prefetch((const char *)(vs + (t + TILE) * lds) + bt, _MM_HINT_T1);
+                    _mm_prefetch((const char *)(ks + (t + TILE) * lds) + bt, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vs + (t + TILE) * lds) + bt, _MM_HINT_T0);
                 }
             /* the 16 positions' key and value scales, 16 columns at a time: the transposes cost less than a
                gather a column (on Zen 5 the gathers, one a position in all, took ~12% of the kernel's time,
@@ -320,10 +333,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     for (int r = 0; r < 16; r++) {
                         x[r] = r < nr ? _mm512_maskz_loadu_epi32(cols, k + (t + r) * ld + h * d + ch * 64)
                                       : _mm512_setzero_si512();
-                        if (t + TILE + r < n) {                 /* keys and values one tile ahead */
-                            _mm_prefetch((const char *)(k + (t + TILE + r) * ld + h * d + ch * 64), _MM_HINT_T1);
-                            _mm_prefetch((const char *)(v + (t + TILE + r) * ld + h * d + ch * 64), _MM_HINT_T1);
-                        }
+                        if (t + TILE / 2 + r < n)               /* keys half a tile ahead */
+                            _mm_prefetch((const char *)(k + (t + TILE / 2 + r) * ld + h * d + ch * 64), _MM_HINT_T0);
                     }
                     transpose16(x);
                     for (int gl = 0; gl < nq / 8; gl++) {
@@ -381,6 +392,9 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     alo[j] = ahi[j] = _mm512_setzero_si512();
                 const int8_t *vr = v + t0 * ld + h * d + grp * 32;
                 for (int64_t i = 0; i < nt; i += 2) {          /* rows i, i + 1: a dword is a channel at both */
+                    /* the next tile's rows i, i + 1 (the line of this group and the next: one a group pair) */
+                    if (t0 + TILE + i + (grp & 1) < n)
+                        _mm_prefetch((const char *)(vr + (TILE + i + (grp & 1)) * ld - (grp & 1) * 32), _MM_HINT_T0);
                     const __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vr + i * ld)));
                     const __m512i b = i + 1 < nt ? _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vr + (i + 1) * ld)))
                                                  : _mm512_setzero_si512();
@@ -638,9 +652,9 @@ static inline void attn_i16(const float *q, int64_t hkv, const int g, int64_t d,
                     for (int r = 0; r < 8; r++) {
                         x[r] = r < nr ? _mm256_loadu_si256((const __m256i *)(k + (t + r) * ld + h * d + grp * 32))
                                       : _mm256_setzero_si256();
-                        if (t + TILE + r < n) {                 /* keys and values one tile ahead, into L2 */
-                            _mm_prefetch((const char *)(k + (t + TILE + r) * ld + h * d + grp * 32), _MM_HINT_T1);
-                            _mm_prefetch((const char *)(v + (t + TILE + r) * ld + h * d + grp * 32), _MM_HINT_T1);
+                        if (t + TILE + r < n) {                 /* keys and values one tile ahead (T0) */
+                            _mm_prefetch((const char *)(k + (t + TILE + r) * ld + h * d + grp * 32), _MM_HINT_T0);
+                            _mm_prefetch((const char *)(v + (t + TILE + r) * ld + h * d + grp * 32), _MM_HINT_T0);
                         }
                     }
                     transpose8(x);
