@@ -1,6 +1,6 @@
 """`make bench-peer`: the ONNX Runtime engine against llama.cpp on the same Jamba checkpoint.
 
-    python -m jambatrt.validate.peer --out bench/peer --cache build/peer [--rounds 3]
+    python -m jambatrt.validate.peer --out bench/peer --cache build/peer [--rounds 5]
         [--lengths 512,4096,16384] [--prefill-lengths 512,4096] [--decode-tokens 16] [--threads 2]
         [--kv-cache float32|int8] [--flat-contexts 1024,4096,16384,65536] [--flat-steps 32]
 
@@ -408,7 +408,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/peer")
     p.add_argument("--cache", default="build/peer", help="llama.cpp build, checkpoint, GGUFs, artifacts (kept)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds, the report taking the median of the per-round ratios (on a shared 2-core VM "
+                        "one build's per-round ratio ranged 0.87-2.28, and medians of 3-4 rounds differed by up to 0.3)")
     p.add_argument("--lengths", default="512,4096,16384", help="prefill and decode-after lengths")
     p.add_argument("--prefill-lengths", default=None,
                    help="compare prefill only at these (a subset of --lengths; default: all of them)")
