@@ -174,6 +174,66 @@ def test_bench_attention():
     record("attention", rows)
 
 
+# ---- decode attention: each kernel over a float32 and an int8 cache, from the cache and from memory --------------
+def _last_level_cache_bytes() -> int:
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]] if text[-1] in "KMG" else int(text))
+    return max(sizes, default=32 << 20)
+
+
+def test_bench_decode_attention(monkeypatch):
+    """One decode query (8 heads of 128 over 2 kv heads: the peer preset's attention) over 4K and 64K cached
+    positions, on every attention_decode.c kernel this CPU runs and the numba loop. "cold" reads the last-level
+    cache's worth twice over before each call, as a decode step's weights do between two attention layers: a
+    back-to-back loop ("warm") finds part of a 38 MB int8 cache in a 32 MB L3 and hid a 2x difference between
+    two prefetch hints (attention_decode.c, PREFETCHING)."""
+    from jambatrt.plugins.cpu import attention as att
+    from jambatrt.plugins.cpu.kv_int8 import quantize_kv
+    from jambatrt.plugins.cpu.native import attention_decode_address, runnable_variants
+    Hq, Hkv, d = 8, 2, 128
+    flush = np.ones(2 * _last_level_cache_bytes() // 8, np.int64)
+    kernels = {v: attention_decode_address(v) for v in runnable_variants("attention")}
+    kernels["numba"] = 0
+    chosen = {"address": 0}
+    monkeypatch.setattr(att, "attention_decode_address", lambda: chosen["address"])
+    rows = []
+    for S in (4096, 65536):
+        rng = np.random.default_rng(S)
+        q = rng.standard_normal((1, 1, Hq, d), dtype=np.float32)
+        kf, vf = (rng.standard_normal((1, S, Hkv, d), dtype=np.float32) for _ in range(2))
+        (kq, ks), (vq, vs) = quantize_kv(kf), quantize_kv(vf)
+        for cache, args in (("float32", (kf, vf)), ("int8", (kq, vq, ks, vs))):
+            cands = {}
+            for name, address in kernels.items():
+                def run(address=address):
+                    chosen["address"] = address
+                    return att.decode_attention(q, *args)
+                cands[name] = run
+            outs = {n: f() for n, f in cands.items()}          # warm-up (numba compiles, pages fault in)
+            warm = best_of(cands, repeat=5)
+            cold = {n: [] for n in cands}
+            for _ in range(5):
+                for name, fn in cands.items():
+                    int(flush.sum())
+                    t = time.perf_counter()
+                    fn()
+                    cold[name].append(time.perf_counter() - t)
+            # the kernels round differently (the integer paths to 16 bits): agreement to a thousandth of the
+            # largest value they average says they computed the same attention
+            diffs = {n: _max_diff(outs[n], outs["numba"]) for n in cands if n != "numba"}
+            bound = 1e-3 * float(np.abs(vf).max())
+            assert all(x <= bound for x in diffs.values()), (cache, S, diffs, bound)
+            cache_bytes = sum(a.nbytes for a in args)
+            rows.append({"cache": cache, "positions": S, "Hq": Hq, "Hkv": Hkv, "d": d, "cache_bytes": cache_bytes,
+                         "threads": att.numba.get_num_threads(), "seconds_warm_best": warm,
+                         "seconds_cold_median": {n: float(np.median(v)) for n, v in cold.items()},
+                         "cold_gb_per_s": {n: cache_bytes / float(np.median(v)) / 1e9 for n, v in cold.items()},
+                         "max_abs_diff_vs_numba": diffs, "flush_bytes": flush.nbytes})
+    record("decode_attention", rows)
+
+
 # ---- MoE: the kernel, the oracle and ONNX Runtime's QMoE ---------------------------------------------------------
 def _qmoe_session(top_k):
     import onnxruntime as ort

@@ -197,9 +197,9 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    rows are interleaved so that a dword is one channel at two positions, and the g query heads' sums of a
    group's 32 channels stay in registers through the tile. The scales are prefetched a tile ahead, the keys
    half a tile ahead by the score loop, the values a tile ahead by the value loop (PREFETCHING below).
-   64K positions, 8 query heads
-   of 128 over 2 kv heads, 2 threads: 1.9-2.7 ms against the loop above's 2.5-3.3 ms in the same runs
-   (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py bounds the roundings.
+   64K positions, 8 query heads of 128 over 2 kv heads, 2 threads: 1.9-2.7 ms against the loop above's
+   2.5-3.3 ms in the same runs (about the memory's bandwidth); 1.2-1.5x in the cache. tests/test_kv_int8.py
+   bounds the roundings.
    AMD Zen 5, same shape, one thread, in the cache (C harness): 29.5-31 ns a position, 26-27.5 after the
    multiply-adds were written in place (DPWSSD, simd_math.h: ~7%) and the scale columns transposed, not
    gathered (LDSMAX); ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6,
@@ -214,8 +214,9 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    2x slower. Without the L3 flush the harness gets part of the 38 MB from the L3 (1.05 ms at best) and
    hid all of this. The kernel loading the same lines without computing takes about as long (1.08 ms against
    1.11), while a sequential read of those bytes takes 0.6-0.8 ms: the strided walk over the rows costs
-   that much; the arithmetic alone on 2 threads ~0.82 ms. In the int8 peer model's decode step at 64K: 0.81x
-   and 0.95x the step time of one tile ahead into L2 (two runs; the memory's speed moved between them).
+   that much; the arithmetic alone on 2 threads ~0.82 ms. In the int8 peer model's decode step at 64K, against
+   one tile ahead into L2: 0.81x the step time (T0, the values still prefetched by the score loop), 0.95x
+   (this form; another run, the memory faster).
    attn_i16 below (AVX2) on the same Zen 5 and harness: T0 2.15 ms against T1 2.39 (it is compute-bound,
    46 ns a position in the cache); not measured on Zen 3, the AVX2-only machines. */
 
