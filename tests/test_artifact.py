@@ -220,15 +220,33 @@ def test_concurrent_exports_do_not_replace_each_other(tmp_path):
     assert not _temps(tmp_path, "out")
 
 
+def _stop_mid_write(cmd, parent, name, attempts: int = 3):
+    """Runs cmd until a temp dir of `name` under `parent` holds a file, then stops it there (SIGSTOP):
+    the process, or None if every attempt finished before that (a fast machine's tiny export can
+    write and rename its temp dir between two polls)."""
+    for _ in range(attempts):
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline:
+            if any(f.is_file() for t in _temps(parent, name) for f in t.rglob("*")):
+                p.send_signal(signal.SIGSTOP)
+                if p.poll() is None and _temps(parent, name):
+                    return p
+                break
+            time.sleep(0.001)
+        p.send_signal(signal.SIGCONT)
+        p.wait(timeout=120)
+        shutil.rmtree(parent / name, ignore_errors=True)
+    return None
+
+
 def test_sigterm_leaves_nothing_and_stale_temps_are_cleaned(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jambatrt", "export", "--preset", "tiny", "-o", str(out)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not _temps(tmp_path, "out") and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)
+    p = _stop_mid_write(cmd, tmp_path, "out")
+    assert p is not None, "every export finished before its temp dir could be caught holding a file"
+    p.send_signal(signal.SIGTERM)              # delivered when it continues, mid-write
+    p.send_signal(signal.SIGCONT)
     assert p.wait(timeout=120) == 143, p.stderr.read()
     assert not out.exists() and not _temps(tmp_path, "out")
 
