@@ -213,10 +213,13 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    prefetches over the whole tile: 1.15 against 1.3 ms; issued in sequential bursts of 16 rows they were
    2x slower. Without the L3 flush the harness gets part of the 38 MB from the L3 (1.05 ms at best) and
    hid all of this. The kernel loading the same lines without computing takes about as long (1.08 ms against
-   1.11), while a sequential read of those bytes takes 0.6-0.8 ms: the strided walk over the rows costs
-   that much; the arithmetic alone on 2 threads ~0.82 ms. In the int8 peer model's decode step at 64K, against
-   one tile ahead into L2: 0.81x the step time (T0, the values still prefetched by the score loop), 0.95x
-   (this form; another run, the memory faster).
+   1.11), while a sequential read of those bytes takes 0.6-0.8 ms; the arithmetic alone on 2 threads ~0.82
+   ms. A prototype reading a cache stored in its own order (keys as blocks of 16 transposed positions,
+   values with positions paired: no transposes or unpacks, every line once and in order) was 24-30% faster
+   in the cache and 16% on one thread from memory, but took the same 1.06-1.10 ms on two: there the limit
+   is the memory's throughput while computing (~36 GB/s), not the walk. In the int8 peer model's decode
+   step at 64K, against one tile ahead into L2: 0.81x the step time (T0, the values still prefetched by the
+   score loop); this form 0.95x and 0.76x (two runs, the memory fast, then slow).
    attn_i16 below (AVX2) on the same Zen 5 and harness: T0 2.15 ms against T1 2.39 (it is compute-bound,
    46 ns a position in the cache); not measured on Zen 3, the AVX2-only machines. */
 
