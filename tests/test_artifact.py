@@ -220,6 +220,15 @@ def test_concurrent_exports_do_not_replace_each_other(tmp_path):
     assert not _temps(tmp_path, "out")
 
 
+def _temp_holds_file(parent, name) -> bool:
+    """A temp dir of `name` holds a file; False as well when it vanishes while being looked at (the
+    writer renamed or removed it)."""
+    try:
+        return any(f.is_file() for t in _temps(parent, name) for f in t.rglob("*"))
+    except FileNotFoundError:
+        return False
+
+
 def _stop_mid_write(cmd, parent, name, attempts: int = 3):
     """Runs cmd until a temp dir of `name` under `parent` holds a file, then stops it there (SIGSTOP):
     the process, or None if every attempt finished before that (a fast machine's tiny export can
@@ -228,7 +237,7 @@ def _stop_mid_write(cmd, parent, name, attempts: int = 3):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 300
         while p.poll() is None and time.time() < deadline:
-            if any(f.is_file() for t in _temps(parent, name) for f in t.rglob("*")):
+            if _temp_holds_file(parent, name):
                 p.send_signal(signal.SIGSTOP)
                 if p.poll() is None and _temps(parent, name):
                     return p
