@@ -49,15 +49,23 @@ def peak_rss_growth(fn) -> int:
     return max(peak, _rss()) - base
 
 
-def best_of(candidates: dict, repeat: int = 3) -> dict[str, float]:
-    """Seconds per call, best of `repeat`, candidates interleaved so machine noise hits all alike."""
+def timings(candidates: dict, repeat: int, before=None) -> dict[str, list[float]]:
+    """Seconds of each call, `repeat` calls a candidate, candidates interleaved so machine noise hits all
+    alike; `before()` runs untimed before every call."""
     times = {name: [] for name in candidates}
     for _ in range(repeat):
         for name, fn in candidates.items():
+            if before is not None:
+                before()
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
-    return {name: min(v) for name, v in times.items()}
+    return times
+
+
+def best_of(candidates: dict, repeat: int = 3) -> dict[str, float]:
+    """Seconds per call, best of `repeat` (interleaved, as `timings`)."""
+    return {name: min(v) for name, v in timings(candidates, repeat).items()}
 
 
 def record(section: str, rows) -> None:
@@ -213,13 +221,7 @@ def test_bench_decode_attention(monkeypatch):
                 cands[name] = run
             outs = {n: f() for n, f in cands.items()}          # warm-up (numba compiles, pages fault in)
             warm = best_of(cands, repeat=5)
-            cold = {n: [] for n in cands}
-            for _ in range(5):
-                for name, fn in cands.items():
-                    int(flush.sum())
-                    t = time.perf_counter()
-                    fn()
-                    cold[name].append(time.perf_counter() - t)
+            cold = timings(cands, 5, before=flush.sum)
             # the kernels round differently (the integer paths to 16 bits): agreement to a thousandth of the
             # largest value they average says they computed the same attention
             diffs = {n: _max_diff(outs[n], outs["numba"]) for n in cands if n != "numba"}
