@@ -186,8 +186,7 @@ WARMUP_TOKENS = 4096
 def jambatrt_profile(art: Path, lengths: list[int], decode_tokens: int, report: Path) -> dict:
     from jambatrt.validate.profile import run_profile
     rep = run_profile(art, "ort", lengths, reference=None, repeats=1, warmup_tokens=WARMUP_TOKENS,
-                      decode_tokens=decode_tokens,
-                      decode_warmup=2, budget_s=1.0)
+                      decode_tokens=decode_tokens, decode_warmup=2, budget_s=1.0)
     report.write_text(json.dumps(rep, indent=1))
     return {(r["mode"], r["length"]): {"tokens_per_s": r["tokens_per_s"], "peak_rss_bytes": r["peak_rss_bytes"],
                                        "decode_path": rep.get("engine_decode")}
@@ -320,9 +319,9 @@ SEMANTICS = [
     "OMP_WAIT_POLICY=PASSIVE, which made its decode ~2x slower and the ratios of earlier reports too high.",
     "Both sides' prefill computes the last position's logits only (llama-bench's prompt test; jambatrt's "
     "prefill_last).",
-    f"Warm-up, untimed: llama-bench runs each prompt test once with the whole prompt and each generation test "
+    "Warm-up, untimed: llama-bench runs each prompt test once with the whole prompt and each generation test "
     f"with one token; jambatrt's profile child prefills min(L, {WARMUP_TOKENS}) tokens and decodes 2 steps "
-    f"(before 2026-12-04 it prefilled 64 tokens: the first full-size run's one-time costs counted against it).",
+    "(before 2026-12-04 it prefilled 64 tokens: the first full-size run's one-time costs counted against it).",
 ]
 
 

@@ -205,7 +205,8 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    gathered (LDSMAX); ablations then: the values ~7 ns, the key dot products ~5, the key transposes ~2.6,
    the weights' rounding ~4, the softmax ~3, the prefetches ~3 (without them 64K positions took 3x the time).
    In the int8 peer model's decode step after 64K tokens the two builds alternating in one process took the
-   same time (1.012x): there the kernel takes 1.34 ms (28 GB/s), against 1.05 ms on 2 threads in the harness.
+   same time (1.012x): there the kernel took 1.34 ms (28 GB/s), against 1.05 ms on 2 threads in a harness
+   whose L3 still held part of the cache (PREFETCHING).
 
    PREFETCHING (Zen 5, 2 threads, 64K positions, the harness flushing the L3 cache between runs as the decode
    step's weights do): into L1 (T0), not L2 (T1): 1.5 ms against 2.2 (prefetcht1 went at about half the rate);
