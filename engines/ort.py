@@ -390,6 +390,11 @@ class OrtEngine(Engine):
         finally:
             trim_heap()
 
+    def kv_present(self) -> list[np.ndarray]:
+        """What a decode step's attention reads: the past in this engine's in-place KV caches (k, v and an
+        int8 cache's scales, views [B, length, ...]); empty without in-place caches."""
+        return [a for _, _, c in self._kv_slots if c.k is not None for a in c.present(c.length) if a is not None]
+
     def close(self) -> None:
         self.session = self.decoder = None
         self._kv_slots = []

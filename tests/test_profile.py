@@ -110,6 +110,14 @@ def test_peer_bench_flat_decode_report(tiny_artifact, tmp_path):
     assert [r["context"] for r in f["rows"]] == [8, 40] and f["rows"][0]["ratio_to_shortest_median"] == 1.0
     assert all(r["decode_ms_median"] > 0 for r in f["rows"]) and f["steps"] == 3
     assert f["flat"] == (f["worst_median_ratio"] <= peer.FLAT_WITHIN)
+    # the floor: each context's cache read plainly in the same rounds (prefill + the untimed and 3 timed steps)
+    cfg = json.loads((tiny_artifact / "config.json").read_text())
+    per_pos = 2 * 4 * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"])
+    layers = sum(1 for i in range(cfg["num_hidden_layers"])
+                 if i % cfg["attn_layer_period"] == cfg["attn_layer_offset"])
+    assert [r["kv_bytes"] for r in f["rows"]] == [layers * per_pos * (L + 4) for L in (8, 40)]
+    assert all(r["kv_read_ms_median"] > 0 for r in f["rows"])
+    assert f["rows"][0]["floor_ratio_median"] == pytest.approx(1.0) and f["worst_floor_ratio"] > 0
     rows = [{"round": 1, "precision": "float32", "mode": "decode", "length": 512, "jambatrt_tokens_per_s": 2.0,
              "jambatrt_peak_rss_bytes": 1, "jambatrt_decode": "native", "llama_cpp_tokens_per_s": 1.0,
              "llama_cpp_peak_rss_bytes": 1, "llama_cpp_settings": {}, "ratio": 2.0}]
@@ -117,6 +125,7 @@ def test_peer_bench_flat_decode_report(tiny_artifact, tmp_path):
     peer.write_report(tmp_path, peer.summarise(rows), rows, [], meta, flat)
     md = (tmp_path / "peer.md").read_text()
     assert "decode per token against context" in md and "| float32 | " in md and "(x1.00)" in md
+    assert f"x{f['worst_floor_ratio']:.2f} (" in md
     assert json.loads((tmp_path / "peer.json").read_text())["flat_decode"] == flat
     import matplotlib.image
     assert matplotlib.image.imread(str(tmp_path / "peer.png")).shape[1] > 1500      # three panels at 110 dpi

@@ -20,7 +20,8 @@
    profile` (a fresh child per length: prefill L, then T decode steps from that state).
 5. Decode per token against context (`validate/decode_flat.py` in a child, each artifact: one engine
    per context, 1K to 64K by default, the steps round-robin over the contexts, ratios to the shortest
-   context's step of the same round): flat means every median ratio within FLAT_WITHIN.
+   context's step of the same round): flat means every median ratio within FLAT_WITHIN; beside it the
+   floor the same rounds measured (each context's KV cache read plainly, nothing computed).
 6. Logits: llama.cpp's (`llama-debug --save-logits`, the last prompt position) against this
    package's eager model on the same ids: F32 GGUF vs the float model, Q8_0 vs the
    --weights-int8 artifact.
@@ -245,8 +246,9 @@ def flat_decode(arts: dict, contexts: list[int], steps: int, out: Path) -> list[
               "--steps", steps, "--flat-within", FLAT_WITHIN, "--report", rep])
         doc = json.loads(rep.read_text())
         res.append({"precision": prec, "flat": doc["flat"], "worst_median_ratio": doc["worst_median_ratio"],
-                    "steps": steps, "rows": [{k: r[k] for k in ("context", "decode_ms_median", "ratio_to_shortest_median")}
-                                             for r in doc["rows"]]})
+                    "worst_floor_ratio": doc["worst_floor_ratio"], "steps": steps,
+                    "rows": [{k: r[k] for k in ("context", "decode_ms_median", "ratio_to_shortest_median", "kv_bytes",
+                                                "kv_read_ms_median", "floor_ratio_median")} for r in doc["rows"]]})
     return res
 
 
@@ -349,12 +351,17 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
         ctx = [r["context"] for r in flat[0]["rows"]]
         md += ["", f"## jambatrt decode per token against context (KV cache {meta['kv_cache']})", "",
                f"Median ms a token, and in brackets the median over {flat[0]['steps']} rounds of its ratio to the "
-               f"shortest context's step in the same round; flat = every ratio within {FLAT_WITHIN}.", "",
-               "| precision | " + " | ".join(f"{c:,}" for c in ctx) + " | flat |", "|---|" + "---|" * (len(ctx) + 1)]
+               f"shortest context's step in the same round; flat = every ratio within {FLAT_WITHIN}. Floor: the ratio "
+               f"if a longer context cost only its extra KV cache bytes at the speed of a plain read of them, "
+               f"measured in the same rounds (validate/decode_flat.py).", "",
+               "| precision | " + " | ".join(f"{c:,}" for c in ctx) + " | flat | floor |",
+               "|---|" + "---|" * (len(ctx) + 2)]
         for f in flat:
             md.append(f"| {f['precision']} | " + " | ".join(f"{r['decode_ms_median']:.2f} (x{r['ratio_to_shortest_median']:.2f})"
                                                              for r in f["rows"]) +
-                      f" | {'yes' if f['flat'] else 'no'} (worst x{f['worst_median_ratio']:.2f}) |")
+                      f" | {'yes' if f['flat'] else 'no'} (worst x{f['worst_median_ratio']:.2f}) | "
+                      f"x{f['worst_floor_ratio']:.2f} ({f['rows'][-1]['kv_bytes'] / 1e6:.1f} MB of KV cache read in "
+                      f"{f['rows'][-1]['kv_read_ms_median']:.2f} ms) |")
     md += ["", "## Logits (last prompt position)", "", "| precision | ours | tokens | max abs diff | rel. | top-1 equal | top-5 overlap |",
            "|---|---|---|---|---|---|---|"]
     for lg in logits:
@@ -373,8 +380,10 @@ def _plot(path: Path, summary: list[dict], flat: list[dict] = ()) -> None:
     if flat:
         ax = axes[2]
         for f, marker in zip(flat, ("o", "s")):
-            ax.plot([r["context"] for r in f["rows"]], [r["ratio_to_shortest_median"] for r in f["rows"]],
-                    marker=marker, label=f"{f['precision']} weights")
+            line, = ax.plot([r["context"] for r in f["rows"]], [r["ratio_to_shortest_median"] for r in f["rows"]],
+                            marker=marker, label=f"{f['precision']} weights")
+            ax.plot([r["context"] for r in f["rows"]], [r["floor_ratio_median"] for r in f["rows"]], ls=":",
+                    color=line.get_color(), label=f"{f['precision']}: floor (KV cache read plainly)")
         ax.axhline(FLAT_WITHIN, ls="--", color="red", lw=1, label=f"flat within {FLAT_WITHIN}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context")
