@@ -117,7 +117,9 @@ def test_peer_bench_flat_decode_report(tiny_artifact, tmp_path):
                  if i % cfg["attn_layer_period"] == cfg["attn_layer_offset"])
     assert [r["kv_bytes"] for r in f["rows"]] == [layers * per_pos * (L + 4) for L in (8, 40)]
     assert all(r["kv_read_ms_median"] > 0 for r in f["rows"])
-    assert f["rows"][0]["floor_ratio_median"] == pytest.approx(1.0) and f["worst_floor_ratio"] > 0
+    w = max(f["rows"], key=lambda r: r["ratio_to_shortest_median"])
+    assert f["rows"][0]["floor_ratio_median"] == pytest.approx(1.0)
+    assert (f["worst_context"], f["floor_at_worst"]) == (w["context"], w["floor_ratio_median"])
     rows = [{"round": 1, "precision": "float32", "mode": "decode", "length": 512, "jambatrt_tokens_per_s": 2.0,
              "jambatrt_peak_rss_bytes": 1, "jambatrt_decode": "native", "llama_cpp_tokens_per_s": 1.0,
              "llama_cpp_peak_rss_bytes": 1, "llama_cpp_settings": {}, "ratio": 2.0}]
@@ -125,7 +127,7 @@ def test_peer_bench_flat_decode_report(tiny_artifact, tmp_path):
     peer.write_report(tmp_path, peer.summarise(rows), rows, [], meta, flat)
     md = (tmp_path / "peer.md").read_text()
     assert "decode per token against context" in md and "| float32 | " in md and "(x1.00)" in md
-    assert f"x{f['worst_floor_ratio']:.2f} (" in md
+    assert f"x{f['floor_at_worst']:.2f} (at {w['context']:,}: " in md
     assert json.loads((tmp_path / "peer.json").read_text())["flat_decode"] == flat
     import matplotlib.image
     assert matplotlib.image.imread(str(tmp_path / "peer.png")).shape[1] > 1500      # three panels at 110 dpi

@@ -123,18 +123,18 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     contexts = sorted(int(x) for x in a.contexts.split(","))
     rep = measure(Path(a.artifact), contexts, a.steps)
-    worst = max(r["ratio_to_shortest_median"] for r in rep["rows"])
-    floor = max(r["floor_ratio_median"] for r in rep["rows"])
+    w = max(rep["rows"], key=lambda r: r["ratio_to_shortest_median"])
+    worst, floor = w["ratio_to_shortest_median"], w["floor_ratio_median"]
     rep.update(flat_within=a.flat_within, worst_median_ratio=worst, flat=worst <= a.flat_within,
-               worst_floor_ratio=floor)
+               worst_context=w["context"], floor_at_worst=floor)
     for r in rep["rows"]:
         print(f"context {r['context']:>7,}: decode {r['decode_ms_median']:.2f} ms/token median "
               f"(min {r['decode_ms_min']:.2f}, max {r['decode_ms_max']:.2f}); "
               f"x{r['ratio_to_shortest_median']:.3f} of the shortest context, same rounds; KV cache "
               f"{r['kv_bytes'] / 1e6:.1f} MB read plainly in {r['kv_read_ms_median']:.2f} ms, floor "
               f"x{r['floor_ratio_median']:.3f}")
-    print(f"flat within {a.flat_within}: {rep['flat']} (worst median ratio {worst:.3f}; its floor, the KV cache "
-          f"read plainly, x{floor:.3f})")
+    print(f"flat within {a.flat_within}: {rep['flat']} (worst median ratio {worst:.3f}, at {w['context']:,}; its "
+          f"floor, the KV cache read plainly, x{floor:.3f})")
     if a.report:
         Path(a.report).parent.mkdir(parents=True, exist_ok=True)
         Path(a.report).write_text(json.dumps(rep, indent=1))

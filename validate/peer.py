@@ -246,7 +246,7 @@ def flat_decode(arts: dict, contexts: list[int], steps: int, out: Path) -> list[
               "--steps", steps, "--flat-within", FLAT_WITHIN, "--report", rep])
         doc = json.loads(rep.read_text())
         res.append({"precision": prec, "flat": doc["flat"], "worst_median_ratio": doc["worst_median_ratio"],
-                    "worst_floor_ratio": doc["worst_floor_ratio"], "steps": steps,
+                    "worst_context": doc["worst_context"], "floor_at_worst": doc["floor_at_worst"], "steps": steps,
                     "rows": [{k: r[k] for k in ("context", "decode_ms_median", "ratio_to_shortest_median", "kv_bytes",
                                                 "kv_read_ms_median", "floor_ratio_median")} for r in doc["rows"]]})
     return res
@@ -357,11 +357,12 @@ def write_report(out: Path, summary: list[dict], rows: list[dict], logits: list[
                "| precision | " + " | ".join(f"{c:,}" for c in ctx) + " | flat | floor |",
                "|---|" + "---|" * (len(ctx) + 2)]
         for f in flat:
+            w = next(r for r in f["rows"] if r["context"] == f["worst_context"])
             md.append(f"| {f['precision']} | " + " | ".join(f"{r['decode_ms_median']:.2f} (x{r['ratio_to_shortest_median']:.2f})"
                                                              for r in f["rows"]) +
                       f" | {'yes' if f['flat'] else 'no'} (worst x{f['worst_median_ratio']:.2f}) | "
-                      f"x{f['worst_floor_ratio']:.2f} ({f['rows'][-1]['kv_bytes'] / 1e6:.1f} MB of KV cache read in "
-                      f"{f['rows'][-1]['kv_read_ms_median']:.2f} ms) |")
+                      f"x{f['floor_at_worst']:.2f} (at {w['context']:,}: {w['kv_bytes'] / 1e6:.1f} MB of KV cache read "
+                      f"in {w['kv_read_ms_median']:.2f} ms) |")
     md += ["", "## Logits (last prompt position)", "", "| precision | ours | tokens | max abs diff | rel. | top-1 equal | top-5 overlap |",
            "|---|---|---|---|---|---|---|"]
     for lg in logits:
