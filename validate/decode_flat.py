@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-_LINE = 64          # bytes a cache line
+from jambatrt.plugins.cpu.prefetch import LINE
 
 
 @njit(parallel=True, cache=True)
@@ -44,7 +44,7 @@ def _read_lines(a):
     total = 0
     for c in prange(n):
         s = 0
-        for i in range(c * chunk, min(a.size, (c + 1) * chunk), _LINE):
+        for i in range(c * chunk, min(a.size, (c + 1) * chunk), LINE):
             s += a[i]
         total += s
     return total
@@ -79,7 +79,7 @@ def measure(artifact: Path, contexts: list[int], steps: int, seed: int = 0) -> d
             st, tok = states[i]
             logits, st = eng.decode([tok], st)
             states[i] = (st, int(np.argmax(logits[0])))
-        _read_lines(np.zeros(_LINE, np.uint8))          # compiled (or loaded) before the timed reads
+        _read_lines(np.zeros(LINE, np.uint8))          # compiled (or loaded) before the timed reads
         times = [[] for _ in contexts]
         reads = [[] for _ in contexts]
         for _ in range(steps):
