@@ -218,7 +218,10 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    ms. A prototype reading a cache stored in its own order (keys as blocks of 16 transposed positions,
    values with positions paired: no transposes or unpacks, every line once and in order) was 24-30% faster
    in the cache and 16% on one thread from memory, but took the same 1.06-1.10 ms on two: there the limit
-   is the memory's throughput while computing (~36 GB/s), not the walk. In the int8 peer model's decode
+   is the memory's throughput while computing (~36 GB/s), not the walk. When the memory is fast the arithmetic
+   bounds it instead (a later session: a plain read of the 38 MB in 0.49 ms, the kernel ~0.95 ms inside the
+   step, 24 ns a position a thread in the cache; that prototype with its prefetches: 16.8 ns in the cache, 5-12%
+   faster flushed on two threads while the memory was slow). In the int8 peer model's decode
    step at 64K, against one tile ahead into L2: 0.81x the step time (T0, the values still prefetched by the
    score loop); this form 0.95x and 0.76x (two runs, the memory fast, then slow).
    attn_i16 below (AVX2) on the same Zen 5 and harness: T0 2.15 ms against T1 2.39 (it is compute-bound,
