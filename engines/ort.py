@@ -132,23 +132,44 @@ class KVCache:
     CausalAttentionCached node (graph/passes/bind_kv_caches.py; the op's body is in
     plugins/cpu/attention.py): k, v [B, capacity, Hkv, d] buffers whose first `length` positions
     hold the past, float32, or int8 with float32 scales ks, vs [B, capacity, Hkv, G]
-    (`dtype="int8"`, plugins/cpu/kv_int8.py). The engine sizes them before a run; the op appends the
-    step's keys and values and attends over the first length + L positions, so no step copies the
-    cache (ONNX Runtime never sees it)."""
+    (`dtype="int8"`, plugins/cpu/kv_int8.py). An int8 cache takes the blocked layout (kv_int8.py) where
+    the AVX512-VNNI decode kernel reads it (`layout` None: decided at the first allocation; "rows" or
+    "blocked" to choose). The engine sizes them before a run; the op appends the step's keys and values
+    and attends over the first length + L positions, so no step copies the cache (ONNX Runtime never
+    sees it)."""
 
-    def __init__(self, dtype: str = "float32"):
+    def __init__(self, dtype: str = "float32", layout: str | None = None):
         if dtype not in KV_CACHES:
             raise InputError(f"KV cache dtype {dtype!r} (accepted: {', '.join(KV_CACHES)})")
-        self.dtype = dtype
+        if layout not in (None, "rows", "blocked") or (layout == "blocked" and dtype != "int8"):
+            raise InputError(f"KV cache layout {layout!r} for {dtype} (accepted: rows; blocked for int8)")
+        self.dtype, self.layout = dtype, layout
         self.k = self.v = self.ks = self.vs = None
         self.length = 0
         self.views = (None, None)       # the (k, v) state tensors the engine last handed out
 
+    @property
+    def blocked(self) -> bool:
+        return self.layout == "blocked"
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold room for (0 before the first run)."""
+        from jambatrt.plugins.cpu.kv_int8 import BLOCK
+        return 0 if self.k is None else self.k.shape[1] * (BLOCK if self.blocked else 1)
+
     def _alloc(self, B: int, cap: int, Hkv: int, d: int) -> tuple:
         if self.dtype == "float32":
             return np.empty((B, cap, Hkv, d), np.float32), np.empty((B, cap, Hkv, d), np.float32), None, None
-        from jambatrt.plugins.cpu.kv_int8 import kv_group
-        G = d // kv_group(d)
+        from jambatrt.plugins.cpu.kv_int8 import blocked_alloc, blocked_fits, kv_groups
+        if self.layout is None:
+            from jambatrt.plugins.cpu.attention import blocked_kernel
+            self.layout = "blocked" if blocked_fits(d) and blocked_kernel() else "rows"
+        if self.blocked:
+            if not blocked_fits(d):
+                raise InputError(f"KV cache layout blocked for head dimension {d} (accepted: multiples of 32 up to 256)")
+            return blocked_alloc(B, cap, Hkv, d)
+        G = kv_groups(d)
         return (np.empty((B, cap, Hkv, d), np.int8), np.empty((B, cap, Hkv, d), np.int8),
                 np.empty((B, cap, Hkv, G), np.float32), np.empty((B, cap, Hkv, G), np.float32))
 
@@ -156,30 +177,40 @@ class KVCache:
         """The first P positions of this cache into bufs (a larger allocation), which it then uses."""
         for new, old in zip(bufs, (self.k, self.v, self.ks, self.vs)):
             if new is not None:
-                new[:, :P] = old[:, :P]
+                n = old.shape[1] if self.blocked else P      # blocked: every block (a prefix of blocks)
+                new[:, :n] = old[:, :n]
         self.k, self.v, self.ks, self.vs = bufs
 
     def reset(self, past_k, past_v, need: int) -> None:
         """Start over from a state this cache did not hand out: arrays (quantised here for int8), or
         an int8 cache's QuantizedKV (its values taken as they are)."""
-        from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
+        from jambatrt.plugins.cpu.kv_int8 import QuantizedKV, kv_groups
         B, P, Hkv, d = past_k.shape
         self.k, self.v, self.ks, self.vs = self._alloc(B, max(need, 2 * P, 256), Hkv, d)
+        self.length = 0
         if self.dtype == "float32":
             self.k[:, :P], self.v[:, :P] = past_k, past_v
         elif (isinstance(past_k, QuantizedKV) and isinstance(past_v, QuantizedKV)
-              and past_k.s.shape == self.ks[:, :P].shape):
-            self.k[:, :P], self.v[:, :P], self.ks[:, :P], self.vs[:, :P] = past_k.q, past_v.q, past_k.s, past_v.s
+              and past_k.groups == past_v.groups == kv_groups(d)):
+            self._write(0, *past_k.rows(), *past_v.rows())
         else:
-            self.length = 0
             self.append(np.asarray(past_k, np.float32), np.asarray(past_v, np.float32))
         self.length = P
 
     def reserve(self, need: int) -> None:
         """Room for `need` positions; grows by doubling (amortised O(1) copies per token)."""
-        if need > self.k.shape[1]:
-            B, cap, Hkv, d = self.k.shape
-            self._move(self._alloc(B, max(need, 2 * cap), Hkv, d), self.length)
+        if need > self.capacity:
+            B, Hkv = self.k.shape[0], self.k.shape[2]
+            d = 4 * self.k.shape[3] if self.blocked else self.k.shape[3]
+            self._move(self._alloc(B, max(need, 2 * self.capacity), Hkv, d), self.length)
+
+    def _write(self, P: int, qk, sk, qv, sv) -> None:
+        if self.blocked:
+            from jambatrt.plugins.cpu.kv_int8 import blocked_write
+            blocked_write((self.k, self.v, self.ks, self.vs), P, qk, sk, qv, sv)
+            return
+        L = qk.shape[1]
+        self.k[:, P:P + L], self.ks[:, P:P + L], self.v[:, P:P + L], self.vs[:, P:P + L] = qk, sk, qv, sv
 
     def append(self, k: np.ndarray, v: np.ndarray) -> None:
         """Writes k, v [B, L, Hkv, d] at positions length..length+L-1 (quantised for int8); `length`
@@ -189,21 +220,32 @@ class KVCache:
             self.k[:, P:P + L], self.v[:, P:P + L] = k, v
             return
         from jambatrt.plugins.cpu.kv_int8 import quantize_kv
-        (self.k[:, P:P + L], self.ks[:, P:P + L]), (self.v[:, P:P + L], self.vs[:, P:P + L]) = \
-            quantize_kv(k), quantize_kv(v)
+        self._write(P, *quantize_kv(k), *quantize_kv(v))
 
     def present(self, n: int) -> tuple:
         """The first n positions as the attention kernels take them: (k, v, ks, vs); scales None for
-        float32."""
+        float32; a blocked cache's keys and values as QuantizedKV (scales None)."""
         if self.dtype == "float32":
             return self.k[:, :n], self.v[:, :n], None, None
+        if self.blocked:
+            from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
+            arrays = (self.k, self.v, self.ks, self.vs)
+            return QuantizedKV.blocked(arrays, n, values=False), QuantizedKV.blocked(arrays, n, values=True), None, None
         return self.k[:, :n], self.v[:, :n], self.ks[:, :n], self.vs[:, :n]
+
+    def stored(self) -> list[np.ndarray]:
+        """The arrays that hold the first `length` positions (views; blocked: the blocks holding them)."""
+        if self.blocked:
+            from jambatrt.plugins.cpu.kv_int8 import BLOCK, TILE
+            nb, nt = -(-self.length // BLOCK), -(-self.length // TILE)
+            return [self.k[:, :nb], self.v[:, :nt], self.ks[:, :nb], self.vs[:, :nb]]
+        return [a[:, :self.length] for a in (self.k, self.v, self.ks, self.vs) if a is not None]
 
     def state_views(self) -> tuple:
         """The past as the engine hands it out as state: float32 views, or an int8 cache's
         QuantizedKV views (np.asarray reads them as float32); no copy either way."""
         k, v, ks, vs = self.present(self.length)
-        if ks is None:
+        if ks is None:                  # float32, or a blocked cache's QuantizedKV
             return k, v
         from jambatrt.plugins.cpu.kv_int8 import QuantizedKV
         return QuantizedKV(k, ks), QuantizedKV(v, vs)
@@ -393,7 +435,7 @@ class OrtEngine(Engine):
     def kv_present(self) -> list[np.ndarray]:
         """What a decode step's attention reads: the past in this engine's in-place KV caches (k, v and an
         int8 cache's scales, views [B, length, ...]); empty without in-place caches."""
-        return [a for _, _, c in self._kv_slots if c.k is not None for a in c.present(c.length) if a is not None]
+        return [a for _, _, c in self._kv_slots if c.k is not None for a in c.stored()]
 
     def close(self) -> None:
         self.session = self.decoder = None

@@ -201,24 +201,29 @@ def test_chunk_over_int8_cache_dequantises_block_by_block(P, monkeypatch):
     _check("attention", (torch.from_numpy(o), kd, vd), (o_ref, kd, vd), F32)
 
 
-def test_kv_cache_int8_append_grow_reset_and_state_views():
+@pytest.mark.parametrize("layout", ["rows", "blocked"])
+def test_kv_cache_int8_append_grow_reset_and_state_views(layout):
     from jambatrt.engines.ort import KVCache
     from jambatrt.errors import InputError
     with pytest.raises(InputError, match="accepted: float32, int8"):
         KVCache("float16")
+    with pytest.raises(InputError, match="accepted: rows; blocked for int8"):
+        KVCache("float32", layout="blocked")
     x = _values((2, 300, 2, 64), seed=1)
-    c = KVCache("int8")
+    c = KVCache("int8", layout)
     c.reset(x[:, :0], x[:, :0], 10)
-    assert c.k.dtype == np.int8 and c.ks.shape[-1] == 2 and c.length == 0
+    assert c.k.dtype == np.int8 and c.length == 0 and c.capacity >= 10
     for lo, hi in ((0, 7), (7, 8), (8, 300)):       # a chunk, a token, a long chunk (grows the buffers)
         c.reserve(hi)
         c.append(x[:, lo:hi], x[:, lo:hi] * 2)
         c.length = hi
     k, v = c.state_views()
-    assert isinstance(k, QuantizedKV) and k.shape == (2, 300, 2, 64) and k.dtype == np.float32
+    assert isinstance(k, QuantizedKV) and k.shape == (2, 300, 2, 64) and k.dtype == np.float32 and k.groups == 2
+    assert (k.layout is not None) == (layout == "blocked")
     np.testing.assert_array_equal(np.asarray(k), fake_quant_kv(torch.from_numpy(x)).numpy())
     np.testing.assert_array_equal(np.asarray(v), fake_quant_kv(torch.from_numpy(x * 2)).numpy())
     assert k.nbytes == 2 * 300 * 2 * (64 + 2 * 4)          # 1.125 bytes per element at groups of 32
+    assert sum(a.nbytes for a in c.stored()) >= 2 * k.nbytes  # what a step reads (blocked: whole blocks)
     from jambatrt.config import preset
     from jambatrt.export.plan import memory_plan
     cfg = preset("tiny")                                    # d 16: one scale per head; `inspect` counts the same
@@ -226,26 +231,66 @@ def test_kv_cache_int8_append_grow_reset_and_state_views():
     per_layer = 2 * (kq.nbytes + ks.nbytes)
     assert memory_plan(cfg, context=10)["kv_bytes_at_context_ort"]["int8"] == per_layer * cfg.num_attention_layers
     cut = k[:, :100]                                        # cut_past slices without converting
-    assert isinstance(cut, QuantizedKV) and cut.shape == (2, 100, 2, 64)
+    assert isinstance(cut, QuantizedKV) and cut.shape == (2, 100, 2, 64) and (cut.layout is None) == (k.layout is None)
     np.testing.assert_array_equal(np.asarray(cut), np.asarray(k)[:, :100])
+    np.testing.assert_array_equal(np.asarray(k[1:, 10:20]), np.asarray(k)[1:, 10:20])
     np.testing.assert_array_equal(k[1, 5], np.asarray(k)[1, 5])
-    # another cache restarts from the handed-out state: int8 values taken as they are ...
-    c2 = KVCache("int8")
-    c2.reset(k, v, 400)
-    assert c2.length == 300 and np.array_equal(c2.k[:, :300], c.k[:, :300]) and np.array_equal(c2.vs[:, :300], c.vs[:, :300])
+    # another cache, of either layout, restarts from the handed-out state: int8 values taken as they are ...
+    kq, ksc = k.rows()
+    for other in ("rows", "blocked"):
+        c2 = KVCache("int8", other)
+        c2.reset(k, v, 400)
+        k2, v2 = c2.state_views()
+        assert c2.length == 300 and all(np.array_equal(a, b) for a, b in zip(k2.rows() + v2.rows(), k.rows() + v.rows()))
     # ... or float32 arrays, quantised (a float32 engine's state); and a float32 cache reads an int8 state
-    c3 = KVCache("int8")
+    c3 = KVCache("int8", layout)
     c3.reset(np.asarray(k), np.asarray(v), 300)
-    assert np.array_equal(c3.k[:, :300], c.k[:, :300]) and np.array_equal(c3.ks[:, :300], c.ks[:, :300])
+    assert all(np.array_equal(a, b) for a, b in zip(c3.state_views()[0].rows(), (kq, ksc)))
     c4 = KVCache("float32")
     c4.reset(k, v, 300)
     np.testing.assert_array_equal(c4.k[:, :300], np.asarray(k))
 
 
-@pytest.fixture(scope="module")
-def kv_artifact(tiny_artifact, tmp_path_factory):
+@pytest.mark.parametrize("B,Hq,Hkv,d,P", [(1, 8, 2, 128, 5000), (2, 4, 2, 32, 77), (2, 16, 2, 64, 1531), (1, 6, 2, 48, 40)])
+def test_blocked_cache_attends_as_rows(B, Hq, Hkv, d, P):
+    """An int8 cache in the blocked layout (kv_int8.py) gives the same bits as in rows: a decode step (the
+    AVX512-VNNI kernel where this CPU has it, else the rows read out of the blocks) and a prefill chunk.
+    d 48 does not fit the layout: such a cache stays in rows."""
+    from jambatrt.engines.ort import KVCache
+    from jambatrt.errors import InputError
+    from jambatrt.plugins.cpu.attention import attend_in_cache
+    from jambatrt.plugins.cpu.kv_int8 import blocked_fits
+    rng = np.random.default_rng(3)
+    k, v = (rng.standard_normal((B, P + 9, Hkv, d)).astype(np.float32) for _ in range(2))
+    q = rng.standard_normal((B, 9, Hq, d)).astype(np.float32)
+    outs = {}
+    for layout in ("rows", "blocked"):
+        if layout == "blocked" and not blocked_fits(d):
+            with pytest.raises(InputError, match="layout blocked for head dimension 48"):
+                KVCache("int8", layout).reset(k[:, :P], v[:, :P], P + 9)
+            return
+        c = KVCache("int8", layout)
+        c.reset(k[:, :P], v[:, :P], P + 9)
+        chunk = attend_in_cache(c, q[:, :8], k[:, P:P + 8], v[:, P:P + 8])      # a prefill chunk
+        step = attend_in_cache(c, q[:, 8:], k[:, P + 8:], v[:, P + 8:])         # a decode step
+        outs[layout] = chunk, step
+    for a, b in zip(outs["rows"], outs["blocked"]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture(scope="module", params=["tiny", "d32"])
+def kv_artifact(request, tiny_artifact, tmp_path_factory):
+    """The tiny model's int8-KV engine (head dimension 16: the cache in rows), and the tiny model with 2
+    heads of 32 (where the CPU has AVX512-VNNI, the cache in the blocked layout)."""
     from conftest import private_artifact
-    art = private_artifact(tiny_artifact, tmp_path_factory, "kvint8")
+    if request.param == "tiny":
+        art = private_artifact(tiny_artifact, tmp_path_factory, "kvint8")
+    else:
+        from jambatrt.export.checkpoint import write_preset
+        root = tmp_path_factory.mktemp("kvint8d32")
+        write_preset("tiny", root / "ckpt", seed=0, num_attention_heads=2, num_key_value_heads=1)
+        art = root / "art"
+        run_cli("export", root / "ckpt", "-o", art, check=True)
     run_cli("build", art, "--backend", "ort", "--kv-cache", "int8", check=True)
     return art
 
@@ -267,6 +312,8 @@ def test_engine_int8_kv_matches_rounding_eager_model_prefill_and_decode(kv_artif
         np.testing.assert_allclose(logits, r_logits.numpy(), atol=tol["atol"], rtol=tol["rtol"])
         kv = [i for i, spec in enumerate(e.step_program.state) if "past" in spec.shape]
         assert kv and all(isinstance(st[i], QuantizedKV) for i in kv)
+        from jambatrt.plugins.cpu.attention import blocked_kernel
+        assert all((st[i].layout is not None) == (st[i].shape[-1] == 32 and bool(blocked_kernel())) for i in kv)
         for i in kv:
             r = r_st[i].numpy()
             assert (np.abs(np.asarray(st[i]) - r) <= 1e-6 + quant_step(r)).all()

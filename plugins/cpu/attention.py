@@ -18,7 +18,11 @@ partial softmaxes merged at the end). torch's SDPA on the transposed cache views
 4.5 ms at 64K keys (B 1, Hkv 2, d 32) where this takes 2.3 ms, about the time of reading the cache.
 Each job runs attention_decode.c where the CPU and the cache's layout allow (`_native_fits`): on
 AVX512-VNNI an int8 cache in groups of 32 channels goes through 16-bit integer dot products (the query
-and the softmax weights rounded to 16 bits; see that file).
+and the softmax weights rounded to 16 bits; see that file). There the engine's int8 cache is stored in the
+order that kernel reads (kv_int8.py, the blocked layout: `_decode_blocked`), the same bits as in rows at
+0.67x the time where the kernel computes more than it waits (the bench preset's decode step at 64K
+positions: 0.31 against 0.46 ms); the time of reading it from memory is unchanged (the peer preset at
+64K: 4.65 against 4.68 ms a step).
 
 Copies of the KV cache. `attention_torch` must return fresh present tensors, so it concatenates
 once (torch.cat) and computes over the result: no other copy of the cache (`.float()` is a no-op
@@ -30,6 +34,7 @@ onnxruntime-extensions makes for this one call), grows past_k/past_v in place in
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numba
 import numpy as np
@@ -39,7 +44,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from jambatrt.plugins.cpu import serial_twin
-from jambatrt.plugins.cpu.kv_int8 import dequantize_kv
+from jambatrt.plugins.cpu.kv_int8 import QuantizedKV, blocked_fits, blocked_read, dequantize_kv
 from jambatrt.plugins.cpu.native import attention_decode_address, call_native
 from jambatrt.plugins.cpu.selective_scan import exp32
 from jambatrt.plugins.registry import implements, session_op
@@ -129,20 +134,20 @@ def _attend_past_blocks(qf: torch.Tensor, past, k_new: torch.Tensor, v_new: torc
 _DEQUANT_BLOCK = 1 << 14      # positions of an int8 cache dequantised at a time by a prefill chunk
 
 
-def _attend_int8(q: np.ndarray, k8: np.ndarray, v8: np.ndarray, ks: np.ndarray, vs: np.ndarray, P: int) -> np.ndarray:
-    """`_attend` for q [B,L,Hq,d] at positions P..P+L-1 over an int8 cache (k8, v8 [B,P+L,Hkv,d], scales
-    ks, vs): the past dequantised _DEQUANT_BLOCK positions at a time, so a chunk's float32 copy is of
-    one block, never of the whole cache (which would cost the memory the int8 cache saves)."""
+def _attend_int8(q: np.ndarray, rows, P: int) -> np.ndarray:
+    """`_attend` for q [B,L,Hq,d] at positions P..P+L-1 over an int8 cache whose positions lo..hi-1
+    rows(lo, hi) gives as (k8, ks, v8, vs) rows (kv_int8.py): the past dequantised _DEQUANT_BLOCK positions
+    at a time, so a chunk's float32 copy is of one block, never of the whole cache (which would cost the
+    memory the int8 cache saves)."""
+    def deq(lo, hi):
+        k8, ks, v8, vs = rows(lo, hi)
+        return tuple(torch.from_numpy(dequantize_kv(a, s)).transpose(1, 2) for a, s in ((k8, ks), (v8, vs)))
+    n = P + q.shape[1]
     if P == 0:
-        return _attend(torch.from_numpy(q), torch.from_numpy(dequantize_kv(k8, ks)),
-                       torch.from_numpy(dequantize_kv(v8, vs)), 0).numpy()
-
-    def deq(a, s, lo, hi):
-        return torch.from_numpy(dequantize_kv(a[:, lo:hi], s[:, lo:hi])).transpose(1, 2)       # [B,Hkv,n,d]
-    n = k8.shape[1]
-    past = ((deq(k8, ks, lo, min(lo + _DEQUANT_BLOCK, P)), deq(v8, vs, lo, min(lo + _DEQUANT_BLOCK, P)))
-            for lo in range(0, P, _DEQUANT_BLOCK))
-    o = _attend_past_blocks(torch.from_numpy(q).transpose(1, 2), past, deq(k8, ks, P, n), deq(v8, vs, P, n))
+        k, v = deq(0, n)
+        return _attend(torch.from_numpy(q), k.transpose(1, 2), v.transpose(1, 2), 0).numpy()
+    past = (deq(lo, min(lo + _DEQUANT_BLOCK, P)) for lo in range(0, P, _DEQUANT_BLOCK))
+    o = _attend_past_blocks(torch.from_numpy(q).transpose(1, 2), past, *deq(P, n))
     return o.transpose(1, 2).contiguous().numpy()
 
 
@@ -190,6 +195,15 @@ def _scales_impl(ks, b, lo):
     return lambda ks, b, lo: (ks.ctypes.data + b * ks.strides[0] + lo * ks.strides[1], ks.strides[1] // 4)
 
 
+@njit(cache=True, inline="always")
+def _split(S, s, nsplit):
+    """Positions lo..hi-1 of split s of S: boundaries at multiples of the kernel's tile (_TILE, the blocked
+    cache's value tile), so both layouts split alike and give the same bits."""
+    lo = S * s // nsplit // _TILE * _TILE
+    hi = S if s == nsplit - 1 else S * (s + 1) // nsplit // _TILE * _TILE
+    return lo, hi
+
+
 @njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
     """q [B,Hq,d] (already scaled by d^-0.5); k, v [B,S,Hkv,d]; o [B,Hq,d]; all float32,
@@ -210,8 +224,7 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
     for job in prange(B * nsplit):
         b = job // nsplit
         s = job % nsplit
-        lo = S * s // nsplit
-        hi = S * (s + 1) // nsplit
+        lo, hi = _split(S, s, nsplit)
         if native != 0:
             for hq in range(Hq):
                 m_all[b, s, hq] = -np.inf
@@ -271,6 +284,14 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
             l_all[b, s, hq] = l[hq]
             for x in range(d):
                 acc_all[b, s, hq, x] = acc[hq, x]
+    _merge_splits(m_all, l_all, acc_all, o)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _merge_splits(m_all, l_all, acc_all, o):
+    """o [B,Hq,d] from the splits' partial softmaxes: running max m_all, sum l_all [B,nsplit,Hq] and
+    acc_all [B,nsplit,Hq,d] (an empty split: m -inf, l and acc 0, weighs nothing)."""
+    B, nsplit, Hq, d = acc_all.shape
     for b in range(B):
         for hq in range(Hq):
             mx = m_all[b, 0, hq]
@@ -293,6 +314,46 @@ def _decode_kernel(q, k, v, nsplit, o, ks=None, vs=None, native=0):
 _decode_kernel_serial = serial_twin(_decode_kernel, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
 
 
+@njit(parallel=True, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})   # as _decode_kernel's merge
+def _decode_blocked(q, k, v, ks, vs, S, nsplit, o, native):
+    """_decode_kernel over the first S positions of a blocked int8 cache (k, v, ks, vs: kv_int8.py
+    blocked_alloc) through attention_decode.c's AVX512-VNNI kernel at `native` (quant 2)."""
+    B, Hq, d = q.shape
+    Hkv = k.shape[2]
+    lds = Hkv * ks.shape[3]
+    m_all = np.empty((B, nsplit, Hq), np.float32)
+    l_all = np.empty((B, nsplit, Hq), np.float32)
+    acc_all = np.zeros((B, nsplit, Hq, d), np.float32)
+    for job in prange(B * nsplit):
+        b = job // nsplit
+        s = job % nsplit
+        lo, hi = _split(S, s, nsplit)
+        for hq in range(Hq):
+            m_all[b, s, hq] = -np.inf
+            l_all[b, s, hq] = 0.0
+        if hi > lo:            # bytes a position: Hkv * d of keys and of values, 4 * lds of scales
+            call_native(native, (q.ctypes.data + b * Hq * d * 4, Hkv, Hq // Hkv, d,
+                                 k.ctypes.data + b * k.strides[0] + lo * Hkv * d,
+                                 v.ctypes.data + b * v.strides[0] + lo * Hkv * d, Hkv * d,
+                                 ks.ctypes.data + b * ks.strides[0] + lo * lds * 4,
+                                 vs.ctypes.data + b * vs.strides[0] + lo * lds * 4, lds, d // ks.shape[3],
+                                 hi - lo, m_all.ctypes.data + (b * nsplit + s) * Hq * 4,
+                                 l_all.ctypes.data + (b * nsplit + s) * Hq * 4,
+                                 acc_all.ctypes.data + (b * nsplit + s) * Hq * d * 4, 2))
+    _merge_splits(m_all, l_all, acc_all, o)
+
+
+_decode_blocked_serial = serial_twin(_decode_blocked, cache=True, error_model="numpy", fastmath={"reassoc", "contract"})
+
+
+@functools.cache
+def blocked_kernel() -> int:
+    """The address of attention_decode.c's AVX512-VNNI kernel where it is this CPU's decode kernel (the one
+    that reads an int8 cache in the blocked layout, kv_int8.py); else 0 (the cache then stays in rows)."""
+    address = attention_decode_address()
+    return address if address and address == attention_decode_address("avx512vnni") else 0
+
+
 def _native_fits(k, v, ks, vs, Hq: int) -> bool:
     """Whether attention_decode.c takes this cache (see _decode_kernel)."""
     d, Hkv = k.shape[3], k.shape[2]
@@ -307,7 +368,8 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray
     """One query per sequence over all S keys (no mask): q [B,1,Hq,d]; k, v [B,S,Hkv,d] with S >= 1,
     float32, each sequence's [S,Hkv,d] contiguous (k, v are read in place: C-contiguous arrays, or
     the batch-strided views of the ORT engine's in-place cache); or int8 with scales ks, vs
-    [B,S,Hkv,G] (plugins/cpu/kv_int8.py). Returns o [B,1,Hq,d] float32 (fresh)."""
+    [B,S,Hkv,G] (plugins/cpu/kv_int8.py); or a blocked int8 cache's keys and values as QuantizedKV (ks, vs
+    None). Returns o [B,1,Hq,d] float32 (fresh)."""
     B, L, Hq, d = q.shape
     S = k.shape[1]
     if L != 1 or S < 1:
@@ -316,6 +378,13 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray
     jobs_wanted = -(-4 * numba.get_num_threads() // B)        # a few jobs per thread, for balance
     nsplit = max(1, min(S // _SPLIT_MIN, jobs_wanted))
     o = np.empty((B, 1, Hq, d), np.float32)
+    if isinstance(k, QuantizedKV):                    # a blocked int8 cache (KVCache.present): v is its values
+        if blocked_fits(d) and Hq // k.shape[2] <= 16 and Hq <= 64 and (native := blocked_kernel()):
+            (_decode_blocked_serial if B * nsplit == 1 else _decode_blocked)(qs, *k.layout, S, nsplit,
+                                                                             o.reshape(B, Hq, d), native)
+            return o
+        k8, ks, v8, vs = blocked_read(k.layout, 0, S)        # no kernel takes this shape in blocks: rows
+        return decode_attention(q, k8, v8, ks, vs)
     native = attention_decode_address() if _native_fits(k, v, ks, vs, Hq) else 0
     (_decode_kernel_serial if B * nsplit == 1 else _decode_kernel)(qs, k, v, nsplit, o.reshape(B, Hq, d), ks, vs,
                                                                    native)
@@ -391,8 +460,10 @@ def attention_cached(q: np.ndarray, present_k: np.ndarray, present_v: np.ndarray
     q = np.ascontiguousarray(q, dtype=np.float32)
     if q.shape[1] == 1 and P:       # decode: the numba kernel reads the views in place (strided at batch > 1)
         return decode_attention(q, present_k, present_v, ks, vs)
+    if isinstance(present_k, QuantizedKV):          # a blocked int8 cache
+        return _attend_int8(q, lambda lo, hi: blocked_read(present_k.layout, lo, hi), P)
     if ks is not None:
-        return _attend_int8(q, present_k, present_v, ks, vs, P)
+        return _attend_int8(q, lambda lo, hi: (present_k[:, lo:hi], ks[:, lo:hi], present_v[:, lo:hi], vs[:, lo:hi]), P)
     return _attend(torch.from_numpy(q), torch.from_numpy(present_k), torch.from_numpy(present_v), P).numpy()
 
 
@@ -427,8 +498,8 @@ def attend_in_cache(c, q: np.ndarray, k: np.ndarray, v: np.ndarray, name: str = 
     """o [B,L,Hq,d] for q over the KVCache `c` (engines/ort.py) with the step's k, v [B,L,Hkv,d]
     appended to it in place; the cache then holds L more positions. The engine reserved the room."""
     P, L = c.length, k.shape[1]
-    if c.k is None or P + L > c.k.shape[1] or k.shape[0] != c.k.shape[0]:
-        raise ValueError(f"KV cache {name!r} holds {P} of {0 if c.k is None else c.k.shape[1]} positions for "
+    if c.k is None or P + L > c.capacity or k.shape[0] != c.k.shape[0]:
+        raise ValueError(f"KV cache {name!r} holds {P} of {c.capacity} positions for "
                          f"batch {None if c.k is None else c.k.shape[0]}; the step brings {L} for batch "
                          f"{k.shape[0]} (the engine reserves room before every run)")
     c.append(k, v)

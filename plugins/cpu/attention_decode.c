@@ -215,13 +215,12 @@ void jt_attn_decode(const float *q, int64_t hkv, int64_t g, int64_t d, const voi
    2x slower. Without the L3 flush the harness gets part of the 38 MB from the L3 (1.05 ms at best) and
    hid all of this. The kernel loading the same lines without computing takes about as long (1.08 ms against
    1.11), while a sequential read of those bytes takes 0.6-0.8 ms; the arithmetic alone on 2 threads ~0.82
-   ms. A prototype reading a cache stored in its own order (keys as blocks of 16 transposed positions,
-   values with positions paired: no transposes or unpacks, every line once and in order) was 24-30% faster
-   in the cache and 16% on one thread from memory, but took the same 1.06-1.10 ms on two: there the limit
-   is the memory's throughput while computing (~36 GB/s), not the walk. When the memory is fast the arithmetic
-   bounds it instead (a later session: a plain read of the 38 MB in 0.49 ms, the kernel ~0.95 ms inside the
-   step, 24 ns a position a thread in the cache; that prototype with its prefetches: 16.8 ns in the cache, 5-12%
-   faster flushed on two threads while the memory was slow). In the int8 peer model's decode
+   ms. The blocked layout (quant 2: keys as blocks of 16 transposed positions, values with positions paired,
+   scales in blocks of 16: no transposes or unpacks, every line once and in order), which the engine's int8
+   cache takes on AVX512-VNNI: 18.0 ns a position against 24.3 in rows, one thread in L2 (the same bits out);
+   from memory on two threads the same ~1.05 ms as rows: there the limit is the memory's throughput while
+   computing (~36 GB/s), not the walk. When the memory is fast the arithmetic bounds rows instead (a plain
+   read of the 38 MB in 0.49 ms, the row kernel ~0.95 ms inside the step). In the int8 peer model's decode
    step at 64K, against one tile ahead into L2: 0.81x the step time (T0, the values still prefetched by the
    score loop); this form 0.95x and 0.76x (two runs, the memory fast, then slow).
    attn_i16 below (AVX2) on the same Zen 5 and harness: T0 2.15 ms against T1 2.39 (it is compute-bound,
@@ -283,7 +282,7 @@ static inline __m512i round16x32(__m512 a, __m512 b, float *scale) {
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline))
 static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d, const int8_t *k, const int8_t *v,
                              int64_t ld, const float *ks, const float *vs, int64_t lds, int64_t n,
-                             float *m, float *l, float *acc) {
+                             float *m, float *l, float *acc, const int blk) {
     float sc[HQMAX * TILE];
     int32_t qp[HQMAX * DMAX / 2];                  /* head j, quad c: (q[4c], q[4c+2]), (q[4c+1], q[4c+3]) */
     float qsc[HQMAX * DMAX / 32];                  /* head j, group: the query's scale */
@@ -316,7 +315,7 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
             /* the 16 positions' key and value scales, 16 columns at a time: the transposes cost less than a
                gather a column (on Zen 5 the gathers, one a position in all, took ~12% of the kernel's time,
                these transposes ~8%) */
-            for (int64_t c0 = 0; lds <= LDSMAX && c0 < lds; c0 += 16) {
+            for (int64_t c0 = 0; !blk && lds <= LDSMAX && c0 < lds; c0 += 16) {   /* blocked: stored so */
                 const __mmask16 cols = lds - c0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (lds - c0)) - 1);
                 __m512i x[16], y[16];
                 for (int r = 0; r < 16; r++) {
@@ -338,13 +337,22 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                     const int nq = d - ch * 64 >= 64 ? 16 : 8;
                     const __mmask16 cols = nq == 16 ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
                     __m512i x[16];
-                    for (int r = 0; r < 16; r++) {
-                        x[r] = r < nr ? _mm512_maskz_loadu_epi32(cols, k + (t + r) * ld + h * d + ch * 64)
-                                      : _mm512_setzero_si512();
-                        if (t + TILE / 2 + r < n)               /* keys half a tile ahead */
-                            _mm_prefetch((const char *)(k + (t + TILE / 2 + r) * ld + h * d + ch * 64), _MM_HINT_T0);
+                    if (blk) {                                  /* already a dword column a line */
+                        const int8_t *kb = k + (t / 16) * hkv * d * 16 + (h * d / 4 + ch * 16) * 64;
+                        for (int c = 0; c < nq; c++) {
+                            x[c] = _mm512_loadu_si512(kb + c * 64);
+                            if (t + TILE / 2 < n)               /* keys half a tile ahead */
+                                _mm_prefetch((const char *)(kb + (TILE / 32) * hkv * d * 16 + c * 64), _MM_HINT_T0);
+                        }
+                    } else {
+                        for (int r = 0; r < 16; r++) {
+                            x[r] = r < nr ? _mm512_maskz_loadu_epi32(cols, k + (t + r) * ld + h * d + ch * 64)
+                                          : _mm512_setzero_si512();
+                            if (t + TILE / 2 + r < n)           /* keys half a tile ahead */
+                                _mm_prefetch((const char *)(k + (t + TILE / 2 + r) * ld + h * d + ch * 64), _MM_HINT_T0);
+                        }
+                        transpose16(x);
                     }
-                    transpose16(x);
                     for (int gl = 0; gl < nq / 8; gl++) {
                         const int64_t grp = ch * 2 + gl;
                         __m512i a[GMAX];
@@ -360,7 +368,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                                 DPWSSD(a[j], hi, _mm512_set1_epi32(qj[1]));
                             }
                         }
-                        const __m512 kst = lds <= LDSMAX ? _mm512_loadu_ps(kT + (h * G + grp) * 16)
+                        const __m512 kst = blk ? _mm512_loadu_ps(ks + t * lds + (h * G + grp) * 16)
+                                         : lds <= LDSMAX ? _mm512_loadu_ps(kT + (h * G + grp) * 16)
                                                          : column16(ks + t * lds, lds, h * G + grp, nr);
                         for (int j = 0; j < g; j++)
                             s[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[j]),
@@ -377,7 +386,8 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                 float s16[GMAX];
                 __m512 vst[TILE / 16];
                 for (int64_t i0 = 0; i0 < nt; i0 += 16)
-                    vst[i0 / 16] = lds <= LDSMAX ? _mm512_loadu_ps(vT + (h * G + grp) * TILE + i0)
+                    vst[i0 / 16] = blk ? _mm512_loadu_ps(vs + (t0 + i0) * lds + (h * G + grp) * 16)
+                                 : lds <= LDSMAX ? _mm512_loadu_ps(vT + (h * G + grp) * TILE + i0)
                                                  : column16(vs + (t0 + i0) * lds, lds, h * G + grp, nt - i0 < 16 ? (int)(nt - i0) : 16);
                 for (int j = 0; j < g; j++) {          /* weight x value scale, rounded to int16 over the tile */
                     __m512 pw[TILE / 16], top = _mm512_setzero_ps();
@@ -398,6 +408,29 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
                 __m512i alo[GMAX], ahi[GMAX];
                 for (int j = 0; j < g; j++)
                     alo[j] = ahi[j] = _mm512_setzero_si512();
+                if (blk) {       /* a tile's pairs of positions in a row: 64 bytes a pair, a dword a channel at both
+                                    (odd nt: the last pair's second weight is 0, rounded from a masked lane) */
+                    const int8_t *vp = v + ((t0 / TILE * hkv + h) * G + grp) * (TILE / 2) * 64;
+                    const int8_t *vnext = vp + hkv * G * (TILE / 2) * 64;
+                    for (int64_t i = 0; i < nt; i += 2) {
+                        if (t0 + TILE + i < n)                  /* the next tile's pair */
+                            _mm_prefetch((const char *)(vnext + i * 32), _MM_HINT_T0);
+                        const __m512i lo = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vp + i * 32)));
+                        const __m512i hi = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(vp + i * 32 + 32)));
+                        for (int j = 0; j < g; j++) {
+                            const __m512i pp = _mm512_set1_epi32(*(const int32_t *)(p16 + j * (TILE + 16) + i));
+                            DPWSSD(alo[j], lo, pp);
+                            DPWSSD(ahi[j], hi, pp);
+                        }
+                    }
+                    for (int j = 0; j < g; j++) {               /* channels 0-15 in alo, 16-31 in ahi */
+                        float *o = acc + (h * g + j) * d + grp * 32;
+                        const __m512 sj = _mm512_set1_ps(s16[j]);
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_cvtepi32_ps(alo[j]), sj, _mm512_loadu_ps(o)));
+                        _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ahi[j]), sj, _mm512_loadu_ps(o + 16)));
+                    }
+                    continue;
+                }
                 const int8_t *vr = v + t0 * ld + h * d + grp * 32;
                 for (int64_t i = 0; i < nt; i += 2) {          /* rows i, i + 1: a dword is a channel at both */
                     /* the next tile's rows i, i + 1 (the line of this group and the next: one a group pair) */
@@ -425,22 +458,44 @@ static inline void attn_vnni(const float *q, int64_t hkv, const int g, int64_t d
     }
 }
 
-/* AVX-512 with VNNI: attn_vnni for an int8 cache in groups of 32 channels (d <= DMAX), attn512 otherwise */
+/* one function a (g, layout): inlined into one dispatcher they slowed each other (~12% on Zen 5) */
+#define VNNI_FN(G, BLK)                                                                                 \
+    __attribute__((target("avx512f,avx512bw,avx512vnni"), noinline))                                   \
+    static void attn_vnni_##G##_##BLK(const float *q, int64_t hkv, int64_t g, int64_t d, const int8_t *k,  \
+                                      const int8_t *v, int64_t ld, const float *ks, const float *vs,    \
+                                      int64_t lds, int64_t n, float *m, float *l, float *acc) {         \
+        attn_vnni(q, hkv, G, d, k, v, ld, ks, vs, lds, n, m, l, acc, BLK);                              \
+    }
+VNNI_FN(1, 0) VNNI_FN(2, 0) VNNI_FN(4, 0) VNNI_FN(8, 0) VNNI_FN(g, 0)
+VNNI_FN(1, 1) VNNI_FN(2, 1) VNNI_FN(4, 1) VNNI_FN(8, 1) VNNI_FN(g, 1)
+
+#define DISPATCH_VNNI(BLK)                                                                             \
+    switch (g) {                                                                                       \
+    case 1: attn_vnni_1_##BLK(q, hkv, g, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;               \
+    case 2: attn_vnni_2_##BLK(q, hkv, g, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;               \
+    case 4: attn_vnni_4_##BLK(q, hkv, g, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;               \
+    case 8: attn_vnni_8_##BLK(q, hkv, g, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;               \
+    default: attn_vnni_g_##BLK(q, hkv, g, d, k, v, ld, ks, vs, lds, n, m, l, acc);                     \
+    }
+
+/* AVX-512 with VNNI: attn_vnni for an int8 cache in groups of 32 channels (d <= DMAX), attn512 otherwise;
+   quant 2: an int8 cache in the blocked layout (kv_int8.py: keys and scales in blocks of 16 positions, values
+   in tiles of 64; k, v, ks and vs at the first position, a multiple of 64; ld unused), which only this path
+   reads: attention.py sends it nothing else */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void jt_attn_decode_vnni(const float *q, int64_t hkv, int64_t g, int64_t d, const void *k, const void *v, int64_t ld,
                          const float *ks, const float *vs, int64_t lds, int64_t gs, int64_t n,
                          float *m, float *l, float *acc, int64_t quant) {
+    if (quant == 2) {
+        if (gs == 32 && d % 32 == 0 && d <= DMAX)              /* else attention.py never sends it */
+            DISPATCH_VNNI(1)
+        return;
+    }
     if (!quant || gs != 32 || d % 32 || d > DMAX) {
         jt_attn_decode(q, hkv, g, d, k, v, ld, ks, vs, lds, gs, n, m, l, acc, quant);
         return;
     }
-    switch (g) {
-    case 1: attn_vnni(q, hkv, 1, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;
-    case 2: attn_vnni(q, hkv, 2, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;
-    case 4: attn_vnni(q, hkv, 4, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;
-    case 8: attn_vnni(q, hkv, 8, d, k, v, ld, ks, vs, lds, n, m, l, acc); break;
-    default: attn_vnni(q, hkv, (int)g, d, k, v, ld, ks, vs, lds, n, m, l, acc);
-    }
+    DISPATCH_VNNI(0)
 }
 
 /* ---- AVX2 + FMA: 8 lanes, the simpler loop ------------------------------------------------------------- */
