@@ -164,14 +164,16 @@ def blocked_write(arrays: tuple, P: int, qk, sk, qv, sv) -> None:
         a[idx] = np.moveaxis(r, 1, 0).reshape(shape)
 
 
+def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Positions lo..hi-1 of one blocked array as rows [B, n, Hkv, d or G] (a copy)."""
+    idx, shape = _where(a, np.arange(lo, hi))
+    return np.ascontiguousarray(np.moveaxis(a[idx].reshape(shape[:3] + (math.prod(shape[3:]),)), 0, 1))
+
+
 def blocked_read(arrays: tuple, lo: int, hi: int) -> tuple:
     """Rows (qk, sk, qv, sv) of positions lo..hi-1 of a blocked cache: q [B, n, Hkv, d] int8, s [B, n, Hkv, G]."""
-    t = np.arange(lo, hi)
-    out = []
-    for a in (arrays[0], arrays[2], arrays[1], arrays[3]):
-        idx, shape = _where(a, t)
-        out.append(np.ascontiguousarray(np.moveaxis(a[idx].reshape(shape[:3] + (math.prod(shape[3:]),)), 0, 1)))
-    return tuple(out)
+    k, v, ks, vs = arrays
+    return _rows(k, lo, hi), _rows(ks, lo, hi), _rows(v, lo, hi), _rows(vs, lo, hi)
 
 
 class QuantizedKV:
@@ -207,8 +209,8 @@ class QuantizedKV:
         hi = self.shape[1] if hi is None else hi
         if self.layout is None:
             return self._q[:, lo:hi], self._s[:, lo:hi]
-        r = blocked_read(self.layout, lo, hi)
-        return r[2:] if self.values else r[:2]
+        q, s = (self.layout[1], self.layout[3]) if self.values else (self.layout[0], self.layout[2])
+        return _rows(q, lo, hi), _rows(s, lo, hi)
 
     @property
     def groups(self) -> int:
