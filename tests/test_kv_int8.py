@@ -255,7 +255,7 @@ def test_kv_cache_int8_append_grow_reset_and_state_views(layout):
 def test_blocked_cache_attends_as_rows(B, Hq, Hkv, d, P):
     """An int8 cache in the blocked layout (kv_int8.py) gives the same bits as in rows: a decode step (the
     AVX512-VNNI kernel where this CPU has it, else the rows read out of the blocks) and a prefill chunk.
-    d 48 does not fit the layout: such a cache stays in rows."""
+    d 48 does not fit the layout: a blocked cache of it is refused (an automatic one stays in rows)."""
     from jambatrt.engines.ort import KVCache
     from jambatrt.errors import InputError
     from jambatrt.plugins.cpu.attention import attend_in_cache
