@@ -2,7 +2,8 @@
    cached positions; native.py builds it with gemv_int8.c): the hkv * g query heads q [hkv * g, d] (already
    scaled by d^-0.5; heads h*g .. h*g+g-1 share kv head h) against n cached positions, whose keys and values
    are rows of hkv * d at k + t * ld and v + t * ld, float32, or int8 with one float32 scale per group of gs
-   channels at ks + t * lds and vs + t * lds (kv_int8.py). An online softmax over tiles of TILE positions
+   channels at ks + t * lds and vs + t * lds (kv_int8.py), or (quant 2, the AVX512-VNNI entry point only, from
+   `_decode_blocked`) int8 in kv_int8.py's blocked layout. An online softmax over tiles of TILE positions
    updates in place m [hq] (running max; start -inf), l [hq] (sum of exp(score - m); start 0) and acc [hq, d]
    (sum of exp(score - m) * value; start 0); attention.py merges the splits.
 
