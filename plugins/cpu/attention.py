@@ -354,13 +354,18 @@ def blocked_kernel() -> int:
     return address if address and address == attention_decode_address("avx512vnni") else 0
 
 
+def _heads_fit(Hq: int, Hkv: int) -> bool:
+    """Whether attention_decode.c takes Hq query heads over Hkv kv heads (GMAX, HQMAX there)."""
+    return Hq // Hkv <= 16 and Hq <= 64
+
+
 def _native_fits(k, v, ks, vs, Hq: int) -> bool:
     """Whether attention_decode.c takes this cache (see _decode_kernel)."""
     d, Hkv = k.shape[3], k.shape[2]
     gs = 16 if ks is None else d // ks.shape[3]
     rows = all(a.strides[3] == a.itemsize and a.strides[2] == a.shape[3] * a.itemsize
                for a in (k, v) + (() if ks is None else (ks, vs)))
-    return d % 16 == 0 and gs % 16 == 0 and (gs // 16) & (gs // 16 - 1) == 0 and Hq // Hkv <= 16 and Hq <= 64 and rows
+    return d % 16 == 0 and gs % 16 == 0 and (gs // 16) & (gs // 16 - 1) == 0 and _heads_fit(Hq, Hkv) and rows
 
 
 def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray | None = None,
@@ -379,7 +384,7 @@ def decode_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, ks: np.ndarray
     nsplit = max(1, min(S // _SPLIT_MIN, jobs_wanted))
     o = np.empty((B, 1, Hq, d), np.float32)
     if isinstance(k, QuantizedKV):                    # a blocked int8 cache (KVCache.present): v is its values
-        if blocked_fits(d) and Hq // k.shape[2] <= 16 and Hq <= 64 and (native := blocked_kernel()):
+        if blocked_fits(d) and _heads_fit(Hq, k.shape[2]) and (native := blocked_kernel()):
             (_decode_blocked_serial if B * nsplit == 1 else _decode_blocked)(qs, *k.layout, S, nsplit,
                                                                              o.reshape(B, Hq, d), native)
             return o

@@ -138,30 +138,25 @@ def blocked_alloc(B: int, cap: int, Hkv: int, d: int) -> tuple:
             np.empty((B, C // BLOCK, Hkv, G, BLOCK), np.float32), np.empty((B, C // BLOCK, Hkv, G, BLOCK), np.float32))
 
 
-def _where(a: np.ndarray, t: np.ndarray) -> tuple:
+def _where(a: np.ndarray, t) -> tuple:
     """The index of positions t in a blocked array (keys, values or scales, told by its rank) and the shape
-    that index selects: [len(t), B, Hkv] + the rest of a row."""
+    that index selects: [len(t), B, Hkv] + the rest of a row; for one position t (an int) plain indexing,
+    [B, Hkv] + the rest."""
+    lead = () if isinstance(t, int) else (len(t),)
     if a.ndim == 7:                                     # values
-        return np.s_[:, t // TILE, :, :, (t % TILE) // 2, :, t % 2], (len(t), a.shape[0], a.shape[2], a.shape[3], 32)
+        return np.s_[:, t // TILE, :, :, (t % TILE) // 2, :, t % 2], lead + (a.shape[0], a.shape[2], a.shape[3], 32)
     if a.ndim == 6:                                     # keys
-        return np.s_[:, t // BLOCK, :, :, t % BLOCK, :], (len(t), a.shape[0], a.shape[2], a.shape[3], 4)
-    return np.s_[:, t // BLOCK, :, :, t % BLOCK], (len(t), a.shape[0], a.shape[2], a.shape[3])
+        return np.s_[:, t // BLOCK, :, :, t % BLOCK, :], lead + (a.shape[0], a.shape[2], a.shape[3], 4)
+    return np.s_[:, t // BLOCK, :, :, t % BLOCK], lead + (a.shape[0], a.shape[2], a.shape[3])
 
 
 def blocked_write(arrays: tuple, P: int, qk, sk, qv, sv) -> None:
     """Positions P..P+L-1 of a blocked cache (k, v, ks, vs) from rows: q [B, L, Hkv, d] int8, s [B, L, Hkv, G]."""
-    if qk.shape[1] == 1:           # a decode step: plain indexing (fancy indexing cost ~30 us a step)
-        k, v, ks, vs = arrays
-        B, _, Hkv, d = qk.shape
-        b, i = divmod(P, BLOCK)
-        k[:, b, :, :, i, :] = qk.reshape(B, Hkv, d // 4, 4)
-        ks[:, b, :, :, i], vs[:, b, :, :, i] = sk[:, 0], sv[:, 0]
-        v[:, P // TILE, :, :, (P % TILE) // 2, :, P % 2] = qv.reshape(B, Hkv, d // 32, 32)
-        return
-    t = np.arange(P, P + qk.shape[1])
+    one = qk.shape[1] == 1          # a decode step: plain indexing (4 us; fancy indexing cost ~30 us)
+    t = int(P) if one else np.arange(P, P + qk.shape[1])
     for a, r in zip(arrays, (qk, qv, sk, sv)):
         idx, shape = _where(a, t)
-        a[idx] = np.moveaxis(r, 1, 0).reshape(shape)
+        a[idx] = (r if one else np.moveaxis(r, 1, 0)).reshape(shape)
 
 
 def _rows(a: np.ndarray, lo: int, hi: int) -> np.ndarray:
