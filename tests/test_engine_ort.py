@@ -2,7 +2,9 @@
 decode, generation, and refusal of tampered artifacts and bad input."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,8 +312,9 @@ def test_default_prefill_chunk_bounds_the_logits_and_activations():
 
 def test_prefill_gives_back_its_intermediates(engine, monkeypatch):
     """A prefill's multi-token runs ask ONNX Runtime to shrink its CPU arena when they end, decode steps
-    through the graph do not, and the prefill then trims the C heap (engines/ort.py `OrtEngine.prefill`):
-    what a prefill's chunks held does not stay resident through the decode that follows."""
+    through the graph do not, and the prefill then trims the C heap past what it keeps (engines/ort.py
+    `OrtEngine.prefill`, `trim_heap`): what a prefill's chunks held does not stay resident through the decode
+    that follows."""
     from jambatrt.engines import ort as ort_engine
     from jambatrt.plugins.cpu import ort_ops
     ort_engine.trim_heap()                                     # the real one runs (glibc) or does nothing
@@ -328,3 +331,26 @@ def test_prefill_gives_back_its_intermediates(engine, monkeypatch):
     monkeypatch.setattr(engine, "decoder", None)                # decode through the graph: one-token runs
     engine.decode(logits[:, -1].argmax(-1), st)
     assert seen == [None] and trims == [1]
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_trim_heap_keeps_a_bounded_free_heap():
+    """trim_heap gives the C heap's freed memory back only past `keep` bytes of it (default HEAP_KEEP_BYTES):
+    up to there it stays mapped for the next prefill's temporaries instead of being faulted in again."""
+    from jambatrt.engines import ort as ort_engine
+    from jambatrt.plugins.cpu.ort_ops import tune_malloc
+    if ort_engine.heap_free_bytes() is None or ort_engine._glibc()[0] is None or not tune_malloc():
+        pytest.skip("glibc's malloc_trim / mallinfo2 / mallopt not available (another C library)")
+    ort_engine.trim_heap(keep=0)
+    blocks = [np.ones(1 << 20, np.float32) for _ in range(16)]     # 64 MiB, heap blocks under the mmap threshold
+    del blocks
+    free = ort_engine.heap_free_bytes()
+    assert free >= 64 << 20
+    resident = _resident_bytes()
+    assert not ort_engine.trim_heap(keep=free)                      # within the budget: kept, still resident
+    assert _resident_bytes() >= resident - (8 << 20)
+    assert ort_engine.trim_heap(keep=free - 1)                       # past it: given back
+    assert _resident_bytes() <= resident - (48 << 20)

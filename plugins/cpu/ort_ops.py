@@ -177,9 +177,13 @@ def _declare() -> None:
                 )(_guarded(op_type, len(outputs), out_shapes)(fn))
 
 
+HEAP_KEEP_BYTES = 256 << 20     # freed heap memory glibc keeps mapped at the top (tune_malloc) and a prefill
+                                # leaves mapped for the next one (engines/ort.py trim_heap)
+
+
 def tune_malloc() -> bool:
     """glibc only, once per process: blocks under 32 MiB come from the heap, and freed heap memory
-    stays mapped (up to 256 MiB at the top), instead of glibc's dynamic defaults. Returns whether
+    stays mapped (up to HEAP_KEEP_BYTES at the top), instead of glibc's dynamic defaults. Returns whether
     the settings are in force.
 
     Why: each decode step allocates and frees KV-sized arrays (the C++ side copies every input into
@@ -201,7 +205,7 @@ def tune_malloc() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    _malloc_tuned = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 256 << 20))
+    _malloc_tuned = bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES))
     return _malloc_tuned
 
 
