@@ -113,7 +113,8 @@ def _glibc():
 
 def heap_free_bytes() -> int | None:
     """Freed memory the C heap holds (glibc mallinfo2: the main arena's free chunks, where a prefill's
-    numpy temporaries go); None where it cannot be read."""
+    numpy temporaries go; pages already given back by a trim still count, so what stays resident is at
+    most this); None where it cannot be read."""
     info = _glibc()[1]
     return None if info is None else int(info().fordblks)
 
