@@ -3,7 +3,6 @@ our kernels registered as custom ops (onnxruntime-extensions) in domain `jamba`.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import math
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from jambatrt.engines.base import Engine, settings_from_kwargs
 from jambatrt.errors import ArtifactError, BackendUnavailable, InputError
 from jambatrt.manifest import Manifest
+from jambatrt.plugins.cpu.ort_ops import trim_heap
 
 ENGINE = "model.ort.onnx"      # the lowered graph; its weights are the artifact's weights.safetensors
 KV_CACHES = ("float32", "int8")  # the in-place KV cache's storage (KVCache)
@@ -90,49 +90,6 @@ def _prefill_run_options():
     ro = ort.RunOptions()
     ro.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return ro
-
-
-class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-@functools.cache
-def _glibc():
-    """(malloc_trim, mallinfo2) of glibc; None for one it lacks (mallinfo2: glibc 2.33+; other C libraries:
-    neither)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None, None
-    trim, info = getattr(libc, "malloc_trim", None), getattr(libc, "mallinfo2", None)
-    if info is not None:
-        info.restype = _Mallinfo2
-    return trim, info
-
-
-def heap_free_bytes() -> int | None:
-    """Freed memory the C heap holds (glibc mallinfo2: the main arena's free chunks, where a prefill's
-    numpy temporaries go; pages already given back by a trim still count, so what stays resident is at
-    most this); None where it cannot be read."""
-    info = _glibc()[1]
-    return None if info is None else int(info().fordblks)
-
-
-def trim_heap(keep: int | None = None) -> bool:
-    """Return the C heap's free pages to the system (glibc malloc_trim) when it holds more than `keep` bytes
-    of freed memory (default HEAP_KEEP_BYTES; always where that cannot be read): the custom ops' numpy
-    temporaries of a prefill (each under glibc's mmap threshold) otherwise stay resident after they are
-    freed. Below `keep` they stay mapped for the next prefill to reuse: faulting them in again cost each
-    512-token prefill of the int8 peer preset (~190 MB of temporaries) ~15% of its time (0.47 against 0.40 s).
-    Returns whether it trimmed."""
-    from jambatrt.plugins.cpu.ort_ops import HEAP_KEEP_BYTES
-    trim = _glibc()[0]
-    free = heap_free_bytes()
-    if trim is None or (free is not None and free <= (HEAP_KEEP_BYTES if keep is None else keep)):
-        return False
-    trim(0)
-    return True
 
 
 def _initializer_array(t, weights_dir: Path, maps: dict | None = None) -> np.ndarray:

@@ -340,17 +340,16 @@ def _resident_bytes() -> int:
 def test_trim_heap_keeps_a_bounded_free_heap():
     """trim_heap gives the C heap's freed memory back only past `keep` bytes of it (default HEAP_KEEP_BYTES):
     up to there it stays mapped for the next prefill's temporaries instead of being faulted in again."""
-    from jambatrt.engines import ort as ort_engine
-    from jambatrt.plugins.cpu.ort_ops import tune_malloc
-    if ort_engine.heap_free_bytes() is None or ort_engine._glibc()[0] is None or not tune_malloc():
+    from jambatrt.plugins.cpu import ort_ops
+    if ort_ops.heap_free_bytes() is None or not ort_ops.tune_malloc():
         pytest.skip("glibc's malloc_trim / mallinfo2 / mallopt not available (another C library)")
-    ort_engine.trim_heap(keep=0)
+    ort_ops.trim_heap(keep=0)
     blocks = [np.ones(1 << 20, np.float32) for _ in range(16)]     # 64 MiB, heap blocks under the mmap threshold
     del blocks
-    free = ort_engine.heap_free_bytes()
+    free = ort_ops.heap_free_bytes()
     assert free >= 64 << 20
     resident = _resident_bytes()
-    assert not ort_engine.trim_heap(keep=free)                      # within the budget: kept, still resident
+    assert not ort_ops.trim_heap(keep=free)                      # within the budget: kept, still resident
     assert _resident_bytes() >= resident - (8 << 20)
-    assert ort_engine.trim_heap(keep=free - 1)                       # past it: given back
+    assert ort_ops.trim_heap(keep=free - 1)                       # past it: given back
     assert _resident_bytes() <= resident - (48 << 20)
